@@ -1,0 +1,4 @@
+pub mod events;
+pub mod hash;
+pub mod mocker;
+pub mod simulate;

@@ -1,0 +1,33 @@
+//! `kvrouter`: one binary, one subcommand per job. Each subcommand lives in `cmd/<name>.rs`.
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(name = "kvrouter", version, about = "KV-cache-aware request router for LLM inference fleets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the router's block hashes for token ids read as a JSON array on stdin.
+    Hash(cmd::hash::Args),
+    /// Route a Mooncake trace through the core against simulated workers; print overlap and load.
+    Simulate(cmd::simulate::Args),
+    /// Print a worker's KV event stream (vLLM/SGLang ZMQ) as canonical JSON lines.
+    Events(cmd::events::Args),
+    /// Run CPU-only mock inference engines (vLLM-compatible HTTP API and KV events).
+    Mocker(cmd::mocker::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Hash(a) => cmd::hash::run(a),
+        Command::Simulate(a) => cmd::simulate::run(a),
+        Command::Events(a) => cmd::events::run(a),
+        Command::Mocker(a) => cmd::mocker::run(a),
+    }
+}

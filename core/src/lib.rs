@@ -1,0 +1,16 @@
+//! # kvrouter-core
+//!
+//! The router's heart, as a pure library: no I/O, no async, no clocks or entropy of its own
+//! (callers pass `now` and an RNG, so behaviour is deterministic in tests and replays).
+//!
+//! Data flows through it in the order of a request (see `docs/DESIGN.md`):
+//!
+//! 1. [`hash`] — tokens → local block hashes → sequence hashes.
+//! 2. [`index`] — which `(worker, dp_rank)` holds how many leading blocks (exact index fed by KV
+//!    [`event`]s, approximate index fed by the router's own decisions, predicted side index).
+//! 3. [`sequences`] — active requests and the load they put on each worker.
+//! 4. [`selection`] — cost function, temperature, busy thresholds and every router mode.
+//!
+//! [`router::Router`] composes the four for single-threaded callers (simulations, bindings).
+pub mod event;
+pub mod hash;

@@ -1,0 +1,1 @@
+//! KV events on the wire: decoding, conversion to core events, ZMQ transports.
