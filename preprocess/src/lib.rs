@@ -1,0 +1,1 @@
+//! HF-style model directory → tokenizer + chat template → token ids.
