@@ -14,3 +14,4 @@
 //! [`router::Router`] composes the four for single-threaded callers (simulations, bindings).
 pub mod event;
 pub mod hash;
+pub mod index;
