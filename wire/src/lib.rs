@@ -1,1 +1,52 @@
-//! KV events on the wire: decoding, conversion to core events, ZMQ transports.
+//! # kvrouter-wire
+//!
+//! KV events on the wire: what vLLM and SGLang publish over ZMQ, turned into the core's
+//! [`RouterEvent`]s, and the same format published by us (`README.md` beside this crate).
+//!
+//! * [`msgpack`] — tolerant, borrowing MessagePack reader (never panics, bounded lengths).
+//! * [`engine`] — engine events of every vLLM/SGLang version ([`EngineBatch`]) and their codec.
+//! * [`frame`] — the 3-frame ZMQ message and both replay reply layouts.
+//! * [`convert`] — engine events → [`RouterEvent`]s (re-hashing, filters, event ids).
+//! * [`json`] — canonical JSON lines of [`RouterEvent`]s.
+//! * [`subscriber`] — ZMQ SUB per worker rank with gap detection and replay.
+//! * [`publisher`] — ZMQ PUB + replay ROUTER with a ring buffer.
+
+pub mod convert;
+pub mod engine;
+pub mod frame;
+pub mod json;
+pub mod msgpack;
+pub mod publisher;
+pub mod subscriber;
+
+pub use convert::{ConvertStats, Converter};
+pub use engine::{
+    decode_batch, encode_batch, BlockRemoved, BlockStored, DecodeStats, Encoding, EngineBatch,
+    EngineEvent,
+};
+pub use frame::FrameError;
+pub use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
+pub use msgpack::MsgpackError;
+pub use publisher::{KvEventPublisher, PublisherConfig};
+pub use subscriber::{KvEventSubscriber, SubscriberConfig, SubscriberStats};
+
+/// Every error this crate returns.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("zmq: {0}")]
+    Zmq(#[from] zmq::Error),
+    #[error("bad frames: {0}")]
+    Frame(#[from] FrameError),
+    #[error("bad msgpack: {0}")]
+    Msgpack(#[from] MsgpackError),
+    #[error("bad JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("line {line}: {source}")]
+    Line { line: usize, source: Box<WireError> },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0} thread could not be started or stopped")]
+    Thread(&'static str),
+}
