@@ -16,7 +16,9 @@ pub type WorkerId = u64;
 pub type DpRank = u32;
 
 /// The routing unit: one data-parallel rank of one worker.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default, Serialize, Deserialize,
+)]
 pub struct WorkerWithDpRank {
     pub worker_id: WorkerId,
     #[serde(default)]
@@ -140,7 +142,11 @@ impl RouterEvent {
         Self {
             worker_id: worker.worker_id,
             storage_tier: StorageTier::Device,
-            event: KvCacheEvent { event_id, data, dp_rank: worker.dp_rank },
+            event: KvCacheEvent {
+                event_id,
+                data,
+                dp_rank: worker.dp_rank,
+            },
         }
     }
 
@@ -191,16 +197,28 @@ mod tests {
         assert_eq!(cleared.storage_tier, StorageTier::Device);
         assert_eq!(cleared.event.data, KvCacheEventData::Cleared);
         let removed: KvCacheEvent =
-            serde_json::from_str(r#"{"event_id":1,"data":{"removed":{"block_hashes":[1,2]}}}"#).unwrap();
-        assert_eq!(removed.data, KvCacheEventData::Removed(RemovedData { block_hashes: vec![ExternalHash(1), ExternalHash(2)] }));
+            serde_json::from_str(r#"{"event_id":1,"data":{"removed":{"block_hashes":[1,2]}}}"#)
+                .unwrap();
+        assert_eq!(
+            removed.data,
+            KvCacheEventData::Removed(RemovedData {
+                block_hashes: vec![ExternalHash(1), ExternalHash(2)]
+            })
+        );
     }
 
     #[test]
     fn medium_mapping() {
         assert_eq!(StorageTier::from_medium("GPU"), Some(StorageTier::Device));
-        assert_eq!(StorageTier::from_medium("cpu_tier1"), Some(StorageTier::HostPinned));
+        assert_eq!(
+            StorageTier::from_medium("cpu_tier1"),
+            Some(StorageTier::HostPinned)
+        );
         assert_eq!(StorageTier::from_medium("NVME"), Some(StorageTier::Disk));
-        assert_eq!(StorageTier::from_medium("SHARED"), Some(StorageTier::External));
+        assert_eq!(
+            StorageTier::from_medium("SHARED"),
+            Some(StorageTier::External)
+        );
         assert_eq!(StorageTier::from_medium("floppy"), None);
     }
 }

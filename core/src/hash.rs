@@ -134,7 +134,11 @@ pub fn compute_block_hashes(
 ) -> Vec<LocalBlockHash> {
     let n = num_full_blocks(tokens.len(), block_size, opts.is_eagle);
     let seed = opts.seed();
-    let window = if opts.is_eagle { block_size + 1 } else { block_size };
+    let window = if opts.is_eagle {
+        block_size + 1
+    } else {
+        block_size
+    };
     (0..n)
         .map(|i| {
             let start = i * block_size;
@@ -199,7 +203,9 @@ fn update_tokens(h: &mut Xxh3, tokens: &[u32]) {
 fn as_le_bytes(tokens: &[u32]) -> &[u8] {
     // SAFETY: u8 has alignment 1 and no invalid bit patterns; the length covers exactly the
     // same memory as the u32 slice.
-    unsafe { std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), std::mem::size_of_val(tokens)) }
+    unsafe {
+        std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), std::mem::size_of_val(tokens))
+    }
 }
 
 #[cfg(not(target_endian = "little"))]
@@ -235,9 +241,15 @@ mod tests {
     #[test]
     fn appendix_a_plain() {
         let none = HashOptions::default();
-        assert_eq!(locals(&compute_block_hashes(&range(1, 32), 16, &none, None)), [B0, B1]);
+        assert_eq!(
+            locals(&compute_block_hashes(&range(1, 32), 16, &none, None)),
+            [B0, B1]
+        );
         // Partial tail dropped.
-        assert_eq!(locals(&compute_block_hashes(&range(1, 39), 16, &none, None)), [B0, B1]);
+        assert_eq!(
+            locals(&compute_block_hashes(&range(1, 39), 16, &none, None)),
+            [B0, B1]
+        );
         assert_eq!(
             locals(&compute_block_hashes(&range(1, 64), 16, &none, None)),
             [B0, B1, 12129935312930971799, 5453111288643762282]
@@ -247,25 +259,43 @@ mod tests {
 
     #[test]
     fn appendix_a_lora_and_salt() {
-        let lora = HashOptions { lora_name: Some("my-lora"), ..Default::default() };
+        let lora = HashOptions {
+            lora_name: Some("my-lora"),
+            ..Default::default()
+        };
         assert_eq!(
             locals(&compute_block_hashes(&range(1, 32), 16, &lora, None)),
             [4148081000444450790, 2866551892415683476]
         );
-        let salt = HashOptions { cache_salt: Some("ns1"), ..Default::default() };
+        let salt = HashOptions {
+            cache_salt: Some("ns1"),
+            ..Default::default()
+        };
         assert_eq!(
             locals(&compute_block_hashes(&range(1, 32), 16, &salt, None)),
             [10470563794485058852, 9596755744098040008]
         );
         // Empty strings are absent.
-        let empty = HashOptions { lora_name: Some(""), cache_salt: Some(""), is_eagle: false };
-        assert_eq!(locals(&compute_block_hashes(&range(1, 32), 16, &empty, None)), [B0, B1]);
+        let empty = HashOptions {
+            lora_name: Some(""),
+            cache_salt: Some(""),
+            is_eagle: false,
+        };
+        assert_eq!(
+            locals(&compute_block_hashes(&range(1, 32), 16, &empty, None)),
+            [B0, B1]
+        );
     }
 
     #[test]
     fn appendix_a_multimodal() {
         let mm = vec![
-            Some(BlockMmInfo { mm_objects: vec![MmObject { mm_hash: 0xDEADBEEF, offsets: vec![(0, 4)] }] }),
+            Some(BlockMmInfo {
+                mm_objects: vec![MmObject {
+                    mm_hash: 0xDEADBEEF,
+                    offsets: vec![(0, 4)],
+                }],
+            }),
             None,
         ];
         let got = compute_block_hashes(&range(1, 32), 16, &HashOptions::default(), Some(&mm));
@@ -274,19 +304,35 @@ mod tests {
 
     #[test]
     fn multimodal_hashes_are_sorted_before_hashing() {
-        let obj = |h| MmObject { mm_hash: h, offsets: vec![] };
-        let a = BlockMmInfo { mm_objects: vec![obj(5), obj(1), obj(9)] };
-        let b = BlockMmInfo { mm_objects: vec![obj(9), obj(5), obj(1)] };
+        let obj = |h| MmObject {
+            mm_hash: h,
+            offsets: vec![],
+        };
+        let a = BlockMmInfo {
+            mm_objects: vec![obj(5), obj(1), obj(9)],
+        };
+        let b = BlockMmInfo {
+            mm_objects: vec![obj(9), obj(5), obj(1)],
+        };
         let t = range(1, 16);
-        assert_eq!(block_hash(&t, XXH3_SEED, Some(&a)), block_hash(&t, XXH3_SEED, Some(&b)));
-        assert_ne!(block_hash(&t, XXH3_SEED, Some(&a)), block_hash(&t, XXH3_SEED, None));
+        assert_eq!(
+            block_hash(&t, XXH3_SEED, Some(&a)),
+            block_hash(&t, XXH3_SEED, Some(&b))
+        );
+        assert_ne!(
+            block_hash(&t, XXH3_SEED, Some(&a)),
+            block_hash(&t, XXH3_SEED, None)
+        );
     }
 
     #[test]
     fn appendix_a_eagle() {
         let mut t = range(1, 32);
         t.push(99);
-        let eagle = HashOptions { is_eagle: true, ..Default::default() };
+        let eagle = HashOptions {
+            is_eagle: true,
+            ..Default::default()
+        };
         assert_eq!(
             locals(&compute_block_hashes(&t, 16, &eagle, None)),
             [6752489653130089168, 8646629551596238458]
@@ -299,7 +345,15 @@ mod tests {
     fn appendix_a_sequence_hashes() {
         let l = compute_block_hashes(&range(1, 64), 16, &HashOptions::default(), None);
         let s: Vec<u64> = compute_sequence_hashes(&l).iter().map(|h| h.0).collect();
-        assert_eq!(s, [B0, 12466389667045779788, 960926348267535642, 4923844688253642376]);
+        assert_eq!(
+            s,
+            [
+                B0,
+                12466389667045779788,
+                960926348267535642,
+                4923844688253642376
+            ]
+        );
     }
 
     #[test]

@@ -12,6 +12,17 @@
 //! 4. [`selection`] — cost function, temperature, busy thresholds and every router mode.
 //!
 //! [`router::Router`] composes the four for single-threaded callers (simulations, bindings).
+pub mod config;
 pub mod event;
 pub mod hash;
 pub mod index;
+pub mod router;
+pub mod selection;
+pub mod sequences;
+
+pub use config::{KvRouterConfig, LoadThresholds, RouterConfig, RouterConfigOverride, RouterMode};
+pub use event::{RouterEvent, WorkerId, WorkerWithDpRank};
+pub use router::{RouteError, RouteRequest, Router};
+pub use selection::{
+    Candidate, DeviceType, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
+};

@@ -2,9 +2,12 @@
 use std::time::Duration;
 
 use kvrouter_core::event::{KvCacheEventData, RouterEvent, StorageTier, WorkerWithDpRank};
-use kvrouter_core::hash::{compute_block_hashes, compute_sequence_hashes, ExternalHash, HashOptions, LocalBlockHash};
+use kvrouter_core::hash::{
+    compute_block_hashes, compute_sequence_hashes, ExternalHash, HashOptions, LocalBlockHash,
+};
 use kvrouter_core::index::{
-    removed_event, stored_event, ApproxConfig, ApproxIndex, IndexError, KvIndex, TierOverlap, TieredIndex,
+    removed_event, stored_event, ApproxConfig, ApproxIndex, IndexError, KvIndex, TierOverlap,
+    TieredIndex,
 };
 
 fn w(id: u64, rank: u32) -> WorkerWithDpRank {
@@ -16,8 +19,17 @@ fn lh(v: &[u64]) -> Vec<LocalBlockHash> {
 }
 
 /// Store `locals` as one chain for `worker` with engine hashes `base + i`.
-fn store_chain(ix: &mut KvIndex, worker: WorkerWithDpRank, parent: Option<u64>, base: u64, locals: &[u64]) -> Result<(), IndexError> {
-    let blocks = locals.iter().enumerate().map(|(i, &l)| (ExternalHash(base + i as u64), LocalBlockHash(l)));
+fn store_chain(
+    ix: &mut KvIndex,
+    worker: WorkerWithDpRank,
+    parent: Option<u64>,
+    base: u64,
+    locals: &[u64],
+) -> Result<(), IndexError> {
+    let blocks = locals
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (ExternalHash(base + i as u64), LocalBlockHash(l)));
     ix.apply(&stored_event(worker, 0, parent.map(ExternalHash), blocks))
 }
 
@@ -27,23 +39,42 @@ fn appendix_a_radix_behaviour() {
     let tokens: Vec<u32> = (1..=64).collect();
     let h = compute_block_hashes(&tokens, 16, &HashOptions::default(), None);
     let mut ix = KvIndex::new();
-    let blocks7 = h.iter().enumerate().map(|(i, &l)| (ExternalHash(100 + i as u64), l));
+    let blocks7 = h
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (ExternalHash(100 + i as u64), l));
     ix.apply(&stored_event(w(7, 0), 0, None, blocks7)).unwrap();
-    let blocks8 = h[..2].iter().enumerate().map(|(i, &l)| (ExternalHash(200 + i as u64), l));
+    let blocks8 = h[..2]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (ExternalHash(200 + i as u64), l));
     ix.apply(&stored_event(w(8, 1), 0, None, blocks8)).unwrap();
     let s = ix.find_matches(&h, false).sorted();
     assert_eq!(s.scores, vec![(w(7, 0), 4), (w(8, 1), 2)]);
 
     // Parent known only to worker 7: worker 8 rank 0 cannot chain onto it.
-    let err = ix.apply(&stored_event(w(8, 0), 1, Some(ExternalHash(101)), [(ExternalHash(300), h[2])]));
-    assert!(matches!(err, Err(IndexError::ParentBlockNotFound { .. })), "{err:?}");
+    let err = ix.apply(&stored_event(
+        w(8, 0),
+        1,
+        Some(ExternalHash(101)),
+        [(ExternalHash(300), h[2])],
+    ));
+    assert!(
+        matches!(err, Err(IndexError::ParentBlockNotFound { .. })),
+        "{err:?}"
+    );
 
     // Removing worker 7's third block drops its score to 2.
-    ix.apply(&removed_event(w(7, 0), 1, vec![ExternalHash(102)])).unwrap();
-    assert_eq!(ix.find_matches(&h, false).sorted().scores, vec![(w(7, 0), 2), (w(8, 1), 2)]);
+    ix.apply(&removed_event(w(7, 0), 1, vec![ExternalHash(102)]))
+        .unwrap();
+    assert_eq!(
+        ix.find_matches(&h, false).sorted().scores,
+        vec![(w(7, 0), 2), (w(8, 1), 2)]
+    );
 
     // Cleared on worker 7 leaves worker 8.
-    ix.apply(&RouterEvent::new(w(7, 0), 2, KvCacheEventData::Cleared)).unwrap();
+    ix.apply(&RouterEvent::new(w(7, 0), 2, KvCacheEventData::Cleared))
+        .unwrap();
     assert_eq!(ix.find_matches(&h, false).scores, vec![(w(8, 1), 2)]);
 }
 
@@ -54,7 +85,11 @@ fn overlap_is_contiguous_prefix_only() {
     assert_eq!(ix.find_matches(&lh(&[1, 2, 3, 4]), false).get(w(1, 0)), 4);
     assert_eq!(ix.find_matches(&lh(&[1, 2, 9, 4]), false).get(w(1, 0)), 2);
     assert_eq!(ix.find_matches(&lh(&[2, 3, 4]), false).get(w(1, 0)), 0);
-    assert_eq!(ix.find_matches(&lh(&[1, 2, 3, 4, 5, 6]), false).get(w(1, 0)), 4);
+    assert_eq!(
+        ix.find_matches(&lh(&[1, 2, 3, 4, 5, 6]), false)
+            .get(w(1, 0)),
+        4
+    );
     assert!(ix.find_matches(&[], false).scores.is_empty());
 }
 
@@ -64,27 +99,50 @@ fn removal_takes_the_block_and_everything_below_it() {
     store_chain(&mut ix, w(1, 0), None, 10, &[1, 2, 3, 4]).unwrap();
     store_chain(&mut ix, w(2, 0), None, 20, &[1, 2, 3, 4]).unwrap();
     assert_eq!(ix.current_size(), 8);
-    ix.apply(&removed_event(w(1, 0), 1, vec![ExternalHash(11)])).unwrap();
+    ix.apply(&removed_event(w(1, 0), 1, vec![ExternalHash(11)]))
+        .unwrap();
     assert_eq!(ix.current_size(), 5, "blocks 2..4 of worker 1 are gone");
     let s = ix.find_matches(&lh(&[1, 2, 3, 4]), false);
     assert_eq!((s.get(w(1, 0)), s.get(w(2, 0))), (1, 4));
     // Worker 1 can no longer chain onto its dropped block 3.
-    assert!(matches!(store_chain(&mut ix, w(1, 0), Some(12), 50, &[9]), Err(IndexError::ParentBlockNotFound { .. })));
+    assert!(matches!(
+        store_chain(&mut ix, w(1, 0), Some(12), 50, &[9]),
+        Err(IndexError::ParentBlockNotFound { .. })
+    ));
     // The engine's own later removals of the dropped blocks are accepted quietly.
-    ix.apply(&removed_event(w(1, 0), 2, vec![ExternalHash(13), ExternalHash(12)])).unwrap();
+    ix.apply(&removed_event(
+        w(1, 0),
+        2,
+        vec![ExternalHash(13), ExternalHash(12)],
+    ))
+    .unwrap();
     // Unknown hashes are reported, the known ones still applied.
-    let err = ix.apply(&removed_event(w(2, 0), 1, vec![ExternalHash(999), ExternalHash(23)]));
-    assert_eq!(err, Err(IndexError::BlockNotFound { worker: w(2, 0), missing: 1 }));
+    let err = ix.apply(&removed_event(
+        w(2, 0),
+        1,
+        vec![ExternalHash(999), ExternalHash(23)],
+    ));
+    assert_eq!(
+        err,
+        Err(IndexError::BlockNotFound {
+            worker: w(2, 0),
+            missing: 1
+        })
+    );
     assert_eq!(ix.find_matches(&lh(&[1, 2, 3, 4]), false).get(w(2, 0)), 3);
     // Removals for a worker never seen.
-    assert!(matches!(ix.apply(&removed_event(w(9, 0), 1, vec![ExternalHash(1)])), Err(IndexError::BlockNotFound { .. })));
+    assert!(matches!(
+        ix.apply(&removed_event(w(9, 0), 1, vec![ExternalHash(1)])),
+        Err(IndexError::BlockNotFound { .. })
+    ));
 }
 
 #[test]
 fn re_storing_after_removal_restores_coverage() {
     let mut ix = KvIndex::new();
     store_chain(&mut ix, w(1, 0), None, 10, &[1, 2, 3]).unwrap();
-    ix.apply(&removed_event(w(1, 0), 1, vec![ExternalHash(11)])).unwrap();
+    ix.apply(&removed_event(w(1, 0), 1, vec![ExternalHash(11)]))
+        .unwrap();
     store_chain(&mut ix, w(1, 0), Some(10), 30, &[2, 3]).unwrap();
     assert_eq!(ix.find_matches(&lh(&[1, 2, 3]), false).get(w(1, 0)), 3);
     // Duplicate stores are harmless.
@@ -96,10 +154,29 @@ fn re_storing_after_removal_restores_coverage() {
 fn self_referencing_stores_are_rejected_without_change() {
     let mut ix = KvIndex::new();
     store_chain(&mut ix, w(1, 0), None, 10, &[1]).unwrap();
-    let dup = stored_event(w(1, 0), 1, Some(ExternalHash(10)), [(ExternalHash(10), LocalBlockHash(2))]);
-    assert!(matches!(ix.apply(&dup), Err(IndexError::InvalidBlockSequence { .. })));
-    let dup2 = stored_event(w(1, 0), 1, None, [(ExternalHash(5), LocalBlockHash(2)), (ExternalHash(5), LocalBlockHash(3))]);
-    assert!(matches!(ix.apply(&dup2), Err(IndexError::InvalidBlockSequence { .. })));
+    let dup = stored_event(
+        w(1, 0),
+        1,
+        Some(ExternalHash(10)),
+        [(ExternalHash(10), LocalBlockHash(2))],
+    );
+    assert!(matches!(
+        ix.apply(&dup),
+        Err(IndexError::InvalidBlockSequence { .. })
+    ));
+    let dup2 = stored_event(
+        w(1, 0),
+        1,
+        None,
+        [
+            (ExternalHash(5), LocalBlockHash(2)),
+            (ExternalHash(5), LocalBlockHash(3)),
+        ],
+    );
+    assert!(matches!(
+        ix.apply(&dup2),
+        Err(IndexError::InvalidBlockSequence { .. })
+    ));
     assert_eq!(ix.current_size(), 1);
 }
 
@@ -108,8 +185,12 @@ fn dp_ranks_are_separate_routing_units() {
     let mut ix = KvIndex::new();
     store_chain(&mut ix, w(1, 0), None, 10, &[1, 2]).unwrap();
     store_chain(&mut ix, w(1, 1), None, 10, &[1, 2, 3]).unwrap();
-    ix.apply(&RouterEvent::new(w(1, 0), 1, KvCacheEventData::Cleared)).unwrap();
-    assert_eq!(ix.find_matches(&lh(&[1, 2, 3]), false).scores, vec![(w(1, 1), 3)]);
+    ix.apply(&RouterEvent::new(w(1, 0), 1, KvCacheEventData::Cleared))
+        .unwrap();
+    assert_eq!(
+        ix.find_matches(&lh(&[1, 2, 3]), false).scores,
+        vec![(w(1, 1), 3)]
+    );
     store_chain(&mut ix, w(1, 0), None, 10, &[1]).unwrap();
     ix.remove_worker(1);
     assert!(ix.find_matches(&lh(&[1, 2, 3]), false).scores.is_empty());
@@ -144,7 +225,10 @@ fn memory_is_reclaimed_when_everything_is_removed() {
     // Remove everything block by block, leaves first, as engines evict.
     for wk in 0..8u64 {
         for p in 0..20u64 {
-            let hashes = (0..16u64).rev().map(|i| ExternalHash((wk << 32) | (p << 8) | i)).collect();
+            let hashes = (0..16u64)
+                .rev()
+                .map(|i| ExternalHash((wk << 32) | (p << 8) | i))
+                .collect();
             let _ = ix.apply(&removed_event(w(wk, 0), 1, hashes));
         }
     }
@@ -155,7 +239,9 @@ fn memory_is_reclaimed_when_everything_is_removed() {
     let mut reference = KvIndex::new();
     for wk in 0..8u64 {
         store_chain(&mut reference, w(wk, 0), None, 1, &[1]).unwrap();
-        reference.apply(&removed_event(w(wk, 0), 1, vec![ExternalHash(1)])).unwrap();
+        reference
+            .apply(&removed_event(w(wk, 0), 1, vec![ExternalHash(1)]))
+            .unwrap();
     }
     assert_eq!(ix.memory_bytes(), reference.memory_bytes());
     assert!(ix.memory_bytes() < empty + 1024);
@@ -167,11 +253,22 @@ fn memory_is_reclaimed_after_remove_worker_and_parent_first_removal() {
     let mut ix = KvIndex::new();
     for wk in 0..4u64 {
         store_chain(&mut ix, w(wk, 0), None, wk * 100, &[1, 2, 3, 4, 5]).unwrap();
-        store_chain(&mut ix, w(wk, 0), Some(wk * 100 + 2), wk * 100 + 50, &[7, 8]).unwrap();
+        store_chain(
+            &mut ix,
+            w(wk, 0),
+            Some(wk * 100 + 2),
+            wk * 100 + 50,
+            &[7, 8],
+        )
+        .unwrap();
     }
     // Worker 0: parent first (children go stale, then removed by the engine afterwards).
-    ix.apply(&removed_event(w(0, 0), 1, vec![ExternalHash(0)])).unwrap();
-    let stale: Vec<_> = [1, 2, 3, 4, 50, 51].iter().map(|&h| ExternalHash(h)).collect();
+    ix.apply(&removed_event(w(0, 0), 1, vec![ExternalHash(0)]))
+        .unwrap();
+    let stale: Vec<_> = [1, 2, 3, 4, 50, 51]
+        .iter()
+        .map(|&h| ExternalHash(h))
+        .collect();
     ix.apply(&removed_event(w(0, 0), 2, stale)).unwrap();
     for wk in 1..4 {
         ix.remove_worker(wk);
@@ -201,10 +298,15 @@ fn dump_rebuilds_an_identical_index() {
     }
     assert_eq!(rebuilt.current_size(), ix.current_size());
     for q in [&[1, 2, 3, 4][..], &[1, 2, 5, 6], &[1, 2, 7], &[9]] {
-        assert_eq!(rebuilt.find_matches(&lh(q), false).sorted(), ix.find_matches(&lh(q), false).sorted());
+        assert_eq!(
+            rebuilt.find_matches(&lh(q), false).sorted(),
+            ix.find_matches(&lh(q), false).sorted()
+        );
     }
     // Engine hashes survive: worker 2's own hashes still remove its blocks.
-    rebuilt.apply(&removed_event(w(2, 3), 1, vec![ExternalHash(31)])).unwrap();
+    rebuilt
+        .apply(&removed_event(w(2, 3), 1, vec![ExternalHash(31)]))
+        .unwrap();
     assert_eq!(rebuilt.find_matches(&lh(&[1, 2, 7]), false).get(w(2, 3)), 1);
     // The dump is canonical JSON that round-trips.
     let json = serde_json::to_string(&dump).unwrap();
@@ -217,7 +319,16 @@ fn worker_sequence_hashes_are_the_router_hashes_of_held_prefixes() {
     let tokens: Vec<u32> = (1..=64).collect();
     let h = compute_block_hashes(&tokens, 16, &HashOptions::default(), None);
     let mut ix = KvIndex::new();
-    ix.apply(&stored_event(w(1, 0), 0, None, h[..3].iter().enumerate().map(|(i, &l)| (ExternalHash(i as u64), l)))).unwrap();
+    ix.apply(&stored_event(
+        w(1, 0),
+        0,
+        None,
+        h[..3]
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (ExternalHash(i as u64), l)),
+    ))
+    .unwrap();
     let mut want = compute_sequence_hashes(&h[..3]);
     want.sort_unstable();
     assert_eq!(ix.worker_sequence_hashes(w(1, 0)), want);
@@ -229,7 +340,11 @@ fn approx_index_records_expires_and_prunes() {
     let tokens: Vec<u32> = (0..640).collect();
     let local = compute_block_hashes(&tokens, 64, &HashOptions::default(), None);
     let seq = compute_sequence_hashes(&local);
-    let mut ax = ApproxIndex::new(ApproxConfig { ttl: Duration::from_secs(120), max_tree_size: 15, prune_target_ratio: 0.8 });
+    let mut ax = ApproxIndex::new(ApproxConfig {
+        ttl: Duration::from_secs(120),
+        max_tree_size: 15,
+        prune_target_ratio: 0.8,
+    });
     let t0 = Duration::from_secs(1000);
     ax.record(w(1, 0), &local[..6], &seq[..6], t0);
     assert_eq!(ax.find_matches(&local, t0).get(w(1, 0)), 6);
@@ -237,29 +352,61 @@ fn approx_index_records_expires_and_prunes() {
     ax.record(w(1, 0), &local, &seq, t0 + Duration::from_secs(100));
     assert_eq!(ax.current_size(), 10);
     // At t0+150 the first record's TTL has passed but the refresh keeps everything.
-    assert_eq!(ax.find_matches(&local, t0 + Duration::from_secs(150)).get(w(1, 0)), 10);
-    ax.record(w(2, 0), &local[..4], &seq[..4], t0 + Duration::from_secs(150));
+    assert_eq!(
+        ax.find_matches(&local, t0 + Duration::from_secs(150))
+            .get(w(1, 0)),
+        10
+    );
+    ax.record(
+        w(2, 0),
+        &local[..4],
+        &seq[..4],
+        t0 + Duration::from_secs(150),
+    );
     assert_eq!(ax.current_size(), 14);
     // Over 15 pairs → prune the oldest down to 12: worker 1's (older) tail goes first.
-    ax.record(w(3, 0), &local[..2], &seq[..2], t0 + Duration::from_secs(160));
+    ax.record(
+        w(3, 0),
+        &local[..2],
+        &seq[..2],
+        t0 + Duration::from_secs(160),
+    );
     assert!(ax.current_size() <= 12, "size {}", ax.current_size());
     let s = ax.find_matches(&local, t0 + Duration::from_secs(160));
     assert_eq!((s.get(w(2, 0)), s.get(w(3, 0))), (4, 2));
     assert!(s.get(w(1, 0)) < 10);
     // Everything expires.
-    assert!(ax.find_matches(&local, t0 + Duration::from_secs(1000)).scores.is_empty());
+    assert!(ax
+        .find_matches(&local, t0 + Duration::from_secs(1000))
+        .scores
+        .is_empty());
     assert_eq!(ax.current_size(), 0);
 }
 
 #[test]
 fn tiered_index_credits_lower_tiers_beyond_device() {
     let mut t = TieredIndex::new();
-    let mut dev = stored_event(w(1, 0), 0, None, (0..3).map(|i| (ExternalHash(i), LocalBlockHash(i + 1))));
+    let mut dev = stored_event(
+        w(1, 0),
+        0,
+        None,
+        (0..3).map(|i| (ExternalHash(i), LocalBlockHash(i + 1))),
+    );
     t.apply(&dev).unwrap();
-    let mut host = stored_event(w(1, 0), 0, None, (0..6).map(|i| (ExternalHash(i), LocalBlockHash(i + 1))));
+    let mut host = stored_event(
+        w(1, 0),
+        0,
+        None,
+        (0..6).map(|i| (ExternalHash(i), LocalBlockHash(i + 1))),
+    );
     host.storage_tier = StorageTier::HostPinned;
     t.apply(&host).unwrap();
-    let mut disk = stored_event(w(2, 0), 0, None, (0..4).map(|i| (ExternalHash(i), LocalBlockHash(i + 1))));
+    let mut disk = stored_event(
+        w(2, 0),
+        0,
+        None,
+        (0..4).map(|i| (ExternalHash(i), LocalBlockHash(i + 1))),
+    );
     disk.storage_tier = StorageTier::Disk;
     t.apply(&disk).unwrap();
     dev.storage_tier = StorageTier::External;
@@ -270,8 +417,22 @@ fn tiered_index_credits_lower_tiers_beyond_device() {
     assert_eq!(
         m,
         vec![
-            (w(1, 0), TierOverlap { device: 3, host: 3, disk: 0 }),
-            (w(2, 0), TierOverlap { device: 0, host: 0, disk: 4 }),
+            (
+                w(1, 0),
+                TierOverlap {
+                    device: 3,
+                    host: 3,
+                    disk: 0
+                }
+            ),
+            (
+                w(2, 0),
+                TierOverlap {
+                    device: 0,
+                    host: 0,
+                    disk: 4
+                }
+            ),
         ]
     );
 }

@@ -11,10 +11,21 @@ type Prefix = Vec<u8>;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Store { w: usize, parent: Prefix, blocks: Vec<u8> },
-    Remove { w: usize, prefix: Prefix },
-    Clear { w: usize },
-    RemoveWorker { id: u64 },
+    Store {
+        w: usize,
+        parent: Prefix,
+        blocks: Vec<u8>,
+    },
+    Remove {
+        w: usize,
+        prefix: Prefix,
+    },
+    Clear {
+        w: usize,
+    },
+    RemoveWorker {
+        id: u64,
+    },
 }
 
 const WORKERS: [(u64, u32); 4] = [(1, 0), (1, 1), (2, 0), (3, 0)];
@@ -73,7 +84,11 @@ impl Model {
                 let held = self.held.entry(*w).or_default();
                 let stale = self.stale.entry(*w).or_default();
                 if held.contains(prefix) {
-                    let gone: Vec<Prefix> = held.iter().filter(|p| p.starts_with(prefix)).cloned().collect();
+                    let gone: Vec<Prefix> = held
+                        .iter()
+                        .filter(|p| p.starts_with(prefix))
+                        .cloned()
+                        .collect();
                     for p in gone {
                         held.remove(&p);
                         if &p != prefix {
@@ -109,7 +124,9 @@ impl Model {
             Some(h) => h,
             None => return 0,
         };
-        (1..=q.len()).take_while(|&k| held.contains(&q[..k])).count() as u32
+        (1..=q.len())
+            .take_while(|&k| held.contains(&q[..k]))
+            .count() as u32
     }
 
     fn size(&self) -> usize {
@@ -162,7 +179,13 @@ fn check(ix: &KvIndex, model: &Model, queries: &[Prefix]) -> Result<(), TestCase
         let hashes: Vec<LocalBlockHash> = q.iter().map(|&b| local(b)).collect();
         let got = ix.find_matches(&hashes, false);
         for w in 0..WORKERS.len() {
-            prop_assert_eq!(got.get(key(w)), model.score(w, q), "worker {:?} query {:?}", key(w), q);
+            prop_assert_eq!(
+                got.get(key(w)),
+                model.score(w, q),
+                "worker {:?} query {:?}",
+                key(w),
+                q
+            );
         }
     }
     Ok(())

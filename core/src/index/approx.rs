@@ -31,7 +31,11 @@ pub struct ApproxConfig {
 
 impl Default for ApproxConfig {
     fn default() -> Self {
-        Self { ttl: Duration::from_secs(120), max_tree_size: 1 << 20, prune_target_ratio: 0.8 }
+        Self {
+            ttl: Duration::from_secs(120),
+            max_tree_size: 1 << 20,
+            prune_target_ratio: 0.8,
+        }
     }
 }
 
@@ -50,7 +54,10 @@ pub struct ApproxIndex {
 
 impl ApproxIndex {
     pub fn new(config: ApproxConfig) -> Self {
-        Self { config, ..Default::default() }
+        Self {
+            config,
+            ..Default::default()
+        }
     }
 
     pub fn config(&self) -> &ApproxConfig {
@@ -59,11 +66,20 @@ impl ApproxIndex {
 
     /// Record that the request with these block hashes was routed to `worker` at `now`.
     /// `local` and `seq` are the request's local and sequence hashes (same length).
-    pub fn record(&mut self, worker: WorkerWithDpRank, local: &[LocalBlockHash], seq: &[SequenceHash], now: Duration) {
+    pub fn record(
+        &mut self,
+        worker: WorkerWithDpRank,
+        local: &[LocalBlockHash],
+        seq: &[SequenceHash],
+        now: Duration,
+    ) {
         debug_assert_eq!(local.len(), seq.len());
         self.expire(now);
         let n = local.len().min(seq.len());
-        let held = seq[..n].iter().take_while(|s| self.expiry.contains_key(&(worker, **s))).count();
+        let held = seq[..n]
+            .iter()
+            .take_while(|s| self.expiry.contains_key(&(worker, **s)))
+            .count();
         let until = now + self.config.ttl;
         for &s in &seq[..n] {
             self.expiry.insert((worker, s), until);
@@ -130,14 +146,18 @@ impl ApproxIndex {
     }
 
     fn pop_oldest(&mut self) {
-        let Some(Reverse((t, key))) = self.heap.pop() else { return };
+        let Some(Reverse((t, key))) = self.heap.pop() else {
+            return;
+        };
         if self.expiry.get(&key) != Some(&t) {
             return; // superseded by a later touch
         }
         self.expiry.remove(&key);
         // Removing a block drops the rank's blocks below it too; their own (earlier or equal)
         // expiry entries then find nothing to remove, which is fine.
-        let _ = self.index.apply(&removed_event(key.0, 0, vec![ExternalHash(key.1 .0)]));
+        let _ = self
+            .index
+            .apply(&removed_event(key.0, 0, vec![ExternalHash(key.1 .0)]));
     }
 
     fn rebuild_heap(&mut self) {

@@ -30,7 +30,10 @@ pub struct OverlapScores {
 impl OverlapScores {
     /// Score of one rank (0 if absent).
     pub fn get(&self, worker: WorkerWithDpRank) -> u32 {
-        self.scores.iter().find(|(w, _)| *w == worker).map_or(0, |(_, s)| *s)
+        self.scores
+            .iter()
+            .find(|(w, _)| *w == worker)
+            .map_or(0, |(_, s)| *s)
     }
 
     /// Highest score of any rank.
@@ -62,10 +65,16 @@ pub enum IndexError {
     /// A store named a parent this rank does not hold (never stored, removed, or cleared): the
     /// whole store is skipped, as in Dynamo.
     #[error("worker {worker}: parent block {parent:?} not found; store skipped")]
-    ParentBlockNotFound { worker: WorkerWithDpRank, parent: ExternalHash },
+    ParentBlockNotFound {
+        worker: WorkerWithDpRank,
+        parent: ExternalHash,
+    },
     /// Removals named hashes this rank does not hold; the others were applied.
     #[error("worker {worker}: {missing} removed block(s) not found")]
-    BlockNotFound { worker: WorkerWithDpRank, missing: usize },
+    BlockNotFound {
+        worker: WorkerWithDpRank,
+        missing: usize,
+    },
     /// A store whose parent is one of its own blocks, or that repeats a block hash.
     #[error("worker {worker}: self-referencing store skipped")]
     InvalidBlockSequence { worker: WorkerWithDpRank },

@@ -231,9 +231,13 @@ impl KvIndex {
         let mut node = ROOT;
         let mut depth = 0u32;
         for &h in query {
-            let Some(child) = self.nodes[node as usize].children.get(h) else { break };
-            let (parent_set, child_set) =
-                (&self.nodes[node as usize].workers, &self.nodes[child as usize].workers);
+            let Some(child) = self.nodes[node as usize].children.get(h) else {
+                break;
+            };
+            let (parent_set, child_set) = (
+                &self.nodes[node as usize].workers,
+                &self.nodes[child as usize].workers,
+            );
             if depth > 0 && child_set.len() < parent_set.len() {
                 // Prefix-closed: child ⊆ parent, so the difference are the ranks that stop here.
                 let mut it = child_set.iter().peekable();
@@ -281,7 +285,9 @@ impl KvIndex {
 
     /// Drop every block of one worker rank (an `AllBlocksCleared` / `Cleared` event).
     pub fn clear_worker_rank(&mut self, worker: WorkerWithDpRank) {
-        let Some(&slot) = self.slot_of.get(&worker) else { return };
+        let Some(&slot) = self.slot_of.get(&worker) else {
+            return;
+        };
         let lookup = match self.slots[slot as usize].as_mut() {
             Some(w) => std::mem::take(&mut w.lookup),
             None => return,
@@ -298,7 +304,9 @@ impl KvIndex {
     /// Router sequence hashes of every block `worker` holds, sorted. For consistency checks
     /// against an engine's own view of its cache; costs a walk of the worker's blocks.
     pub fn worker_sequence_hashes(&self, worker: WorkerWithDpRank) -> Vec<SequenceHash> {
-        let Some(&slot) = self.slot_of.get(&worker) else { return Vec::new() };
+        let Some(&slot) = self.slot_of.get(&worker) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         let mut stack: Vec<(u32, Option<SequenceHash>)> = vec![(ROOT, None)];
         while let Some((id, seq)) = stack.pop() {
@@ -328,7 +336,9 @@ impl KvIndex {
             self.slot_of.iter().map(|(k, v)| (*k, *v)).collect();
         keys.sort_unstable();
         for (key, slot) in keys {
-            let Some(entry) = self.slots[slot as usize].as_ref() else { continue };
+            let Some(entry) = self.slots[slot as usize].as_ref() else {
+                continue;
+            };
             let mut ext_of: FastMap<u32, ExternalHash> = FastMap::default();
             for (ext, r) in &entry.lookup {
                 if self.is_live(*r) && self.holds(r.id, slot) {
@@ -350,7 +360,11 @@ impl KvIndex {
                         .get(&id)
                         .copied()
                         .unwrap_or(ExternalHash(u64::from(id) | (1 << 63)));
-                    blocks.push(StoredBlock { block_hash: ext, tokens_hash: n.hash, mm_extra_info: None });
+                    blocks.push(StoredBlock {
+                        block_hash: ext,
+                        tokens_hash: n.hash,
+                        mm_extra_info: None,
+                    });
                     let mut next = None;
                     let mut count = 0;
                     n.children.for_each(|c| {
@@ -370,7 +384,11 @@ impl KvIndex {
                 out.push(RouterEvent::new(
                     key,
                     event_id,
-                    KvCacheEventData::Stored(StoredData { parent_hash: parent, start_position: None, blocks }),
+                    KvCacheEventData::Stored(StoredData {
+                        parent_hash: parent,
+                        start_position: None,
+                        blocks,
+                    }),
                 ));
                 event_id += 1;
             }
@@ -399,18 +417,28 @@ impl KvIndex {
     }
 
     fn ranks_of(&self, worker_id: WorkerId) -> Vec<WorkerWithDpRank> {
-        self.slot_of.keys().filter(|k| k.worker_id == worker_id).copied().collect()
+        self.slot_of
+            .keys()
+            .filter(|k| k.worker_id == worker_id)
+            .copied()
+            .collect()
     }
 
     #[inline]
     fn slot_key(&self, slot: u32) -> WorkerWithDpRank {
-        self.slots[slot as usize].as_ref().map(|w| w.key).unwrap_or_default()
+        self.slots[slot as usize]
+            .as_ref()
+            .map(|w| w.key)
+            .unwrap_or_default()
     }
 
     #[inline]
     fn is_live(&self, r: NodeRef) -> bool {
         r.id != ROOT
-            && self.nodes.get(r.id as usize).is_some_and(|n| n.generation == r.generation && !n.workers.is_empty())
+            && self
+                .nodes
+                .get(r.id as usize)
+                .is_some_and(|n| n.generation == r.generation && !n.workers.is_empty())
     }
 
     #[inline]
@@ -422,7 +450,10 @@ impl KvIndex {
         if let Some(&s) = self.slot_of.get(&worker) {
             return s;
         }
-        let entry = WorkerEntry { key: worker, lookup: FastMap::default() };
+        let entry = WorkerEntry {
+            key: worker,
+            lookup: FastMap::default(),
+        };
         let slot = match self.free_slots.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some(entry);
@@ -448,7 +479,10 @@ impl KvIndex {
         let mut node = match s.parent_hash {
             None => ROOT,
             Some(p) => {
-                let found = self.slots[slot as usize].as_ref().and_then(|w| w.lookup.get(&p)).copied();
+                let found = self.slots[slot as usize]
+                    .as_ref()
+                    .and_then(|w| w.lookup.get(&p))
+                    .copied();
                 match found {
                     Some(r) if self.is_live(r) && self.holds(r.id, slot) => r.id,
                     _ => return Err(IndexError::ParentBlockNotFound { worker, parent: p }),
@@ -469,7 +503,10 @@ impl KvIndex {
                 n.workers.insert(pos, slot);
                 self.coverage += 1;
             }
-            let r = NodeRef { id: child, generation: n.generation };
+            let r = NodeRef {
+                id: child,
+                generation: n.generation,
+            };
             if let Some(w) = self.slots[slot as usize].as_mut() {
                 if w.lookup.insert(b.block_hash, r).is_none() {
                     self.lookup_entries += 1;
@@ -480,7 +517,11 @@ impl KvIndex {
         Ok(())
     }
 
-    fn apply_removed(&mut self, worker: WorkerWithDpRank, hashes: &[ExternalHash]) -> Result<(), IndexError> {
+    fn apply_removed(
+        &mut self,
+        worker: WorkerWithDpRank,
+        hashes: &[ExternalHash],
+    ) -> Result<(), IndexError> {
         let Some(&slot) = self.slot_of.get(&worker) else {
             return match hashes.len() {
                 0 => Ok(()),
@@ -489,7 +530,9 @@ impl KvIndex {
         };
         let mut missing = 0;
         for h in hashes {
-            let r = self.slots[slot as usize].as_mut().and_then(|w| w.lookup.remove(h));
+            let r = self.slots[slot as usize]
+                .as_mut()
+                .and_then(|w| w.lookup.remove(h));
             match r {
                 Some(r) => {
                     self.lookup_entries -= 1;
@@ -550,7 +593,11 @@ impl KvIndex {
                 id
             }
             None => {
-                self.nodes.push(Node { hash, parent, ..Default::default() });
+                self.nodes.push(Node {
+                    hash,
+                    parent,
+                    ..Default::default()
+                });
                 (self.nodes.len() - 1) as u32
             }
         }
@@ -604,8 +651,18 @@ fn is_self_referencing(s: &StoredData) -> bool {
 }
 
 /// Convenience for tests and tools: a `Removed` event.
-pub fn removed_event(worker: WorkerWithDpRank, event_id: u64, hashes: Vec<ExternalHash>) -> RouterEvent {
-    RouterEvent::new(worker, event_id, KvCacheEventData::Removed(RemovedData { block_hashes: hashes }))
+pub fn removed_event(
+    worker: WorkerWithDpRank,
+    event_id: u64,
+    hashes: Vec<ExternalHash>,
+) -> RouterEvent {
+    RouterEvent::new(
+        worker,
+        event_id,
+        KvCacheEventData::Removed(RemovedData {
+            block_hashes: hashes,
+        }),
+    )
 }
 
 /// Convenience for tests and tools: a `Stored` event from `(engine hash, local hash)` pairs.
@@ -626,7 +683,11 @@ pub fn stored_event(
                 start_position: None,
                 blocks: blocks
                     .into_iter()
-                    .map(|(e, l)| StoredBlock { block_hash: e, tokens_hash: l, mm_extra_info: None })
+                    .map(|(e, l)| StoredBlock {
+                        block_hash: e,
+                        tokens_hash: l,
+                        mm_extra_info: None,
+                    })
                     .collect(),
             }),
         },

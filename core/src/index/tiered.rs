@@ -44,10 +44,24 @@ impl TieredIndex {
     }
 
     /// Per rank, matched blocks in each tier (ranks with none anywhere omitted).
-    pub fn find_tier_matches(&self, query: &[LocalBlockHash]) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+    pub fn find_tier_matches(
+        &self,
+        query: &[LocalBlockHash],
+    ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
         let dev = self.device.find_matches(query, false);
-        let mut out: Vec<(WorkerWithDpRank, TierOverlap)> =
-            dev.scores.iter().map(|&(w, d)| (w, TierOverlap { device: d, ..Default::default() })).collect();
+        let mut out: Vec<(WorkerWithDpRank, TierOverlap)> = dev
+            .scores
+            .iter()
+            .map(|&(w, d)| {
+                (
+                    w,
+                    TierOverlap {
+                        device: d,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
         if self.host.num_blocks() == 0 && self.disk.num_blocks() == 0 {
             return out;
         }

@@ -1,0 +1,290 @@
+//! [`Router`]: the core's parts composed for one request, in data-flow order — hash, find
+//! overlaps, project loads, select, book. Single-threaded; servers that need concurrent readers
+//! compose the same parts themselves.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::config::{RouterConfig, RouterConfigOverride, RouterMode};
+use crate::event::{DpRank, RouterEvent, WorkerId, WorkerWithDpRank};
+use crate::hash::{
+    compute_block_hashes, compute_sequence_hashes, HashOptions, LocalBlockHash, SequenceHash,
+};
+use crate::index::{ApproxConfig, ApproxIndex, FastMap, IndexError, TierOverlap, TieredIndex};
+use crate::selection::{Candidate, SelectError, Selection, SelectionRequest, Selector, WorkerInfo};
+use crate::sequences::{ActiveSequences, PotentialLoad, SequenceError};
+
+/// A prompt's block hashes, computed once per request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestHashes {
+    pub local: Vec<LocalBlockHash>,
+    pub sequence: Vec<SequenceHash>,
+}
+
+impl RequestHashes {
+    pub fn compute(tokens: &[u32], block_size: usize, opts: &HashOptions<'_>) -> Self {
+        let local = compute_block_hashes(tokens, block_size, opts, None);
+        let sequence = compute_sequence_hashes(&local);
+        Self { local, sequence }
+    }
+}
+
+/// One request to route.
+#[derive(Clone, Debug, Default)]
+pub struct RouteRequest<'a> {
+    /// When given, the request is booked on the chosen rank until [`Router::free`].
+    pub request_id: Option<&'a str>,
+    pub tokens: &'a [u32],
+    pub hash: HashOptions<'a>,
+    pub pinned_worker: Option<WorkerId>,
+    pub dp_rank: Option<DpRank>,
+    pub overrides: Option<RouterConfigOverride>,
+}
+
+/// Why a request could not be routed or booked.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    #[error(transparent)]
+    Booking(#[from] SequenceError),
+}
+
+/// The single-threaded router: worker registry, KV indexes, active load and selector.
+#[derive(Debug)]
+pub struct Router {
+    selector: Selector,
+    block_size: usize,
+    workers: Vec<WorkerInfo>,
+    index: TieredIndex,
+    approx: Option<ApproxIndex>,
+    predicted: Option<ApproxIndex>,
+    active: ActiveSequences,
+}
+
+impl Router {
+    /// A router with no workers. `block_size`: tokens per KV block (must match the engines).
+    pub fn new(config: RouterConfig, block_size: usize) -> Self {
+        let kv = &config.kv;
+        let approx = (!kv.use_kv_events).then(|| {
+            ApproxIndex::new(ApproxConfig {
+                ttl: Duration::from_secs_f64(kv.router_ttl_secs),
+                max_tree_size: kv.router_max_tree_size,
+                prune_target_ratio: kv.router_prune_target_ratio,
+            })
+        });
+        let predicted = kv
+            .router_predicted_ttl_secs
+            .filter(|_| kv.use_kv_events)
+            .map(|ttl| {
+                ApproxIndex::new(ApproxConfig {
+                    ttl: Duration::from_secs_f64(ttl),
+                    max_tree_size: kv.router_max_tree_size,
+                    prune_target_ratio: kv.router_prune_target_ratio,
+                })
+            });
+        let active = ActiveSequences::new(Duration::from_secs_f64(
+            kv.router_active_request_expiry_secs,
+        ));
+        Self {
+            selector: Selector::new(config),
+            block_size,
+            workers: Vec::new(),
+            index: TieredIndex::new(),
+            approx,
+            predicted,
+            active,
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        self.selector.config()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Register (or update) a worker rank.
+    pub fn add_worker(&mut self, info: WorkerInfo) {
+        match self.workers.iter_mut().find(|w| w.worker == info.worker) {
+            Some(w) => *w = info,
+            None => self.workers.push(info),
+        }
+    }
+
+    /// Forget every rank of a worker: registry, cached blocks, booked requests.
+    pub fn remove_worker(&mut self, worker_id: WorkerId) {
+        self.workers.retain(|w| w.worker.worker_id != worker_id);
+        self.index.remove_worker(worker_id);
+        if let Some(a) = &mut self.approx {
+            a.remove_worker(worker_id);
+        }
+        if let Some(p) = &mut self.predicted {
+            p.remove_worker(worker_id);
+        }
+        self.active.remove_worker(worker_id);
+    }
+
+    pub fn workers(&self) -> &[WorkerInfo] {
+        &self.workers
+    }
+
+    /// Apply a KV event from an engine to the exact index.
+    pub fn apply_event(&mut self, event: &RouterEvent) -> Result<(), IndexError> {
+        self.index.apply(event)
+    }
+
+    /// The exact index (per tier).
+    pub fn index(&self) -> &TieredIndex {
+        &self.index
+    }
+
+    /// Active requests and load.
+    pub fn active(&self) -> &ActiveSequences {
+        &self.active
+    }
+
+    /// Choose a rank for a request; book it when it has an id; record it in the approximate
+    /// and predicted indexes.
+    pub fn route<R: Rng + ?Sized>(
+        &mut self,
+        req: &RouteRequest<'_>,
+        now: Duration,
+        rng: &mut R,
+    ) -> Result<Selection, RouteError> {
+        let needs_hashes = self.config().mode == RouterMode::Kv;
+        let hashes = if needs_hashes {
+            RequestHashes::compute(req.tokens, self.block_size, &req.hash)
+        } else {
+            RequestHashes::default()
+        };
+        let candidates = self.candidates(&hashes, req.tokens.len(), now);
+        let sreq = SelectionRequest {
+            isl: req.tokens.len(),
+            block_size: self.block_size,
+            pinned_worker: req.pinned_worker,
+            dp_rank: req.dp_rank,
+            overrides: req.overrides.clone(),
+        };
+        let sel = self.selector.select(&candidates, &sreq, rng)?;
+        if let Some(id) = req.request_id {
+            let opts = match &req.overrides {
+                Some(o) => self.config().kv.with_override(o).booking(),
+                None => self.config().kv.booking(),
+            };
+            self.active.add_request(
+                id.to_string(),
+                sel.worker,
+                &hashes.sequence,
+                req.tokens.len(),
+                sel.cached_tokens,
+                self.block_size,
+                opts,
+                now,
+            )?;
+        }
+        if !hashes.local.is_empty() {
+            for a in [&mut self.approx, &mut self.predicted]
+                .into_iter()
+                .flatten()
+            {
+                a.record(sel.worker, &hashes.local, &hashes.sequence, now);
+            }
+        }
+        Ok(sel)
+    }
+
+    /// The request produced its first token.
+    pub fn mark_prefill_complete(&mut self, request_id: &str) -> Result<(), SequenceError> {
+        self.active.mark_prefill_complete(request_id)
+    }
+
+    /// The request ended (completed, failed, cancelled).
+    pub fn free(&mut self, request_id: &str) -> Result<WorkerWithDpRank, SequenceError> {
+        self.active.free(request_id)
+    }
+
+    /// Per rank: overlap blocks by tier for these hashes (exact ∪ predicted, or approximate).
+    pub fn overlaps(
+        &mut self,
+        local: &[LocalBlockHash],
+        now: Duration,
+    ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+        if let Some(a) = &mut self.approx {
+            return a
+                .find_matches(local, now)
+                .scores
+                .into_iter()
+                .map(|(w, d)| {
+                    (
+                        w,
+                        TierOverlap {
+                            device: d,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect();
+        }
+        let mut out = self.index.find_tier_matches(local);
+        if let Some(p) = &mut self.predicted {
+            for (w, d) in p.find_matches(local, now).scores {
+                match out.iter_mut().find(|(x, _)| *x == w) {
+                    Some((_, t)) => t.device = t.device.max(d),
+                    None => out.push((
+                        w,
+                        TierOverlap {
+                            device: d,
+                            ..Default::default()
+                        },
+                    )),
+                }
+            }
+        }
+        out
+    }
+
+    /// Per registered rank: its load if this request were added (Dynamo `get_potential_loads`).
+    pub fn potential_loads(&self, tokens: &[u32], hash: &HashOptions<'_>) -> Vec<PotentialLoad> {
+        let h = RequestHashes::compute(tokens, self.block_size, hash);
+        let opts = self.config().kv.booking();
+        self.workers
+            .iter()
+            .map(|w| {
+                self.active.potential_load(
+                    w.worker,
+                    &h.sequence,
+                    tokens.len(),
+                    self.block_size,
+                    opts,
+                )
+            })
+            .collect()
+    }
+
+    fn candidates(&mut self, hashes: &RequestHashes, isl: usize, now: Duration) -> Vec<Candidate> {
+        let overlaps = if hashes.local.is_empty() {
+            Vec::new()
+        } else {
+            self.overlaps(&hashes.local, now)
+        };
+        let map: FastMap<WorkerWithDpRank, TierOverlap> = overlaps.into_iter().collect();
+        let opts = self.config().kv.booking();
+        self.workers
+            .iter()
+            .map(|info| Candidate {
+                info: *info,
+                overlap: map.get(&info.worker).copied().unwrap_or_default(),
+                load: self.active.potential_load(
+                    info.worker,
+                    &hashes.sequence,
+                    isl,
+                    self.block_size,
+                    opts,
+                ),
+            })
+            .collect()
+    }
+}

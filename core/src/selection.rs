@@ -1,0 +1,422 @@
+//! Worker selection: one entry point ([`Selector::select`]) for every router mode, with the KV
+//! cost function, temperature, busy thresholds, pinning and dp_rank forcing.
+//!
+//! Cost (spec §6.2, Dynamo 1.6.x default scorer; lower is better, in blocks):
+//!
+//! ```text
+//! raw_prefill_blocks = (active_prefill_tokens + isl) / block_size   (active part 0 if !track_prefill_tokens)
+//! decay              = 1 / (1 + credit_decay * (active_prefill_tokens - min_active_prefill) / block_size / request_blocks)
+//! credit             = overlap_score_credit * decay * device_blocks + 0.75 * host_blocks + 0.25 * disk_blocks
+//! cost               = prefill_load_scale * max(0, raw_prefill_blocks - credit)
+//!                    + potential_decode_blocks + decode_active_request_weight * active_requests
+//! ```
+//!
+//! Temperature 0 picks the argmin with uniform random tie-breaking; temperature T > 0 samples
+//! `p_i ∝ exp(-(c_i - min) / ((max - min) * T))` (spec §6.4).
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, KvRouterConfig, RouterConfig, RouterConfigOverride, RouterMode};
+use crate::event::{DpRank, WorkerId, WorkerWithDpRank};
+use crate::index::TierOverlap;
+use crate::sequences::PotentialLoad;
+
+/// What a worker runs on, for device-aware-weighted routing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceType {
+    /// An accelerator (GPU or similar).
+    #[default]
+    Gpu,
+    Cpu,
+}
+
+/// Static facts about a worker rank, from its registration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub worker: WorkerWithDpRank,
+    #[serde(default)]
+    pub device: DeviceType,
+    /// KV cache capacity in blocks, if the worker advertised it.
+    #[serde(default)]
+    pub total_kv_blocks: Option<u64>,
+    /// Per-step token budget, if advertised (for `--active-prefill-tokens-threshold-frac`).
+    #[serde(default)]
+    pub max_num_batched_tokens: Option<u64>,
+}
+
+/// One rank as the selector sees it for one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Candidate {
+    pub info: WorkerInfo,
+    /// Blocks of the request's prefix cached on this rank, by tier.
+    pub overlap: TierOverlap,
+    /// Load now and with the request added.
+    pub load: PotentialLoad,
+}
+
+/// The request-specific inputs of a selection.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SelectionRequest {
+    /// Prompt tokens (must be > 0 for a meaningful cost).
+    pub isl: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Send to this worker (direct mode, or `backend_instance_id`).
+    pub pinned_worker: Option<WorkerId>,
+    /// Force this data-parallel rank.
+    pub dp_rank: Option<DpRank>,
+    pub overrides: Option<RouterConfigOverride>,
+}
+
+/// The chosen rank and what the router predicted about it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Selection {
+    pub worker: WorkerWithDpRank,
+    /// Device-tier prefix blocks cached on the chosen rank.
+    pub overlap_blocks: u32,
+    /// `min(overlap_blocks * block_size, isl)`.
+    pub cached_tokens: usize,
+    /// `ceil(isl / block_size)`.
+    pub required_blocks: usize,
+    /// Overlap credit actually applied (weighted, in blocks).
+    pub effective_overlap_blocks: f64,
+    /// Largest device overlap among eligible ranks (to count non-max selections).
+    pub max_overlap_blocks: u32,
+    /// KV cost of the chosen rank (KV mode only).
+    pub cost: Option<f64>,
+}
+
+/// Why no worker was chosen.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SelectError {
+    #[error("no workers available")]
+    NoWorkers,
+    #[error("no worker serves dp_rank {0}")]
+    NoWorkerWithRank(DpRank),
+    #[error("all {0} eligible workers are busy")]
+    AllWorkersBusy(usize),
+    #[error("worker {0} not found")]
+    PinnedWorkerNotFound(WorkerId),
+    #[error("worker {0} is busy")]
+    PinnedWorkerBusy(WorkerId),
+    #[error("router mode direct needs a worker id on the request (backend_instance_id)")]
+    MissingPinnedWorker,
+    #[error("invalid router_config_override: {0}")]
+    InvalidOverride(#[from] ConfigError),
+}
+
+/// KV cost of serving a request on `c` (spec §6.2). `min_active_prefill`: smallest active
+/// prefill among eligible ranks (for credit decay).
+pub fn kv_cost(
+    c: &Candidate,
+    isl: usize,
+    block_size: usize,
+    cfg: &KvRouterConfig,
+    min_active_prefill: u64,
+) -> (f64, f64) {
+    let bs = block_size.max(1) as f64;
+    let (scale, credit_w) = cfg.effective_scale_and_credit();
+    let active_prefill = if cfg.router_track_prefill_tokens {
+        c.load.active_prefill_tokens
+    } else {
+        0
+    };
+    let raw_prefill_blocks = (active_prefill as f64 + isl as f64) / bs;
+    let decay = if cfg.overlap_score_credit_decay == 0.0 || !cfg.router_track_prefill_tokens {
+        1.0
+    } else {
+        let request_blocks = crate::hash::request_blocks(isl, block_size).max(1) as f64;
+        let excess = active_prefill.saturating_sub(min_active_prefill) as f64;
+        1.0 / (1.0 + cfg.overlap_score_credit_decay * (excess / bs / request_blocks))
+    };
+    let credit = credit_w * decay * f64::from(c.overlap.device)
+        + cfg.host_cache_hit_weight * f64::from(c.overlap.host)
+        + cfg.disk_cache_hit_weight * f64::from(c.overlap.disk);
+    let adjusted = (raw_prefill_blocks - credit).max(0.0);
+    let cost = scale * adjusted
+        + c.load.potential_decode_blocks as f64
+        + cfg.decode_active_request_weight * f64::from(c.load.active_requests);
+    (cost, credit)
+}
+
+/// Whether a rank is over any busy threshold (spec §7.1).
+pub fn is_busy(c: &Candidate, cfg: &RouterConfig) -> bool {
+    let t = &cfg.thresholds;
+    let load = &c.load;
+    if let (Some(f), Some(total)) = (t.active_decode_blocks_threshold, c.info.total_kv_blocks) {
+        if total > 0 && load.active_decode_blocks as f64 / total as f64 > f {
+            return true;
+        }
+    }
+    if let Some(n) = t.active_prefill_tokens_threshold {
+        if load.active_prefill_tokens > n {
+            return true;
+        }
+    }
+    if let (Some(f), Some(batch)) = (
+        t.active_prefill_tokens_threshold_frac,
+        c.info.max_num_batched_tokens,
+    ) {
+        if load.active_prefill_tokens as f64 > f * batch as f64 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Chooses workers; holds the round-robin cursor.
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    config: RouterConfig,
+    rr_next: usize,
+}
+
+impl Selector {
+    pub fn new(config: RouterConfig) -> Self {
+        Self { config, rr_next: 0 }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// Pick a rank for a request among `candidates` (in registry order: round-robin follows it).
+    pub fn select<R: Rng + ?Sized>(
+        &mut self,
+        candidates: &[Candidate],
+        req: &SelectionRequest,
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
+        if candidates.is_empty() {
+            return Err(SelectError::NoWorkers);
+        }
+        let kv_cfg = match &req.overrides {
+            Some(o) => {
+                o.validate()?;
+                self.config.kv.with_override(o)
+            }
+            None => self.config.kv.clone(),
+        };
+        let mode = self.config.mode;
+
+        if req.pinned_worker.is_some() || mode == RouterMode::Direct {
+            let id = req.pinned_worker.ok_or(SelectError::MissingPinnedWorker)?;
+            let ranks: Vec<&Candidate> = candidates
+                .iter()
+                .filter(|c| {
+                    c.info.worker.worker_id == id
+                        && req.dp_rank.is_none_or(|r| c.info.worker.dp_rank == r)
+                })
+                .collect();
+            if ranks.is_empty() {
+                return Err(SelectError::PinnedWorkerNotFound(id));
+            }
+            let free: Vec<&Candidate> = ranks
+                .into_iter()
+                .filter(|c| !is_busy(c, &self.config))
+                .collect();
+            if free.is_empty() {
+                return Err(SelectError::PinnedWorkerBusy(id));
+            }
+            let i = if mode == RouterMode::Kv {
+                self.pick_kv(&free, req, &kv_cfg, rng).0
+            } else {
+                least_loaded(&free, rng)
+            };
+            return Ok(self.selection(free[i], &free, req, &kv_cfg, None));
+        }
+
+        let ranked: Vec<&Candidate> = match req.dp_rank {
+            Some(r) => {
+                let v: Vec<&Candidate> = candidates
+                    .iter()
+                    .filter(|c| c.info.worker.dp_rank == r)
+                    .collect();
+                if v.is_empty() {
+                    return Err(SelectError::NoWorkerWithRank(r));
+                }
+                v
+            }
+            None => candidates.iter().collect(),
+        };
+        let eligible: Vec<&Candidate> = ranked
+            .iter()
+            .copied()
+            .filter(|c| !is_busy(c, &self.config))
+            .collect();
+        if eligible.is_empty() {
+            return Err(SelectError::AllWorkersBusy(ranked.len()));
+        }
+
+        let (i, cost) = match mode {
+            RouterMode::RoundRobin => {
+                let i = self.rr_next % eligible.len();
+                self.rr_next = self.rr_next.wrapping_add(1);
+                (i, None)
+            }
+            RouterMode::Random => (rng.random_range(0..eligible.len()), None),
+            RouterMode::PowerOfTwo => (power_of_two(&eligible, rng), None),
+            RouterMode::LeastLoaded => (least_loaded(&eligible, rng), None),
+            RouterMode::DeviceAwareWeighted => (self.device_aware(&eligible, rng), None),
+            RouterMode::Kv | RouterMode::Direct => {
+                let (i, c) = self.pick_kv(&eligible, req, &kv_cfg, rng);
+                (i, Some(c))
+            }
+        };
+        Ok(self.selection(eligible[i], &eligible, req, &kv_cfg, cost))
+    }
+
+    fn selection(
+        &self,
+        c: &Candidate,
+        eligible: &[&Candidate],
+        req: &SelectionRequest,
+        cfg: &KvRouterConfig,
+        cost: Option<f64>,
+    ) -> Selection {
+        let bs = req.block_size.max(1);
+        let min_prefill = eligible
+            .iter()
+            .map(|c| c.load.active_prefill_tokens)
+            .min()
+            .unwrap_or(0);
+        let (_, credit) = kv_cost(c, req.isl, req.block_size, cfg, min_prefill);
+        Selection {
+            worker: c.info.worker,
+            overlap_blocks: c.overlap.device,
+            cached_tokens: (c.overlap.device as usize * bs).min(req.isl),
+            required_blocks: crate::hash::request_blocks(req.isl, bs),
+            effective_overlap_blocks: credit,
+            max_overlap_blocks: eligible.iter().map(|c| c.overlap.device).max().unwrap_or(0),
+            cost,
+        }
+    }
+
+    fn pick_kv<R: Rng + ?Sized>(
+        &self,
+        eligible: &[&Candidate],
+        req: &SelectionRequest,
+        cfg: &KvRouterConfig,
+        rng: &mut R,
+    ) -> (usize, f64) {
+        let min_prefill = eligible
+            .iter()
+            .map(|c| c.load.active_prefill_tokens)
+            .min()
+            .unwrap_or(0);
+        let costs: Vec<f64> = eligible
+            .iter()
+            .map(|c| kv_cost(c, req.isl, req.block_size, cfg, min_prefill).0)
+            .collect();
+        let i = pick_by_cost(&costs, cfg.router_temperature, rng);
+        (i, costs[i])
+    }
+
+    /// Split into CPU and accelerator groups; the group with the lowest
+    /// `active_requests / (members * weight)` wins (weight 1 for CPU, `device_ratio` otherwise),
+    /// then least-loaded inside it (spec §8).
+    fn device_aware<R: Rng + ?Sized>(&self, eligible: &[&Candidate], rng: &mut R) -> usize {
+        let score = |dev: DeviceType| {
+            let members: Vec<&&Candidate> =
+                eligible.iter().filter(|c| c.info.device == dev).collect();
+            if members.is_empty() {
+                return f64::INFINITY;
+            }
+            let inflight: u64 = members
+                .iter()
+                .map(|c| u64::from(c.load.active_requests))
+                .sum();
+            let weight = if dev == DeviceType::Cpu {
+                1.0
+            } else {
+                self.config.device_ratio.max(f64::MIN_POSITIVE)
+            };
+            inflight as f64 / (members.len() as f64 * weight)
+        };
+        let (gpu, cpu) = (score(DeviceType::Gpu), score(DeviceType::Cpu));
+        let group = if gpu <= cpu {
+            DeviceType::Gpu
+        } else {
+            DeviceType::Cpu
+        };
+        let idx: Vec<usize> = (0..eligible.len())
+            .filter(|&i| eligible[i].info.device == group)
+            .collect();
+        let sub: Vec<&Candidate> = idx.iter().map(|&i| eligible[i]).collect();
+        idx[least_loaded(&sub, rng)]
+    }
+}
+
+/// Fewest active requests; ties broken uniformly at random.
+fn least_loaded<R: Rng + ?Sized>(c: &[&Candidate], rng: &mut R) -> usize {
+    let costs: Vec<f64> = c
+        .iter()
+        .map(|c| f64::from(c.load.active_requests))
+        .collect();
+    argmin_random_ties(&costs, rng)
+}
+
+/// Two distinct random ranks; the one with fewer active requests (the first on a tie).
+fn power_of_two<R: Rng + ?Sized>(c: &[&Candidate], rng: &mut R) -> usize {
+    if c.len() == 1 {
+        return 0;
+    }
+    let a = rng.random_range(0..c.len());
+    let mut b = rng.random_range(0..c.len() - 1);
+    if b >= a {
+        b += 1;
+    }
+    if c[b].load.active_requests < c[a].load.active_requests {
+        b
+    } else {
+        a
+    }
+}
+
+/// Index chosen from costs at a temperature (spec §6.4).
+pub fn pick_by_cost<R: Rng + ?Sized>(costs: &[f64], temperature: f64, rng: &mut R) -> usize {
+    if temperature <= 0.0 || costs.len() == 1 {
+        return argmin_random_ties(costs, rng);
+    }
+    let lo = costs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = costs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let range = hi - lo;
+    if !(range.is_finite() && range > 0.0) {
+        return rng.random_range(0..costs.len());
+    }
+    let weights: Vec<f64> = costs
+        .iter()
+        .map(|c| (-(c - lo) / (range * temperature)).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut x = rng.random::<f64>() * total;
+    for (i, w) in weights.iter().enumerate() {
+        if x < *w {
+            return i;
+        }
+        x -= w;
+    }
+    costs.len() - 1
+}
+
+/// Argmin with ties broken uniformly at random (reservoir sampling: the k-th tie replaces the
+/// current best with probability 1/k).
+pub fn argmin_random_ties<R: Rng + ?Sized>(costs: &[f64], rng: &mut R) -> usize {
+    let mut best = 0;
+    let mut ties = 1u32;
+    for (i, &c) in costs.iter().enumerate().skip(1) {
+        let b = costs[best];
+        if c < b - 1e-9 {
+            best = i;
+            ties = 1;
+        } else if (c - b).abs() <= 1e-9 {
+            ties += 1;
+            if rng.random_range(0..ties) == 0 {
+                best = i;
+            }
+        }
+    }
+    best
+}

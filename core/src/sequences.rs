@@ -1,0 +1,438 @@
+//! Active requests and the load they put on each worker rank (Dynamo's slot tracker, spec §5).
+//!
+//! Load is *predicted* by the router, not measured: a request is booked when routed
+//! ([`ActiveSequences::add_request`]), its prefill tokens are released at its first output token
+//! ([`ActiveSequences::mark_prefill_complete`]) and everything at its end, error or cancellation
+//! ([`ActiveSequences::free`]). Requests never freed are force-freed after an expiry.
+//!
+//! Active blocks are counted once per rank even when several requests share them (reference
+//! counts keyed by sequence hash). Every request books its whole prompt chain from block 0, so
+//! a rank's active blocks are prefix-closed: how many leading blocks of a new request are
+//! already active is found by binary search, `O(log n)` lookups per rank.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crate::event::{WorkerId, WorkerWithDpRank};
+use crate::hash::SequenceHash;
+use crate::index::FastMap;
+
+/// Caller-chosen request identifier (the frontend uses the response id).
+pub type RequestId = String;
+
+/// How a booking counts (from the router config and per-request overrides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BookingOptions {
+    /// Count the request's blocks as active decode blocks (`--router-track-active-blocks`).
+    pub track_active_blocks: bool,
+    /// Blocks shared with other active requests on the rank count once (`--router-assume-kv-reuse`).
+    pub assume_kv_reuse: bool,
+    /// Count the request's uncached prompt tokens as active prefill until its first token
+    /// (`--router-track-prefill-tokens`).
+    pub track_prefill_tokens: bool,
+}
+
+impl Default for BookingOptions {
+    fn default() -> Self {
+        Self {
+            track_active_blocks: true,
+            assume_kv_reuse: true,
+            track_prefill_tokens: true,
+        }
+    }
+}
+
+/// A rank's current load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerLoad {
+    /// Uncached prompt tokens of requests routed here that have not produced a token yet.
+    pub active_prefill_tokens: u64,
+    /// Unique blocks of active requests (shared blocks once, partial tail blocks each).
+    pub active_decode_blocks: u64,
+    /// Requests routed here and not yet finished.
+    pub active_requests: u32,
+}
+
+/// A rank's load if a given request were added to it (`potential_loads`, spec §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PotentialLoad {
+    pub worker: WorkerWithDpRank,
+    /// `active_prefill_tokens + isl` (the raw prefill term of the cost, before cache credit).
+    pub potential_prefill_tokens: u64,
+    /// Active decode blocks now, plus the request's blocks not already active here.
+    pub potential_decode_blocks: u64,
+    pub active_requests: u32,
+    /// Active prefill tokens now (for busy thresholds and credit decay).
+    pub active_prefill_tokens: u64,
+    pub active_decode_blocks: u64,
+}
+
+#[derive(Debug, Default)]
+struct RankState {
+    /// Reference counts of active shared blocks.
+    blocks: FastMap<SequenceHash, u32>,
+    /// Blocks never shared: partial tails, and every block when KV reuse is not assumed.
+    private_blocks: u64,
+    prefill_tokens: u64,
+    requests: u32,
+}
+
+impl RankState {
+    /// Leading blocks of `seq` already active here.
+    fn active_prefix(&self, seq: &[SequenceHash]) -> usize {
+        if self.blocks.is_empty() {
+            return 0;
+        }
+        seq.partition_point(|s| self.blocks.contains_key(s))
+    }
+}
+
+#[derive(Debug)]
+struct Booking {
+    worker: WorkerWithDpRank,
+    shared: Vec<SequenceHash>,
+    private_blocks: u64,
+    prefill_tokens: u64,
+    booked_at: Duration,
+}
+
+/// Why a booking call did nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SequenceError {
+    #[error("request {0} is already active")]
+    DuplicateRequest(RequestId),
+    #[error("request {0} is not active")]
+    UnknownRequest(RequestId),
+}
+
+/// Active requests per worker rank.
+#[derive(Debug)]
+pub struct ActiveSequences {
+    ranks: FastMap<WorkerWithDpRank, RankState>,
+    requests: FastMap<RequestId, Booking>,
+    /// Booking order, for expiry; entries of freed requests are skipped lazily.
+    order: VecDeque<(Duration, RequestId)>,
+    expiry: Duration,
+}
+
+impl Default for ActiveSequences {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(300))
+    }
+}
+
+impl ActiveSequences {
+    /// `expiry`: a request still booked this long after routing is force-freed (Dynamo's
+    /// `DYN_ROUTER_ACTIVE_REQUEST_EXPIRY_SECS`, default 300 s).
+    pub fn new(expiry: Duration) -> Self {
+        Self {
+            ranks: FastMap::default(),
+            requests: FastMap::default(),
+            order: VecDeque::new(),
+            expiry,
+        }
+    }
+
+    /// Book a routed request on `worker`.
+    ///
+    /// `seq`: the prompt's sequence hashes (full blocks); `isl`: prompt tokens; `cached_tokens`:
+    /// tokens the chosen rank already holds (not prefilled again); `block_size` in tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_request(
+        &mut self,
+        id: RequestId,
+        worker: WorkerWithDpRank,
+        seq: &[SequenceHash],
+        isl: usize,
+        cached_tokens: usize,
+        block_size: usize,
+        opts: BookingOptions,
+        now: Duration,
+    ) -> Result<(), SequenceError> {
+        if self.requests.contains_key(&id) {
+            return Err(SequenceError::DuplicateRequest(id));
+        }
+        self.expire(now);
+        let rank = self.ranks.entry(worker).or_default();
+        let total_blocks = crate::hash::request_blocks(isl, block_size) as u64;
+        let (shared, private_blocks) = match (opts.track_active_blocks, opts.assume_kv_reuse) {
+            (false, _) => (Vec::new(), 0),
+            (true, false) => (Vec::new(), total_blocks),
+            (true, true) => {
+                let full = seq.len().min(total_blocks as usize);
+                (seq[..full].to_vec(), total_blocks - full as u64)
+            }
+        };
+        for s in &shared {
+            *rank.blocks.entry(*s).or_insert(0) += 1;
+        }
+        let prefill_tokens = if opts.track_prefill_tokens {
+            isl.saturating_sub(cached_tokens) as u64
+        } else {
+            0
+        };
+        rank.private_blocks += private_blocks;
+        rank.prefill_tokens += prefill_tokens;
+        rank.requests += 1;
+        self.order.push_back((now, id.clone()));
+        self.requests.insert(
+            id,
+            Booking {
+                worker,
+                shared,
+                private_blocks,
+                prefill_tokens,
+                booked_at: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// The request produced its first token: its prompt is no longer being prefilled.
+    pub fn mark_prefill_complete(&mut self, id: &str) -> Result<(), SequenceError> {
+        let b = self
+            .requests
+            .get_mut(id)
+            .ok_or_else(|| SequenceError::UnknownRequest(id.to_string()))?;
+        if let Some(rank) = self.ranks.get_mut(&b.worker) {
+            rank.prefill_tokens -= b.prefill_tokens;
+        }
+        b.prefill_tokens = 0;
+        Ok(())
+    }
+
+    /// The request ended (completed, failed or cancelled): release everything it booked.
+    pub fn free(&mut self, id: &str) -> Result<WorkerWithDpRank, SequenceError> {
+        let b = self
+            .requests
+            .remove(id)
+            .ok_or_else(|| SequenceError::UnknownRequest(id.to_string()))?;
+        if let Some(rank) = self.ranks.get_mut(&b.worker) {
+            rank.prefill_tokens -= b.prefill_tokens;
+            rank.private_blocks -= b.private_blocks;
+            rank.requests -= 1;
+            for s in &b.shared {
+                if let Some(c) = rank.blocks.get_mut(s) {
+                    *c -= 1;
+                    if *c == 0 {
+                        rank.blocks.remove(s);
+                    }
+                }
+            }
+            if rank.blocks.capacity() > 4 * rank.blocks.len() + 256 {
+                rank.blocks.shrink_to_fit();
+            }
+        }
+        Ok(b.worker)
+    }
+
+    /// Force-free requests booked more than the expiry before `now`. Returns how many.
+    pub fn expire(&mut self, now: Duration) -> usize {
+        let mut n = 0;
+        while let Some((t, _)) = self.order.front() {
+            if now.saturating_sub(*t) < self.expiry {
+                break;
+            }
+            let (t, id) = self.order.pop_front().unwrap_or_default();
+            if self.requests.get(&id).is_some_and(|b| b.booked_at == t) && self.free(&id).is_ok() {
+                n += 1;
+            }
+        }
+        if self.order.len() > 2 * self.requests.len() + 1024 {
+            self.order
+                .retain(|(t, id)| self.requests.get(id).is_some_and(|b| b.booked_at == *t));
+        }
+        n
+    }
+
+    /// Forget a worker: all its ranks and every request booked on them.
+    pub fn remove_worker(&mut self, worker_id: WorkerId) {
+        self.ranks.retain(|w, _| w.worker_id != worker_id);
+        self.requests.retain(|_, b| b.worker.worker_id != worker_id);
+    }
+
+    /// Current load of one rank (zero if unknown).
+    pub fn load(&self, worker: WorkerWithDpRank) -> WorkerLoad {
+        self.ranks
+            .get(&worker)
+            .map_or_else(WorkerLoad::default, |r| WorkerLoad {
+                active_prefill_tokens: r.prefill_tokens,
+                active_decode_blocks: r.blocks.len() as u64 + r.private_blocks,
+                active_requests: r.requests,
+            })
+    }
+
+    /// `worker`'s load with a request of `isl` tokens and sequence hashes `seq` added.
+    pub fn potential_load(
+        &self,
+        worker: WorkerWithDpRank,
+        seq: &[SequenceHash],
+        isl: usize,
+        block_size: usize,
+        opts: BookingOptions,
+    ) -> PotentialLoad {
+        let total = crate::hash::request_blocks(isl, block_size) as u64;
+        let load = self.load(worker);
+        let new_blocks = match (opts.track_active_blocks, opts.assume_kv_reuse) {
+            (false, _) => 0,
+            (true, false) => total,
+            (true, true) => {
+                let already = self.ranks.get(&worker).map_or(0, |r| r.active_prefix(seq)) as u64;
+                total.saturating_sub(already)
+            }
+        };
+        let prefill = if opts.track_prefill_tokens {
+            load.active_prefill_tokens
+        } else {
+            0
+        };
+        PotentialLoad {
+            worker,
+            potential_prefill_tokens: prefill + isl as u64,
+            potential_decode_blocks: load.active_decode_blocks + new_blocks,
+            active_requests: load.active_requests,
+            active_prefill_tokens: prefill,
+            active_decode_blocks: load.active_decode_blocks,
+        }
+    }
+
+    /// Number of active requests across all ranks.
+    pub fn num_active(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Rank a request is booked on, if active.
+    pub fn worker_of(&self, id: &str) -> Option<WorkerWithDpRank> {
+        self.requests.get(id).map(|b| b.worker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::{compute_block_hashes, compute_sequence_hashes, HashOptions};
+
+    fn seq(tokens: &[u32]) -> Vec<SequenceHash> {
+        compute_sequence_hashes(&compute_block_hashes(
+            tokens,
+            4,
+            &HashOptions::default(),
+            None,
+        ))
+    }
+
+    const W: WorkerWithDpRank = WorkerWithDpRank::new(1, 0);
+    const T0: Duration = Duration::from_secs(0);
+
+    #[test]
+    fn shared_blocks_count_once_and_everything_returns_to_zero() {
+        let mut a = ActiveSequences::default();
+        let p1: Vec<u32> = (0..18).collect(); // 4 full blocks + partial tail
+        let mut p2: Vec<u32> = (0..8).collect(); // shares 2 blocks with p1
+        p2.extend(100..108);
+        let o = BookingOptions::default();
+        a.add_request("a".into(), W, &seq(&p1), 18, 0, 4, o, T0)
+            .unwrap();
+        assert_eq!(
+            a.load(W),
+            WorkerLoad {
+                active_prefill_tokens: 18,
+                active_decode_blocks: 5,
+                active_requests: 1
+            }
+        );
+        // Potential: 4 blocks, 2 already active.
+        let pl = a.potential_load(W, &seq(&p2), 16, 4, o);
+        assert_eq!(
+            (pl.potential_decode_blocks, pl.potential_prefill_tokens),
+            (5 + 2, 18 + 16)
+        );
+        a.add_request("b".into(), W, &seq(&p2), 16, 8, 4, o, T0)
+            .unwrap();
+        assert_eq!(
+            a.load(W),
+            WorkerLoad {
+                active_prefill_tokens: 18 + 8,
+                active_decode_blocks: 7,
+                active_requests: 2
+            }
+        );
+        assert!(matches!(
+            a.add_request("b".into(), W, &[], 1, 0, 4, o, T0),
+            Err(SequenceError::DuplicateRequest(_))
+        ));
+        a.mark_prefill_complete("a").unwrap();
+        assert_eq!(a.load(W).active_prefill_tokens, 8);
+        a.free("a").unwrap();
+        assert_eq!(
+            a.load(W),
+            WorkerLoad {
+                active_prefill_tokens: 8,
+                active_decode_blocks: 4,
+                active_requests: 1
+            }
+        );
+        a.free("b").unwrap();
+        assert_eq!(a.load(W), WorkerLoad::default());
+        assert!(a.free("b").is_err());
+        assert!(a.mark_prefill_complete("zz").is_err());
+    }
+
+    #[test]
+    fn booking_options() {
+        let p: Vec<u32> = (0..16).collect();
+        let s = seq(&p);
+        let mut a = ActiveSequences::default();
+        let no_reuse = BookingOptions {
+            assume_kv_reuse: false,
+            ..Default::default()
+        };
+        a.add_request("a".into(), W, &s, 16, 0, 4, no_reuse, T0)
+            .unwrap();
+        a.add_request("b".into(), W, &s, 16, 0, 4, no_reuse, T0)
+            .unwrap();
+        assert_eq!(
+            a.load(W).active_decode_blocks,
+            8,
+            "nothing dedups without KV reuse"
+        );
+        let no_blocks = BookingOptions {
+            track_active_blocks: false,
+            track_prefill_tokens: false,
+            ..Default::default()
+        };
+        a.add_request("c".into(), W, &s, 16, 0, 4, no_blocks, T0)
+            .unwrap();
+        assert_eq!(
+            a.load(W),
+            WorkerLoad {
+                active_prefill_tokens: 32,
+                active_decode_blocks: 8,
+                active_requests: 3
+            }
+        );
+        let pl = a.potential_load(W, &s, 16, 4, no_blocks);
+        assert_eq!(
+            (pl.potential_decode_blocks, pl.potential_prefill_tokens),
+            (8, 16)
+        );
+    }
+
+    #[test]
+    fn stale_requests_expire_and_removed_workers_release_everything() {
+        let mut a = ActiveSequences::new(Duration::from_secs(300));
+        let s = seq(&(0..16).collect::<Vec<_>>());
+        let o = BookingOptions::default();
+        a.add_request("old".into(), W, &s, 16, 0, 4, o, T0).unwrap();
+        a.add_request("new".into(), W, &s, 16, 0, 4, o, Duration::from_secs(200))
+            .unwrap();
+        assert_eq!(a.expire(Duration::from_secs(299)), 0);
+        assert_eq!(a.expire(Duration::from_secs(300)), 1);
+        assert_eq!(a.load(W).active_requests, 1);
+        assert_eq!(a.worker_of("new"), Some(W));
+        a.remove_worker(1);
+        assert_eq!(a.load(W), WorkerLoad::default());
+        assert_eq!(a.num_active(), 0);
+        assert!(a.free("new").is_err());
+    }
+}

@@ -1,0 +1,266 @@
+//! The composed router: events in, decisions out, load booked and released.
+use std::time::Duration;
+
+use kvrouter_core::config::{KvRouterConfig, RouterConfig, RouterMode};
+use kvrouter_core::event::WorkerWithDpRank;
+use kvrouter_core::hash::{ExternalHash, HashOptions};
+use kvrouter_core::index::stored_event;
+use kvrouter_core::router::{RequestHashes, RouteRequest, Router};
+use kvrouter_core::selection::WorkerInfo;
+use kvrouter_core::sequences::WorkerLoad;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+const BS: usize = 16;
+
+fn router(kv: KvRouterConfig, n: u64) -> Router {
+    let mut r = Router::new(
+        RouterConfig {
+            mode: RouterMode::Kv,
+            kv,
+            ..Default::default()
+        },
+        BS,
+    );
+    for id in 0..n {
+        r.add_worker(WorkerInfo {
+            worker: WorkerWithDpRank::new(id, 0),
+            ..Default::default()
+        });
+    }
+    r
+}
+
+fn prompt(seed: u32, len: u32) -> Vec<u32> {
+    (0..len).map(|i| seed * 100_000 + i).collect()
+}
+
+#[test]
+fn kv_mode_follows_engine_events_and_load_returns_to_zero() {
+    let mut r = router(KvRouterConfig::default(), 4);
+    let mut rng = StdRng::seed_from_u64(1);
+    let p = prompt(1, 200);
+    // Worker 2's engine reports caching the prompt's 12 full blocks.
+    let h = RequestHashes::compute(&p, BS, &HashOptions::default());
+    let blocks = h
+        .local
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (ExternalHash(900 + i as u64), l));
+    r.apply_event(&stored_event(WorkerWithDpRank::new(2, 0), 0, None, blocks))
+        .unwrap();
+    let now = Duration::ZERO;
+    let sel = r
+        .route(
+            &RouteRequest {
+                request_id: Some("a"),
+                tokens: &p,
+                ..Default::default()
+            },
+            now,
+            &mut rng,
+        )
+        .unwrap();
+    assert_eq!(
+        (sel.worker.worker_id, sel.overlap_blocks, sel.cached_tokens),
+        (2, 12, 192)
+    );
+    let load = r.active().load(sel.worker);
+    assert_eq!(
+        load,
+        WorkerLoad {
+            active_prefill_tokens: 8,
+            active_decode_blocks: 13,
+            active_requests: 1
+        }
+    );
+    // A different prompt avoids the loaded worker.
+    let q = prompt(2, 200);
+    let sel2 = r
+        .route(
+            &RouteRequest {
+                request_id: Some("b"),
+                tokens: &q,
+                ..Default::default()
+            },
+            now,
+            &mut rng,
+        )
+        .unwrap();
+    assert_ne!(sel2.worker.worker_id, 2);
+    r.mark_prefill_complete("a").unwrap();
+    r.free("a").unwrap();
+    r.free("b").unwrap();
+    for w in r.workers().to_vec() {
+        assert_eq!(r.active().load(w.worker), WorkerLoad::default());
+    }
+    // Removing a worker drops its blocks and bookings.
+    r.route(
+        &RouteRequest {
+            request_id: Some("c"),
+            tokens: &p,
+            ..Default::default()
+        },
+        now,
+        &mut rng,
+    )
+    .unwrap();
+    r.remove_worker(2);
+    assert_eq!(r.index().current_size(), 0);
+    assert!(r.free("c").is_err(), "booking went with the worker");
+}
+
+#[test]
+fn approximate_mode_routes_repeats_without_events() {
+    let kv = KvRouterConfig {
+        use_kv_events: false,
+        ..Default::default()
+    };
+    let mut r = router(kv, 4);
+    let mut rng = StdRng::seed_from_u64(2);
+    let p = prompt(3, 300);
+    let t0 = Duration::from_secs(10);
+    let first = r
+        .route(
+            &RouteRequest {
+                tokens: &p,
+                ..Default::default()
+            },
+            t0,
+            &mut rng,
+        )
+        .unwrap();
+    assert_eq!(first.overlap_blocks, 0);
+    for i in 1..5 {
+        let s = r
+            .route(
+                &RouteRequest {
+                    tokens: &p,
+                    ..Default::default()
+                },
+                t0 + Duration::from_secs(i),
+                &mut rng,
+            )
+            .unwrap();
+        assert_eq!((s.worker, s.overlap_blocks), (first.worker, 18));
+    }
+    // After the TTL (120 s) the prediction is gone.
+    let late = r
+        .route(
+            &RouteRequest {
+                tokens: &p,
+                ..Default::default()
+            },
+            t0 + Duration::from_secs(200),
+            &mut rng,
+        )
+        .unwrap();
+    assert_eq!(late.overlap_blocks, 0);
+}
+
+#[test]
+fn predicted_index_groups_siblings_before_events_arrive() {
+    let kv = KvRouterConfig {
+        router_predicted_ttl_secs: Some(5.0),
+        ..Default::default()
+    };
+    let mut r = router(kv, 8);
+    let mut rng = StdRng::seed_from_u64(3);
+    let p = prompt(4, 640);
+    let t0 = Duration::from_secs(1);
+    let ids = ["s0", "s1", "s2"];
+    let first = r
+        .route(
+            &RouteRequest {
+                request_id: Some(ids[0]),
+                tokens: &p,
+                ..Default::default()
+            },
+            t0,
+            &mut rng,
+        )
+        .unwrap();
+    // While the first is still in prefill its booked prefill tokens cancel the predicted credit
+    // exactly (a tie with an idle worker). Once its first token is out — before the engine's
+    // Stored events arrive — siblings see the predicted 40 blocks and follow it.
+    r.mark_prefill_complete(ids[0]).unwrap();
+    for id in &ids[1..] {
+        let s = r
+            .route(
+                &RouteRequest {
+                    request_id: Some(id),
+                    tokens: &p,
+                    ..Default::default()
+                },
+                t0,
+                &mut rng,
+            )
+            .unwrap();
+        assert_eq!((s.worker, s.overlap_blocks), (first.worker, 40));
+    }
+    // Past the short TTL the prediction is gone.
+    let mut no_pred = router(KvRouterConfig::default(), 8);
+    no_pred
+        .route(
+            &RouteRequest {
+                tokens: &p,
+                ..Default::default()
+            },
+            t0,
+            &mut rng,
+        )
+        .unwrap();
+    assert!(no_pred
+        .overlaps(
+            &RequestHashes::compute(&p, BS, &HashOptions::default()).local,
+            t0
+        )
+        .is_empty());
+    let later = r.overlaps(
+        &RequestHashes::compute(&p, BS, &HashOptions::default()).local,
+        t0 + Duration::from_secs(6),
+    );
+    assert!(later.is_empty());
+}
+
+#[test]
+fn potential_loads_cover_every_worker() {
+    let mut r = router(KvRouterConfig::default(), 3);
+    let mut rng = StdRng::seed_from_u64(4);
+    let p = prompt(5, 64);
+    let s = r
+        .route(
+            &RouteRequest {
+                request_id: Some("x"),
+                tokens: &p,
+                ..Default::default()
+            },
+            Duration::ZERO,
+            &mut rng,
+        )
+        .unwrap();
+    let loads = r.potential_loads(&p, &HashOptions::default());
+    assert_eq!(loads.len(), 3);
+    for l in loads {
+        if l.worker == s.worker {
+            // Blocks already active there count once.
+            assert_eq!(
+                (
+                    l.potential_decode_blocks,
+                    l.potential_prefill_tokens,
+                    l.active_requests
+                ),
+                (4, 128, 1)
+            );
+        } else {
+            assert_eq!(
+                (
+                    l.potential_decode_blocks,
+                    l.potential_prefill_tokens,
+                    l.active_requests
+                ),
+                (4, 64, 0)
+            );
+        }
+    }
+}
