@@ -36,7 +36,7 @@ fn key(i: usize) -> WorkerWithDpRank {
 
 /// Engine hash of a prefix: unique per (worker rank, prefix), as an engine's chained hash is.
 fn ext(w: usize, p: &[u8]) -> ExternalHash {
-    let mut h: u64 = 0xcbf29ce484222325 ^ (w as u64 * 0x9e3779b97f4a7c15);
+    let mut h: u64 = 0xcbf29ce484222325 ^ (w as u64).wrapping_mul(0x9e3779b97f4a7c15);
     for &b in p {
         h = (h ^ (b as u64 + 1)).wrapping_mul(0x100000001b3);
     }
