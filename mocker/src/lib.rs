@@ -1,1 +1,485 @@
 //! A CPU-only mock inference engine with vLLM's HTTP API, KV events and metrics.
+//!
+//! It stands in for a vLLM worker at every interface the router sees (HTTP, ZMQ KV events,
+//! Prometheus metrics) with a credible engine model underneath (`dynamo-router-spec.md` §15):
+//!
+//! * [`kv_pool`] — paged KV pool, prefix caching by per-process-seeded chained hash, leaf-first
+//!   LRU eviction;
+//! * [`scheduler`] — vLLM v1 continuous batching: token budget, chunked prefill, preemption;
+//! * [`timing`] — Dynamo's polynomial step-time model;
+//! * [`engine`] — the above as a pure state machine driven by a caller's clock;
+//! * [`events`] — the events it emits and the [`events::EventSink`] they go to
+//!   ([`WireSink`] publishes them over ZMQ with `kvrouter-wire`);
+//! * [`metrics`] — `vllm:*` Prometheus metrics;
+//! * [`worker`] — the live driver task; [`http`] — the axum API; [`cli`] — `kvrouter mocker`.
+//!
+//! Start engines in-process with [`spawn_workers`]:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvrouter_mocker::MockerError> {
+//! let config = kvrouter_mocker::MockerConfig { speedup_ratio: 0.0, ..Default::default() };
+//! let workers = kvrouter_mocker::spawn_workers(&config, 4).await?;
+//! for w in &workers {
+//!     println!("{}", serde_json::to_string(&w.info).unwrap()); // url, kv_events_endpoint, ...
+//! }
+//! for w in workers {
+//!     w.stop().await;
+//! }
+//! # Ok(()) }
+//! ```
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+pub mod cli;
+pub mod engine;
+pub mod events;
+pub mod http;
+pub mod kv_pool;
+pub mod metrics;
+pub mod scheduler;
+pub mod timing;
+pub mod worker;
+
+use engine::{Engine, EngineConfig};
+use events::{EventSink, KvEvent, NullSink};
+use kvrouter_preprocess::Preprocessor;
+use scheduler::SchedulerConfig;
+use timing::TimingModel;
+use worker::WorkerHandle;
+
+/// Every `kvrouter mocker` flag (Dynamo mocker names, §15.3), for in-process use too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MockerConfig {
+    /// HF-style model directory: tokenizer (text prompts, output text) and chat template.
+    pub model_path: Option<PathBuf>,
+    /// Served model name; default: the model directory's name, else `"mock-model"`.
+    pub model_name: Option<String>,
+    /// KV blocks per engine (`--num-gpu-blocks-override`, 16384).
+    pub num_gpu_blocks: usize,
+    /// Tokens per block (`--block-size`, 64).
+    pub block_size: usize,
+    /// Running sequences at most (`--max-num-seqs`, 256).
+    pub max_num_seqs: usize,
+    /// Tokens per step (`--max-num-batched-tokens`, 8192).
+    pub max_num_batched_tokens: usize,
+    /// Prefix caching (`--enable-prefix-caching`, on).
+    pub enable_prefix_caching: bool,
+    /// Chunked prefill (`--enable-chunked-prefill`, on).
+    pub enable_chunked_prefill: bool,
+    /// Divides modelled durations; 0 = no delay (`--speedup-ratio`, 1.0).
+    pub speedup_ratio: f64,
+    /// Further divides decode durations (`--decode-speedup-ratio`, 1.0).
+    pub decode_speedup_ratio: f64,
+    /// Address every socket binds to (`--host`, 127.0.0.1).
+    pub host: String,
+    /// HTTP port of worker 0; worker i uses base + i; 0 = any free port (`--http-port`).
+    pub http_port: u16,
+    /// Publish KV events over ZMQ (on; off also when prefix caching is off).
+    pub kv_events: bool,
+    /// ZMQ PUB port of worker 0, base + i; 0 = any free port (`--zmq-kv-events-ports`).
+    pub zmq_kv_events_port: u16,
+    /// ZMQ replay ROUTER port of worker 0, base + i; 0 = any free port (`--zmq-replay-ports`).
+    pub zmq_replay_port: u16,
+    /// Topic frame of the events (vLLM default: empty).
+    pub kv_events_topic: String,
+    /// Valid prompt ids are below this when no tokenizer is given (Qwen3's 151936).
+    pub vocab_size: u32,
+    /// `max_tokens` of requests that give none (OpenAI completions default: 16).
+    pub default_max_tokens: usize,
+    /// Engine hash seed; None = a per-process random seed (see [`kv_pool`]).
+    pub hash_seed: Option<u64>,
+}
+
+impl Default for MockerConfig {
+    fn default() -> Self {
+        Self {
+            model_path: None,
+            model_name: None,
+            num_gpu_blocks: 16384,
+            block_size: 64,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            enable_prefix_caching: true,
+            enable_chunked_prefill: true,
+            speedup_ratio: 1.0,
+            decode_speedup_ratio: 1.0,
+            host: "127.0.0.1".into(),
+            http_port: 0,
+            kv_events: true,
+            zmq_kv_events_port: 0,
+            zmq_replay_port: 0,
+            kv_events_topic: String::new(),
+            vocab_size: 151_936,
+            default_max_tokens: 16,
+            hash_seed: None,
+        }
+    }
+}
+
+/// Why workers could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MockerError {
+    /// A flag value is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The model directory could not be loaded.
+    #[error("model: {0}")]
+    Model(#[from] kvrouter_preprocess::PreprocessError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// HTTP or ZMQ.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The ZMQ publisher failed.
+    #[error("kv events publisher: {0}")]
+    Wire(#[from] kvrouter_wire::WireError),
+}
+
+impl MockerConfig {
+    /// Checks the values; see [`MockerError::Config`].
+    pub fn validate(&self) -> Result<(), MockerError> {
+        let bad = |m: &str| Err(MockerError::Config(m.into()));
+        if self.block_size == 0 {
+            return bad("--block-size must be at least 1");
+        }
+        if self.num_gpu_blocks == 0 {
+            return bad("--num-gpu-blocks-override must be at least 1");
+        }
+        if self.max_num_seqs == 0 {
+            return bad("--max-num-seqs must be at least 1");
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad("--max-num-batched-tokens must be at least 1");
+        }
+        if !(self.speedup_ratio >= 0.0 && self.speedup_ratio.is_finite()) {
+            return bad("--speedup-ratio must be a finite number >= 0");
+        }
+        if !(self.decode_speedup_ratio > 0.0 && self.decode_speedup_ratio.is_finite()) {
+            return bad("--decode-speedup-ratio must be a finite number > 0");
+        }
+        if self.vocab_size == 0 {
+            return bad("--vocab-size must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The engine configuration of one worker, given the loaded tokenizer (if any).
+    pub fn engine_config(&self, pre: Option<&Preprocessor>) -> EngineConfig {
+        let (vocab_size, output_vocab, eos) = match pre {
+            Some(p) => {
+                let v = p.vocab_size() as u32;
+                // Generate ordinary tokens only (no added/special ones).
+                let base = (p.tokenizer().get_vocab_size(false) as u32).clamp(1, v.max(1));
+                (v.max(1), base, p.eos_token_ids().to_vec())
+            }
+            None => (self.vocab_size, self.vocab_size, Vec::new()),
+        };
+        EngineConfig {
+            num_blocks: self.num_gpu_blocks,
+            block_size: self.block_size,
+            scheduler: SchedulerConfig {
+                max_num_seqs: self.max_num_seqs,
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                chunked_prefill: self.enable_chunked_prefill,
+            },
+            prefix_caching: self.enable_prefix_caching,
+            timing: TimingModel {
+                speedup_ratio: self.speedup_ratio,
+                decode_speedup_ratio: self.decode_speedup_ratio,
+            },
+            hash_seed: self.hash_seed.unwrap_or_else(kv_pool::process_hash_seed),
+            vocab_size,
+            output_vocab,
+            eos_token_ids: eos,
+        }
+    }
+
+    fn served_name(&self) -> String {
+        if let Some(n) = &self.model_name {
+            return n.clone();
+        }
+        self.model_path
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "mock-model".into())
+    }
+}
+
+/// What a router needs to register one worker (printed as one JSON line by `kvrouter mocker`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkerInfo {
+    /// 0-based index in this process.
+    pub index: usize,
+    /// Base URL of the OpenAI-compatible API, e.g. `http://127.0.0.1:8100`.
+    pub url: String,
+    /// Served model name.
+    pub model: String,
+    /// ZMQ PUB endpoint of its KV events (None when events are off).
+    pub kv_events_endpoint: Option<String>,
+    /// ZMQ replay ROUTER endpoint (None when events are off).
+    pub replay_endpoint: Option<String>,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Data-parallel ranks (always 1).
+    pub dp_size: u32,
+    /// KV blocks in the pool.
+    pub total_kv_blocks: usize,
+    /// Running sequences at most.
+    pub max_num_seqs: usize,
+    /// Tokens per step.
+    pub max_num_batched_tokens: usize,
+}
+
+/// One started worker: its addresses, a handle to its engine, and its tasks.
+pub struct RunningWorker {
+    /// Where to reach it.
+    pub info: WorkerInfo,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// Commands to its engine (snapshots, resets).
+    pub handle: WorkerHandle,
+    stop_http: Option<oneshot::Sender<()>>,
+    stop_engine: Option<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningWorker {
+    /// Stops the HTTP server and the engine and waits for their tasks.
+    pub async fn stop(mut self) {
+        self.signal_stop();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+
+    fn signal_stop(&mut self) {
+        if let Some(tx) = self.stop_http.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.stop_engine.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}
+
+/// Publishes a worker's events with `kvrouter-wire`'s ZMQ publisher (vLLM ≥ 0.24 map
+/// encoding, dp rank 0, medium "GPU"). Publish errors are logged and the engine keeps going.
+pub struct WireSink {
+    publisher: kvrouter_wire::KvEventPublisher,
+}
+
+impl WireSink {
+    /// Binds the PUB socket on `endpoint` and the replay ROUTER on `replay_endpoint`.
+    pub fn bind(
+        endpoint: String,
+        replay_endpoint: Option<String>,
+        topic: String,
+    ) -> Result<Self, MockerError> {
+        let publisher = kvrouter_wire::KvEventPublisher::bind(kvrouter_wire::PublisherConfig {
+            endpoint,
+            replay_endpoint,
+            topic,
+            ..Default::default()
+        })?;
+        Ok(Self { publisher })
+    }
+
+    /// The bound PUB address.
+    pub fn endpoint(&self) -> String {
+        self.publisher.endpoint().to_owned()
+    }
+
+    /// The bound replay address.
+    pub fn replay_endpoint(&self) -> Option<String> {
+        self.publisher.replay_endpoint().map(str::to_owned)
+    }
+}
+
+/// Converts engine events to the wire crate's model.
+pub fn to_engine_events(events: &[KvEvent]) -> Vec<kvrouter_wire::EngineEvent> {
+    use kvrouter_wire::{BlockRemoved, BlockStored, EngineEvent};
+    events
+        .iter()
+        .map(|e| match e {
+            KvEvent::Stored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+            } => EngineEvent::BlockStored(BlockStored {
+                block_hashes: block_hashes.clone(),
+                parent_block_hash: *parent_block_hash,
+                token_ids: token_ids.clone(),
+                block_size: *block_size,
+                medium: Some("GPU".into()),
+                ..Default::default()
+            }),
+            KvEvent::Removed { block_hash } => EngineEvent::BlockRemoved(BlockRemoved {
+                block_hashes: vec![*block_hash],
+                medium: Some("GPU".into()),
+                ..Default::default()
+            }),
+            KvEvent::AllCleared => EngineEvent::AllBlocksCleared,
+        })
+        .collect()
+}
+
+impl EventSink for WireSink {
+    fn publish(&mut self, ts: f64, events: &[KvEvent]) {
+        let batch = kvrouter_wire::EngineBatch {
+            ts,
+            events: to_engine_events(events),
+            dp_rank: Some(0),
+        };
+        if let Err(e) = self.publisher.publish(&batch) {
+            tracing::warn!("publishing KV events failed: {e}");
+        }
+    }
+}
+
+fn port_plus(base: u16, i: usize) -> Result<u16, MockerError> {
+    if base == 0 {
+        return Ok(0);
+    }
+    u16::try_from(usize::from(base) + i)
+        .map_err(|_| MockerError::Config(format!("port {base} + {i} is above 65535")))
+}
+
+/// Starts `n` independent workers on the current tokio runtime, each with its own engine,
+/// HTTP port and (when events are on) ZMQ PUB and replay ports: base + i, or free ports when
+/// the base is 0. Events go through [`WireSink`].
+pub async fn spawn_workers(
+    config: &MockerConfig,
+    n: usize,
+) -> Result<Vec<RunningWorker>, MockerError> {
+    let events = config.kv_events && config.enable_prefix_caching;
+    let host = config.host.clone();
+    spawn_workers_with_sinks(config, n, |i| {
+        if !events {
+            return Ok((Box::new(NullSink) as Box<dyn EventSink>, None, None));
+        }
+        let ep = format!("tcp://{host}:{}", port_plus(config.zmq_kv_events_port, i)?);
+        let rep = format!("tcp://{host}:{}", port_plus(config.zmq_replay_port, i)?);
+        let sink = WireSink::bind(ep, Some(rep), config.kv_events_topic.clone())?;
+        let (e, r) = (sink.endpoint(), sink.replay_endpoint());
+        Ok((Box::new(sink) as Box<dyn EventSink>, Some(e), r))
+    })
+    .await
+}
+
+/// A worker's event sink and the endpoints to advertise for it.
+pub type SinkParts = (Box<dyn EventSink>, Option<String>, Option<String>);
+
+/// [`spawn_workers`] with caller-made event sinks: `make_sink(i)` returns worker i's sink and
+/// the (event, replay) endpoints to advertise.
+pub async fn spawn_workers_with_sinks(
+    config: &MockerConfig,
+    n: usize,
+    mut make_sink: impl FnMut(usize) -> Result<SinkParts, MockerError>,
+) -> Result<Vec<RunningWorker>, MockerError> {
+    config.validate()?;
+    let pre = match &config.model_path {
+        Some(p) => Some(Arc::new(Preprocessor::from_model_dir(p)?)),
+        None => None,
+    };
+    let model_name = config.served_name();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let ecfg = config.engine_config(pre.as_deref());
+        let addr = format!("{}:{}", config.host, port_plus(config.http_port, i)?);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| MockerError::Bind {
+                what: "HTTP",
+                addr: addr.clone(),
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| MockerError::Bind {
+            what: "HTTP",
+            addr: addr.clone(),
+            source,
+        })?;
+        let (sink, kv_ep, replay_ep) = make_sink(i)?;
+        let (stop_engine, stop_engine_rx) = oneshot::channel();
+        let (handle, engine_task) =
+            worker::spawn_engine(Engine::new(ecfg.clone()), sink, stop_engine_rx);
+        let state = Arc::new(http::HttpState {
+            worker: handle.clone(),
+            engine: ecfg.clone(),
+            model_name: model_name.clone(),
+            preprocessor: pre.clone(),
+            default_max_tokens: config.default_max_tokens,
+            cache_info: vec![
+                ("block_size", config.block_size.to_string()),
+                ("num_gpu_blocks", config.num_gpu_blocks.to_string()),
+                (
+                    "enable_prefix_caching",
+                    capitalized(config.enable_prefix_caching),
+                ),
+            ],
+        });
+        let (stop_http, stop_http_rx) = oneshot::channel::<()>();
+        let app = http::router(state);
+        let http_task = tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|s| {
+                let _ = s.set_nodelay(true);
+            });
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_http_rx.await;
+                })
+                .await;
+        });
+        let host = if http_addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            http_addr.ip().to_string()
+        };
+        let url = if http_addr.is_ipv6() {
+            format!("http://[{host}]:{}", http_addr.port())
+        } else {
+            format!("http://{host}:{}", http_addr.port())
+        };
+        out.push(RunningWorker {
+            info: WorkerInfo {
+                index: i,
+                url,
+                model: model_name.clone(),
+                kv_events_endpoint: kv_ep,
+                replay_endpoint: replay_ep,
+                block_size: config.block_size,
+                dp_size: 1,
+                total_kv_blocks: config.num_gpu_blocks,
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+            },
+            http_addr,
+            handle,
+            stop_http: Some(stop_http),
+            stop_engine: Some(stop_engine),
+            tasks: vec![http_task, engine_task],
+        });
+    }
+    Ok(out)
+}
+
+fn capitalized(b: bool) -> String {
+    if b { "True" } else { "False" }.into()
+}

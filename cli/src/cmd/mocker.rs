@@ -1,6 +1,7 @@
-#[derive(clap::Args)]
-pub struct Args {}
+//! `kvrouter mocker`: CPU-only mock vLLM workers. The flags and the logic live in
+//! `kvrouter_mocker::cli` so that other binaries and tests can reuse them.
+pub use kvrouter_mocker::cli::MockerArgs as Args;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    kvrouter_mocker::cli::run(args)
 }

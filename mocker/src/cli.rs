@@ -1,0 +1,128 @@
+//! `kvrouter mocker`: N mock workers in one process, one JSON line per worker on stdout, then
+//! serve until Ctrl-C. Flag names follow Dynamo's mocker (`dynamo-router-spec.md` §15.3).
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::{spawn_workers, MockerConfig};
+
+/// Flags of `kvrouter mocker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MockerArgs {
+    /// Independent engines to start (ports: base + i).
+    #[arg(long, default_value_t = 1)]
+    pub num_workers: usize,
+    /// HF-style model directory (tokenizer.json, tokenizer_config.json): enables text prompts,
+    /// output text and /v1/chat/completions.
+    #[arg(long)]
+    pub model_path: Option<PathBuf>,
+    /// Served model name (default: the model directory's name, else "mock-model").
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// KV blocks per engine.
+    #[arg(long, default_value_t = 16384)]
+    pub num_gpu_blocks_override: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 64)]
+    pub block_size: usize,
+    /// Maximum running sequences per engine.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Token budget per engine step.
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Reuse cached full blocks (default on).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Disable prefix caching (and KV events).
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
+    /// Split long prefills across steps (default on).
+    #[arg(long, overrides_with = "no_enable_chunked_prefill")]
+    pub enable_chunked_prefill: bool,
+    /// Disable chunked prefill.
+    #[arg(long, overrides_with = "enable_chunked_prefill")]
+    pub no_enable_chunked_prefill: bool,
+    /// Divide modelled step times by this; 0 = no delays at all.
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup_ratio: f64,
+    /// Further divide decode step times by this (speculative decoding).
+    #[arg(long, default_value_t = 1.0)]
+    pub decode_speedup_ratio: f64,
+    /// Address to bind HTTP and ZMQ sockets to.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// HTTP port of worker 0 (worker i: base + i); 0 = free ports.
+    #[arg(long, default_value_t = 0)]
+    pub http_port: u16,
+    /// ZMQ KV-event PUB port of worker 0 (base + i); 0 = free ports.
+    #[arg(long, default_value_t = 0)]
+    pub zmq_kv_events_ports: u16,
+    /// ZMQ replay ROUTER port of worker 0 (base + i); 0 = free ports.
+    #[arg(long, default_value_t = 0)]
+    pub zmq_replay_ports: u16,
+    /// Do not publish KV events.
+    #[arg(long)]
+    pub no_kv_events: bool,
+    /// Topic frame of the KV event messages.
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
+    /// Valid prompt token ids are below this when no tokenizer is given.
+    #[arg(long, default_value_t = 151_936)]
+    pub vocab_size: u32,
+    /// max_tokens of requests that give none.
+    #[arg(long, default_value_t = 16)]
+    pub default_max_tokens: usize,
+}
+
+impl MockerArgs {
+    /// The equivalent [`MockerConfig`].
+    pub fn to_config(&self) -> MockerConfig {
+        MockerConfig {
+            model_path: self.model_path.clone(),
+            model_name: self.model_name.clone(),
+            num_gpu_blocks: self.num_gpu_blocks_override,
+            block_size: self.block_size,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            enable_prefix_caching: !self.no_enable_prefix_caching,
+            enable_chunked_prefill: !self.no_enable_chunked_prefill,
+            speedup_ratio: self.speedup_ratio,
+            decode_speedup_ratio: self.decode_speedup_ratio,
+            host: self.host.clone(),
+            http_port: self.http_port,
+            kv_events: !self.no_kv_events,
+            zmq_kv_events_port: self.zmq_kv_events_ports,
+            zmq_replay_port: self.zmq_replay_ports,
+            kv_events_topic: self.kv_events_topic.clone(),
+            vocab_size: self.vocab_size,
+            default_max_tokens: self.default_max_tokens,
+            hash_seed: None,
+        }
+    }
+}
+
+/// Runs the subcommand: starts the workers, prints their JSON lines, serves until Ctrl-C.
+/// The tokio runtime honours `TOKIO_WORKER_THREADS`.
+pub fn run(args: MockerArgs) -> anyhow::Result<()> {
+    if args.num_workers == 0 {
+        anyhow::bail!("--num-workers must be at least 1");
+    }
+    let config = args.to_config();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let workers = spawn_workers(&config, args.num_workers).await?;
+        let mut stdout = std::io::stdout().lock();
+        for w in &workers {
+            writeln!(stdout, "{}", serde_json::to_string(&w.info)?)?;
+        }
+        stdout.flush()?;
+        drop(stdout);
+        tokio::signal::ctrl_c().await?;
+        for w in workers {
+            w.stop().await;
+        }
+        Ok(())
+    })
+}

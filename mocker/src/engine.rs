@@ -1,0 +1,376 @@
+//! The engine core: a pure state machine stepped with a clock the caller drives.
+//!
+//! [`Engine::step`] takes `now` (seconds, any epoch) and returns what the step did: its
+//! duration from the [`TimingModel`], the output tokens it produced (stamped `now + duration`),
+//! the KV events it caused, and latency observations. No I/O, no clocks, no tasks: the live
+//! driver ([`crate::worker`]) sleeps for the duration, tests just advance `now`.
+//!
+//! Output tokens are deterministic pseudo-random ids in `0..output_vocab`, seeded by the
+//! prompt, never an EOS id, so every request ends by length.
+use crate::events::KvEvent;
+use crate::kv_pool::KvPool;
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId, Sequence};
+use crate::timing::TimingModel;
+
+/// Engine parameters (a subset of [`crate::MockerConfig`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// Blocks in the KV pool.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Batching limits.
+    pub scheduler: SchedulerConfig,
+    /// Cache and reuse full blocks.
+    pub prefix_caching: bool,
+    /// Step durations.
+    pub timing: TimingModel,
+    /// Seed of the engine block hash (normally [`crate::kv_pool::process_hash_seed`]).
+    pub hash_seed: u64,
+    /// Prompt token ids must be below this.
+    pub vocab_size: u32,
+    /// Output token ids are drawn from `0..output_vocab` (≤ `vocab_size`).
+    pub output_vocab: u32,
+    /// Ids never generated.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Why a request is refused. Messages follow vLLM's wording where it has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No prompt tokens.
+    #[error("The prompt cannot be empty.")]
+    EmptyPrompt,
+    /// `max_tokens` of 0.
+    #[error("max_tokens must be at least 1, got 0.")]
+    ZeroMaxTokens,
+    /// Prompt plus output can never fit in the KV pool.
+    #[error(
+        "This model's maximum context length is {capacity} tokens. However, you requested \
+         {total} tokens ({prompt} in the prompt, {max_tokens} in the completion). Please reduce \
+         the length of the prompt or completion."
+    )]
+    TooLong {
+        /// Tokens the pool can hold.
+        capacity: usize,
+        /// prompt + max_tokens.
+        total: usize,
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested output tokens.
+        max_tokens: usize,
+    },
+    /// With chunked prefill off, the sequence must fit in one step's token budget.
+    #[error(
+        "With chunked prefill disabled, prompt plus completion ({total} tokens) must not exceed \
+         max_num_batched_tokens ({budget})."
+    )]
+    ExceedsBatch {
+        /// prompt + max_tokens.
+        total: usize,
+        /// The step budget.
+        budget: usize,
+    },
+    /// A prompt token id outside the vocabulary.
+    #[error("Token id {id} is out of vocabulary (vocabulary size {vocab_size}).")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u64,
+        /// Valid ids are below this.
+        vocab_size: u32,
+    },
+}
+
+impl EngineConfig {
+    /// Tokens the pool can hold.
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    /// Checks a request before it is queued. `max_token_id` is the largest prompt id.
+    pub fn validate(
+        &self,
+        prompt_len: usize,
+        max_token_id: Option<u32>,
+        max_tokens: usize,
+    ) -> Result<(), RequestError> {
+        if prompt_len == 0 {
+            return Err(RequestError::EmptyPrompt);
+        }
+        if max_tokens == 0 {
+            return Err(RequestError::ZeroMaxTokens);
+        }
+        if let Some(id) = max_token_id.filter(|&id| id >= self.vocab_size) {
+            return Err(RequestError::TokenOutOfRange {
+                id: id.into(),
+                vocab_size: self.vocab_size,
+            });
+        }
+        let total = prompt_len.saturating_add(max_tokens);
+        if total > self.capacity_tokens() {
+            return Err(RequestError::TooLong {
+                capacity: self.capacity_tokens(),
+                total,
+                prompt: prompt_len,
+                max_tokens,
+            });
+        }
+        if !self.scheduler.chunked_prefill && total > self.scheduler.max_num_batched_tokens {
+            return Err(RequestError::ExceedsBatch {
+                total,
+                budget: self.scheduler.max_num_batched_tokens,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One output token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenOutput {
+    /// The request.
+    pub id: SeqId,
+    /// The token id.
+    pub token: u32,
+    /// 0 for the first output token.
+    pub index: usize,
+    /// Whether this was the last token (finish reason "length").
+    pub finished: bool,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prefix-cache hit at first admission, in tokens.
+    pub cached_tokens: usize,
+}
+
+/// What one step did. Reused across steps (`step` clears it).
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// Wall seconds the step takes (already scaled by the speedup ratios).
+    pub duration: f64,
+    /// Uncached prefill tokens computed.
+    pub prefill_tokens: usize,
+    /// Sequences that decoded one token.
+    pub decode_seqs: usize,
+    /// Tokens produced, at `now + duration`.
+    pub tokens: Vec<TokenOutput>,
+    /// KV events, in order (removals from scheduling, then stores).
+    pub events: Vec<KvEvent>,
+    /// Time to first token of requests that got their first token (seconds).
+    pub ttft: Vec<f64>,
+    /// Inter-token latencies of decode tokens (seconds).
+    pub itl: Vec<f64>,
+    /// Requests preempted in this step.
+    pub num_preempted: usize,
+    /// Prompt tokens looked up in the prefix cache at admission.
+    pub prefix_queries: usize,
+    /// Of those, tokens that hit.
+    pub prefix_hits: usize,
+    /// Requests finished in this step.
+    pub finished: Vec<SeqId>,
+}
+
+impl StepOutput {
+    fn clear(&mut self) {
+        self.duration = 0.0;
+        self.prefill_tokens = 0;
+        self.decode_seqs = 0;
+        self.tokens.clear();
+        self.events.clear();
+        self.ttft.clear();
+        self.itl.clear();
+        self.num_preempted = 0;
+        self.prefix_queries = 0;
+        self.prefix_hits = 0;
+        self.finished.clear();
+    }
+}
+
+/// The engine: KV pool + scheduler + timing + token generation.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    pool: KvPool,
+    sched: Scheduler,
+    sched_out: SchedulerOutput,
+    done: Vec<Sequence>,
+}
+
+impl Engine {
+    /// An idle engine with an empty pool.
+    pub fn new(cfg: EngineConfig) -> Self {
+        let pool = KvPool::new(
+            cfg.num_blocks,
+            cfg.block_size,
+            cfg.prefix_caching,
+            cfg.hash_seed,
+        );
+        let sched = Scheduler::new(cfg.scheduler);
+        Self {
+            cfg,
+            pool,
+            sched,
+            sched_out: SchedulerOutput::default(),
+            done: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The KV pool (read-only).
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    /// Running requests.
+    pub fn num_running(&self) -> usize {
+        self.sched.num_running()
+    }
+
+    /// Waiting requests.
+    pub fn num_waiting(&self) -> usize {
+        self.sched.num_waiting()
+    }
+
+    /// Whether a step would do anything.
+    pub fn has_work(&self) -> bool {
+        self.sched.num_running() + self.sched.num_waiting() > 0
+    }
+
+    /// A live request's state.
+    pub fn sequence(&self, id: SeqId) -> Option<&Sequence> {
+        self.sched.get(id)
+    }
+
+    /// Queues a request (validate it first with [`EngineConfig::validate`]; an invalid one is
+    /// refused here too). `id` must be unique among live requests.
+    pub fn add_request(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        now: f64,
+    ) -> Result<(), RequestError> {
+        self.cfg
+            .validate(prompt.len(), prompt.iter().copied().max(), max_tokens)?;
+        let seed = output_seed(&prompt);
+        self.sched.add(
+            Sequence::new(id, prompt, max_tokens, now, seed),
+            &mut self.pool,
+        );
+        Ok(())
+    }
+
+    /// Drops a request (client gone) and frees its blocks. False if it was not live.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        self.sched.remove(id, &mut self.pool).is_some()
+    }
+
+    /// Clears the prefix cache if no request holds blocks (vLLM semantics); the
+    /// `AllCleared` event comes out of the next [`Engine::take_events`] / step.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.pool.reset()
+    }
+
+    /// Events not yet returned by a step (e.g. after a reset while idle).
+    pub fn take_events(&mut self, out: &mut Vec<KvEvent>) {
+        self.pool.drain_events(out);
+    }
+
+    /// Engine hashes of every cached block, sorted.
+    pub fn cached_block_hashes(&self) -> Vec<u64> {
+        self.pool.cached_hashes()
+    }
+
+    /// Runs one step at time `now` (seconds); see the module docs.
+    pub fn step(&mut self, now: f64, out: &mut StepOutput) {
+        out.clear();
+        self.sched.schedule(&mut self.pool, &mut self.sched_out);
+        let so = &self.sched_out;
+        out.num_preempted = so.preempted.len();
+        out.prefix_queries = so.prefix_queries;
+        out.prefix_hits = so.prefix_hits;
+        for s in &so.scheduled {
+            if s.is_prefill {
+                out.prefill_tokens += s.num_new;
+            } else {
+                out.decode_seqs += 1;
+            }
+        }
+        out.duration = self.cfg.timing.step_seconds(
+            out.prefill_tokens,
+            out.decode_seqs > 0,
+            self.pool.usage(),
+        );
+        let t = now + out.duration;
+
+        for s in &self.sched_out.scheduled {
+            self.sched.commit(&mut self.pool, s);
+            let Some(seq) = self.sched.get_mut(s.id) else {
+                continue;
+            };
+            if seq.num_computed < seq.tokens.len() {
+                continue; // prefill chunk: no token yet
+            }
+            let index = seq.num_generated();
+            let token = next_token(seq.output_seed, index, &self.cfg);
+            seq.tokens.push(token);
+            let finished = index + 1 >= seq.max_tokens;
+            if index == 0 {
+                out.ttft.push(t - seq.arrival);
+            } else {
+                out.itl.push(t - seq.last_token_at);
+            }
+            seq.last_token_at = t;
+            out.tokens.push(TokenOutput {
+                id: s.id,
+                token,
+                index,
+                finished,
+                prompt_tokens: seq.prompt_len,
+                cached_tokens: seq.cached_tokens.unwrap_or(0),
+            });
+            if finished {
+                out.finished.push(s.id);
+            }
+        }
+        self.done.clear();
+        self.sched
+            .finish_running(&out.finished, &mut self.pool, &mut self.done);
+        self.pool.drain_events(&mut out.events);
+    }
+}
+
+/// Seed of a request's output tokens: its length and its last (up to) 64 tokens, so identical
+/// prompts produce identical outputs without hashing the whole prompt.
+fn output_seed(prompt: &[u32]) -> u64 {
+    let tail = &prompt[prompt.len().saturating_sub(64)..];
+    let mut h = 0x9e37_79b9_7f4a_7c15u64 ^ prompt.len() as u64;
+    for &t in tail {
+        h = splitmix64(h ^ u64::from(t));
+    }
+    h
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The `index`-th output token of a request with `seed`: uniform in `0..output_vocab`,
+/// skipping EOS ids.
+pub fn next_token(seed: u64, index: usize, cfg: &EngineConfig) -> u32 {
+    let range = u64::from(cfg.output_vocab.max(1));
+    let mut x = splitmix64(seed.wrapping_add(index as u64));
+    loop {
+        let t = (x % range) as u32;
+        if !cfg.eos_token_ids.contains(&t) || cfg.eos_token_ids.len() as u64 >= range {
+            return t;
+        }
+        x = splitmix64(x);
+    }
+}

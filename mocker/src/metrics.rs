@@ -1,0 +1,252 @@
+//! Prometheus metrics under vLLM's names (`vllm:` prefix), rendered as exposition text by hand
+//! (the `:` in vLLM's names is legal Prometheus but not every client library accepts it).
+//!
+//! Updated once per engine step under one lock; read by `GET /metrics`.
+use std::fmt::Write;
+
+use crate::engine::StepOutput;
+
+/// vLLM's TTFT buckets (seconds).
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+/// vLLM's inter-token-latency buckets (seconds).
+pub const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+
+/// A cumulative histogram with fixed upper bounds.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    /// Empty, with `bounds` as bucket upper limits (ascending).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Records one value.
+    pub fn observe(&mut self, v: f64) {
+        let i = self.bounds.partition_point(|b| *b < v);
+        if i < self.counts.len() {
+            self.counts[i] += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cum += c;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b:?}\"}} {cum}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {:?}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+/// Everything `/metrics` reports for one engine.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// `vllm:num_requests_running`.
+    pub num_running: usize,
+    /// `vllm:num_requests_waiting`.
+    pub num_waiting: usize,
+    /// `vllm:kv_cache_usage_perc`, a fraction in [0, 1] as vLLM reports it.
+    pub kv_usage: f64,
+    /// `vllm:prefix_cache_queries_total` (tokens).
+    pub prefix_queries: u64,
+    /// `vllm:prefix_cache_hits_total` (tokens).
+    pub prefix_hits: u64,
+    /// `vllm:prompt_tokens_total`.
+    pub prompt_tokens: u64,
+    /// `vllm:generation_tokens_total`.
+    pub generation_tokens: u64,
+    /// `vllm:request_success_total{finished_reason="length"}`.
+    pub requests_finished: u64,
+    /// `vllm:num_preemptions_total`.
+    pub preemptions: u64,
+    /// `vllm:time_to_first_token_seconds`.
+    pub ttft: Histogram,
+    /// `vllm:inter_token_latency_seconds`.
+    pub itl: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            num_running: 0,
+            num_waiting: 0,
+            kv_usage: 0.0,
+            prefix_queries: 0,
+            prefix_hits: 0,
+            prompt_tokens: 0,
+            generation_tokens: 0,
+            requests_finished: 0,
+            preemptions: 0,
+            ttft: Histogram::new(TTFT_BUCKETS),
+            itl: Histogram::new(ITL_BUCKETS),
+        }
+    }
+}
+
+impl Metrics {
+    /// Folds one step in; `running`, `waiting`, `usage` are the engine's state after it.
+    pub fn record_step(&mut self, out: &StepOutput, running: usize, waiting: usize, usage: f64) {
+        self.num_running = running;
+        self.num_waiting = waiting;
+        self.kv_usage = usage;
+        self.prefix_queries += out.prefix_queries as u64;
+        self.prefix_hits += out.prefix_hits as u64;
+        self.preemptions += out.num_preempted as u64;
+        self.generation_tokens += out.tokens.len() as u64;
+        for t in &out.tokens {
+            if t.index == 0 {
+                self.prompt_tokens += t.prompt_tokens as u64;
+            }
+        }
+        self.requests_finished += out.finished.len() as u64;
+        for v in &out.ttft {
+            self.ttft.observe(*v);
+        }
+        for v in &out.itl {
+            self.itl.observe(*v);
+        }
+    }
+
+    /// Prometheus text exposition (format 0.0.4). `model` goes in the `model_name` label;
+    /// `info` are the `vllm:cache_config_info` labels.
+    pub fn render(&self, model: &str, info: &[(&str, String)]) -> String {
+        let model = model.replace('\\', "\\\\").replace('"', "\\\"");
+        let labels = format!("engine=\"0\",model_name=\"{model}\"");
+        let mut o = String::with_capacity(4096);
+        let gauge = |o: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} {v:?}"
+            );
+        };
+        let counter = |o: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{labels}}} {v}"
+            );
+        };
+        gauge(
+            &mut o,
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            self.num_running as f64,
+        );
+        gauge(
+            &mut o,
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            self.num_waiting as f64,
+        );
+        gauge(
+            &mut o,
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            self.kv_usage,
+        );
+        counter(
+            &mut o,
+            "vllm:prefix_cache_queries_total",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            self.prefix_queries,
+        );
+        counter(
+            &mut o,
+            "vllm:prefix_cache_hits_total",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            self.prefix_hits,
+        );
+        counter(
+            &mut o,
+            "vllm:prompt_tokens_total",
+            "Number of prefill tokens processed.",
+            self.prompt_tokens,
+        );
+        counter(
+            &mut o,
+            "vllm:generation_tokens_total",
+            "Number of generation tokens processed.",
+            self.generation_tokens,
+        );
+        counter(
+            &mut o,
+            "vllm:num_preemptions_total",
+            "Cumulative number of preemption from the engine.",
+            self.preemptions,
+        );
+        let _ = writeln!(
+            o,
+            "# HELP vllm:request_success_total Count of successfully processed requests.\n\
+             # TYPE vllm:request_success_total counter\n\
+             vllm:request_success_total{{{labels},finished_reason=\"length\"}} {}",
+            self.requests_finished
+        );
+        self.ttft.render(
+            &mut o,
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            &labels,
+        );
+        self.itl.render(
+            &mut o,
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            &labels,
+        );
+        let info: Vec<String> = info.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let _ = writeln!(
+            o,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n\
+             # TYPE vllm:cache_config_info gauge\n\
+             vllm:cache_config_info{{{}}} 1.0",
+            info.join(",")
+        );
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::new(&[0.1, 1.0]);
+        h.observe(0.05);
+        h.observe(0.1);
+        h.observe(0.5);
+        h.observe(7.0);
+        let mut s = String::new();
+        h.render(&mut s, "x", "help", "a=\"b\"");
+        assert!(s.contains("x_bucket{a=\"b\",le=\"0.1\"} 2\n"), "{s}");
+        assert!(s.contains("x_bucket{a=\"b\",le=\"1.0\"} 3\n"), "{s}");
+        assert!(s.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"), "{s}");
+        assert!(s.contains("x_count{a=\"b\"} 4\n"), "{s}");
+    }
+}
