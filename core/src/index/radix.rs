@@ -145,6 +145,8 @@ pub struct KvIndex {
     slots: Vec<Option<WorkerEntry>>,
     free_slots: Vec<u32>,
     slot_of: FastMap<WorkerWithDpRank, u32>,
+    /// Reused by subtree removal so removals do not allocate.
+    scratch: Vec<u32>,
 }
 
 impl Default for KvIndex {
@@ -165,6 +167,7 @@ impl KvIndex {
             slots: Vec::new(),
             free_slots: Vec::new(),
             slot_of: FastMap::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -558,28 +561,43 @@ impl KvIndex {
 
     /// Take `slot` off `id` and every descendant it holds; free nodes nobody holds.
     fn remove_subtree(&mut self, id: u32, slot: u32) {
-        let mut stack = vec![id];
-        let mut order = Vec::new();
-        while let Some(n) = stack.pop() {
-            order.push(n);
+        // Engines evict leaves first: the common case has no descendant to visit.
+        if self.nodes[id as usize].children.is_empty() {
+            self.remove_from_node(id, slot);
+            return;
+        }
+        let mut order = std::mem::take(&mut self.scratch);
+        order.clear();
+        order.push(id);
+        let mut i = 0;
+        while i < order.len() {
+            let n = order[i];
+            i += 1;
             let nodes = &self.nodes;
             nodes[n as usize].children.for_each(|c| {
                 if nodes[c as usize].workers.binary_search(&slot).is_ok() {
-                    stack.push(c);
+                    order.push(c);
                 }
             });
         }
-        // Children before parents, so a node is childless by the time it is checked.
+        // Breadth-first order reversed: children before parents, so a node is childless by the
+        // time it is checked.
         for &n in order.iter().rev() {
-            let node = &mut self.nodes[n as usize];
-            if let Ok(pos) = node.workers.binary_search(&slot) {
-                node.workers.remove(pos);
-                self.coverage -= 1;
-            }
-            if node.workers.is_empty() {
-                debug_assert!(node.children.is_empty(), "prefix-closed coverage violated");
-                self.free_node(n);
-            }
+            self.remove_from_node(n, slot);
+        }
+        self.scratch = order;
+    }
+
+    #[inline]
+    fn remove_from_node(&mut self, n: u32, slot: u32) {
+        let node = &mut self.nodes[n as usize];
+        if let Ok(pos) = node.workers.binary_search(&slot) {
+            node.workers.remove(pos);
+            self.coverage -= 1;
+        }
+        if node.workers.is_empty() {
+            debug_assert!(node.children.is_empty(), "prefix-closed coverage violated");
+            self.free_node(n);
         }
     }
 
@@ -634,20 +652,32 @@ impl KvIndex {
 /// A store whose parent is one of its own blocks, or that repeats a block hash (spec §3.2:
 /// engines occasionally emit these; they would create cycles in the per-worker map).
 fn is_self_referencing(s: &StoredData) -> bool {
+    // A 1024-bit filter on the stack: only when two hashes share a bit (rare for the few dozen
+    // blocks of one event) do we pay for the exact quadratic check.
+    let mut bits = [0u64; 16];
+    let mut clash = false;
+    for h in s
+        .parent_hash
+        .iter()
+        .chain(s.blocks.iter().map(|b| &b.block_hash))
+    {
+        let x = h.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54;
+        let (w, b) = ((x >> 6) as usize, 1u64 << (x & 63));
+        clash |= bits[w] & b != 0;
+        bits[w] |= b;
+    }
+    if !clash {
+        return false;
+    }
     let hashes = || s.blocks.iter().map(|b| b.block_hash);
     if let Some(p) = s.parent_hash {
         if hashes().any(|h| h == p) {
             return true;
         }
     }
-    if s.blocks.len() <= 16 {
-        let b = &s.blocks;
-        (1..b.len()).any(|i| b[..i].iter().any(|x| x.block_hash == b[i].block_hash))
-    } else {
-        let mut v: Vec<u64> = hashes().map(|h| h.0).collect();
-        v.sort_unstable();
-        v.windows(2).any(|w| w[0] == w[1])
-    }
+    let mut v: Vec<u64> = hashes().map(|h| h.0).collect();
+    v.sort_unstable();
+    v.windows(2).any(|w| w[0] == w[1])
 }
 
 /// Convenience for tests and tools: a `Removed` event.

@@ -1,0 +1,179 @@
+//! Mooncake request traces (FAST'25 release format) and prompt synthesis.
+//!
+//! One JSON object per line: `timestamp` (ms since trace start), `input_length`,
+//! `output_length` (tokens) and `hash_ids`: ids of 512-token prefix blocks, equal ids meaning an
+//! equal prefix block (`../shared/data/traces/README.md`).
+
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Tokens per Mooncake hash id.
+pub const MOONCAKE_BLOCK_TOKENS: usize = 512;
+
+/// One request of a trace.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct TraceRequest {
+    /// Arrival, ms since trace start.
+    pub timestamp: u64,
+    pub input_length: usize,
+    pub output_length: usize,
+    pub hash_ids: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {source}")]
+    Parse {
+        path: String,
+        line: usize,
+        source: serde_json::Error,
+    },
+}
+
+/// Read the first `limit` requests of a Mooncake JSONL trace (all when `None`). Blank lines are
+/// skipped; a malformed line is an error naming it.
+pub fn load_trace(path: &Path, limit: Option<usize>) -> Result<Vec<TraceRequest>, TraceError> {
+    let p = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| TraceError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        if limit.is_some_and(|n| out.len() >= n) {
+            break;
+        }
+        let line = line.map_err(|source| TraceError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r = serde_json::from_str(&line).map_err(|source| TraceError::Parse {
+            path: p.clone(),
+            line: i + 1,
+            source,
+        })?;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// First token id used for synthetic prompts: above Qwen3's low ids (bytes, punctuation).
+const VOCAB_START: u32 = 1_000;
+/// Size of the id range used: real Qwen3 vocabulary ids (151,643 base tokens).
+const VOCAB_SPAN: u64 = 150_000;
+
+/// The fixed run of `MOONCAKE_BLOCK_TOKENS` token ids standing for one hash id: real vocabulary
+/// ids, deterministic, different for different ids.
+pub fn hash_id_tokens(hash_id: u64) -> impl Iterator<Item = u32> {
+    (0..MOONCAKE_BLOCK_TOKENS as u64).map(move |j| {
+        VOCAB_START + (splitmix64(hash_id.wrapping_mul(1 << 20) ^ j) % VOCAB_SPAN) as u32
+    })
+}
+
+/// A prompt of exactly `input_length` tokens whose 512-token blocks are the hash ids' runs (the
+/// last one cut). Equal leading ids give equal leading tokens.
+pub fn synthesize_prompt(req: &TraceRequest) -> Vec<u32> {
+    let mut out = Vec::with_capacity(req.input_length);
+    for &id in &req.hash_ids {
+        let need = req.input_length - out.len();
+        if need == 0 {
+            break;
+        }
+        out.extend(hash_id_tokens(id).take(need));
+    }
+    // Traces promise len(hash_ids) == ceil(input_length / 512); pad defensively if not.
+    let mut filler = u64::MAX;
+    while out.len() < req.input_length {
+        let need = req.input_length - out.len();
+        out.extend(hash_id_tokens(filler).take(need));
+        filler -= 1;
+    }
+    out
+}
+
+/// SplitMix64: a fast, well-mixed 64-bit permutation (Steele et al., 2014).
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ids: &[u64], len: usize) -> TraceRequest {
+        TraceRequest {
+            timestamp: 0,
+            input_length: len,
+            output_length: 1,
+            hash_ids: ids.to_vec(),
+        }
+    }
+
+    #[test]
+    fn equal_ids_give_equal_blocks_and_exact_lengths() {
+        let a = synthesize_prompt(&req(&[0, 1, 2], 1100));
+        let b = synthesize_prompt(&req(&[0, 1, 7, 8], 1700));
+        let c = synthesize_prompt(&req(&[5], 300));
+        assert_eq!((a.len(), b.len(), c.len()), (1100, 1700, 300));
+        assert_eq!(a[..1024], b[..1024]);
+        assert_ne!(a[1024..1100], b[1024..1100]);
+        assert_ne!(
+            a[..512],
+            c[..300]
+                .iter()
+                .copied()
+                .chain(a[300..512].iter().copied())
+                .collect::<Vec<_>>()[..]
+        );
+        assert!(a
+            .iter()
+            .all(|&t| (VOCAB_START..VOCAB_START + VOCAB_SPAN as u32).contains(&t)));
+        // Distinct ids give distinct runs.
+        let runs: std::collections::HashSet<Vec<u32>> =
+            (0..200).map(|i| hash_id_tokens(i).collect()).collect();
+        assert_eq!(runs.len(), 200);
+    }
+
+    #[test]
+    fn loads_the_shared_traces() {
+        let shared = std::env::var("KVROUTER_SHARED")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared").to_string());
+        let path = Path::new(&shared).join("data/traces/synthetic_trace.jsonl");
+        let t = load_trace(&path, Some(1000)).unwrap();
+        assert_eq!(t.len(), 1000);
+        for r in &t {
+            assert_eq!(
+                r.hash_ids.len(),
+                r.input_length.div_ceil(MOONCAKE_BLOCK_TOKENS)
+            );
+            assert_eq!(synthesize_prompt(r).len(), r.input_length);
+        }
+        assert_eq!(t[0].input_length, 40160);
+    }
+
+    #[test]
+    fn malformed_lines_name_their_place() {
+        let dir = std::env::temp_dir().join(format!("kvrouter-trace-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "{\"timestamp\":0,\"input_length\":1,\"output_length\":1,\"hash_ids\":[0]}\n\n{oops}\n",
+        )
+        .unwrap();
+        let err = load_trace(&dir, None).unwrap_err().to_string();
+        assert!(err.contains(":3:"), "{err}");
+        std::fs::remove_file(&dir).ok();
+    }
+}
