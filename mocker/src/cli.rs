@@ -66,6 +66,9 @@ pub struct MockerArgs {
     /// Topic frame of the KV event messages.
     #[arg(long, default_value = "")]
     pub kv_events_topic: String,
+    /// KV event batches kept per worker for replay.
+    #[arg(long, default_value_t = 1000)]
+    pub kv_events_buffer_steps: usize,
     /// Valid prompt token ids are below this when no tokenizer is given.
     #[arg(long, default_value_t = 151_936)]
     pub vocab_size: u32,
@@ -94,6 +97,7 @@ impl MockerArgs {
             zmq_kv_events_port: self.zmq_kv_events_ports,
             zmq_replay_port: self.zmq_replay_ports,
             kv_events_topic: self.kv_events_topic.clone(),
+            kv_events_buffer_steps: self.kv_events_buffer_steps,
             vocab_size: self.vocab_size,
             default_max_tokens: self.default_max_tokens,
             hash_seed: None,
@@ -101,7 +105,24 @@ impl MockerArgs {
     }
 }
 
-/// Runs the subcommand: starts the workers, prints their JSON lines, serves until Ctrl-C.
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await
+    }
+}
+
+/// Runs the subcommand: starts the workers, prints their JSON lines, serves until Ctrl-C or
+/// SIGTERM.
 /// The tokio runtime honours `TOKIO_WORKER_THREADS`.
 pub fn run(args: MockerArgs) -> anyhow::Result<()> {
     if args.num_workers == 0 {
@@ -119,7 +140,7 @@ pub fn run(args: MockerArgs) -> anyhow::Result<()> {
         }
         stdout.flush()?;
         drop(stdout);
-        tokio::signal::ctrl_c().await?;
+        shutdown_signal().await?;
         for w in workers {
             w.stop().await;
         }

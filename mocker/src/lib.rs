@@ -86,6 +86,9 @@ pub struct MockerConfig {
     pub zmq_replay_port: u16,
     /// Topic frame of the events (vLLM default: empty).
     pub kv_events_topic: String,
+    /// Event batches kept for replay per worker (vLLM: 10000; smaller by default because one
+    /// mock process hosts many workers and a batch of 4k-token prompts is tens of KB).
+    pub kv_events_buffer_steps: usize,
     /// Valid prompt ids are below this when no tokenizer is given (Qwen3's 151936).
     pub vocab_size: u32,
     /// `max_tokens` of requests that give none (OpenAI completions default: 16).
@@ -113,6 +116,7 @@ impl Default for MockerConfig {
             zmq_kv_events_port: 0,
             zmq_replay_port: 0,
             kv_events_topic: String::new(),
+            kv_events_buffer_steps: 1000,
             vocab_size: 151_936,
             default_max_tokens: 16,
             hash_seed: None,
@@ -285,16 +289,19 @@ pub struct WireSink {
 }
 
 impl WireSink {
-    /// Binds the PUB socket on `endpoint` and the replay ROUTER on `replay_endpoint`.
+    /// Binds the PUB socket on `endpoint` and the replay ROUTER on `replay_endpoint`, keeping
+    /// `buffer_steps` batches for replay.
     pub fn bind(
         endpoint: String,
         replay_endpoint: Option<String>,
         topic: String,
+        buffer_steps: usize,
     ) -> Result<Self, MockerError> {
         let publisher = kvrouter_wire::KvEventPublisher::bind(kvrouter_wire::PublisherConfig {
             endpoint,
             replay_endpoint,
             topic,
+            buffer_steps,
             ..Default::default()
         })?;
         Ok(Self { publisher })
@@ -376,7 +383,12 @@ pub async fn spawn_workers(
         }
         let ep = format!("tcp://{host}:{}", port_plus(config.zmq_kv_events_port, i)?);
         let rep = format!("tcp://{host}:{}", port_plus(config.zmq_replay_port, i)?);
-        let sink = WireSink::bind(ep, Some(rep), config.kv_events_topic.clone())?;
+        let sink = WireSink::bind(
+            ep,
+            Some(rep),
+            config.kv_events_topic.clone(),
+            config.kv_events_buffer_steps,
+        )?;
         let (e, r) = (sink.endpoint(), sink.replay_endpoint());
         Ok((Box::new(sink) as Box<dyn EventSink>, Some(e), r))
     })

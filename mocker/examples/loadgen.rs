@@ -1,0 +1,170 @@
+//! Closed-loop HTTP load generator for mock workers: measures requests/s.
+//!
+//! ```sh
+//! # terminal 1: 16 mock workers on one core, no modelled delays
+//! TOKIO_WORKER_THREADS=1 taskset -c 0 target/release/kvrouter mocker --num-workers 16 \
+//!     --speedup-ratio 0 --http-port 8100 > /tmp/workers.jsonl
+//! # terminal 2: the load on the other core
+//! taskset -c 1 target/release/examples/loadgen --workers-file /tmp/workers.jsonl \
+//!     --prompt-tokens 4096 --max-tokens 16 --concurrency 64 --seconds 20
+//! ```
+//!
+//! Every request carries a distinct 4k-token prompt (unique prefixes, so every request
+//! prefills and publishes its blocks) unless `--shared` is given. Bodies are serialised before
+//! the run so the client spends its time on HTTP only.
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+struct Args {
+    urls: Vec<String>,
+    prompt_tokens: usize,
+    max_tokens: usize,
+    concurrency: usize,
+    seconds: f64,
+    distinct: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        urls: Vec::new(),
+        prompt_tokens: 4096,
+        max_tokens: 16,
+        concurrency: 64,
+        seconds: 20.0,
+        distinct: 4096,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--workers-file" => {
+                let text = std::fs::read_to_string(val()?)?;
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    let url = v["url"]
+                        .as_str()
+                        .ok_or_else(|| anyhow::anyhow!("no url in {line}"))?;
+                    a.urls.push(url.to_owned());
+                }
+            }
+            "--url" => a.urls.push(val()?),
+            "--prompt-tokens" => a.prompt_tokens = val()?.parse()?,
+            "--max-tokens" => a.max_tokens = val()?.parse()?,
+            "--concurrency" => a.concurrency = val()?.parse()?,
+            "--seconds" => a.seconds = val()?.parse()?,
+            "--distinct" => a.distinct = val()?.parse()?,
+            "--shared" => a.distinct = 1,
+            other => anyhow::bail!("unknown flag {other}"),
+        }
+    }
+    if a.urls.is_empty() {
+        anyhow::bail!("give --workers-file or --url");
+    }
+    Ok(a)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Distinct prompts: the first token of each differs, so no two share a block.
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        (0..args.distinct)
+            .map(|i| {
+                let prompt: Vec<u32> = (0..args.prompt_tokens)
+                    .map(|j| {
+                        if j == 0 {
+                            i as u32 % 150_000
+                        } else {
+                            ((j * 7919 + i * 31) % 150_000) as u32
+                        }
+                    })
+                    .collect();
+                Bytes::from(
+                    serde_json::to_vec(&serde_json::json!({
+                        "prompt": prompt, "max_tokens": args.max_tokens,
+                    }))
+                    .expect("serialise"),
+                )
+            })
+            .collect(),
+    );
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .tcp_nodelay(true)
+        .build()?;
+    let urls: Arc<Vec<String>> = Arc::new(
+        args.urls
+            .iter()
+            .map(|u| format!("{u}/v1/completions"))
+            .collect(),
+    );
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let counting = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let (client, urls, bodies) = (client.clone(), urls.clone(), bodies.clone());
+        let (ok, failed, counting, stop, next) = (
+            ok.clone(),
+            failed.clone(),
+            counting.clone(),
+            stop.clone(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let url = &urls[n % urls.len()];
+                let body = bodies[n % bodies.len()].clone();
+                let r = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                let good = match r {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                };
+                if counting.load(Ordering::Relaxed) {
+                    if good { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Warm up (connections, allocator), then count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    counting.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
+    counting.store(false, Ordering::Relaxed);
+    let dt = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        "{{\"requests_ok\":{ok},\"requests_failed\":{failed},\"seconds\":{dt:.2},\"requests_per_second\":{:.1},\"workers\":{},\"prompt_tokens\":{},\"max_tokens\":{},\"concurrency\":{}}}",
+        ok as f64 / dt,
+        urls.len(),
+        args.prompt_tokens,
+        args.max_tokens,
+        args.concurrency
+    );
+    Ok(())
+}
