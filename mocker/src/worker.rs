@@ -71,7 +71,7 @@ pub enum Command {
     Abort(SeqId),
     /// `reset_prefix_cache`; answers whether it happened.
     Reset(oneshot::Sender<bool>),
-    /// Report the engine state once the engine is idle... or now (see [`EngineSnapshot`]).
+    /// Report the engine state between two steps (see [`EngineSnapshot`]).
     Snapshot(oneshot::Sender<EngineSnapshot>),
 }
 
@@ -302,6 +302,7 @@ impl Loop {
                 continue;
             }
             if t.finished {
+                // Streams end with the `finished` token itself; finals get everything now.
                 if let Some(Pending {
                     reply: Reply::Final(tx),
                     tokens,
@@ -312,8 +313,6 @@ impl Loop {
                         prompt_tokens: t.prompt_tokens,
                         cached_tokens: t.cached_tokens,
                     });
-                } else {
-                    self.pending.remove(&t.id);
                 }
             }
         }
