@@ -14,6 +14,8 @@
 pub mod convert;
 pub mod engine;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod json;
 pub mod msgpack;
 pub mod publisher;

@@ -142,6 +142,9 @@ struct Counters {
     unknown_fields: AtomicU64,
     filtered: AtomicU64,
     events_out: AtomicU64,
+    /// 1 + the highest sequence number the reader dropped (0 = none): lets the processor
+    /// recover a dropped tail even when no later message arrives to reveal the gap.
+    dropped_seq_plus1: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -302,7 +305,18 @@ fn read_loop(
             inc(&counters.received);
             match tx.try_send(frames) {
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => inc(&counters.dropped),
+                Err(TrySendError::Full(frames)) => {
+                    inc(&counters.dropped);
+                    if let Some(seq) = frames
+                        .get(1)
+                        .and_then(|f| <[u8; 8]>::try_from(f.as_slice()).ok())
+                    {
+                        let seq = u64::from_be_bytes(seq);
+                        counters
+                            .dropped_seq_plus1
+                            .fetch_max(seq.saturating_add(1), Ordering::Relaxed);
+                    }
+                }
                 Err(TrySendError::Disconnected(_)) => return,
             }
         }
@@ -335,7 +349,11 @@ impl Processor {
                         return;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.recover_dropped_tail().is_err() {
+                        return;
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
@@ -356,6 +374,7 @@ impl Processor {
             tracing::warn!(worker = %self.converter.worker(), seq = s, "publisher restarted (sequence went back): clearing worker");
             self.clear()?;
             self.next = None;
+            self.counters.dropped_seq_plus1.store(0, Ordering::Relaxed);
         }
         self.last_live = Some(s);
         let next = match self.next {
@@ -383,10 +402,25 @@ impl Processor {
         Ok(())
     }
 
+    /// The queue is idle but the reader dropped a batch we have not applied: a gap nobody
+    /// else will reveal. Replay up to and including it.
+    fn recover_dropped_tail(&mut self) -> Result<(), SinkClosed> {
+        let d = self.counters.dropped_seq_plus1.load(Ordering::Relaxed);
+        match self.next {
+            Some(n) if d > n => {
+                inc(&self.counters.gaps);
+                tracing::warn!(worker = %self.converter.worker(), expected = n, dropped = d - 1, "dropped batches: replaying");
+                self.recover(n, d)
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn clear(&mut self) -> Result<(), SinkClosed> {
-        inc(&self.counters.cleared);
         self.converter.cleared(&mut self.out);
-        self.flush()
+        self.flush()?;
+        inc(&self.counters.cleared);
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<(), SinkClosed> {
@@ -415,6 +449,8 @@ impl Processor {
                 self.counters
                     .filtered
                     .fetch_add(filtered(&after) - filtered(&before), Ordering::Relaxed);
+                self.flush()?;
+                // Counted once its events are in the sink, so `applied` is a safe sync point.
                 inc(&self.counters.applied);
             }
             Err(e) => {
