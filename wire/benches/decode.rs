@@ -147,7 +147,7 @@ fn bench(c: &mut Criterion) {
         });
     }
     // Decode alone, for the split between parsing and hashing.
-    let big = vec![synthetic(1, 1024, Encoding::Map)];
+    let big = [synthetic(1, 1024, Encoding::Map)];
     g.throughput(Throughput::Elements(1024));
     g.bench_function("decode_only_map_1x1024_blocks", |b| {
         b.iter(|| {

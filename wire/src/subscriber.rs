@@ -509,13 +509,16 @@ impl Processor {
     }
 }
 
+/// One replayed batch: its sequence number and payload.
+pub type ReplayedBatch = (u64, Vec<u8>);
+
 /// Asks a replay ROUTER for every buffered batch with `seq >= from`. Returns the batches sorted
 /// by seq and whether the end marker arrived before [`REPLAY_TIMEOUT`] of silence.
 pub fn fetch_replay(
     ctx: &zmq::Context,
     endpoint: &str,
     from: u64,
-) -> Result<(Vec<(u64, Vec<u8>)>, bool), WireError> {
+) -> Result<(Vec<ReplayedBatch>, bool), WireError> {
     let dealer = ctx.socket(zmq::DEALER)?;
     dealer.set_linger(0)?;
     dealer.set_rcvhwm(0)?;
@@ -523,7 +526,7 @@ pub fn fetch_replay(
     let start = from.to_be_bytes();
     let req: [&[u8]; 2] = [b"", &start];
     dealer.send_multipart(req, 0)?;
-    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut out: Vec<ReplayedBatch> = Vec::new();
     let mut ended = false;
     let mut deadline = Instant::now() + REPLAY_TIMEOUT;
     while !ended {
