@@ -74,12 +74,11 @@ impl Children {
             }
             Children::Many(m) => {
                 m.remove(&h);
-                if m.len() == 1 {
-                    let (k, v) = m.iter().next().map(|(k, v)| (*k, *v)).unwrap_or_default();
-                    *self = Children::One(k, v);
-                } else if m.is_empty() {
+                // Branching nodes gain and lose children all the time (suffixes come and go
+                // under a shared prefix): keep the map until it is empty or far too big.
+                if m.is_empty() {
                     *self = Children::None;
-                } else if m.capacity() > 4 * m.len() + 16 {
+                } else if m.capacity() > 16 * m.len() + 64 {
                     m.shrink_to_fit();
                 }
             }
@@ -115,6 +114,9 @@ struct Node {
     parent: u32,
     /// Bumped when the slot is freed, so stale per-worker references can be recognised.
     generation: u32,
+    /// Bit `slot % 64` is set if some child may be held by that worker slot (may be stale-set,
+    /// never stale-clear): lets a removal skip scanning the children of a branching node.
+    child_slots: u64,
     children: Children,
     workers: WorkerSet,
 }
@@ -504,6 +506,7 @@ impl KvIndex {
                     c
                 }
             };
+            self.nodes[node as usize].child_slots |= slot_bit(slot);
             let n = &mut self.nodes[child as usize];
             if let Err(pos) = n.workers.binary_search(&slot) {
                 n.workers.insert(pos, slot);
@@ -564,8 +567,9 @@ impl KvIndex {
 
     /// Take `slot` off `id` and every descendant it holds; free nodes nobody holds.
     fn remove_subtree(&mut self, id: u32, slot: u32) {
-        // Engines evict leaves first: the common case has no descendant to visit.
-        if self.nodes[id as usize].children.is_empty() {
+        // Engines evict leaves first: the common case has no descendant of this worker to visit.
+        let root = &self.nodes[id as usize];
+        if root.children.is_empty() || root.child_slots & slot_bit(slot) == 0 {
             self.remove_from_node(id, slot);
             return;
         }
@@ -577,11 +581,22 @@ impl KvIndex {
             let n = order[i];
             i += 1;
             let nodes = &self.nodes;
+            if nodes[n as usize].child_slots & slot_bit(slot) == 0 {
+                continue;
+            }
+            // Visiting every child anyway: rebuild the summary without this worker.
+            let mut mask = 0u64;
             nodes[n as usize].children.for_each(|c| {
-                if nodes[c as usize].workers.binary_search(&slot).is_ok() {
+                let ws = &nodes[c as usize].workers;
+                if ws.binary_search(&slot).is_ok() {
                     order.push(c);
                 }
+                mask |= ws
+                    .iter()
+                    .filter(|&&w| w != slot)
+                    .fold(0, |m, &w| m | slot_bit(w));
             });
+            self.nodes[n as usize].child_slots = mask;
         }
         // Breadth-first order reversed: children before parents, so a node is childless by the
         // time it is checked.
@@ -628,6 +643,7 @@ impl KvIndex {
         let (parent, hash) = {
             let n = &mut self.nodes[id as usize];
             n.generation = n.generation.wrapping_add(1);
+            n.child_slots = 0;
             n.children = Children::None;
             n.workers = WorkerSet::new();
             (n.parent, n.hash)
@@ -650,6 +666,11 @@ impl KvIndex {
             }
         }
     }
+}
+
+#[inline]
+fn slot_bit(slot: u32) -> u64 {
+    1u64 << (slot & 63)
 }
 
 /// A store whose parent is one of its own blocks, or that repeats a block hash (spec §3.2:

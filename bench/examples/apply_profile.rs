@@ -1,0 +1,55 @@
+//! Apply a pre-generated engine-like event stream in a loop, for `perf record` / `perf stat`.
+//! `cargo run --release -p kvrouter-bench --example apply_profile -- [workers] [rounds]`
+use std::time::Instant;
+
+use kvrouter_bench::cache::SimWorkerCache;
+use kvrouter_core::event::WorkerWithDpRank;
+use kvrouter_core::hash::{compute_sequence_hashes, LocalBlockHash};
+use kvrouter_core::index::KvIndex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let workers = args.first().copied().unwrap_or(64);
+    let rounds = args.get(1).copied().unwrap_or(5);
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut caches: Vec<SimWorkerCache> = (0..workers)
+        .map(|id| SimWorkerCache::new(WorkerWithDpRank::new(id, 0), 4096))
+        .collect();
+    let (mut warm, mut steady) = (Vec::new(), Vec::new());
+    let mut unique = 1u64 << 40;
+    let mut filled = false;
+    while steady.len() < 400_000 {
+        let p = rng.random_range(0..64u64);
+        let mut local: Vec<LocalBlockHash> =
+            (0..32).map(|i| LocalBlockHash((p << 20) | i)).collect();
+        for _ in 0..rng.random_range(1..=32) {
+            unique += 1;
+            local.push(LocalBlockHash(unique));
+        }
+        let seq = compute_sequence_hashes(&local);
+        let w = rng.random_range(0..workers) as usize;
+        caches[w].serve(&local, &seq, if filled { &mut steady } else { &mut warm });
+        filled = filled || caches.iter().all(|c| c.cache.len() + 64 >= 4096);
+    }
+    let mut best = f64::MAX;
+    for _ in 0..rounds {
+        let mut ix = KvIndex::new();
+        for e in &warm {
+            ix.apply(e).unwrap();
+        }
+        let t = Instant::now();
+        for e in &steady {
+            ix.apply(e).unwrap();
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "{workers} workers: best of {rounds}: {:.2} M events/s",
+        steady.len() as f64 / best / 1e6
+    );
+}
