@@ -246,6 +246,10 @@ impl KvIndex {
                 &self.nodes[node as usize].workers,
                 &self.nodes[child as usize].workers,
             );
+            if depth == 0 {
+                // Every rank that scores holds the first block: one allocation.
+                scores.reserve_exact(child_set.len());
+            }
             if depth > 0 && child_set.len() < parent_set.len() {
                 // Prefix-closed: child ⊆ parent, so the difference are the ranks that stop here.
                 let mut it = child_set.iter().peekable();
