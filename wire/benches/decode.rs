@@ -32,7 +32,9 @@ fn recorded() -> Vec<Vec<u8>> {
     let root = shared().join("data/kv-events");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("shared/data/kv-events")
-        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|d| d.unwrap().path())
+        .filter(|d| d.is_dir())
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
         .map(|f| f.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .collect();

@@ -370,8 +370,10 @@ impl Converter {
 pub fn is_full_attention(kind: Option<&str>, window: Option<u32>, group: Option<u32>) -> bool {
     match kind {
         Some(k) => {
-            let k = k.to_ascii_lowercase();
-            (k.starts_with("full") || k.contains("mla")) && window.is_none()
+            let k = k.as_bytes();
+            let full = k.len() >= 4 && k[..4].eq_ignore_ascii_case(b"full");
+            let mla = k.windows(3).any(|w| w.eq_ignore_ascii_case(b"mla"));
+            (full || mla) && window.is_none()
         }
         None => window.is_none() && group.unwrap_or(0) == 0,
     }

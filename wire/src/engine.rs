@@ -262,10 +262,8 @@ fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>, MsgpackError> {
         return Ok(Vec::new());
     }
     let n = r.read_array_len()?;
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        v.push(r.read_u32()?);
-    }
+    let mut v = Vec::new();
+    r.read_u32s_into(n, &mut v)?;
     Ok(v)
 }
 
@@ -367,23 +365,23 @@ fn mm_infos(r: &mut Reader<'_>) -> Result<Option<Vec<Option<BlockMmInfo>>>, Msgp
 }
 
 /// Reads one field by name into `f`. Returns false for unknown names (value skipped).
-fn named_field(r: &mut Reader<'_>, name: &str, s: &mut BlockStored) -> Result<bool, MsgpackError> {
+fn named_field(r: &mut Reader<'_>, name: &[u8], s: &mut BlockStored) -> Result<bool, MsgpackError> {
     match name {
-        "block_hashes" => s.block_hashes = hashes(r)?,
-        "parent_block_hash" => s.parent_block_hash = opt_hash(r)?,
-        "token_ids" => s.token_ids = tokens(r)?,
-        "block_size" => s.block_size = opt_u32(r)?.unwrap_or(0),
-        "lora_id" => s.lora_id = opt_i64(r)?,
-        "medium" => s.medium = opt_string(r)?,
-        "lora_name" => s.lora_name = opt_string(r)?,
-        "extra_keys" => s.extra_keys = extra_keys(r)?,
-        "group_idx" => s.group_idx = opt_u32(r)?,
-        "kv_cache_spec_kind" => s.kv_cache_spec_kind = opt_string(r)?,
-        "kv_cache_spec_sliding_window" => s.kv_cache_spec_sliding_window = opt_u32(r)?,
-        "locality" => s.locality = opt_string(r)?,
-        "cache_salt" => s.cache_salt = opt_string(r)?,
-        "block_mm_infos" => s.block_mm_infos = mm_infos(r)?,
-        "is_eagle" => {
+        b"block_hashes" => s.block_hashes = hashes(r)?,
+        b"parent_block_hash" => s.parent_block_hash = opt_hash(r)?,
+        b"token_ids" => s.token_ids = tokens(r)?,
+        b"block_size" => s.block_size = opt_u32(r)?.unwrap_or(0),
+        b"lora_id" => s.lora_id = opt_i64(r)?,
+        b"medium" => s.medium = opt_string(r)?,
+        b"lora_name" => s.lora_name = opt_string(r)?,
+        b"extra_keys" => s.extra_keys = extra_keys(r)?,
+        b"group_idx" => s.group_idx = opt_u32(r)?,
+        b"kv_cache_spec_kind" => s.kv_cache_spec_kind = opt_string(r)?,
+        b"kv_cache_spec_sliding_window" => s.kv_cache_spec_sliding_window = opt_u32(r)?,
+        b"locality" => s.locality = opt_string(r)?,
+        b"cache_salt" => s.cache_salt = opt_string(r)?,
+        b"block_mm_infos" => s.block_mm_infos = mm_infos(r)?,
+        b"is_eagle" => {
             s.is_eagle = if r.try_nil()? {
                 None
             } else {
@@ -391,7 +389,7 @@ fn named_field(r: &mut Reader<'_>, name: &str, s: &mut BlockStored) -> Result<bo
             }
         }
         // Known vLLM 0.33 / SGLang fields that do not affect routing.
-        "ownership" | "session_id" | "lookahead_token_ids" | "type" => r.skip()?,
+        b"ownership" | b"session_id" | b"lookahead_token_ids" | b"type" => r.skip()?,
         _ => {
             r.skip()?;
             return Ok(false);
@@ -483,7 +481,7 @@ fn decode_event(
                 };
                 match name {
                     Some(name) => {
-                        named_field(r, name, &mut f)?;
+                        named_field(r, name.as_bytes(), &mut f)?;
                     }
                     None => {
                         stats.unknown_fields += 1;
@@ -498,8 +496,8 @@ fn decode_event(
             let mut tag: Option<&str> = None;
             let mut unknown = 0;
             for _ in 0..n {
-                let key = r.read_str()?;
-                if key == "type" {
+                let key = r.read_str_bytes()?;
+                if key == b"type" {
                     tag = Some(r.read_str()?);
                 } else if !named_field(r, key, &mut f)? {
                     unknown += 1;

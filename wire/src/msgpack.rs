@@ -207,6 +207,48 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// `n` unsigned 32-bit integers appended to `out` (the token-id hot loop: one bounds check
+    /// per element, no cursor write-back per element).
+    pub fn read_u32s_into(&mut self, n: usize, out: &mut Vec<u32>) -> Result<(), MsgpackError> {
+        out.reserve(n);
+        let buf = self.buf;
+        let mut pos = self.pos;
+        let eof = |at| MsgpackError::Eof { at };
+        for _ in 0..n {
+            let b = *buf.get(pos).ok_or(eof(pos))?;
+            let v = match b {
+                0x00..=0x7f => {
+                    pos += 1;
+                    b as u32
+                }
+                0xcc => {
+                    let x = *buf.get(pos + 1).ok_or(eof(pos))?;
+                    pos += 2;
+                    x as u32
+                }
+                0xcd => {
+                    let s = buf.get(pos + 1..pos + 3).ok_or(eof(pos))?;
+                    pos += 3;
+                    u16::from_be_bytes([s[0], s[1]]) as u32
+                }
+                0xce => {
+                    let s = buf.get(pos + 1..pos + 5).ok_or(eof(pos))?;
+                    pos += 5;
+                    u32::from_be_bytes([s[0], s[1], s[2], s[3]])
+                }
+                _ => {
+                    self.pos = pos;
+                    let v = self.read_u32()?;
+                    pos = self.pos;
+                    v
+                }
+            };
+            out.push(v);
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
     /// A signed 64-bit integer.
     pub fn read_i64(&mut self) -> Result<i64, MsgpackError> {
         let at = self.pos;
@@ -288,6 +330,13 @@ impl<'a> Reader<'a> {
     /// A UTF-8 string, borrowed from the input.
     pub fn read_str(&mut self) -> Result<&'a str, MsgpackError> {
         let at = self.pos;
+        let bytes = self.read_str_bytes()?;
+        std::str::from_utf8(bytes).map_err(|_| MsgpackError::Utf8 { at })
+    }
+
+    /// A string's raw bytes, not UTF-8 checked (for comparing map keys against known names).
+    pub fn read_str_bytes(&mut self) -> Result<&'a [u8], MsgpackError> {
+        let at = self.pos;
         let len = match self.peek_marker()? {
             Marker::FixStr(n) => {
                 self.pos += 1;
@@ -307,8 +356,7 @@ impl<'a> Reader<'a> {
             }
             _ => return Err(self.type_err("string")),
         };
-        let bytes = self.take(len).inspect_err(|_| self.pos = at)?;
-        std::str::from_utf8(bytes).map_err(|_| MsgpackError::Utf8 { at })
+        self.take(len).inspect_err(|_| self.pos = at)
     }
 
     /// A binary, borrowed from the input.
