@@ -212,14 +212,14 @@ impl KvEventSubscriber {
                 ctx,
                 sink,
                 counters: counters.clone(),
+                stop: stop.clone(),
                 next: None,
                 last_live: None,
                 out: Vec::new(),
             };
-            let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("kv-conv-{}", config.worker))
-                .spawn(move || proc.run(rx, stop))
+                .spawn(move || proc.run(rx))
                 .map_err(|_| WireError::Thread("subscriber processor"))?
         };
         Ok(Self {
@@ -330,6 +330,7 @@ struct Processor {
     ctx: zmq::Context,
     sink: SyncSender<RouterEvent>,
     counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
     /// Next sequence number to apply; `None` before the first message (or after a restart).
     next: Option<u64>,
     /// Last sequence number seen on the live socket.
@@ -341,8 +342,8 @@ struct Processor {
 struct SinkClosed;
 
 impl Processor {
-    fn run(mut self, rx: Receiver<Vec<Vec<u8>>>, stop: Arc<AtomicBool>) {
-        while !stop.load(Ordering::Relaxed) {
+    fn run(mut self, rx: Receiver<Vec<Vec<u8>>>) {
+        while !self.stop.load(Ordering::Relaxed) {
             match rx.recv_timeout(Duration::from_millis(TICK_MS as u64)) {
                 Ok(frames) => {
                     if self.live(&frames).is_err() {
@@ -424,8 +425,21 @@ impl Processor {
     }
 
     fn flush(&mut self) -> Result<(), SinkClosed> {
-        for ev in self.out.drain(..) {
-            self.sink.send(ev).map_err(|_| SinkClosed)?;
+        // Blocking send with a stop check: a caller that stops reading cannot hang `stop()`.
+        for mut ev in self.out.drain(..) {
+            loop {
+                match self.sink.try_send(ev) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(back)) => {
+                        if self.stop.load(Ordering::Relaxed) {
+                            return Err(SinkClosed);
+                        }
+                        ev = back;
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(TrySendError::Disconnected(_)) => return Err(SinkClosed),
+                }
+            }
             inc(&self.counters.events_out);
         }
         Ok(())

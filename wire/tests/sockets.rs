@@ -170,11 +170,9 @@ impl Sub {
 
 impl Drop for Sub {
     fn drop(&mut self) {
-        // Unblock a processor stuck on a full sink before joining it.
-        while self.rx.try_recv().is_ok() {}
-        // Stop on a helper thread: the processor may be blocked on our sink until `rx` drops.
+        // No draining first: `stop` must return even when the sink is full.
         if let Some(s) = self.sub.take() {
-            std::thread::spawn(move || s.stop());
+            s.stop();
         }
     }
 }
