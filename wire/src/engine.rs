@@ -795,3 +795,178 @@ fn encode_event_array(w: &mut Writer, ev: &EngineEvent) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored_of(b: &EngineBatch) -> &BlockStored {
+        match &b.events[0] {
+            EngineEvent::BlockStored(s) => s,
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn map_batch_is_tolerated() {
+        // {"ts": 2.5, "events": [["AllBlocksCleared"]], "data_parallel_rank": 3, "x": nil}
+        let mut w = Writer::default();
+        w.map_len(4);
+        w.str("ts");
+        w.f64(2.5);
+        w.str("events");
+        w.array_len(1);
+        w.array_len(1);
+        w.str("AllBlocksCleared");
+        w.str("data_parallel_rank");
+        w.uint(3);
+        w.str("x");
+        w.nil();
+        let mut st = DecodeStats::default();
+        let b = decode_batch(&w.into_inner(), &mut st).unwrap();
+        assert_eq!(
+            b,
+            EngineBatch {
+                ts: 2.5,
+                events: vec![EngineEvent::AllBlocksCleared],
+                dp_rank: Some(3)
+            }
+        );
+        assert_eq!(st.unknown_fields, 1);
+    }
+
+    #[test]
+    fn sglang_map_with_signed_hashes_and_cache_salt() {
+        let mut w = Writer::default();
+        w.array_len(3);
+        w.f64(1.0);
+        w.array_len(1);
+        w.map_len(8);
+        for (k, v) in [("type", "BlockStored")] {
+            w.str(k);
+            w.str(v);
+        }
+        w.str("block_hashes");
+        w.array_len(1);
+        w.int(-5);
+        w.str("parent_block_hash");
+        w.int(-6);
+        w.str("token_ids");
+        w.array_len(2);
+        w.uint(70_000);
+        w.uint(1);
+        w.str("block_size");
+        w.uint(2);
+        w.str("lora_id");
+        w.int(3);
+        w.str("cache_salt");
+        w.str("ns1");
+        w.str("lora_name");
+        w.str("my-lora");
+        w.nil(); // batch dp_rank nil (SGLang)
+        let b = decode_batch(&w.into_inner(), &mut DecodeStats::default()).unwrap();
+        let s = stored_of(&b);
+        assert_eq!(s.block_hashes, [(-5i64) as u64]);
+        assert_eq!(s.parent_block_hash, Some((-6i64) as u64));
+        assert_eq!(s.token_ids, [70_000, 1]);
+        assert_eq!(
+            (s.lora_id, s.cache_salt.as_deref(), s.lora_name.as_deref()),
+            (Some(3), Some("ns1"), Some("my-lora"))
+        );
+        assert_eq!(b.dp_rank, None);
+    }
+
+    #[test]
+    fn dynamo_positional_tail_with_mm_infos_is_recognised() {
+        // [tag, hashes, parent, tokens, bs, lora_id, medium, lora_name, extra_keys, block_mm_infos, group_idx]
+        let mut w = Writer::default();
+        w.array_len(3);
+        w.f64(1.0);
+        w.array_len(1);
+        w.array_len(11);
+        w.str("BlockStored");
+        w.array_len(1);
+        w.uint(9);
+        w.nil();
+        w.array_len(1);
+        w.uint(5);
+        w.uint(1);
+        w.nil();
+        w.str("GPU");
+        w.nil();
+        w.array_len(1);
+        w.array_len(2);
+        w.str("my-lora");
+        w.array_len(2);
+        w.str("img");
+        w.int(0);
+        w_mm_infos(
+            &mut w,
+            &[Some(BlockMmInfo {
+                mm_objects: vec![MmObject {
+                    mm_hash: 0xDEAD,
+                    offsets: vec![(0, 1)],
+                }],
+            })],
+        );
+        w.uint(0);
+        w.uint(0);
+        let b = decode_batch(&w.into_inner(), &mut DecodeStats::default()).unwrap();
+        let s = stored_of(&b);
+        assert_eq!(
+            s.block_mm_infos.as_ref().unwrap()[0]
+                .as_ref()
+                .unwrap()
+                .mm_objects[0]
+                .mm_hash,
+            0xDEAD
+        );
+        assert_eq!(s.group_idx, Some(0));
+        let keys = s.extra_keys.as_ref().unwrap()[0].as_ref().unwrap();
+        assert_eq!(
+            keys,
+            &[
+                ExtraKey::Str("my-lora".into()),
+                ExtraKey::Mm {
+                    identifier: "img".into(),
+                    offset: 0
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn every_optional_field_round_trips_through_the_map_encoding() {
+        let s = BlockStored {
+            block_hashes: vec![u64::MAX, 1],
+            parent_block_hash: Some(7),
+            token_ids: (0..2).collect(),
+            block_size: 1,
+            lora_id: Some(-1),
+            medium: Some("CPU".into()),
+            lora_name: Some("l".into()),
+            extra_keys: Some(vec![
+                None,
+                Some(vec![ExtraKey::Bytes(vec![1]), ExtraKey::Int(4)]),
+            ]),
+            group_idx: Some(1),
+            kv_cache_spec_kind: Some("sliding_window".into()),
+            kv_cache_spec_sliding_window: Some(128),
+            locality: Some("REMOTE".into()),
+            cache_salt: Some("s".into()),
+            block_mm_infos: Some(vec![None, None]),
+            is_eagle: Some(true),
+        };
+        let b = EngineBatch {
+            ts: 3.0,
+            events: vec![EngineEvent::BlockStored(s)],
+            dp_rank: Some(1),
+        };
+        let mut st = DecodeStats::default();
+        assert_eq!(
+            decode_batch(&encode_batch(&b, Encoding::Map), &mut st).unwrap(),
+            b
+        );
+        assert_eq!(st, DecodeStats::default());
+    }
+}
