@@ -842,10 +842,8 @@ mod tests {
         w.f64(1.0);
         w.array_len(1);
         w.map_len(8);
-        for (k, v) in [("type", "BlockStored")] {
-            w.str(k);
-            w.str(v);
-        }
+        w.str("type");
+        w.str("BlockStored");
         w.str("block_hashes");
         w.array_len(1);
         w.int(-5);
