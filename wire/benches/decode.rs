@@ -26,8 +26,8 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Every recorded payload of the kv-events data set.
-fn recorded() -> Vec<Vec<u8>> {
+/// Every recorded payload of the kv-events data set whose path contains `filter`.
+fn recorded(filter: &str) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let root = shared().join("data/kv-events");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&root)
@@ -36,7 +36,9 @@ fn recorded() -> Vec<Vec<u8>> {
         .filter(|d| d.is_dir())
         .flat_map(|d| std::fs::read_dir(d).unwrap())
         .map(|f| f.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "jsonl") && p.to_string_lossy().contains(filter)
+        })
         .collect();
     files.sort();
     for f in files {
@@ -115,9 +117,17 @@ fn decode_convert(
 fn bench(c: &mut Criterion) {
     let w = WorkerWithDpRank::new(1, 0);
     let mut g = c.benchmark_group("decode_convert");
-    let rec = recorded();
     let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
-        ("recorded_all_frames", rec),
+        ("recorded_all_frames", recorded("")),
+        // One BlockStored per page: the per-event worst case of real engines.
+        (
+            "recorded_sglang_shared_prefix",
+            recorded("sglang-0.5.23/shared-prefix"),
+        ),
+        (
+            "recorded_vllm033_shared_prefix",
+            recorded("vllm-0.33.0/shared-prefix"),
+        ),
         (
             "synthetic_map_1x1024_blocks",
             vec![synthetic(1, 1024, Encoding::Map)],

@@ -38,8 +38,11 @@ pub struct ConvertStats {
     pub events_in: u64,
     /// Router events emitted (stored + removed + cleared).
     pub events_out: u64,
+    /// Stored events emitted.
     pub stored: u64,
+    /// Removed events emitted.
     pub removed: u64,
+    /// Cleared events emitted (engine `AllBlocksCleared` and [`Converter::cleared`]).
     pub cleared: u64,
     /// Blocks in emitted stored events.
     pub blocks_stored: u64,
@@ -108,10 +111,12 @@ impl Converter {
         }
     }
 
+    /// The worker rank events are addressed to.
     pub fn worker(&self) -> WorkerWithDpRank {
         self.worker
     }
 
+    /// Counters since creation.
     pub fn stats(&self) -> ConvertStats {
         self.stats
     }

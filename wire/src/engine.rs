@@ -27,6 +27,7 @@ use crate::msgpack::{Kind, MsgpackError, Reader, Writer};
 pub struct EngineBatch {
     /// Wall-clock seconds since the Unix epoch (engine `time.time()`); informational.
     pub ts: f64,
+    /// Events in the order the engine produced them.
     pub events: Vec<EngineEvent>,
     /// Data-parallel rank of the publisher; `None` when the engine sent nil or omitted it.
     pub dp_rank: Option<u32>,
@@ -35,7 +36,9 @@ pub struct EngineBatch {
 /// One engine KV event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
+    /// Newly cached full blocks.
     BlockStored(BlockStored),
+    /// Evicted blocks.
     BlockRemoved(BlockRemoved),
     /// Every block of this publisher is gone (`reset_prefix_cache`).
     AllBlocksCleared,
@@ -79,11 +82,17 @@ pub struct BlockStored {
 /// Blocks evicted (vLLM/SGLang `BlockRemoved`).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BlockRemoved {
+    /// Engine hashes of the evicted blocks (normalised to 64 bits).
     pub block_hashes: Vec<u64>,
+    /// Storage medium the blocks left (`"GPU"`, ...).
     pub medium: Option<String>,
+    /// KV-cache group (vLLM ≥ 0.20).
     pub group_idx: Option<u32>,
+    /// Kind of that group (vLLM ≥ 0.33 maps, Dynamo positional tail).
     pub kv_cache_spec_kind: Option<String>,
+    /// Sliding window of that group, in tokens.
     pub kv_cache_spec_sliding_window: Option<u32>,
+    /// `"LOCAL"` / `"REMOTE"` (vLLM ≥ 0.33).
     pub locality: Option<String>,
 }
 
@@ -92,12 +101,13 @@ pub struct BlockRemoved {
 /// prompt-embedding digest (bytes).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExtraKey {
+    /// LoRA name or cache salt.
     Str(String),
-    Mm {
-        identifier: String,
-        offset: i64,
-    },
+    /// A multimodal object: its identifier (hashed with `hash_mm_identifier`) and token offset.
+    Mm { identifier: String, offset: i64 },
+    /// An integer key (not produced by released vLLM; kept for tolerance).
     Int(i64),
+    /// A digest (prompt embeddings): not reproducible by a router.
     Bytes(Vec<u8>),
     /// Any other shape (kept so that counting is possible; never hashed).
     Other,
@@ -115,6 +125,7 @@ pub struct DecodeStats {
 }
 
 impl DecodeStats {
+    /// Adds another batch's counts.
     pub fn add(&mut self, o: &DecodeStats) {
         self.unknown_events += o.unknown_events;
         self.unknown_fields += o.unknown_fields;

@@ -8,8 +8,10 @@
 /// Why a multipart message is not a KV-event message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// Not the expected number of frames.
     #[error("expected {expected} frames, got {got}")]
     FrameCount { expected: &'static str, got: usize },
+    /// The sequence frame is not 8 bytes.
     #[error("sequence frame has {0} bytes, expected 8")]
     SeqLength(usize),
 }
@@ -20,8 +22,11 @@ pub const END_SEQ: u64 = u64::MAX;
 /// One live message, borrowing the frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawMessage<'a> {
+    /// Topic frame (the subscription prefix matched it).
     pub topic: &'a [u8],
+    /// Publisher sequence number, from 0.
     pub seq: u64,
+    /// msgpack `KVEventBatch`.
     pub payload: &'a [u8],
 }
 
@@ -50,7 +55,9 @@ pub fn split_message<F: AsRef<[u8]>>(frames: &[F]) -> Result<RawMessage<'_>, Fra
 /// One replay reply as a DEALER sees it (with or without the leading empty delimiter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayReply<'a> {
+    /// One buffered batch.
     Batch { seq: u64, payload: &'a [u8] },
+    /// End marker (seq −1): nothing more follows.
     End,
 }
 

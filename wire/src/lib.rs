@@ -35,20 +35,28 @@ pub use subscriber::{KvEventSubscriber, SubscriberConfig, SubscriberStats};
 /// Every error this crate returns.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// A socket could not be created, bound, connected or used.
     #[error("zmq: {0}")]
     Zmq(#[from] zmq::Error),
+    /// A multipart message is not `[topic, seq, payload]` (or a replay reply).
     #[error("bad frames: {0}")]
     Frame(#[from] FrameError),
+    /// A payload is not a decodable `KVEventBatch`.
     #[error("bad msgpack: {0}")]
     Msgpack(#[from] MsgpackError),
+    /// A canonical JSON event line does not parse.
     #[error("bad JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// An error on a given 1-based line of a JSON-lines input.
     #[error("line {line}: {source}")]
     Line { line: usize, source: Box<WireError> },
+    /// Reading or writing a stream failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A configuration value is unusable (e.g. block size 0).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A worker thread could not be spawned.
     #[error("{0} thread could not be started or stopped")]
     Thread(&'static str),
 }

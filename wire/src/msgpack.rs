@@ -13,6 +13,7 @@ use rmp::Marker;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MsgpackError {
     #[error("unexpected end of input at byte {at}")]
+    /// The input ended inside a value.
     Eof { at: usize },
     #[error("expected {expected} at byte {at}, found marker 0x{marker:02x}")]
     Type {
@@ -21,6 +22,7 @@ pub enum MsgpackError {
         at: usize,
     },
     #[error("container of {len} elements at byte {at} cannot fit in the {left} bytes left")]
+    /// A declared container length larger than the input could hold.
     TooLong { len: u64, left: usize, at: usize },
     #[error("integer {value} at byte {at} out of range for {target}")]
     Range {
@@ -29,13 +31,16 @@ pub enum MsgpackError {
         at: usize,
     },
     #[error("invalid UTF-8 string at byte {at}")]
+    /// A string that is not UTF-8.
     Utf8 { at: usize },
     #[error("reserved marker 0xc1 at byte {at}")]
+    /// The never-used marker 0xc1.
     Reserved { at: usize },
 }
 
 /// The broad type of the next value (for decoders that branch on shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)] // the MessagePack type families, named as in the spec
 pub enum Kind {
     Nil,
     Bool,
@@ -56,6 +61,7 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
         Self { buf, pos: 0 }
     }
@@ -313,6 +319,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A boolean.
     pub fn read_bool(&mut self) -> Result<bool, MsgpackError> {
         match self.peek_marker()? {
             Marker::True => {
@@ -570,28 +577,34 @@ mod tests {
 /// A minimal MessagePack writer (smallest encoding for every integer, like msgspec).
 #[derive(Debug, Default, Clone)]
 pub struct Writer {
+    /// The bytes written so far.
     pub buf: Vec<u8>,
 }
 
 impl Writer {
+    /// A writer with `n` bytes reserved.
     pub fn with_capacity(n: usize) -> Self {
         Self {
             buf: Vec::with_capacity(n),
         }
     }
 
+    /// The encoded bytes.
     pub fn into_inner(self) -> Vec<u8> {
         self.buf
     }
 
+    /// nil.
     pub fn nil(&mut self) {
         self.buf.push(0xc0);
     }
 
+    /// A boolean.
     pub fn bool(&mut self, v: bool) {
         self.buf.push(if v { 0xc3 } else { 0xc2 });
     }
 
+    /// An unsigned integer in its smallest encoding.
     pub fn uint(&mut self, v: u64) {
         let b = &mut self.buf;
         if v < 0x80 {
@@ -610,6 +623,7 @@ impl Writer {
         }
     }
 
+    /// A signed integer in its smallest encoding.
     pub fn int(&mut self, v: i64) {
         if v >= 0 {
             return self.uint(v as u64);
@@ -631,11 +645,13 @@ impl Writer {
         }
     }
 
+    /// A float64.
     pub fn f64(&mut self, v: f64) {
         self.buf.push(0xcb);
         self.buf.extend_from_slice(&v.to_be_bytes());
     }
 
+    /// A string.
     pub fn str(&mut self, s: &str) {
         let n = s.len();
         if n < 32 {
@@ -652,6 +668,7 @@ impl Writer {
         self.buf.extend_from_slice(s.as_bytes());
     }
 
+    /// A binary.
     pub fn bin(&mut self, v: &[u8]) {
         let n = v.len();
         if n <= u8::MAX as usize {
@@ -666,10 +683,12 @@ impl Writer {
         self.buf.extend_from_slice(v);
     }
 
+    /// An array header; `n` values must follow.
     pub fn array_len(&mut self, n: usize) {
         self.container_len(n, 0x90, 0xdc, 0xdd);
     }
 
+    /// A map header; `n` key/value pairs must follow.
     pub fn map_len(&mut self, n: usize) {
         self.container_len(n, 0x80, 0xde, 0xdf);
     }

@@ -30,6 +30,7 @@ pub struct PublisherConfig {
     pub topic: String,
     /// Batches kept for replay (0 = replay socket answers with the end marker only).
     pub buffer_steps: usize,
+    /// Event encoding: [`Encoding::Map`] (vLLM ≥ 0.24, default) or [`Encoding::Array`].
     pub encoding: Encoding,
 }
 
