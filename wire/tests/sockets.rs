@@ -608,3 +608,68 @@ fn our_publisher_to_our_subscriber_from_many_threads() {
         (0..300).collect::<Vec<u64>>()
     );
 }
+
+#[test]
+fn reconnects_to_a_restarted_publisher_and_clears_the_worker() {
+    let cfg = |ep: &str, rep: &str| PublisherConfig {
+        endpoint: ep.into(),
+        replay_endpoint: Some(rep.into()),
+        ..Default::default()
+    };
+    let p1 = KvEventPublisher::bind(cfg("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")).unwrap();
+    let (ep, rep) = (
+        p1.endpoint().to_owned(),
+        p1.replay_endpoint().unwrap().to_owned(),
+    );
+    let mut s = Sub::start(sub_config(&ep, Some(&rep)), 1024);
+    let t = Instant::now();
+    while s.stats().received == 0 {
+        assert!(t.elapsed() < DEADLINE);
+        p1.publish(&EngineBatch {
+            ts: 0.0,
+            events: vec![],
+            dp_rank: Some(0),
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Enough history that the new life's first seen seq is certainly lower.
+    for i in 0..50 {
+        p1.publish(&sample_batch(i)).unwrap();
+    }
+    let first_life = p1.next_seq();
+    s.wait("first life", |st| st.applied == first_life);
+    drop(p1);
+
+    // Same addresses, sequence starts at 0 again; libzmq reconnects the SUB by itself.
+    let p2 = KvEventPublisher::bind(cfg(&ep, &rep)).unwrap();
+    let t = Instant::now();
+    let mut i = 1000;
+    while s.stats().restarts == 0 {
+        assert!(t.elapsed() < DEADLINE, "no restart seen: {:?}", s.stats());
+        p2.publish(&sample_batch(i)).unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let total = first_life + p2.next_seq();
+    s.wait("second life", |st| st.applied == total);
+    let st = s.stats();
+    assert_eq!((st.restarts, st.cleared), (1, 1), "{st:?}");
+    // After the Cleared: exactly the second life's batches, replayed from its seq 0.
+    let pos = s
+        .events
+        .iter()
+        .position(|e| e.event.data == KvCacheEventData::Cleared && e.event.event_id >= 150)
+        .unwrap();
+    let after = &s.events[pos + 1..];
+    assert_eq!(after.len() as u64, 3 * p2.next_seq(), "{st:?}");
+    let first_store = after.iter().find_map(|e| match &e.event.data {
+        KvCacheEventData::Stored(d) => Some(d.blocks[0].block_hash.0),
+        _ => None,
+    });
+    assert_eq!(
+        first_store,
+        Some(1000 * 2 + (1 << 63)),
+        "replay starts at the new seq 0"
+    );
+}
