@@ -251,16 +251,10 @@ impl KvIndex {
                 scores.reserve_exact(child_set.len());
             }
             if depth > 0 && child_set.len() < parent_set.len() {
-                // Prefix-closed: child ⊆ parent, so the difference are the ranks that stop here.
-                let mut it = child_set.iter().peekable();
-                for &w in parent_set.iter() {
-                    while it.peek().is_some_and(|&&c| c < w) {
-                        it.next();
-                    }
-                    if it.peek() != Some(&&w) {
-                        scores.push((self.slot_key(w), depth));
-                    }
-                }
+                // Prefix-closed: child ⊆ parent; the difference are the ranks that stop here.
+                for_each_dropped(parent_set, child_set, |w| {
+                    scores.push((self.slot_key(w), depth))
+                });
             }
             node = child;
             depth += 1;
@@ -672,6 +666,31 @@ impl KvIndex {
     }
 }
 
+/// Calls `f` for each element of sorted `parent` missing from sorted `child ⊆ parent`, in
+/// `O(d log p)` for `d` missing elements: a worker set shrinks by a few ranks at a time, so a
+/// linear merge of two long lists would dominate lookups over shared prefixes.
+fn for_each_dropped(parent: &[u32], child: &[u32], mut f: impl FnMut(u32)) {
+    let mut lo = 0;
+    for found in 0..parent.len().saturating_sub(child.len()) {
+        // First k ≥ lo with parent[k] != child[k - found]. Monotone: before the next missing
+        // element both lists agree position by position; from it on, parent is one ahead.
+        let (mut a, mut b) = (lo, parent.len());
+        while a < b {
+            let m = (a + b) / 2;
+            if child.get(m - found) == Some(&parent[m]) {
+                a = m + 1;
+            } else {
+                b = m;
+            }
+        }
+        match parent.get(a) {
+            Some(&w) => f(w),
+            None => return,
+        }
+        lo = a + 1;
+    }
+}
+
 #[inline]
 fn slot_bit(slot: u32) -> u64 {
     1u64 << (slot & 63)
@@ -749,5 +768,36 @@ pub fn stored_event(
                     .collect(),
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_each_dropped;
+
+    #[test]
+    fn dropped_elements_of_a_sorted_subset() {
+        let parent: Vec<u32> = (0..200).map(|x| x * 3).collect();
+        for keep_every in [1usize, 2, 3, 7, 50, 1000] {
+            for offset in 0..3 {
+                let child: Vec<u32> = parent
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| (i + offset) % keep_every != 0)
+                    .map(|(_, &x)| x)
+                    .collect();
+                let mut got = Vec::new();
+                for_each_dropped(&parent, &child, |w| got.push(w));
+                let want: Vec<u32> = parent
+                    .iter()
+                    .copied()
+                    .filter(|x| !child.contains(x))
+                    .collect();
+                assert_eq!(got, want, "keep_every {keep_every} offset {offset}");
+            }
+        }
+        let mut got = Vec::new();
+        for_each_dropped(&[1, 2, 3], &[], |w| got.push(w));
+        assert_eq!(got, [1, 2, 3]);
     }
 }
