@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "kvrouter", version, about = "KV-cache-aware request router for LLM inference fleets")]
+#[command(
+    name = "kvrouter",
+    version,
+    about = "KV-cache-aware request router for LLM inference fleets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

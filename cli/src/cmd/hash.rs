@@ -24,7 +24,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.block_size > 0, "--block-size must be at least 1");
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).context("reading stdin")?;
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("reading stdin")?;
     let tokens: Vec<u32> = serde_json::from_str(&input)
         .context("stdin must be a JSON array of token ids (unsigned 32-bit integers)")?;
     let opts = HashOptions {
