@@ -1,5 +1,10 @@
 //! Apply a pre-generated engine-like event stream in a loop, for `perf record` / `perf stat`.
-//! `cargo run --release -p kvrouter-bench --example apply_profile -- [workers] [rounds]`
+//! `cargo run --release -p kvrouter-bench --example apply_profile -- [workers] [rounds] [dump.jsonl]`
+//!
+//! Also prints the resident-memory growth of building the index from the warm-up events (with
+//! allocator overhead, unlike `KvIndex::memory_bytes`). With a third argument the warm-up events
+//! are written as `{"worker_id", "event"}` JSON lines, to replay into another index (e.g.
+//! Dynamo's `RadixTree`) and compare.
 use std::time::Instant;
 
 use kvrouter_bench::cache::SimWorkerCache;
@@ -10,8 +15,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 fn main() {
+    let dump = std::env::args().nth(3);
     let args: Vec<u64> = std::env::args()
         .skip(1)
+        .take(2)
         .filter_map(|a| a.parse().ok())
         .collect();
     let workers = args.first().copied().unwrap_or(64);
@@ -36,6 +43,32 @@ fn main() {
         caches[w].serve(&local, &seq, if filled { &mut steady } else { &mut warm });
         filled = filled || caches.iter().all(|c| c.cache.len() + 64 >= 4096);
     }
+    if let Some(path) = dump {
+        let mut out =
+            std::io::BufWriter::new(std::fs::File::create(&path).expect("create dump file"));
+        for e in &warm {
+            serde_json::to_writer(
+                &mut out,
+                &serde_json::json!({"worker_id": e.worker_id, "event": e.event}),
+            )
+            .unwrap();
+            std::io::Write::write_all(&mut out, b"\n").unwrap();
+        }
+    }
+    let before = rss_bytes();
+    let mut ix = KvIndex::new();
+    for e in &warm {
+        ix.apply(e).unwrap();
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    println!(
+        "{workers} workers: {} entries, RSS +{:.1} MB = {:.1} B/entry (estimate {:.1} B/entry)",
+        ix.current_size(),
+        grown as f64 / 1e6,
+        grown as f64 / ix.current_size() as f64,
+        ix.memory_bytes() as f64 / ix.current_size() as f64
+    );
+    drop(ix);
     let mut best = f64::MAX;
     for _ in 0..rounds {
         let mut ix = KvIndex::new();
@@ -52,4 +85,16 @@ fn main() {
         "{workers} workers: best of {rounds}: {:.2} M events/s",
         steady.len() as f64 / best / 1e6
     );
+}
+
+/// Resident set size from `/proc/self/statm` (Linux), in bytes; 0 elsewhere.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
 }
