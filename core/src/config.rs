@@ -148,7 +148,7 @@ impl KvRouterConfig {
     /// `(prefill_load_scale, overlap_score_credit)` after the legacy weight mapping (§6.3).
     pub fn effective_scale_and_credit(&self) -> (f64, f64) {
         match self.overlap_score_weight {
-            Some(w) if w == 0.0 => (0.0, 0.0),
+            Some(0.0) => (0.0, 0.0),
             Some(w) => (w, self.overlap_score_credit),
             None => (self.prefill_load_scale, self.overlap_score_credit),
         }

@@ -80,11 +80,11 @@ pub struct Selection {
     pub cached_tokens: usize,
     /// `ceil(isl / block_size)`.
     pub required_blocks: usize,
-    /// Overlap credit actually applied (weighted, in blocks).
+    /// Overlap credit the KV cost applied (weighted, in blocks); 0 in load-only modes.
     pub effective_overlap_blocks: f64,
     /// Largest device overlap among eligible ranks (to count non-max selections).
     pub max_overlap_blocks: u32,
-    /// KV cost of the chosen rank (KV mode only).
+    /// KV cost of the chosen rank (KV mode, including pinned requests in KV mode).
     pub cost: Option<f64>,
 }
 
@@ -220,12 +220,13 @@ impl Selector {
             if free.is_empty() {
                 return Err(SelectError::PinnedWorkerBusy(id));
             }
-            let i = if mode == RouterMode::Kv {
-                self.pick_kv(&free, req, &kv_cfg, rng).0
+            let (i, kv) = if mode == RouterMode::Kv {
+                let (i, kv) = self.pick_kv(&free, req, &kv_cfg, rng);
+                (i, Some(kv))
             } else {
-                least_loaded(&free, rng)
+                (least_loaded(&free, rng), None)
             };
-            return Ok(self.selection(free[i], &free, req, &kv_cfg, None));
+            return Ok(self.selection(free[i], &free, req, kv));
         }
 
         let ranked: Vec<&Candidate> = match req.dp_rank {
@@ -250,7 +251,7 @@ impl Selector {
             return Err(SelectError::AllWorkersBusy(ranked.len()));
         }
 
-        let (i, cost) = match mode {
+        let (i, kv) = match mode {
             RouterMode::RoundRobin => {
                 let i = self.rr_next % eligible.len();
                 self.rr_next = self.rr_next.wrapping_add(1);
@@ -261,36 +262,30 @@ impl Selector {
             RouterMode::LeastLoaded => (least_loaded(&eligible, rng), None),
             RouterMode::DeviceAwareWeighted => (self.device_aware(&eligible, rng), None),
             RouterMode::Kv | RouterMode::Direct => {
-                let (i, c) = self.pick_kv(&eligible, req, &kv_cfg, rng);
-                (i, Some(c))
+                let (i, kv) = self.pick_kv(&eligible, req, &kv_cfg, rng);
+                (i, Some(kv))
             }
         };
-        Ok(self.selection(eligible[i], &eligible, req, &kv_cfg, cost))
+        Ok(self.selection(eligible[i], &eligible, req, kv))
     }
 
+    /// `kv`: `(cost, credit)` of the chosen rank when it was picked by KV cost.
     fn selection(
         &self,
         c: &Candidate,
         eligible: &[&Candidate],
         req: &SelectionRequest,
-        cfg: &KvRouterConfig,
-        cost: Option<f64>,
+        kv: Option<(f64, f64)>,
     ) -> Selection {
         let bs = req.block_size.max(1);
-        let min_prefill = eligible
-            .iter()
-            .map(|c| c.load.active_prefill_tokens)
-            .min()
-            .unwrap_or(0);
-        let (_, credit) = kv_cost(c, req.isl, req.block_size, cfg, min_prefill);
         Selection {
             worker: c.info.worker,
             overlap_blocks: c.overlap.device,
             cached_tokens: (c.overlap.device as usize * bs).min(req.isl),
             required_blocks: crate::hash::request_blocks(req.isl, bs),
-            effective_overlap_blocks: credit,
+            effective_overlap_blocks: kv.map_or(0.0, |(_, credit)| credit),
             max_overlap_blocks: eligible.iter().map(|c| c.overlap.device).max().unwrap_or(0),
-            cost,
+            cost: kv.map(|(cost, _)| cost),
         }
     }
 
@@ -300,18 +295,19 @@ impl Selector {
         req: &SelectionRequest,
         cfg: &KvRouterConfig,
         rng: &mut R,
-    ) -> (usize, f64) {
+    ) -> (usize, (f64, f64)) {
         let min_prefill = eligible
             .iter()
             .map(|c| c.load.active_prefill_tokens)
             .min()
             .unwrap_or(0);
-        let costs: Vec<f64> = eligible
+        let scored: Vec<(f64, f64)> = eligible
             .iter()
-            .map(|c| kv_cost(c, req.isl, req.block_size, cfg, min_prefill).0)
+            .map(|c| kv_cost(c, req.isl, req.block_size, cfg, min_prefill))
             .collect();
+        let costs: Vec<f64> = scored.iter().map(|(cost, _)| *cost).collect();
         let i = pick_by_cost(&costs, cfg.router_temperature, rng);
-        (i, costs[i])
+        (i, scored[i])
     }
 
     /// Split into CPU and accelerator groups; the group with the lowest
