@@ -15,70 +15,17 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kvrouter_bench::cache::SimWorkerCache;
+use kvrouter_bench::stream::{generate, EventStream, Workload};
 use kvrouter_core::config::{RouterConfig, RouterMode};
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
-use kvrouter_core::hash::{
-    compute_block_hashes, compute_sequence_hashes, HashOptions, LocalBlockHash,
-};
+use kvrouter_core::hash::{compute_block_hashes, HashOptions, LocalBlockHash};
 use kvrouter_core::index::{KvIndex, TierOverlap};
 use kvrouter_core::selection::{Candidate, SelectionRequest, Selector, WorkerInfo};
 use kvrouter_core::sequences::PotentialLoad;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-struct Workload {
-    workers: u64,
-    capacity: usize,
-    prefixes: u64,
-    prefix_blocks: usize,
-    suffix_blocks: (usize, usize),
-}
-
-struct Stream {
-    /// Events that fill every cache (applied untimed).
-    warmup: Vec<RouterEvent>,
-    /// Steady-state events after warm-up (timed).
-    steady: Vec<RouterEvent>,
-    /// Request chains seen in the steady phase (for queries).
-    chains: Vec<Vec<LocalBlockHash>>,
-}
-
-fn generate(w: &Workload, steady_events: usize, seed: u64) -> Stream {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut caches: Vec<SimWorkerCache> = (0..w.workers)
-        .map(|id| SimWorkerCache::new(WorkerWithDpRank::new(id, 0), w.capacity))
-        .collect();
-    let mut unique = 1u64 << 40;
-    let (mut warmup, mut steady, mut chains) = (Vec::new(), Vec::new(), Vec::new());
-    let mut filled = false;
-    while steady.len() < steady_events {
-        let p = rng.random_range(0..w.prefixes);
-        let n_suffix = rng.random_range(w.suffix_blocks.0..=w.suffix_blocks.1);
-        let mut local: Vec<LocalBlockHash> = (0..w.prefix_blocks as u64)
-            .map(|i| LocalBlockHash((p << 20) | i))
-            .collect();
-        local.extend((0..n_suffix).map(|_| {
-            unique += 1;
-            LocalBlockHash(unique)
-        }));
-        let seq = compute_sequence_hashes(&local);
-        let wid = rng.random_range(0..w.workers) as usize;
-        caches[wid].serve(&local, &seq, if filled { &mut steady } else { &mut warmup });
-        if filled {
-            chains.push(local);
-        } else {
-            filled = caches.iter().all(|c| c.cache.len() + 64 >= w.capacity);
-        }
-    }
-    Stream {
-        warmup,
-        steady,
-        chains,
-    }
-}
-
-fn build(stream: &Stream) -> KvIndex {
+fn build(stream: &EventStream) -> KvIndex {
     let mut ix = KvIndex::new();
     for ev in &stream.warmup {
         ix.apply(ev).expect("generated stream is consistent");

@@ -7,12 +7,8 @@
 //! Dynamo's `RadixTree`) and compare.
 use std::time::Instant;
 
-use kvrouter_bench::cache::SimWorkerCache;
-use kvrouter_core::event::WorkerWithDpRank;
-use kvrouter_core::hash::{compute_sequence_hashes, LocalBlockHash};
+use kvrouter_bench::stream::{generate, EventStream, Workload};
 use kvrouter_core::index::KvIndex;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 
 fn main() {
     let dump = std::env::args().nth(3);
@@ -23,26 +19,18 @@ fn main() {
         .collect();
     let workers = args.first().copied().unwrap_or(64);
     let rounds = args.get(1).copied().unwrap_or(5);
-    let mut rng = SmallRng::seed_from_u64(1);
-    let mut caches: Vec<SimWorkerCache> = (0..workers)
-        .map(|id| SimWorkerCache::new(WorkerWithDpRank::new(id, 0), 4096))
-        .collect();
-    let (mut warm, mut steady) = (Vec::new(), Vec::new());
-    let mut unique = 1u64 << 40;
-    let mut filled = false;
-    while steady.len() < 400_000 {
-        let p = rng.random_range(0..64u64);
-        let mut local: Vec<LocalBlockHash> =
-            (0..32).map(|i| LocalBlockHash((p << 20) | i)).collect();
-        for _ in 0..rng.random_range(1..=32) {
-            unique += 1;
-            local.push(LocalBlockHash(unique));
-        }
-        let seq = compute_sequence_hashes(&local);
-        let w = rng.random_range(0..workers) as usize;
-        caches[w].serve(&local, &seq, if filled { &mut steady } else { &mut warm });
-        filled = filled || caches.iter().all(|c| c.cache.len() + 64 >= 4096);
-    }
+    let w = Workload {
+        workers,
+        capacity: 4096,
+        prefixes: 64,
+        prefix_blocks: 32,
+        suffix_blocks: (1, 32),
+    };
+    let EventStream {
+        warmup: warm,
+        steady,
+        ..
+    } = generate(&w, 400_000, 1);
     if let Some(path) = dump {
         let mut out =
             std::io::BufWriter::new(std::fs::File::create(&path).expect("create dump file"));

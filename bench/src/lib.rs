@@ -5,4 +5,5 @@
 //! simulation that drives the router core on a virtual clock ([`sim`]).
 pub mod cache;
 pub mod sim;
+pub mod stream;
 pub mod trace;
