@@ -22,7 +22,7 @@ pub mod sequences;
 
 pub use config::{KvRouterConfig, LoadThresholds, RouterConfig, RouterConfigOverride, RouterMode};
 pub use event::{RouterEvent, WorkerId, WorkerWithDpRank};
-pub use router::{RouteError, RouteRequest, Router};
+pub use router::{RequestHashes, RouteError, RouteRequest, Router, Scheduler};
 pub use selection::{
     Candidate, DeviceType, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
 };

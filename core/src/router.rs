@@ -1,6 +1,6 @@
 //! [`Router`]: the core's parts composed for one request, in data-flow order — hash, find
 //! overlaps, project loads, select, book. Single-threaded; servers that need concurrent readers
-//! compose the same parts themselves.
+//! compose [`Scheduler`] with the shared index themselves.
 
 use std::time::Duration;
 
@@ -51,20 +51,22 @@ pub enum RouteError {
     Booking(#[from] SequenceError),
 }
 
-/// The single-threaded router: worker registry, KV indexes, active load and selector.
+/// Everything of routing except the exact index: worker registry, approximate and predicted
+/// indexes, active load and selector. Servers pair it with a concurrently readable exact index
+/// ([`crate::index::shared_index`]) and pass that index's overlaps into [`Scheduler::schedule`];
+/// [`Router`] pairs it with a plain [`TieredIndex`].
 #[derive(Debug)]
-pub struct Router {
+pub struct Scheduler {
     selector: Selector,
     block_size: usize,
     workers: Vec<WorkerInfo>,
-    index: TieredIndex,
     approx: Option<ApproxIndex>,
     predicted: Option<ApproxIndex>,
     active: ActiveSequences,
 }
 
-impl Router {
-    /// A router with no workers. `block_size`: tokens per KV block (must match the engines).
+impl Scheduler {
+    /// A scheduler with no workers. `block_size`: tokens per KV block (must match the engines).
     pub fn new(config: RouterConfig, block_size: usize) -> Self {
         let kv = &config.kv;
         let approx = (!kv.use_kv_events).then(|| {
@@ -91,7 +93,6 @@ impl Router {
             selector: Selector::new(config),
             block_size,
             workers: Vec::new(),
-            index: TieredIndex::new(),
             approx,
             predicted,
             active,
@@ -106,6 +107,16 @@ impl Router {
         self.block_size
     }
 
+    /// Whether requests need block hashes (KV mode only).
+    pub fn needs_hashes(&self) -> bool {
+        self.config().mode == RouterMode::Kv
+    }
+
+    /// Whether [`Scheduler::schedule`] wants the exact index's overlaps (KV mode with events).
+    pub fn uses_exact_index(&self) -> bool {
+        self.needs_hashes() && self.approx.is_none()
+    }
+
     /// Register (or update) a worker rank.
     pub fn add_worker(&mut self, info: WorkerInfo) {
         match self.workers.iter_mut().find(|w| w.worker == info.worker) {
@@ -114,10 +125,10 @@ impl Router {
         }
     }
 
-    /// Forget every rank of a worker: registry, cached blocks, booked requests.
+    /// Forget every rank of a worker: registry, approximate blocks, booked requests (a later
+    /// `free` of one of those requests is an unknown-request error, harmless).
     pub fn remove_worker(&mut self, worker_id: WorkerId) {
         self.workers.retain(|w| w.worker.worker_id != worker_id);
-        self.index.remove_worker(worker_id);
         if let Some(a) = &mut self.approx {
             a.remove_worker(worker_id);
         }
@@ -131,36 +142,24 @@ impl Router {
         &self.workers
     }
 
-    /// Apply a KV event from an engine to the exact index.
-    pub fn apply_event(&mut self, event: &RouterEvent) -> Result<(), IndexError> {
-        self.index.apply(event)
-    }
-
-    /// The exact index (per tier).
-    pub fn index(&self) -> &TieredIndex {
-        &self.index
-    }
-
     /// Active requests and load.
     pub fn active(&self) -> &ActiveSequences {
         &self.active
     }
 
-    /// Choose a rank for a request; book it when it has an id; record it in the approximate
-    /// and predicted indexes.
-    pub fn route<R: Rng + ?Sized>(
+    /// Choose a rank for a request whose hashes are `hashes` (empty unless
+    /// [`needs_hashes`](Self::needs_hashes)) and whose exact-index overlaps are `exact` (empty
+    /// unless [`uses_exact_index`](Self::uses_exact_index)); book it when it has an id; record
+    /// it in the approximate and predicted indexes.
+    pub fn schedule<R: Rng + ?Sized>(
         &mut self,
         req: &RouteRequest<'_>,
+        hashes: &RequestHashes,
+        exact: Vec<(WorkerWithDpRank, TierOverlap)>,
         now: Duration,
         rng: &mut R,
     ) -> Result<Selection, RouteError> {
-        let needs_hashes = self.config().mode == RouterMode::Kv;
-        let hashes = if needs_hashes {
-            RequestHashes::compute(req.tokens, self.block_size, &req.hash)
-        } else {
-            RequestHashes::default()
-        };
-        let candidates = self.candidates(&hashes, req.tokens.len(), now);
+        let candidates = self.candidates(hashes, exact, req.tokens.len(), now);
         let sreq = SelectionRequest {
             isl: req.tokens.len(),
             block_size: self.block_size,
@@ -206,10 +205,17 @@ impl Router {
         self.active.free(request_id)
     }
 
-    /// Per rank: overlap blocks by tier for these hashes (exact ∪ predicted, or approximate).
+    /// Drop requests booked longer ago than the expiry (spec §5: lost frees). Returns how many.
+    pub fn expire(&mut self, now: Duration) -> usize {
+        self.active.expire(now)
+    }
+
+    /// Per rank: overlap blocks by tier, merging `exact` with the predicted index, or from the
+    /// approximate index when there are no events.
     pub fn overlaps(
         &mut self,
         local: &[LocalBlockHash],
+        mut exact: Vec<(WorkerWithDpRank, TierOverlap)>,
         now: Duration,
     ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
         if let Some(a) = &mut self.approx {
@@ -228,12 +234,11 @@ impl Router {
                 })
                 .collect();
         }
-        let mut out = self.index.find_tier_matches(local);
         if let Some(p) = &mut self.predicted {
             for (w, d) in p.find_matches(local, now).scores {
-                match out.iter_mut().find(|(x, _)| *x == w) {
+                match exact.iter_mut().find(|(x, _)| *x == w) {
                     Some((_, t)) => t.device = t.device.max(d),
-                    None => out.push((
+                    None => exact.push((
                         w,
                         TierOverlap {
                             device: d,
@@ -243,32 +248,33 @@ impl Router {
                 }
             }
         }
-        out
+        exact
     }
 
-    /// Per registered rank: its load if this request were added (Dynamo `get_potential_loads`).
-    pub fn potential_loads(&self, tokens: &[u32], hash: &HashOptions<'_>) -> Vec<PotentialLoad> {
-        let h = RequestHashes::compute(tokens, self.block_size, hash);
+    /// Per registered rank: its load if a request with these sequence hashes and `isl` tokens
+    /// were added (Dynamo `get_potential_loads`).
+    pub fn potential_loads(&self, sequence: &[SequenceHash], isl: usize) -> Vec<PotentialLoad> {
         let opts = self.config().kv.booking();
         self.workers
             .iter()
             .map(|w| {
-                self.active.potential_load(
-                    w.worker,
-                    &h.sequence,
-                    tokens.len(),
-                    self.block_size,
-                    opts,
-                )
+                self.active
+                    .potential_load(w.worker, sequence, isl, self.block_size, opts)
             })
             .collect()
     }
 
-    fn candidates(&mut self, hashes: &RequestHashes, isl: usize, now: Duration) -> Vec<Candidate> {
+    fn candidates(
+        &mut self,
+        hashes: &RequestHashes,
+        exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+        isl: usize,
+        now: Duration,
+    ) -> Vec<Candidate> {
         let overlaps = if hashes.local.is_empty() {
             Vec::new()
         } else {
-            self.overlaps(&hashes.local, now)
+            self.overlaps(&hashes.local, exact, now)
         };
         let map: FastMap<WorkerWithDpRank, TierOverlap> = overlaps.into_iter().collect();
         let opts = self.config().kv.booking();
@@ -286,5 +292,111 @@ impl Router {
                 ),
             })
             .collect()
+    }
+}
+
+/// The single-threaded router: a [`Scheduler`] with its own exact [`TieredIndex`].
+#[derive(Debug)]
+pub struct Router {
+    sched: Scheduler,
+    index: TieredIndex,
+}
+
+impl Router {
+    /// A router with no workers. `block_size`: tokens per KV block (must match the engines).
+    pub fn new(config: RouterConfig, block_size: usize) -> Self {
+        Self {
+            sched: Scheduler::new(config, block_size),
+            index: TieredIndex::new(),
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        self.sched.config()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.sched.block_size()
+    }
+
+    /// Register (or update) a worker rank.
+    pub fn add_worker(&mut self, info: WorkerInfo) {
+        self.sched.add_worker(info);
+    }
+
+    /// Forget every rank of a worker: registry, cached blocks, booked requests.
+    pub fn remove_worker(&mut self, worker_id: WorkerId) {
+        self.sched.remove_worker(worker_id);
+        self.index.remove_worker(worker_id);
+    }
+
+    pub fn workers(&self) -> &[WorkerInfo] {
+        self.sched.workers()
+    }
+
+    /// Apply a KV event from an engine to the exact index.
+    pub fn apply_event(&mut self, event: &RouterEvent) -> Result<(), IndexError> {
+        self.index.apply(event)
+    }
+
+    /// The exact index (per tier).
+    pub fn index(&self) -> &TieredIndex {
+        &self.index
+    }
+
+    /// Active requests and load.
+    pub fn active(&self) -> &ActiveSequences {
+        self.sched.active()
+    }
+
+    /// Choose a rank for a request; book it when it has an id; record it in the approximate
+    /// and predicted indexes.
+    pub fn route<R: Rng + ?Sized>(
+        &mut self,
+        req: &RouteRequest<'_>,
+        now: Duration,
+        rng: &mut R,
+    ) -> Result<Selection, RouteError> {
+        let hashes = if self.sched.needs_hashes() {
+            RequestHashes::compute(req.tokens, self.block_size(), &req.hash)
+        } else {
+            RequestHashes::default()
+        };
+        let exact = if self.sched.uses_exact_index() && !hashes.local.is_empty() {
+            self.index.find_tier_matches(&hashes.local)
+        } else {
+            Vec::new()
+        };
+        self.sched.schedule(req, &hashes, exact, now, rng)
+    }
+
+    /// The request produced its first token.
+    pub fn mark_prefill_complete(&mut self, request_id: &str) -> Result<(), SequenceError> {
+        self.sched.mark_prefill_complete(request_id)
+    }
+
+    /// The request ended (completed, failed, cancelled).
+    pub fn free(&mut self, request_id: &str) -> Result<WorkerWithDpRank, SequenceError> {
+        self.sched.free(request_id)
+    }
+
+    /// Per rank: overlap blocks by tier for these hashes (exact ∪ predicted, or approximate).
+    pub fn overlaps(
+        &mut self,
+        local: &[LocalBlockHash],
+        now: Duration,
+    ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+        let exact = if self.sched.approx.is_none() {
+            self.index.find_tier_matches(local)
+        } else {
+            Vec::new()
+        };
+        self.sched.overlaps(local, exact, now)
+    }
+
+    /// Per registered rank: its load if this request were added (Dynamo `get_potential_loads`).
+    pub fn potential_loads(&self, tokens: &[u32], hash: &HashOptions<'_>) -> Vec<PotentialLoad> {
+        let h = RequestHashes::compute(tokens, self.block_size(), hash);
+        self.sched.potential_loads(&h.sequence, tokens.len())
     }
 }

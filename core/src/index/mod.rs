@@ -4,13 +4,16 @@
 //! * [`ApproxIndex`] — fed by the router's own decisions, with TTL expiry and size pruning; also
 //!   serves as the short-TTL *predicted* side index merged with the exact one (spec §4.3).
 //! * [`TieredIndex`] — one exact index per storage tier, for host/disk cache credit (spec §6.2).
+//! * [`shared_index`] — the exact index with one writer and wait-free concurrent readers.
 
 mod approx;
 mod radix;
+mod shared;
 mod tiered;
 
 pub use approx::{ApproxConfig, ApproxIndex};
 pub use radix::{removed_event, stored_event, KvIndex};
+pub use shared::{shared_index, ErrorSink, IndexOp, IndexReader, SharedIndexWriter};
 pub use tiered::{TierOverlap, TieredIndex};
 
 use crate::event::WorkerWithDpRank;

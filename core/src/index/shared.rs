@@ -1,0 +1,201 @@
+//! The exact index shared between one writer and many concurrent readers, with wait-free
+//! reads: [`SharedIndexWriter`] applies KV events, any number of [`IndexReader`] clones answer
+//! `find_matches` on any thread without taking a lock.
+//!
+//! Built on `left-right`: two copies of the [`TieredIndex`]; readers see one while the writer
+//! updates the other, and [`SharedIndexWriter::publish`] swaps them once per batch (waiting
+//! only for readers still inside the old copy — a lookup takes microseconds). The price is
+//! memory: every entry is held twice, and each event is applied twice.
+//!
+//! A server feeds every worker's event subscriber into one channel, and one thread drains it
+//! in batches: `append` each event, then `publish`.
+
+use std::sync::Arc;
+
+use left_right::{Absorb, ReadHandle, ReadHandleFactory, WriteHandle};
+use thread_local::ThreadLocal;
+
+use crate::event::{RouterEvent, StorageTier, WorkerId, WorkerWithDpRank};
+use crate::hash::LocalBlockHash;
+use crate::index::{IndexError, OverlapScores, TierOverlap, TieredIndex};
+
+/// A change to the shared index.
+#[derive(Clone, Debug)]
+pub enum IndexOp {
+    /// A KV event from an engine (stored / removed / cleared one rank).
+    Event(RouterEvent),
+    /// The worker left: drop every rank's blocks.
+    RemoveWorker(WorkerId),
+}
+
+/// Called once per op that the index rejected (unknown parent, unknown block, …), with the
+/// rank it was for. Counted by the caller; the index itself is unchanged by a rejected op.
+pub type ErrorSink = Arc<dyn Fn(WorkerWithDpRank, &IndexError) + Send + Sync>;
+
+/// One copy of the index. `on_error` runs for the first application of an op only, so each
+/// rejection is reported once although both copies apply it.
+struct IndexCopy {
+    index: TieredIndex,
+    on_error: Option<ErrorSink>,
+}
+
+impl Default for IndexCopy {
+    fn default() -> Self {
+        Self {
+            index: TieredIndex::new(),
+            on_error: None,
+        }
+    }
+}
+
+/// What the oplog carries: public ops, plus installing the error sink in both copies.
+enum Op {
+    Index(IndexOp),
+    SetSink(Option<ErrorSink>),
+}
+
+impl IndexCopy {
+    fn apply(&mut self, op: &Op) -> Option<(WorkerWithDpRank, IndexError)> {
+        let op = match op {
+            Op::Index(op) => op,
+            Op::SetSink(s) => {
+                self.on_error = s.clone();
+                return None;
+            }
+        };
+        match op {
+            IndexOp::Event(ev) => self
+                .index
+                .apply(ev)
+                .err()
+                .map(|e| (WorkerWithDpRank::new(ev.worker_id, ev.event.dp_rank), e)),
+            IndexOp::RemoveWorker(w) => {
+                self.index.remove_worker(*w);
+                None
+            }
+        }
+    }
+}
+
+impl Absorb<Op> for IndexCopy {
+    fn absorb_first(&mut self, op: &mut Op, _other: &Self) {
+        if let Some((w, e)) = self.apply(op) {
+            if let Some(sink) = &self.on_error {
+                sink(w, &e);
+            }
+        }
+    }
+
+    fn absorb_second(&mut self, op: Op, _other: &Self) {
+        let _ = self.apply(&op);
+    }
+
+    fn drop_first(self: Box<Self>) {}
+
+    fn sync_with(&mut self, first: &Self) {
+        // Called once, at the first publish: rebuild this copy from the other's dump.
+        self.index = TieredIndex::new();
+        for (tier, idx) in [
+            (StorageTier::Device, &first.index.device),
+            (StorageTier::HostPinned, &first.index.host),
+            (StorageTier::Disk, &first.index.disk),
+        ] {
+            for mut ev in idx.dump_events() {
+                ev.storage_tier = tier;
+                let _ = self.index.apply(&ev);
+            }
+        }
+        self.on_error = first.on_error.clone();
+    }
+}
+
+/// The single writer of the shared index. Not `Sync`: own it from one thread (or task).
+pub struct SharedIndexWriter {
+    handle: WriteHandle<IndexCopy, Op>,
+    pending: usize,
+}
+
+/// A reader of the shared index: cheap to clone, `Send + Sync`. Each thread gets its own
+/// `left-right` read handle on first use, so reads never contend on a lock.
+#[derive(Clone)]
+pub struct IndexReader {
+    factory: ReadHandleFactory<IndexCopy>,
+    local: Arc<ThreadLocal<ReadHandle<IndexCopy>>>,
+}
+
+/// A new, empty shared index. `on_error` receives every rejected op once.
+pub fn shared_index(on_error: Option<ErrorSink>) -> (SharedIndexWriter, IndexReader) {
+    let (w, r) = left_right::new::<IndexCopy, Op>();
+    let mut writer = SharedIndexWriter {
+        handle: w,
+        pending: 0,
+    };
+    writer.handle.append(Op::SetSink(on_error));
+    writer.handle.publish();
+    let reader = IndexReader {
+        factory: r.factory(),
+        local: Arc::new(ThreadLocal::new()),
+    };
+    (writer, reader)
+}
+
+impl SharedIndexWriter {
+    /// Queue an op; readers see it after the next [`publish`](Self::publish).
+    pub fn append(&mut self, op: IndexOp) {
+        self.handle.append(Op::Index(op));
+        self.pending += 1;
+    }
+
+    /// Make every queued op visible to readers. Returns how many were published.
+    pub fn publish(&mut self) -> usize {
+        if self.pending == 0 {
+            return 0;
+        }
+        self.handle.publish();
+        std::mem::take(&mut self.pending)
+    }
+
+    /// A reader of this index.
+    pub fn reader(&self) -> IndexReader {
+        IndexReader {
+            factory: self.handle.factory(),
+            local: Arc::new(ThreadLocal::new()),
+        }
+    }
+}
+
+impl IndexReader {
+    /// Run `f` on the current published index. Wait-free; `None` only after the writer is
+    /// dropped.
+    pub fn with<T>(&self, f: impl FnOnce(&TieredIndex) -> T) -> Option<T> {
+        let h = self.local.get_or(|| self.factory.handle());
+        let guard = h.enter()?;
+        Some(f(&guard.index))
+    }
+
+    /// Per rank, matched blocks in each tier (see [`TieredIndex::find_tier_matches`]); empty
+    /// when the writer is gone.
+    pub fn find_tier_matches(
+        &self,
+        query: &[LocalBlockHash],
+    ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+        self.with(|i| i.find_tier_matches(query))
+            .unwrap_or_default()
+    }
+
+    /// Device-tier overlap scores.
+    pub fn find_matches(&self, query: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
+        self.with(|i| i.find_matches(query, early_exit))
+            .unwrap_or_default()
+    }
+
+    /// `(block, worker)` pairs across tiers in the published copy.
+    pub fn current_size(&self) -> usize {
+        self.with(|i| i.current_size()).unwrap_or(0)
+    }
+
+    /// Every block of every rank, as Stored events (device tier only).
+    pub fn dump_events(&self) -> Vec<RouterEvent> {
+        self.with(|i| i.device.dump_events()).unwrap_or_default()
+    }
+}
