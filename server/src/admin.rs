@@ -1,0 +1,131 @@
+//! The admin API: runtime worker registration, on its own listener (127.0.0.1 by default),
+//! optionally behind a bearer token.
+//!
+//! * `GET /v1/workers` — every worker with its spec, health and per-rank load;
+//! * `POST /v1/workers` — register one (a [`WorkerSpec`] JSON object) → 201 with the spec
+//!   (id and block size filled in); 400 for an invalid or conflicting spec;
+//! * `DELETE /v1/workers/{id}` — deregister → 200 with the spec, 404 if unknown.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use serde_json::json;
+
+use crate::fleet::Fleet;
+use crate::openai::ApiError;
+use crate::registry::WorkerSpec;
+
+struct Admin {
+    fleet: Arc<Fleet>,
+    token: Option<String>,
+}
+
+/// The admin routes for `fleet`; `token`: required `Authorization: Bearer` value.
+pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
+    let state = Arc::new(Admin { fleet, token });
+    axum::Router::new()
+        .route("/v1/workers", get(list).post(register))
+        .route("/v1/workers/{id}", delete(deregister))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "NotFoundError", "no such route")
+        })
+        .with_state(state)
+}
+
+async fn auth(State(a): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    if let Some(t) = &a.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), t.as_bytes()));
+        if !ok {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing or wrong bearer token",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn list(State(a): State<Arc<Admin>>) -> Response {
+    let loads = a.fleet.router.ranks();
+    let workers: Vec<_> = a
+        .fleet
+        .registry
+        .all()
+        .iter()
+        .map(|w| {
+            let ranks: Vec<_> = w
+                .spec
+                .ranks()
+                .map(|r| {
+                    let l = loads
+                        .iter()
+                        .find(|(i, _)| i.worker == r)
+                        .map(|(_, l)| *l)
+                        .unwrap_or_default();
+                    json!({
+                        "dp_rank": r.dp_rank,
+                        "active_requests": l.active_requests,
+                        "active_decode_blocks": l.active_decode_blocks,
+                        "active_prefill_tokens": l.active_prefill_tokens,
+                    })
+                })
+                .collect();
+            json!({"spec": w.spec, "healthy": w.is_healthy(), "ranks": ranks})
+        })
+        .collect();
+    axum::Json(json!({ "workers": workers })).into_response()
+}
+
+async fn register(State(a): State<Arc<Admin>>, body: Bytes) -> Response {
+    let spec: WorkerSpec = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return ApiError::bad_request(format!("invalid worker spec: {e}")).into_response()
+        }
+    };
+    let fleet = a.fleet.clone();
+    // Starting subscribers opens sockets and threads: keep it off the async workers.
+    match tokio::task::spawn_blocking(move || fleet.register(spec)).await {
+        Ok(Ok(spec)) => (StatusCode::CREATED, axum::Json(spec)).into_response(),
+        Ok(Err(e)) => ApiError::bad_request(e.to_string()).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+async fn deregister(State(a): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<u64>() else {
+        return ApiError::bad_request(format!("worker id must be an unsigned integer, got {id:?}"))
+            .into_response();
+    };
+    match a.fleet.deregister(id).await {
+        Some(spec) => axum::Json(spec).into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            format!("no worker {id}"),
+        )
+        .into_response(),
+    }
+}

@@ -1,0 +1,305 @@
+//! `kvrouter frontend` flags, with the reference's names and `DYN_*` variables
+//! (`dynamo-router-spec.md` §9.1, §9.2), turned into the core's [`RouterConfig`].
+//!
+//! Boolean router switches take both spellings of the reference: `--kv-events` /
+//! `--no-kv-events` and the `--router-kv-events` / `--no-router-kv-events` aliases; the
+//! environment variable accepts `true`/`false`/`1`/`0`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::builder::BoolishValueParser;
+use clap::Args;
+use kvrouter_core::config::{ConfigError, KvRouterConfig, LoadThresholds};
+use kvrouter_core::{RouterConfig, RouterMode};
+
+use crate::registry::WorkerSpec;
+
+/// Everything `kvrouter frontend` accepts. `Default` gives the reference defaults with an
+/// ephemeral port on 127.0.0.1 (what tests and the embedded stack want).
+#[derive(Args, Clone, Debug)]
+pub struct FrontendConfig {
+    /// Address the OpenAI API listens on.
+    #[arg(long, env = "DYN_HTTP_HOST", default_value = "0.0.0.0")]
+    pub http_host: String,
+    /// Port of the OpenAI API (0 = any free port).
+    #[arg(long, env = "DYN_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+
+    /// HF-style model directory: `tokenizer.json`, `tokenizer_config.json` (chat template).
+    /// Default: the Qwen3 tokenizer vendored in the repository (`models/qwen3`).
+    #[arg(long, env = "DYN_MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+    /// Served model name (`/v1/models`, the `model` field requests must carry).
+    /// Default: `Qwen/Qwen3-0.6B` for the vendored tokenizer, else the directory's name.
+    #[arg(long, env = "DYN_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Context length; longer prompts are rejected with 400 before routing.
+    /// Default: the tokenizer config's `model_max_length`, else 32768.
+    #[arg(long, env = "DYN_CONTEXT_LENGTH")]
+    pub context_length: Option<usize>,
+
+    /// Router mode.
+    #[arg(long, env = "DYN_ROUTER_MODE", default_value = "round-robin")]
+    pub router_mode: RouterMode,
+    /// Softmax temperature over normalised costs; 0 = argmin (kv mode).
+    #[arg(long, env = "DYN_ROUTER_TEMPERATURE", default_value_t = 0.0)]
+    pub router_temperature: f64,
+    /// Tokens per KV block; default: the workers' registered block size.
+    #[arg(long, env = "DYN_KV_CACHE_BLOCK_SIZE")]
+    pub kv_cache_block_size: Option<usize>,
+    /// Consume the workers' KV events (exact index); off = approximate mode.
+    #[arg(long = "kv-events", visible_alias = "router-kv-events", env = "DYN_KV_EVENTS",
+          num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub kv_events: Option<bool>,
+    /// Approximate mode: route on the router's own decisions, no KV events.
+    #[arg(
+        long = "no-kv-events",
+        visible_alias = "no-router-kv-events",
+        conflicts_with = "kv_events"
+    )]
+    pub no_kv_events: bool,
+    /// Legacy overlap weight (§6.3): maps to the prefill load scale.
+    #[arg(
+        long = "kv-overlap-score-weight",
+        visible_alias = "router-kv-overlap-score-weight",
+        env = "DYN_KV_OVERLAP_SCORE_WEIGHT"
+    )]
+    pub kv_overlap_score_weight: Option<f64>,
+    /// Device-tier overlap credit.
+    #[arg(
+        long,
+        env = "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT",
+        default_value_t = 1.0
+    )]
+    pub router_kv_overlap_score_credit: f64,
+    /// Scale of prefill blocks in the cost.
+    #[arg(long, env = "DYN_ROUTER_PREFILL_LOAD_SCALE", default_value_t = 1.0)]
+    pub router_prefill_load_scale: f64,
+    /// Cost weight of each active request on a rank (experimental).
+    #[arg(
+        long,
+        env = "DYN_ROUTER_DECODE_ACTIVE_REQUEST_WEIGHT",
+        default_value_t = 0.0
+    )]
+    pub router_decode_active_request_weight: f64,
+    /// Credit of host-memory cache hits.
+    #[arg(long, env = "DYN_ROUTER_HOST_CACHE_HIT_WEIGHT", default_value_t = 0.75)]
+    pub router_host_cache_hit_weight: f64,
+    /// Credit of disk cache hits.
+    #[arg(long, env = "DYN_ROUTER_DISK_CACHE_HIT_WEIGHT", default_value_t = 0.25)]
+    pub router_disk_cache_hit_weight: f64,
+    /// Count active blocks as decode load.
+    #[arg(long = "router-track-active-blocks", visible_alias = "track-active-blocks",
+          env = "DYN_ROUTER_TRACK_ACTIVE_BLOCKS", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub router_track_active_blocks: Option<bool>,
+    #[arg(
+        long = "no-router-track-active-blocks",
+        conflicts_with = "router_track_active_blocks"
+    )]
+    pub no_router_track_active_blocks: bool,
+    /// Blocks already active on a rank are shared, not added again.
+    #[arg(long = "router-assume-kv-reuse", visible_alias = "assume-kv-reuse",
+          env = "DYN_ROUTER_ASSUME_KV_REUSE", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub router_assume_kv_reuse: Option<bool>,
+    #[arg(
+        long = "no-router-assume-kv-reuse",
+        conflicts_with = "router_assume_kv_reuse"
+    )]
+    pub no_router_assume_kv_reuse: bool,
+    /// Count uncached prompt tokens as prefill load until the first token.
+    #[arg(long = "router-track-prefill-tokens", env = "DYN_ROUTER_TRACK_PREFILL_TOKENS",
+          num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub router_track_prefill_tokens: Option<bool>,
+    #[arg(
+        long = "no-router-track-prefill-tokens",
+        conflicts_with = "router_track_prefill_tokens"
+    )]
+    pub no_router_track_prefill_tokens: bool,
+    /// Approximate mode: seconds a routed block is assumed cached.
+    #[arg(long, env = "DYN_ROUTER_TTL_SECS", default_value_t = 120.0)]
+    pub router_ttl_secs: f64,
+    /// Approximate mode: blocks kept before pruning.
+    #[arg(long, env = "DYN_ROUTER_MAX_TREE_SIZE", default_value_t = 1 << 20)]
+    pub router_max_tree_size: usize,
+    /// Approximate mode: fraction kept when pruning.
+    #[arg(long, env = "DYN_ROUTER_PRUNE_TARGET_RATIO", default_value_t = 0.8)]
+    pub router_prune_target_ratio: f64,
+    /// With events: also predict that a routed prompt is cached for this many seconds, so
+    /// siblings arriving before the engine's events follow it.
+    #[arg(long, env = "DYN_ROUTER_PREDICTED_TTL_SECS")]
+    pub router_predicted_ttl_secs: Option<f64>,
+    /// Seconds after which a booked request that was never freed is dropped.
+    #[arg(
+        long,
+        env = "DYN_ROUTER_ACTIVE_REQUEST_EXPIRY_SECS",
+        default_value_t = 300.0
+    )]
+    pub router_active_request_expiry_secs: f64,
+    /// Busy when a rank's active decode blocks exceed this fraction of its KV blocks.
+    #[arg(long, env = "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD")]
+    pub active_decode_blocks_threshold: Option<f64>,
+    /// Busy when a rank's active prefill tokens exceed this.
+    #[arg(long, env = "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD")]
+    pub active_prefill_tokens_threshold: Option<u64>,
+    /// Busy when active prefill tokens exceed this fraction of `max_num_batched_tokens`.
+    #[arg(long, env = "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD_FRAC")]
+    pub active_prefill_tokens_threshold_frac: Option<f64>,
+    /// device-aware-weighted: weight of an accelerator worker against a CPU worker.
+    #[arg(long, env = "DYN_ENCODER_CUDA_TO_CPU_RATIO", default_value_t = 8.0)]
+    pub device_ratio: f64,
+
+    /// A worker's base URL (repeatable), e.g. `http://10.0.0.5:8000`; KV events then come
+    /// from `--worker-kv-events` if given. For full descriptions use `--workers-file`.
+    #[arg(long = "worker", value_name = "URL")]
+    pub workers: Vec<String>,
+    /// Workers file: JSON lines or a JSON array of worker descriptions
+    /// (`url`, `kv_events_endpoint`, `replay_endpoint`, `block_size`, `dp_size`, `device`,
+    /// `total_kv_blocks`, `max_num_batched_tokens`, `model`, `id`). `kvrouter mocker` prints
+    /// such lines.
+    #[arg(long, env = "KVROUTER_WORKERS_FILE")]
+    pub workers_file: Option<PathBuf>,
+    /// Address of the admin API (`/v1/workers`).
+    #[arg(long, env = "KVROUTER_ADMIN_HOST", default_value = "127.0.0.1")]
+    pub admin_host: String,
+    /// Port of the admin API; 0 = any free port; omit with `--no-admin`.
+    #[arg(long, env = "KVROUTER_ADMIN_PORT", default_value_t = 8001)]
+    pub admin_port: u16,
+    /// Do not serve the admin API.
+    #[arg(long)]
+    pub no_admin: bool,
+    /// Bearer token the admin API requires (none = open, hence bound to 127.0.0.1).
+    #[arg(long, env = "KVROUTER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Milliseconds between worker health checks.
+    #[arg(long, env = "KVROUTER_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    /// Largest accepted request body, bytes.
+    #[arg(long, env = "KVROUTER_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds to wait for a worker to answer a request's headers.
+    #[arg(long, env = "KVROUTER_WORKER_TIMEOUT_SECS", default_value_t = 600.0)]
+    pub worker_timeout_secs: f64,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            c: FrontendConfig,
+        }
+        // Defaults come from the attributes above, so they are written once. Environment
+        // variables are ignored here on purpose: in-process users set fields directly.
+        let mut c = P::parse_from(["kvrouter"]).c;
+        c.http_host = "127.0.0.1".into();
+        c.http_port = 0;
+        c.admin_port = 0;
+        c
+    }
+}
+
+fn flag(on: Option<bool>, off: bool, default: bool) -> bool {
+    if off {
+        false
+    } else {
+        on.unwrap_or(default)
+    }
+}
+
+impl FrontendConfig {
+    /// The core's configuration for these flags. Errors: out-of-range values.
+    pub fn router_config(&self) -> Result<RouterConfig, ConfigError> {
+        let kv = KvRouterConfig {
+            overlap_score_weight: self.kv_overlap_score_weight,
+            overlap_score_credit: self.router_kv_overlap_score_credit,
+            prefill_load_scale: self.router_prefill_load_scale,
+            decode_active_request_weight: self.router_decode_active_request_weight,
+            host_cache_hit_weight: self.router_host_cache_hit_weight,
+            disk_cache_hit_weight: self.router_disk_cache_hit_weight,
+            router_temperature: self.router_temperature,
+            use_kv_events: self.use_kv_events(),
+            router_track_active_blocks: flag(
+                self.router_track_active_blocks,
+                self.no_router_track_active_blocks,
+                true,
+            ),
+            router_assume_kv_reuse: flag(
+                self.router_assume_kv_reuse,
+                self.no_router_assume_kv_reuse,
+                true,
+            ),
+            router_track_prefill_tokens: flag(
+                self.router_track_prefill_tokens,
+                self.no_router_track_prefill_tokens,
+                true,
+            ),
+            router_ttl_secs: self.router_ttl_secs,
+            router_max_tree_size: self.router_max_tree_size,
+            router_prune_target_ratio: self.router_prune_target_ratio,
+            router_predicted_ttl_secs: self.router_predicted_ttl_secs,
+            router_active_request_expiry_secs: self.router_active_request_expiry_secs,
+            ..KvRouterConfig::default()
+        };
+        kv.validate()?;
+        Ok(RouterConfig {
+            mode: self.router_mode,
+            kv,
+            thresholds: LoadThresholds {
+                active_decode_blocks_threshold: self.active_decode_blocks_threshold,
+                active_prefill_tokens_threshold: self.active_prefill_tokens_threshold,
+                active_prefill_tokens_threshold_frac: self.active_prefill_tokens_threshold_frac,
+            },
+            device_ratio: self.device_ratio,
+        })
+    }
+
+    /// Whether KV events feed an exact index (else approximate mode).
+    pub fn use_kv_events(&self) -> bool {
+        flag(self.kv_events, self.no_kv_events, true)
+    }
+
+    /// The OpenAI API's socket address. Errors: an unparsable host.
+    pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(format!("{}:{}", bracket(&self.http_host), self.http_port).parse()?)
+    }
+
+    /// The admin API's socket address, unless disabled.
+    pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.no_admin {
+            return Ok(None);
+        }
+        Ok(Some(
+            format!("{}:{}", bracket(&self.admin_host), self.admin_port).parse()?,
+        ))
+    }
+
+    /// Workers from `--worker` and `--workers-file`. Errors: unreadable or malformed file.
+    pub fn static_workers(&self) -> anyhow::Result<Vec<WorkerSpec>> {
+        let mut out: Vec<WorkerSpec> = self
+            .workers
+            .iter()
+            .map(|u| WorkerSpec::from_url(u))
+            .collect();
+        if let Some(p) = &self.workers_file {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("reading workers file {}: {e}", p.display()))?;
+            out.extend(
+                WorkerSpec::parse_list(&text)
+                    .map_err(|e| anyhow::anyhow!("workers file {}: {e}", p.display()))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}

@@ -1,0 +1,459 @@
+//! The OpenAI API surface: parsing `/v1/completions` and `/v1/chat/completions` requests into
+//! token ids plus routing hints ([`ParsedRequest`]), the worker request body, response and
+//! chunk shapes, and OpenAI-style errors ([`ApiError`]).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kvrouter_core::RouterConfigOverride;
+use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor};
+use serde_json::{json, Map, Value};
+
+/// Which API a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    ChatCompletions,
+}
+
+impl Endpoint {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Completions => "completions",
+            Endpoint::ChatCompletions => "chat_completions",
+        }
+    }
+}
+
+/// An error as OpenAI shapes it: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI error type, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn param(mut self, p: &'static str) -> Self {
+        self.param = Some(p);
+        self
+    }
+
+    /// The metric label of this error.
+    pub fn metric_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 | 413 | 422 => "validation",
+            404 => "not_found",
+            503 => "unavailable",
+            _ => "internal",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.status.as_u16(),
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// Sampling fields forwarded to the worker unchanged (vLLM's names).
+const PASSTHROUGH: &[&str] = &[
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+    "cache_salt",
+];
+
+/// A request ready for routing.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub tokens: Vec<u32>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub max_tokens: Option<u64>,
+    /// `nvext.backend_instance_id`.
+    pub backend_instance_id: Option<u64>,
+    /// `nvext.dp_rank`.
+    pub dp_rank: Option<u32>,
+    /// `nvext.router_config_override`.
+    pub overrides: Option<RouterConfigOverride>,
+    pub cache_salt: Option<String>,
+    /// Fields forwarded to the worker.
+    pub sampling: Map<String, Value>,
+}
+
+impl ParsedRequest {
+    /// The body sent to the worker's `/v1/completions` (stream options are added by the
+    /// worker client).
+    pub fn worker_body(&self, worker_model: &str) -> Map<String, Value> {
+        let mut b = self.sampling.clone();
+        b.insert("model".into(), worker_model.into());
+        b.insert("prompt".into(), json!(self.tokens));
+        if let Some(m) = self.max_tokens {
+            b.insert("max_tokens".into(), m.into());
+        }
+        b
+    }
+}
+
+/// Limits a request is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub context_length: usize,
+}
+
+/// Parse and preprocess a request body. Errors: 400 (bad JSON or fields, prompt too long),
+/// 404 (unknown model).
+pub fn parse_request(
+    endpoint: Endpoint,
+    body: &[u8],
+    served_model: &str,
+    pre: &Preprocessor,
+    limits: Limits,
+) -> Result<ParsedRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let Value::Object(obj) = v else {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_request("missing field `model`").param("model"))
+        }
+        Some(_) => return Err(ApiError::bad_request("`model` must be a string").param("model")),
+    };
+    if model != served_model {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFoundError",
+            format!("The model `{model}` does not exist. Served: `{served_model}`."),
+        )
+        .param("model"));
+    }
+    let stream = get_bool(&obj, "stream")?.unwrap_or(false);
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => get_bool(o, "include_usage")?.unwrap_or(false),
+        Some(_) => return Err(ApiError::bad_request("`stream_options` must be an object")),
+    };
+    match obj.get("n") {
+        None | Some(Value::Null) => {}
+        Some(n) if n.as_u64() == Some(1) => {}
+        Some(_) => return Err(ApiError::bad_request("only n = 1 is supported").param("n")),
+    }
+    let max_key = match endpoint {
+        Endpoint::ChatCompletions if obj.contains_key("max_completion_tokens") => {
+            "max_completion_tokens"
+        }
+        _ => "max_tokens",
+    };
+    let max_tokens = match obj.get(max_key) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => Some(n),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`{max_key}` must be a positive integer"
+                ))
+                .param("max_tokens"))
+            }
+        },
+    };
+    let tokens = match endpoint {
+        Endpoint::Completions => completion_prompt(&obj, pre)?,
+        Endpoint::ChatCompletions => chat_prompt(&obj, pre)?,
+    };
+    if tokens.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
+    }
+    let ctx = limits.context_length;
+    if tokens.len() > ctx || tokens.len() as u64 + max_tokens.unwrap_or(0) > ctx as u64 {
+        return Err(ApiError::bad_request(format!(
+            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the prompt, {} for the completion).",
+            tokens.len() as u64 + max_tokens.unwrap_or(0),
+            tokens.len(),
+            max_tokens.unwrap_or(0)
+        ))
+        .param("prompt"));
+    }
+    let mut backend_instance_id = None;
+    let mut dp_rank = None;
+    let mut overrides = None;
+    match obj.get("nvext") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(nv)) => {
+            backend_instance_id = match nv.get("backend_instance_id") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    ApiError::bad_request(
+                        "`nvext.backend_instance_id` must be a worker id (unsigned integer)",
+                    )
+                })?),
+            };
+            dp_rank = match nv.get("dp_rank") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().and_then(|r| u32::try_from(r).ok()).ok_or_else(
+                    || ApiError::bad_request("`nvext.dp_rank` must be an unsigned integer"),
+                )?),
+            };
+            if let Some(o) = nv.get("router_config_override").filter(|o| !o.is_null()) {
+                let o: RouterConfigOverride = serde_json::from_value(o.clone()).map_err(|e| {
+                    ApiError::bad_request(format!("invalid `nvext.router_config_override`: {e}"))
+                })?;
+                o.validate().map_err(|e| {
+                    ApiError::bad_request(format!("invalid `nvext.router_config_override`: {e}"))
+                })?;
+                overrides = Some(o);
+            }
+        }
+        Some(_) => return Err(ApiError::bad_request("`nvext` must be an object")),
+    }
+    let cache_salt = match obj.get("cache_salt") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::bad_request("`cache_salt` must be a string")),
+    };
+    let mut sampling = Map::new();
+    for k in PASSTHROUGH {
+        if let Some(v) = obj.get(*k).filter(|v| !v.is_null()) {
+            sampling.insert((*k).to_string(), v.clone());
+        }
+    }
+    Ok(ParsedRequest {
+        endpoint,
+        model,
+        tokens,
+        stream,
+        include_usage,
+        max_tokens,
+        backend_instance_id,
+        dp_rank,
+        overrides,
+        cache_salt,
+        sampling,
+    })
+}
+
+fn get_bool(obj: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
+    match obj.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::bad_request(format!("`{k}` must be a boolean"))),
+    }
+}
+
+fn token_ids(v: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
+    v.iter()
+        .map(|x| {
+            x.as_u64()
+                .filter(|&t| (t as usize) < vocab)
+                .map(|t| t as u32)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "prompt token ids must be integers in 0..{vocab}, got {x}"
+                    ))
+                    .param("prompt")
+                })
+        })
+        .collect()
+}
+
+fn completion_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec<u32>, ApiError> {
+    let encode = |s: &str| {
+        pre.encode_with(s, true)
+            .map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))
+    };
+    let vocab = pre.vocab_size();
+    match obj.get("prompt") {
+        Some(Value::String(s)) => encode(s),
+        Some(Value::Array(a)) if a.is_empty() => {
+            Err(ApiError::bad_request("the prompt is empty").param("prompt"))
+        }
+        Some(Value::Array(a)) => match &a[0] {
+            Value::Number(_) => token_ids(a, vocab),
+            Value::String(s) if a.len() == 1 => encode(s),
+            Value::Array(ids) if a.len() == 1 => token_ids(ids, vocab),
+            _ if a.len() > 1 => Err(ApiError::bad_request(
+                "batched prompts are not supported; send one prompt per request",
+            )
+            .param("prompt")),
+            _ => Err(ApiError::bad_request(
+                "`prompt` must be a string, a list of token ids, or a list of one of those",
+            )
+            .param("prompt")),
+        },
+        None | Some(Value::Null) => {
+            Err(ApiError::bad_request("missing field `prompt`").param("prompt"))
+        }
+        Some(_) => Err(
+            ApiError::bad_request("`prompt` must be a string or a list of token ids")
+                .param("prompt"),
+        ),
+    }
+}
+
+fn chat_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec<u32>, ApiError> {
+    let messages = match obj.get("messages") {
+        Some(m @ Value::Array(a)) if !a.is_empty() => m,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::bad_request("`messages` is empty").param("messages"))
+        }
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_request("missing field `messages`").param("messages"))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request("`messages` must be an array").param("messages"))
+        }
+    };
+    let add_generation_prompt = get_bool(obj, "add_generation_prompt")?.unwrap_or(true);
+    let extra = match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => Some(o),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`chat_template_kwargs` must be an object",
+            ))
+        }
+    };
+    let text = pre
+        .render_chat(&ChatTemplateArgs {
+            messages,
+            tools: obj.get("tools"),
+            add_generation_prompt,
+            extra,
+        })
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
+    pre.encode(&text)
+        .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))
+}
+
+/// The usage object returned to clients: the worker's, completed with what the frontend
+/// knows when the worker sent none.
+pub fn usage(worker: Option<&Value>, prompt_tokens: usize, completion_tokens: usize) -> Value {
+    let get = |k: &str| worker.and_then(|u| u.get(k)).and_then(Value::as_u64);
+    let p = get("prompt_tokens").unwrap_or(prompt_tokens as u64);
+    let c = get("completion_tokens").unwrap_or(completion_tokens as u64);
+    let cached = worker
+        .and_then(|u| u.pointer("/prompt_tokens_details/cached_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    json!({
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// Response ids and shapes for one request.
+pub struct Shape {
+    pub endpoint: Endpoint,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Shape {
+    pub fn new(endpoint: Endpoint, model: &str, n: u64) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Completions => "cmpl",
+            Endpoint::ChatCompletions => "chatcmpl",
+        };
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Self {
+            endpoint,
+            id: format!("{prefix}-{n:016x}"),
+            created,
+            model: model.to_string(),
+        }
+    }
+
+    /// A streamed content chunk (`role` on the first chat chunk).
+    pub fn chunk(&self, text: &str, finish: Option<&str>, role: bool) -> Value {
+        match self.endpoint {
+            Endpoint::Completions => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+            }),
+            Endpoint::ChatCompletions => {
+                let delta = if role {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                })
+            }
+        }
+    }
+
+    /// The final usage chunk of a stream (`choices: []`).
+    pub fn usage_chunk(&self, usage: Value) -> Value {
+        let object = match self.endpoint {
+            Endpoint::Completions => "text_completion",
+            Endpoint::ChatCompletions => "chat.completion.chunk",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage})
+    }
+
+    /// A whole (non-streamed) response.
+    pub fn response(&self, text: &str, finish: Option<&str>, usage: Value) -> Value {
+        match self.endpoint {
+            Endpoint::Completions => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Endpoint::ChatCompletions => json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+        }
+    }
+}

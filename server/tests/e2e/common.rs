@@ -1,0 +1,100 @@
+//! Shared helpers of the end-to-end tests: embedded stacks on ephemeral ports, a keep-alive
+//! HTTP client, prompts, and polling.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use kvrouter_core::RouterMode;
+use kvrouter_server::up::{EmbeddedStack, UpConfig};
+use serde_json::{json, Value};
+
+pub const MODEL: &str = kvrouter_server::VENDORED_MODEL_NAME;
+
+/// An embedded stack: `workers` mock workers (no modelled delay unless `tweak` says so),
+/// small caches, 64-token blocks, the frontend in `mode`.
+pub async fn stack(
+    mode: RouterMode,
+    workers: usize,
+    tweak: impl FnOnce(&mut UpConfig),
+) -> EmbeddedStack {
+    let mut cfg = UpConfig {
+        workers,
+        ..UpConfig::default()
+    };
+    cfg.mocker.speedup_ratio = 0.0;
+    cfg.mocker.num_gpu_blocks = 1024;
+    cfg.frontend.router_mode = mode;
+    cfg.frontend.health_interval_ms = 100;
+    tweak(&mut cfg);
+    EmbeddedStack::start(cfg)
+        .await
+        .expect("embedded stack starts")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client")
+}
+
+/// `n` distinct-looking token ids starting from `seed`.
+pub fn prompt(seed: u32, n: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 1000 + (seed.wrapping_mul(7919).wrapping_add(i * 104_729)) % 100_000)
+        .collect()
+}
+
+/// A non-streamed completion: (status, serving worker id, body).
+pub async fn complete(c: &reqwest::Client, url: &str, body: Value) -> (u16, Option<u64>, Value) {
+    let r = c
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = r.status().as_u16();
+    let worker = worker_of(&r);
+    let v = r.json::<Value>().await.unwrap_or(Value::Null);
+    (status, worker, v)
+}
+
+pub fn worker_of(r: &reqwest::Response) -> Option<u64> {
+    r.headers()
+        .get(kvrouter_server::http::WORKER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn completion_body(tokens: &[u32], max_tokens: u32) -> Value {
+    json!({"model": MODEL, "prompt": tokens, "max_tokens": max_tokens})
+}
+
+/// Poll `f` every 10 ms until it holds or `secs` pass; returns whether it held.
+pub async fn eventually(secs: f64, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether every rank in the routing set has no booked load.
+pub fn all_idle(s: &EmbeddedStack) -> bool {
+    s.frontend.fleet.router.ranks().iter().all(|(_, l)| {
+        l.active_requests == 0 && l.active_decode_blocks == 0 && l.active_prefill_tokens == 0
+    })
+}
+
+/// Parse an SSE body into its `data:` payloads.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,263 @@
+//! Every error case of the API: clear OpenAI-shaped errors, nothing booked afterwards.
+use std::time::Duration;
+
+use futures::StreamExt;
+use kvrouter_core::RouterMode;
+use kvrouter_server::{Frontend, FrontendConfig};
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+async fn post_raw(c: &reqwest::Client, url: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = c
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_openai_error(v: &Value, kind: &str) {
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors() {
+    let s = stack(RouterMode::Kv, 1, |c| {
+        c.frontend.max_body_bytes = 64 * 1024;
+        c.frontend.context_length = Some(2048);
+    })
+    .await;
+    let c = client();
+    let url = s.url();
+    let (st, v) = post_raw(&c, &url, "/v1/completions", b"{not json".to_vec()).await;
+    assert_eq!(st, 400);
+    assert_openai_error(&v, "invalid_request_error");
+    let (st, v) = post_raw(&c, &url, "/v1/chat/completions", b"[1,2]".to_vec()).await;
+    assert_eq!(st, 400);
+    assert_openai_error(&v, "invalid_request_error");
+    let (st, v) = post_raw(
+        &c,
+        &url,
+        "/v1/chat/completions",
+        serde_json::to_vec(&json!({"model": MODEL, "messages": []})).unwrap(),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = post_raw(
+        &c,
+        &url,
+        "/v1/completions",
+        serde_json::to_vec(&json!({"model": "gpt-9", "prompt": "x"})).unwrap(),
+    )
+    .await;
+    assert_eq!(st, 404);
+    assert_openai_error(&v, "NotFoundError");
+    let (st, v) = post_raw(
+        &c,
+        &url,
+        "/v1/completions",
+        serde_json::to_vec(&json!({"model": MODEL, "prompt": [1, -3]})).unwrap(),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, _) = post_raw(
+        &c,
+        &url,
+        "/v1/completions",
+        serde_json::to_vec(&json!({"model": MODEL, "prompt": "x", "n": 3})).unwrap(),
+    )
+    .await;
+    assert_eq!(st, 400);
+    // Over the context length, before routing.
+    let (st, _, v) = complete(&c, &url, completion_body(&prompt(1, 3000), 4)).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length is 2048"),
+        "{v}"
+    );
+    let (st, _, _) = complete(&c, &url, completion_body(&prompt(1, 2040), 100)).await;
+    assert_eq!(
+        st, 400,
+        "prompt + max_tokens over the context must be refused"
+    );
+    // Body over the limit.
+    let big = serde_json::to_vec(&json!({"model": MODEL, "prompt": "a".repeat(100_000)})).unwrap();
+    let (st, v) = post_raw(&c, &url, "/v1/completions", big).await;
+    assert_eq!(st, 413, "{v}");
+    assert_openai_error(&v, "invalid_request_error");
+    // Pinned to a worker that does not exist.
+    let (st, _, v) = complete(
+        &c,
+        &url,
+        json!({"model": MODEL, "prompt": "hi", "nvext": {"backend_instance_id": 99}}),
+    )
+    .await;
+    assert_eq!(st, 404, "{v}");
+    // Invalid override.
+    let (st, _, v) = complete(&c, &url, json!({"model": MODEL, "prompt": "hi", "nvext": {"router_config_override": {"router_temperature": -1}}})).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, _, v) = complete(
+        &c,
+        &url,
+        json!({"model": MODEL, "prompt": "hi", "nvext": {"router_config_override": {"bogus": 1}}}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    // Unknown route.
+    let r = c.get(format!("{url}/v2/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(all_idle(&s));
+    // And the server still serves.
+    let (st, _, v) = complete(&c, &url, completion_body(&prompt(2, 100), 2)).await;
+    assert_eq!(st, 200, "{v}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_is_503_and_unhealthy() {
+    let cfg = FrontendConfig {
+        router_mode: RouterMode::Kv,
+        ..FrontendConfig::default()
+    };
+    let f = Frontend::start(cfg, Vec::new())
+        .await
+        .expect("frontend starts without workers");
+    let c = client();
+    let (st, _, v) = complete(&c, &f.url(), completion_body(&prompt(1, 100), 2)).await;
+    assert_eq!(st, 503, "{v}");
+    assert_openai_error(&v, "service_unavailable");
+    assert_eq!(
+        c.get(format!("{}/health", f.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        c.get(format!("{}/ready", f.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        c.get(format!("{}/live", f.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_workers_busy_is_503_with_the_reason() {
+    // Busy as soon as a rank has any prompt tokens in prefill; prefill is slowed 100x so the
+    // first request is still in prefill when the second arrives.
+    let s = stack(RouterMode::Kv, 1, |c| {
+        c.mocker.speedup_ratio = 0.01;
+        c.frontend.active_prefill_tokens_threshold = Some(0);
+    })
+    .await;
+    let c = client();
+    let url = s.url();
+    let mut body = completion_body(&prompt(4, 2000), 8);
+    body["stream"] = json!(true);
+    let first = c
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let (st, _, v) = complete(&c, &url, completion_body(&prompt(5, 100), 2)).await;
+    assert_eq!(st, 503, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("busy"),
+        "{v}"
+    );
+    drop(first); // client gives up: its booking must be released
+    assert!(
+        eventually(5.0, || all_idle(&s)).await,
+        "cancelled request left load booked"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_dying_mid_stream_gives_an_error_event_and_frees_the_load() {
+    let mut s = stack(RouterMode::Kv, 2, |c| c.mocker.speedup_ratio = 1.0).await;
+    let c = client();
+    let url = s.url();
+    let mut body = completion_body(&prompt(6, 256), 2000);
+    body["stream"] = json!(true);
+    let r = c
+        .post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let victim = worker_of(&r).expect("worker header");
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.expect("a chunk").expect("bytes");
+    assert!(String::from_utf8_lossy(&first).starts_with("data: {"));
+    // Kill the worker that is streaming.
+    let i = s
+        .workers
+        .iter()
+        .position(|w| {
+            Some(w.info.url.as_str())
+                == s.frontend
+                    .fleet
+                    .registry
+                    .get(victim)
+                    .map(|x| x.spec.url.clone())
+                    .as_deref()
+        })
+        .expect("victim is one of ours");
+    let w = s.workers.remove(i);
+    w.stop().await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(b) = stream.next().await {
+            match b {
+                Ok(b) => rest.extend_from_slice(&b),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "client hung after the worker died");
+    let text = String::from_utf8_lossy(&rest);
+    let events = sse_events(&text);
+    assert!(
+        events.iter().any(|e| e.contains("\"error\"")),
+        "no error event in {text:?}"
+    );
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(eventually(5.0, || all_idle(&s)).await, "load left booked");
+    // The dead worker left the routing set; the survivor serves.
+    let fleet = s.frontend.fleet.clone();
+    assert!(eventually(5.0, || !fleet.registry.get(victim).unwrap().is_healthy()).await);
+    let (st, w, v) = complete(&c, &url, completion_body(&prompt(7, 100), 2)).await;
+    assert_eq!(st, 200, "{v}");
+    assert_ne!(w, Some(victim));
+    s.stop().await;
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests on real sockets: an embedded stack (frontend + in-process mock workers
+//! over loopback HTTP and ZMQ) driven by a real HTTP client.
+mod admin;
+mod api;
+mod common;
+mod errors;
+mod lifecycle;
+mod routing;
