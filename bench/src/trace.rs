@@ -17,18 +17,24 @@ pub const MOONCAKE_BLOCK_TOKENS: usize = 512;
 pub struct TraceRequest {
     /// Arrival, ms since trace start.
     pub timestamp: u64,
+    /// Prompt length, tokens.
     pub input_length: usize,
+    /// Generated tokens.
     pub output_length: usize,
+    /// Ids of the prompt's 512-token blocks, in order (the last one may be partial).
     pub hash_ids: Vec<u64>,
 }
 
+/// Why a trace could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
+    /// The file could not be opened or read.
     #[error("reading {path}: {source}")]
     Io {
         path: String,
         source: std::io::Error,
     },
+    /// A line is not a trace request (`line` is 1-based).
     #[error("{path}:{line}: {source}")]
     Parse {
         path: String,
@@ -68,9 +74,11 @@ pub fn load_trace(path: &Path, limit: Option<usize>) -> Result<Vec<TraceRequest>
 }
 
 /// First token id used for synthetic prompts: above Qwen3's low ids (bytes, punctuation).
-const VOCAB_START: u32 = 1_000;
-/// Size of the id range used: real Qwen3 vocabulary ids (151,643 base tokens).
-const VOCAB_SPAN: u64 = 150_000;
+pub const VOCAB_START: u32 = 1_000;
+/// Size of the id range used for synthetic prompts: ids `VOCAB_START..VOCAB_START + VOCAB_SPAN`
+/// (1,000–150,999) are all regular Qwen3 vocabulary tokens (151,643 of them; the special
+/// tokens start at 151,643).
+pub const VOCAB_SPAN: u64 = 150_000;
 
 /// The fixed run of `MOONCAKE_BLOCK_TOKENS` token ids standing for one hash id: real vocabulary
 /// ids, deterministic, different for different ids.
