@@ -24,6 +24,8 @@ enum Command {
     Events(cmd::events::Args),
     /// Run CPU-only mock inference engines (vLLM-compatible HTTP API and KV events).
     Mocker(cmd::mocker::Args),
+    /// Benchmark an OpenAI-compatible endpoint (or embedded stacks per router mode) over HTTP.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +35,6 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(a) => cmd::simulate::run(a),
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     }
 }

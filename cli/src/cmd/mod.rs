@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod events;
 pub mod hash;
 pub mod mocker;

@@ -1,0 +1,395 @@
+//! `kvrouter bench`: replay a Mooncake trace or a shared-prefix workload over HTTP against any
+//! OpenAI-compatible endpoint (`--url`, repeatable for side-by-side runs) or against a fresh
+//! embedded stack per router mode (`--embedded --compare kv,round-robin,random`), and report
+//! TTFT / ITL / end-to-end latency, throughput, KV hit rate, the router's own figures and the
+//! pooled-LRU bound: a table on stdout; with `--out DIR`, `results.json`, `report.md`,
+//! `requests.jsonl` and SVG plots.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kvrouter_bench::bound::bound;
+use kvrouter_bench::client::{http_client, Api, RequestRecord};
+use kvrouter_bench::report::{self, Results, WorkloadInfo};
+use kvrouter_bench::runner::{self, RunOptions};
+use kvrouter_bench::stats::Summary;
+use kvrouter_bench::trace::load_trace;
+use kvrouter_bench::workload::{
+    from_trace, poisson_offsets, prefix_workload, BenchRequest, PrefixSpec, Schedule,
+};
+use kvrouter_core::config::RouterMode;
+use serde::Serialize;
+
+/// Which requests to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadKind {
+    /// Shared system prompts plus unique suffixes (`--prefixes`, `--prefix-len`, …).
+    Prefix,
+    /// A Mooncake-format trace (`--trace`), open loop at its timestamps.
+    Mooncake,
+}
+
+fn parse_range(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s.split_once(':').unwrap_or((s, s));
+    let p = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("{x:?}: {e} (expected MIN:MAX)"))
+    };
+    let (a, b) = (p(a)?, p(b)?);
+    if a > b {
+        return Err(format!("{s}: MIN is above MAX"));
+    }
+    Ok((a, b))
+}
+
+#[derive(clap::Args, Debug, Serialize)]
+pub struct Args {
+    /// Base URL of an OpenAI-compatible endpoint (`http://host:port`, with or without `/v1`).
+    /// Repeat for side-by-side runs of the same workload against several endpoints.
+    #[arg(
+        long,
+        required_unless_present = "embedded",
+        conflicts_with = "embedded"
+    )]
+    url: Vec<String>,
+    /// Name of each `--url` run in reports (default: "endpoint", "endpoint-2", …).
+    #[arg(long)]
+    label: Vec<String>,
+    /// Start a fresh embedded stack (frontend + mock workers, cold caches) per `--compare`
+    /// mode and run against each.
+    #[arg(long)]
+    embedded: bool,
+    /// Router modes to compare with `--embedded`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "kv,round-robin,random")]
+    compare: Vec<RouterMode>,
+    /// What to send.
+    #[arg(long, value_enum)]
+    workload: WorkloadKind,
+    /// Mooncake-format JSONL trace (`--workload mooncake`).
+    #[arg(long, default_value = "../shared/data/traces/synthetic_trace.jsonl")]
+    trace: PathBuf,
+    /// Requests to send (mooncake: the trace's first N; default 1000 / prefix: 800).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Closed loop at this many requests in flight (prefix default: 16; mooncake: replaces the
+    /// trace's timestamps).
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop, Poisson arrivals at this many requests/s (mooncake: replaces the trace's
+    /// timestamps).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Divide the trace's timestamps by this (4 = four times as fast).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Shared system prompts (prefix workload).
+    #[arg(long, default_value_t = 64)]
+    prefixes: usize,
+    /// System prompt length range, tokens (prefix workload).
+    #[arg(long, value_parser = parse_range, default_value = "2048:4096")]
+    prefix_len: (usize, usize),
+    /// User suffix length range, tokens (prefix workload).
+    #[arg(long, value_parser = parse_range, default_value = "32:256")]
+    suffix_len: (usize, usize),
+    /// Output length range, tokens (prefix workload).
+    #[arg(long, value_parser = parse_range, default_value = "32:128")]
+    osl: (usize, usize),
+    /// Workers in the fleet (embedded stack; and the bound's capacity).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// KV blocks per worker (embedded stack; and the bound's capacity).
+    #[arg(long, default_value_t = 16384)]
+    num_gpu_blocks: usize,
+    /// Tokens per KV block (embedded stack; and the bound).
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// Mock workers' speed-up of modelled time (embedded; 0 = no delay).
+    #[arg(long, default_value_t = 1.0)]
+    speedup_ratio: f64,
+    /// Softmax temperature of the embedded kv router (0 = argmin).
+    #[arg(long, default_value_t = 0.0)]
+    router_temperature: f64,
+    /// Model name to send (default: the first id of GET BASE/v1/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// API to drive: completions (token-id prompts) or chat (prompts decoded to text).
+    #[arg(long, default_value = "completions")]
+    endpoint: Api,
+    /// Tokenizer directory decoding prompts for `--endpoint chat`, and the embedded workers'
+    /// model (default: models/qwen3, else ../shared/data/tokenizers/qwen3).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Seed of the prefix workload and Poisson arrivals.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Per-request limit, seconds (connect to end of stream).
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+    /// Whole-run limit per mode, seconds: nothing is sent after it and requests still in
+    /// flight are cut (counted as errors).
+    #[arg(long, default_value_t = 3600.0)]
+    max_duration: f64,
+    /// Write results.json, report.md, requests.jsonl and SVG plots here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print results.json to stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl Args {
+    fn tokenizer_dir(&self) -> Option<PathBuf> {
+        if let Some(t) = &self.tokenizer {
+            return Some(t.clone());
+        }
+        ["models/qwen3", "../shared/data/tokenizers/qwen3"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("tokenizer.json").is_file())
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.workers > 0 && self.block_size > 0 && self.num_gpu_blocks > 0,
+            "--workers, --block-size and --num-gpu-blocks must be at least 1"
+        );
+        anyhow::ensure!(
+            self.time_scale > 0.0 && self.time_scale.is_finite(),
+            "--time-scale must be > 0"
+        );
+        anyhow::ensure!(
+            self.concurrency != Some(0),
+            "--concurrency must be at least 1"
+        );
+        if let Some(r) = self.rate {
+            anyhow::ensure!(r > 0.0 && r.is_finite(), "--rate must be > 0");
+        }
+        anyhow::ensure!(self.prefixes > 0, "--prefixes must be at least 1");
+        anyhow::ensure!(self.timeout > 0.0, "--timeout must be > 0");
+        anyhow::ensure!(self.max_duration > 0.0, "--max-duration must be > 0");
+        anyhow::ensure!(
+            self.label.len() <= self.url.len(),
+            "more --label than --url"
+        );
+        anyhow::ensure!(
+            !(self.embedded && self.compare.is_empty()),
+            "--compare needs at least one mode"
+        );
+        Ok(())
+    }
+}
+
+/// The workload's requests and schedule.
+fn build_workload(args: &Args) -> anyhow::Result<(Vec<BenchRequest>, Schedule)> {
+    let (requests, default_schedule) = match args.workload {
+        WorkloadKind::Mooncake => {
+            let n = args.requests.unwrap_or(1000);
+            let trace = load_trace(&args.trace, Some(n))?;
+            anyhow::ensure!(
+                !trace.is_empty(),
+                "{} has no requests",
+                args.trace.display()
+            );
+            from_trace(&trace, args.time_scale)
+        }
+        WorkloadKind::Prefix => {
+            let spec = PrefixSpec {
+                requests: args.requests.unwrap_or(800),
+                prefixes: args.prefixes,
+                prefix_len: args.prefix_len,
+                suffix_len: args.suffix_len,
+                osl: args.osl,
+                seed: args.seed,
+            };
+            (prefix_workload(&spec), Schedule::Closed { concurrency: 16 })
+        }
+    };
+    anyhow::ensure!(!requests.is_empty(), "the workload has no requests");
+    let schedule = match (args.concurrency, args.rate) {
+        (Some(c), _) => Schedule::Closed { concurrency: c },
+        (None, Some(r)) => Schedule::Open {
+            offsets_ms: poisson_offsets(requests.len(), r, args.seed),
+        },
+        (None, None) => default_schedule,
+    };
+    Ok((requests, schedule))
+}
+
+fn summary_of(v: impl Iterator<Item = usize>) -> Option<Summary> {
+    Summary::of(&v.map(|x| x as f64).collect::<Vec<_>>())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    args.validate()?;
+    let (requests, schedule) = build_workload(&args)?;
+    let requests = Arc::new(requests);
+    let bound = bound(
+        requests.iter().map(|r| r.prompt.as_slice()),
+        args.block_size,
+        args.workers * args.num_gpu_blocks,
+    );
+    let tokenizer = match args.endpoint {
+        Api::Completions => None,
+        Api::Chat => {
+            let dir = args
+                .tokenizer_dir()
+                .context("--endpoint chat needs --tokenizer DIR")?;
+            Some(Arc::new(
+                kvrouter_preprocess::Preprocessor::from_model_dir(&dir)
+                    .with_context(|| format!("loading the tokenizer in {}", dir.display()))?,
+            ))
+        }
+    };
+    let workload = WorkloadInfo {
+        kind: match args.workload {
+            WorkloadKind::Prefix => "prefix".into(),
+            WorkloadKind::Mooncake => "mooncake".into(),
+        },
+        requests: requests.len(),
+        isl: summary_of(requests.iter().map(|r| r.prompt.len())),
+        osl: summary_of(requests.iter().map(|r| r.max_tokens)),
+        schedule: schedule.describe(),
+    };
+    let mut config = serde_json::to_value(&args)?;
+    config["command"] = serde_json::Value::String(command_line());
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let outcomes = rt.block_on(async {
+        let client = http_client();
+        let mut outcomes = Vec::new();
+        let opts = |label: String, base_url: String| RunOptions {
+            label,
+            base_url,
+            model: args.model.clone(),
+            api: args.endpoint,
+            tokenizer: tokenizer.clone(),
+            timeout: Duration::from_secs_f64(args.timeout),
+            max_duration: Some(Duration::from_secs_f64(args.max_duration)),
+            progress: !args.no_progress,
+        };
+        if args.embedded {
+            for &mode in &args.compare {
+                let stack = embedded::start(&args, mode)
+                    .await
+                    .with_context(|| format!("starting the embedded stack ({})", mode.as_str()))?;
+                let o = opts(mode.as_str().to_string(), stack.url());
+                let result = runner::run(&client, &o, requests.clone(), &schedule).await;
+                stack.stop().await;
+                let outcome = result?;
+                eprintln!("{}", one_line(&outcome.report));
+                outcomes.push(outcome);
+            }
+        } else {
+            for (i, url) in args.url.iter().enumerate() {
+                let label = args.label.get(i).cloned().unwrap_or_else(|| match i {
+                    0 => "endpoint".into(),
+                    _ => format!("endpoint-{}", i + 1),
+                });
+                let outcome = runner::run(
+                    &client,
+                    &opts(label, url.clone()),
+                    requests.clone(),
+                    &schedule,
+                )
+                .await?;
+                eprintln!("{}", one_line(&outcome.report));
+                outcomes.push(outcome);
+            }
+        }
+        anyhow::Ok(outcomes)
+    })?;
+
+    let results = Results {
+        config,
+        workload,
+        runs: outcomes.iter().map(|o| o.report.clone()).collect(),
+        bound,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{}", report::table(&results));
+    }
+    if let Some(dir) = &args.out {
+        let records: Vec<(String, Vec<RequestRecord>)> = outcomes
+            .into_iter()
+            .map(|o| (o.report.mode, o.records))
+            .collect();
+        let written = report::write_all(dir, &results, &records).map_err(anyhow::Error::msg)?;
+        eprintln!("wrote {}", display_paths(&written));
+    }
+    Ok(())
+}
+
+fn one_line(r: &kvrouter_bench::runner::RunReport) -> String {
+    format!(
+        "{}: {} requests, {} errors, hit {}, TTFT p50 {} ms, {:.2} req/s",
+        r.mode,
+        r.requests,
+        r.errors,
+        r.hit_rate.map_or("–".into(), |h| format!("{h:.3}")),
+        r.ttft_ms.map_or("–".into(), |t| format!("{:.1}", t.p50)),
+        r.requests_per_s
+    )
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn command_line() -> String {
+    let mut words = vec!["kvrouter".to_string()];
+    for a in std::env::args().skip(1) {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:,=+@".contains(c))
+            && !a.is_empty()
+        {
+            words.push(a);
+        } else {
+            words.push(format!("'{}'", a.replace('\'', "'\\''")));
+        }
+    }
+    words.join(" ")
+}
+
+/// The embedded stack: frontend + mock workers in this process, one per mode, cold caches.
+mod embedded {
+    use super::Args;
+    use kvrouter_core::config::RouterMode;
+    use kvrouter_server::up::{EmbeddedStack, UpConfig};
+
+    /// Start a stack for `mode` with the flags' worker parameters (count, blocks, block size,
+    /// speedup; the tokenizer when `--tokenizer` is given).
+    pub async fn start(args: &Args, mode: RouterMode) -> anyhow::Result<EmbeddedStack> {
+        let mut cfg = UpConfig {
+            workers: args.workers,
+            ..UpConfig::default()
+        };
+        cfg.mocker.num_gpu_blocks = args.num_gpu_blocks;
+        cfg.mocker.block_size = args.block_size;
+        cfg.mocker.speedup_ratio = args.speedup_ratio;
+        if let Some(dir) = &args.tokenizer {
+            cfg.mocker.model_path = Some(dir.clone());
+            cfg.frontend.model_path = Some(dir.clone());
+        }
+        cfg.frontend.router_mode = mode;
+        cfg.frontend.router_temperature = args.router_temperature;
+        cfg.frontend.kv_cache_block_size = Some(args.block_size);
+        cfg.frontend.http_host = "127.0.0.1".into();
+        cfg.frontend.http_port = 0;
+        cfg.frontend.no_admin = true;
+        EmbeddedStack::start(cfg).await
+    }
+}
