@@ -16,6 +16,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the embedded default: frontend on 127.0.0.1:8000 (KV mode) with in-process mock
+    /// workers and the vendored Qwen3 tokenizer.
+    Up(cmd::up::Args),
+    /// Run the OpenAI-compatible frontend with its embedded router in front of workers.
+    Frontend(cmd::frontend::Args),
     /// Print the router's block hashes for token ids read as a JSON array on stdin.
     Hash(cmd::hash::Args),
     /// Route a Mooncake trace through the core against simulated workers; print overlap and load.
@@ -31,6 +36,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Up(a) => cmd::up::run(a),
+        Command::Frontend(a) => cmd::frontend::run(a),
         Command::Hash(a) => cmd::hash::run(a),
         Command::Simulate(a) => cmd::simulate::run(a),
         Command::Events(a) => cmd::events::run(a),

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! Every request carries a distinct 4k-token prompt (unique prefixes, so every request
-//! prefills and publishes its blocks) unless `--shared` is given. Bodies are serialised before
+//! prefills and publishes its blocks) unless `--shared` is given. Against a frontend, add
+//! `--url http://127.0.0.1:8000 --model NAME`; `--text` sends a text prompt of about the same
+//! length (the frontend tokenizes it), `--stream` asks for SSE. Bodies are serialised before
 //! the run so the client spends its time on HTTP only.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +27,9 @@ struct Args {
     concurrency: usize,
     seconds: f64,
     distinct: usize,
+    model: Option<String>,
+    text: bool,
+    stream: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -35,6 +40,9 @@ fn parse_args() -> anyhow::Result<Args> {
         concurrency: 64,
         seconds: 20.0,
         distinct: 4096,
+        model: None,
+        text: false,
+        stream: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,6 +68,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--seconds" => a.seconds = val()?.parse()?,
             "--distinct" => a.distinct = val()?.parse()?,
             "--shared" => a.distinct = 1,
+            "--model" => a.model = Some(val()?),
+            "--text" => a.text = true,
+            "--stream" => a.stream = true,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -68,6 +79,12 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     Ok(a)
 }
+
+const WORDS: [&str; 32] = [
+    " the", " of", " and", " to", " in", " is", " that", " for", " it", " as", " was", " with",
+    " be", " by", " on", " not", " he", " this", " are", " or", " his", " from", " at", " which",
+    " but", " have", " an", " had", " they", " you", " were", " their",
+];
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -91,12 +108,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         }
                     })
                     .collect();
-                Bytes::from(
-                    serde_json::to_vec(&serde_json::json!({
-                        "prompt": prompt, "max_tokens": args.max_tokens,
-                    }))
-                    .expect("serialise"),
-                )
+                let mut body = serde_json::json!({
+                    "prompt": prompt, "max_tokens": args.max_tokens,
+                });
+                if args.text {
+                    // Common English words (one Qwen3 token each with their leading space),
+                    // distinct per request: about prompt_tokens tokens.
+                    let words: Vec<&str> = prompt
+                        .iter()
+                        .map(|t| WORDS[*t as usize % WORDS.len()])
+                        .collect();
+                    body["prompt"] = format!("Request {i}:{}", words.concat()).into();
+                }
+                if let Some(m) = &args.model {
+                    body["model"] = m.clone().into();
+                }
+                if args.stream {
+                    body["stream"] = true.into();
+                }
+                Bytes::from(serde_json::to_vec(&body).expect("serialise"))
             })
             .collect(),
     );
