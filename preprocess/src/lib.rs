@@ -20,6 +20,9 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
+mod fast;
+use fast::FastEncoder;
+
 /// Everything that can go wrong while loading a model directory or preprocessing a request.
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
@@ -88,6 +91,8 @@ pub struct ChatTemplateArgs<'a> {
 /// A loaded model directory: tokenizer, special tokens, chat template, context length.
 pub struct Preprocessor {
     tokenizer: Tokenizer,
+    /// Same ids as the library, faster; `None` for tokenizers of another shape.
+    fast: Option<FastEncoder>,
     env: Option<Environment<'static>>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -100,6 +105,7 @@ impl std::fmt::Debug for Preprocessor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Preprocessor")
             .field("vocab_size", &self.vocab_size)
+            .field("fast_encode", &self.fast.is_some())
             .field("has_chat_template", &self.env.is_some())
             .field("eos_token_ids", &self.eos_token_ids)
             .field("context_length", &self.context_length)
@@ -128,6 +134,9 @@ impl Preprocessor {
                 path: tok_path.clone(),
                 message: e.to_string(),
             })?;
+        let fast = serde_json::from_slice::<Json>(&bytes)
+            .ok()
+            .and_then(|j| FastEncoder::new(&j));
 
         let cfg_path = dir.join("tokenizer_config.json");
         let config = read_json_opt(&cfg_path)?.unwrap_or(Json::Null);
@@ -186,6 +195,7 @@ impl Preprocessor {
         let vocab_size = tokenizer.get_vocab_size(true);
         Ok(Self {
             tokenizer,
+            fast,
             env,
             bos_token,
             eos_token,
@@ -287,11 +297,29 @@ impl Preprocessor {
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS
     /// etc.), as vLLM does for plain-text completion prompts. Errors: [`PreprocessError::Encode`].
     pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        // The fast path applies only where the post-processor adds nothing (ByteLevel / none).
+        if let Some(f) = &self.fast {
+            return f
+                .encode(&self.tokenizer, text)
+                .map_err(|e| PreprocessError::Encode(e.to_string()));
+        }
+        self.encode_reference(text, add_special_tokens)
+    }
+
+    /// Token ids of `text` through the `tokenizers` library's full pipeline, bypassing the
+    /// fast path (which must give the same ids; tests and benchmarks compare the two).
+    /// Errors: [`PreprocessError::Encode`].
+    pub fn encode_reference(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
             .tokenizer
             .encode_fast(text, add_special_tokens)
             .map_err(|e| PreprocessError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Whether [`Self::encode`] takes the fast byte-level BPE path.
+    pub fn has_fast_encode(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// Text of `ids`, skipping special tokens. Errors: [`PreprocessError::Decode`].

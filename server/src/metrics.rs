@@ -84,10 +84,13 @@ pub struct Snapshot {
     pub index_entries: u64,
 }
 
+/// `(worker_id, dp_rank, kind)` of rejected KV events.
+type ErrorKey = (u64, u32, &'static str);
+
 #[derive(Debug, Default)]
 struct ScrapeCollector {
     snap: Mutex<Snapshot>,
-    index_errors: Mutex<Vec<((u64, u32, &'static str), u64)>>,
+    index_errors: Mutex<Vec<(ErrorKey, u64)>>,
 }
 
 impl Collector for ScrapeCollector {
