@@ -3,6 +3,11 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 
+// The frontend allocates many small, short-lived buffers per request (tokenizer pieces, JSON);
+// mimalloc serves them about twice as fast as glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kvrouter",
