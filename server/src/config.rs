@@ -45,7 +45,7 @@ pub struct FrontendConfig {
     /// Softmax temperature over normalised costs; 0 = argmin (kv mode).
     #[arg(long, env = "DYN_ROUTER_TEMPERATURE", default_value_t = 0.0)]
     pub router_temperature: f64,
-    /// Tokens per KV block; default: the workers' registered block size.
+    /// Tokens per KV block for workers registered without one (a worker's own block size wins).
     #[arg(long, env = "DYN_KV_CACHE_BLOCK_SIZE")]
     pub kv_cache_block_size: Option<usize>,
     /// Consume the workers' KV events (exact index); off = approximate mode.

@@ -52,8 +52,8 @@ pub enum RegisterError {
 /// The router state shared by every request handler.
 pub struct RouterState {
     config: RouterConfig,
-    /// `--kv-cache-block-size`, which wins over registrations.
-    fixed_block_size: Option<usize>,
+    /// `--kv-cache-block-size`: for workers registered without a block size.
+    default_block_size: Option<usize>,
     sched: Mutex<Scheduler>,
     index: IndexReader,
     events: SyncSender<RouterEvent>,
@@ -85,7 +85,7 @@ impl RouterState {
         Arc::new(Self {
             sched: Mutex::new(Scheduler::new(config.clone(), block_size.unwrap_or(0))),
             config,
-            fixed_block_size: block_size,
+            default_block_size: block_size,
             index,
             events: tx,
             metrics,
@@ -121,32 +121,28 @@ impl RouterState {
         self.sched().block_size()
     }
 
-    /// The block size a worker with this registration will use. Adopts the worker's when the
-    /// router has none yet (no flag, no workers). Errors: it differs from the fleet's.
+    /// The block size a worker with this registration will use: its own when it gives one,
+    /// else the fleet's, else `--kv-cache-block-size`, else 16 (vLLM's default). The first
+    /// worker of an empty fleet sets the fleet's. Errors: it differs from the fleet's.
     pub fn admit_block_size(&self, worker: Option<usize>) -> Result<usize, RegisterError> {
         let mut s = self.sched();
         let current = s.block_size();
-        match (self.fixed_block_size, worker) {
-            (Some(f), Some(w)) if w != f => Err(RegisterError::BlockSizeMismatch {
-                worker: w,
-                router: f,
-            }),
-            (Some(f), _) => Ok(f),
-            (None, Some(w)) if current == 0 || (current != w && s.workers().is_empty()) => {
-                *s = Scheduler::new(self.config.clone(), w);
-                Ok(w)
-            }
-            (None, Some(w)) if w != current => Err(RegisterError::BlockSizeMismatch {
-                worker: w,
-                router: current,
-            }),
-            (None, _) if current == 0 => {
-                // Nobody said: the reference's default for vLLM.
-                *s = Scheduler::new(self.config.clone(), 16);
-                Ok(16)
-            }
-            _ => Ok(current),
+        let want = match worker {
+            Some(w) => w,
+            None if current > 0 => current,
+            None => self.default_block_size.unwrap_or(16),
+        };
+        if current == 0 || (want != current && s.workers().is_empty()) {
+            *s = Scheduler::new(self.config.clone(), want);
+            return Ok(want);
         }
+        if want != current {
+            return Err(RegisterError::BlockSizeMismatch {
+                worker: want,
+                router: current,
+            });
+        }
+        Ok(current)
     }
 
     /// Put a worker's ranks into the routing set.
@@ -323,5 +319,77 @@ fn index_loop(mut writer: SharedIndexWriter, rx: Receiver<RouterEvent>) {
             }
         }
         writer.publish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvrouter_core::RouterMode;
+
+    fn state(flag: Option<usize>) -> Arc<RouterState> {
+        let cfg = RouterConfig {
+            mode: RouterMode::Kv,
+            ..Default::default()
+        };
+        RouterState::new(cfg, flag, Arc::new(Metrics::new()))
+    }
+
+    fn add(s: &RouterState, id: u64) {
+        s.add_ranks([WorkerInfo {
+            worker: WorkerWithDpRank::new(id, 0),
+            ..Default::default()
+        }]);
+    }
+
+    #[test]
+    fn block_size_comes_from_the_worker_then_the_flag() {
+        let s = state(Some(32));
+        assert_eq!(
+            s.admit_block_size(None).unwrap(),
+            32,
+            "flag for a worker without one"
+        );
+        assert_eq!(
+            s.admit_block_size(Some(64)).unwrap(),
+            64,
+            "empty fleet adopts the worker's"
+        );
+        add(&s, 1);
+        assert_eq!(s.admit_block_size(None).unwrap(), 64, "then the fleet's");
+        assert!(matches!(
+            s.admit_block_size(Some(16)),
+            Err(RegisterError::BlockSizeMismatch {
+                worker: 16,
+                router: 64
+            })
+        ));
+        let s = state(None);
+        assert_eq!(s.admit_block_size(None).unwrap(), 16);
+    }
+
+    #[test]
+    fn a_dropped_booking_frees_its_load() {
+        let s = state(Some(4));
+        add(&s, 1);
+        let tokens: Vec<u32> = (0..40).collect();
+        let b = s
+            .route(&RouteInput {
+                tokens: &tokens,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(s.ranks()[0].1.active_requests, 1);
+        assert_eq!(s.ranks()[0].1.active_prefill_tokens, 40);
+        drop(b);
+        let l = s.ranks()[0].1;
+        assert_eq!(
+            (
+                l.active_requests,
+                l.active_prefill_tokens,
+                l.active_decode_blocks
+            ),
+            (0, 0, 0)
+        );
     }
 }
