@@ -192,8 +192,8 @@ impl Default for FrontendConfig {
             #[command(flatten)]
             c: FrontendConfig,
         }
-        // Defaults come from the attributes above, so they are written once. Environment
-        // variables are ignored here on purpose: in-process users set fields directly.
+        // Defaults come from the attributes above, so they are written once (`DYN_*`
+        // variables set in the environment apply here too, as they would on the command line).
         let mut c = P::parse_from(["kvrouter"]).c;
         c.http_host = "127.0.0.1".into();
         c.http_port = 0;
