@@ -107,11 +107,27 @@ pub fn table(res: &Results) -> String {
         b.capacity_blocks, b.block_size, b.pooled_lru_hit_rate, b.infinite_hit_rate
     ));
     for r in &res.runs {
+        if let Some(w) = &r.requests_per_worker {
+            s.push_str(&format!(
+                "{} requests per worker: {}\n",
+                r.mode,
+                per_worker(w)
+            ));
+        }
+    }
+    for r in &res.runs {
         for e in &r.error_samples {
             s.push_str(&format!("{} error: {e}\n", r.mode));
         }
     }
     s
+}
+
+fn per_worker(w: &std::collections::BTreeMap<String, u64>) -> String {
+    w.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The Markdown report: configuration, one table row per mode plus the bound, and the plots
@@ -171,10 +187,20 @@ pub fn markdown(res: &Results) -> String {
          it has them. ITL is every gap between successive streamed token chunks.\n\n",
     );
     for r in &res.runs {
+        if let Some(w) = &r.requests_per_worker {
+            s.push_str(&format!(
+                "- {} requests per worker: {}\n",
+                r.mode,
+                per_worker(w)
+            ));
+        }
+    }
+    for r in &res.runs {
         for e in &r.error_samples {
             s.push_str(&format!("- {} error: `{e}`\n", r.mode));
         }
     }
+    s.push('\n');
     s.push_str(
         "![TTFT CDF](ttft_cdf.svg)\n![hit rate](hit_rate.svg)\n![throughput](throughput.svg)\n",
     );

@@ -97,6 +97,8 @@ pub struct RunReport {
     pub predicted_hit_rate: Option<f64>,
     /// Mean routing overhead per stage, µs (from `/metrics`), when exposed.
     pub router_overhead_us: Option<std::collections::BTreeMap<String, f64>>,
+    /// Requests the router sent to each worker over the run (from `/metrics`), when exposed.
+    pub requests_per_worker: Option<std::collections::BTreeMap<String, u64>>,
     /// Up to five distinct error messages.
     pub error_samples: Vec<String>,
     /// Where the requests went.
@@ -330,6 +332,10 @@ pub async fn run(
 
     let mut report = summarise(&opts.label, &records, duration);
     report.predicted_hit_rate = router.as_ref().and_then(|r| r.predicted_hit_rate);
+    report.requests_per_worker = router
+        .as_ref()
+        .map(|r| r.requests_per_worker.clone())
+        .filter(|m| !m.is_empty());
     report.router_overhead_us = router
         .map(|r| r.overhead_us)
         .filter(|m: &std::collections::BTreeMap<String, f64>| !m.is_empty());

@@ -16,6 +16,8 @@ pub const PREDICTED_CACHED: &str = "kvrouter_router_predicted_cached_tokens_tota
 pub const ROUTED_INPUT: &str = "kvrouter_router_routed_input_tokens_total";
 /// Histogram (seconds) of routing overhead per request, label `stage`.
 pub const OVERHEAD: &str = "kvrouter_router_overhead_seconds";
+/// Counter of requests routed to each rank, labels `worker_id`, `dp_rank`.
+pub const DECISIONS: &str = "kvrouter_router_decisions_total";
 /// The overhead stages reported.
 pub const STAGES: [&str; 4] = ["hashing", "find_matches", "selection", "total"];
 
@@ -88,6 +90,11 @@ impl Samples {
         }
         found.then_some(total)
     }
+
+    /// Every series of metric `name`: its sorted labels and value.
+    pub fn series(&self, name: &str) -> impl Iterator<Item = &Series> {
+        self.0.get(name).into_iter().flatten()
+    }
 }
 
 fn parse_labels(s: &str) -> Vec<(String, String)> {
@@ -131,6 +138,9 @@ pub struct RouterFigures {
     /// Mean routing overhead per request and stage, µs (`hashing`, `find_matches`,
     /// `selection`, `total`; stages the router does not report are absent).
     pub overhead_us: BTreeMap<String, f64>,
+    /// Requests routed to each rank over the run (`kvrouter_router_decisions_total`), keyed
+    /// by worker id (`id:rank` when the dp rank is not 0); empty when not exposed.
+    pub requests_per_worker: BTreeMap<String, u64>,
 }
 
 impl RouterFigures {
@@ -156,10 +166,32 @@ impl RouterFigures {
                 }
             }
         }
-        (predicted_hit_rate.is_some() || !overhead_us.is_empty()).then_some(RouterFigures {
-            predicted_hit_rate,
-            overhead_us,
-        })
+        let mut requests_per_worker = BTreeMap::new();
+        for (labels, v) in after.series(DECISIONS) {
+            let get = |k: &str| {
+                labels
+                    .iter()
+                    .find(|(lk, _)| lk == k)
+                    .map(|(_, v)| v.as_str())
+            };
+            let filter: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let d = v - before.sum(DECISIONS, &filter).unwrap_or(0.0);
+            let key = match (get("worker_id"), get("dp_rank")) {
+                (Some(w), Some("0") | None) => w.to_string(),
+                (Some(w), Some(r)) => format!("{w}:{r}"),
+                (None, _) => continue,
+            };
+            *requests_per_worker.entry(key).or_insert(0) += d.max(0.0).round() as u64;
+        }
+        (predicted_hit_rate.is_some() || !overhead_us.is_empty() || !requests_per_worker.is_empty())
+            .then_some(RouterFigures {
+                predicted_hit_rate,
+                overhead_us,
+                requests_per_worker,
+            })
     }
 }
 
@@ -174,7 +206,8 @@ mod tests {
              kvrouter_router_predicted_cached_tokens_total 100\n\
              kvrouter_router_routed_input_tokens_total{model=\"m\"} 400\n\
              kvrouter_router_overhead_seconds_sum{stage=\"total\"} 0.5\n\
-             kvrouter_router_overhead_seconds_count{stage=\"total\"} 10\n",
+             kvrouter_router_overhead_seconds_count{stage=\"total\"} 10\n\
+             kvrouter_router_decisions_total{worker_id=\"7\",dp_rank=\"0\"} 5\n",
         );
         let after = Samples::parse(
             "kvrouter_router_predicted_cached_tokens_total 400\n\
@@ -184,6 +217,8 @@ mod tests {
              kvrouter_router_overhead_seconds_sum{stage=\"hashing\",le=\"a,b\\\"c\"} 2e-5\n\
              kvrouter_router_overhead_seconds_count{stage=\"hashing\",le=\"a,b\\\"c\"} 2\n\
              kvrouter_router_overhead_seconds_bucket{stage=\"total\",le=\"+Inf\"} +Inf\n\
+             kvrouter_router_decisions_total{dp_rank=\"0\",worker_id=\"7\"} 12\n\
+             kvrouter_router_decisions_total{dp_rank=\"1\",worker_id=\"9\"} 3\n\
              garbage line here\n",
         );
         let f = RouterFigures::between(&before, &after).unwrap();
@@ -191,6 +226,12 @@ mod tests {
         assert!((f.overhead_us["total"] - 200.0).abs() < 1e-6, "{:?}", f);
         assert!((f.overhead_us["hashing"] - 10.0).abs() < 1e-6, "{:?}", f);
         assert!(!f.overhead_us.contains_key("selection"));
+        let per_worker: Vec<(&str, u64)> = f
+            .requests_per_worker
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(per_worker, vec![("7", 7), ("9:1", 3)]);
         assert_eq!(
             after.sum("kvrouter_router_overhead_seconds_bucket", &[("le", "+Inf")]),
             Some(f64::INFINITY)
