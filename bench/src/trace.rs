@@ -173,6 +173,24 @@ mod tests {
     }
 
     #[test]
+    fn synthetic_ids_are_regular_qwen3_tokens() {
+        let shared = std::env::var("KVROUTER_SHARED")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared").to_string());
+        let pre = kvrouter_preprocess::Preprocessor::from_model_dir(
+            Path::new(&shared).join("data/tokenizers/qwen3"),
+        )
+        .unwrap();
+        let tok = pre.tokenizer();
+        // 151,643 regular ids; the special (added) tokens start right after.
+        assert_eq!(tok.get_vocab_size(false), 151_643);
+        assert!(VOCAB_START as u64 + VOCAB_SPAN <= 151_643);
+        assert_eq!(tok.id_to_token(151_643).as_deref(), Some("<|endoftext|>"));
+        for id in [VOCAB_START, VOCAB_START + VOCAB_SPAN as u32 - 1] {
+            assert!(tok.id_to_token(id).is_some(), "{id}");
+        }
+    }
+
+    #[test]
     fn malformed_lines_name_their_place() {
         let dir = std::env::temp_dir().join(format!("kvrouter-trace-{}", std::process::id()));
         std::fs::write(

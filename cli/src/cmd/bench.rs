@@ -393,3 +393,80 @@ mod embedded {
         EmbeddedStack::start(cfg).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(words: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(words.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn flags_and_workload_defaults() {
+        assert_eq!(parse_range("32:256"), Ok((32, 256)));
+        assert_eq!(parse_range("7"), Ok((7, 7)));
+        assert!(parse_range("9:3").is_err());
+        assert!(parse_range("a:3").is_err());
+
+        let a = parse(&[
+            "--url",
+            "http://h",
+            "--workload",
+            "prefix",
+            "--requests",
+            "10",
+        ])
+        .unwrap();
+        a.validate().unwrap();
+        let (reqs, sched) = build_workload(&a).unwrap();
+        assert_eq!(reqs.len(), 10);
+        assert_eq!(sched, Schedule::Closed { concurrency: 16 });
+        assert!(reqs
+            .iter()
+            .all(|r| (2048 + 32..=4096 + 256).contains(&r.prompt.len())));
+
+        let a = parse(&[
+            "--embedded",
+            "--workload",
+            "prefix",
+            "--rate",
+            "5",
+            "--requests",
+            "3",
+        ])
+        .unwrap();
+        assert!(matches!(
+            build_workload(&a).unwrap().1,
+            Schedule::Open { .. }
+        ));
+        assert_eq!(
+            a.compare,
+            vec![RouterMode::Kv, RouterMode::RoundRobin, RouterMode::Random]
+        );
+
+        // One of --url / --embedded, not both; --concurrency and --rate exclude each other.
+        assert!(parse(&["--workload", "prefix"]).is_err());
+        assert!(parse(&["--url", "u", "--embedded", "--workload", "prefix"]).is_err());
+        assert!(parse(&[
+            "--url",
+            "u",
+            "--workload",
+            "prefix",
+            "--rate",
+            "1",
+            "--concurrency",
+            "2"
+        ])
+        .is_err());
+        let a = parse(&["--url", "u", "--workload", "prefix", "--concurrency", "0"]).unwrap();
+        assert!(a.validate().is_err());
+    }
+}
