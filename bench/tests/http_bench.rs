@@ -338,3 +338,57 @@ async fn kvrouter_frontend_figures_are_scraped() {
     let per_worker = r.requests_per_worker.as_ref().expect("and decisions");
     assert_eq!(per_worker.values().sum::<u64>(), 30, "{per_worker:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_prompts_are_decoded_text_and_still_share_prefixes() {
+    let shared = std::env::var("KVROUTER_SHARED")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared").to_string());
+    let dir = Path::new(&shared).join("data/tokenizers/qwen3");
+    let config = MockerConfig {
+        speedup_ratio: 0.0,
+        block_size: 16,
+        model_path: Some(dir.clone()),
+        ..Default::default()
+    };
+    let workers = spawn_workers(&config, 1).await.unwrap();
+    let tokenizer = Arc::new(kvrouter_preprocess::Preprocessor::from_model_dir(&dir).unwrap());
+    let reqs = Arc::new(prefix_workload(&spec(12)));
+    let o = run(
+        &http_client(),
+        &RunOptions {
+            api: Api::Chat,
+            tokenizer: Some(tokenizer),
+            ..options(&workers[0].info.url)
+        },
+        reqs.clone(),
+        &Schedule::Closed { concurrency: 1 },
+    )
+    .await
+    .unwrap();
+    let r = &o.report;
+    assert_eq!((r.errors, r.succeeded), (0, 12), "{r:?}");
+    // The text re-tokenizes to a different count, but a chat-templated prompt of it is there
+    // and the shared system prompts are still shared.
+    assert!(r.prompt_tokens > 12 * 50, "{r:?}");
+    assert!(r.hit_rate.unwrap() > 0.2, "{r:?}");
+    assert_eq!(
+        r.completion_tokens,
+        reqs.iter().map(|q| q.max_tokens as u64).sum::<u64>()
+    );
+    // Without a tokenizer the chat API cannot be driven.
+    let err = run(
+        &http_client(),
+        &RunOptions {
+            api: Api::Chat,
+            ..options(&workers[0].info.url)
+        },
+        reqs,
+        &Schedule::Closed { concurrency: 1 },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, kvrouter_bench::runner::RunError::NoTokenizer));
+    for w in workers {
+        w.stop().await;
+    }
+}

@@ -45,6 +45,7 @@ fn parse_range(s: &str) -> Result<(usize, usize), String> {
     Ok((a, b))
 }
 
+/// The flags of `kvrouter bench` (also serialised into `results.json` as `config`).
 #[derive(clap::Args, Debug, Serialize)]
 pub struct Args {
     /// Base URL of an OpenAI-compatible endpoint (`http://host:port`, with or without `/v1`).
@@ -225,6 +226,11 @@ fn summary_of(v: impl Iterator<Item = usize>) -> Option<Summary> {
     Summary::of(&v.map(|x| x as f64).collect::<Vec<_>>())
 }
 
+/// Runs the subcommand: builds the workload and the bound, runs it against each `--url` or each
+/// `--compare` mode's embedded stack in turn, prints the table (or JSON) and writes `--out`.
+/// Errors: bad flags, an unreadable trace or tokenizer, a stack that cannot start, an endpoint
+/// whose model cannot be discovered, an unwritable `--out`; failed requests are counted, not
+/// errors.
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.validate()?;
     let (requests, schedule) = build_workload(&args)?;
