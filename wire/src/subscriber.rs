@@ -17,7 +17,10 @@
 //!     emit a core `Cleared` event for the worker (stale state routes worse than none), then
 //!     continue with whatever replay returned and the live stream;
 //!   * a live seq not above the previous live seq means the publisher restarted: `Cleared`, and
-//!     the new stream is followed from its first message (replaying from 0 if that is above 0).
+//!     the new stream is followed from its first message (replaying from 0 if that is above 0);
+//!   * nothing applied yet and the socket idle (slow joiner: the engine published before our
+//!     subscription reached it, and may not publish again): probe the replay ring from 0,
+//!     backing off from 200 ms to 30 s.
 //!
 //! Converted [`RouterEvent`]s go to the caller's `SyncSender` (blocking: the caller's
 //! backpressure fills our bounded queue, whose drops are then recovered by replay).
@@ -37,6 +40,10 @@ use crate::WireError;
 
 /// How long the replay socket may stay silent before the replay counts as failed.
 pub const REPLAY_TIMEOUT: Duration = Duration::from_secs(2);
+/// First replay probe for batches published before the subscription took effect.
+const FIRST_PROBE: Duration = Duration::from_millis(200);
+/// Longest wait between such probes while nothing has arrived.
+const MAX_PROBE_GAP: Duration = Duration::from_secs(30);
 /// Poll interval of both threads for noticing `stop`.
 const TICK_MS: i64 = 50;
 
@@ -215,6 +222,8 @@ impl KvEventSubscriber {
                 stop: stop.clone(),
                 next: None,
                 last_live: None,
+                probe_at: Instant::now() + FIRST_PROBE,
+                probe_gap: FIRST_PROBE,
                 out: Vec::new(),
             };
             std::thread::Builder::new()
@@ -335,6 +344,9 @@ struct Processor {
     next: Option<u64>,
     /// Last sequence number seen on the live socket.
     last_live: Option<u64>,
+    /// When to next ask the replay ring for batches published before we joined.
+    probe_at: Instant,
+    probe_gap: Duration,
     out: Vec<RouterEvent>,
 }
 
@@ -351,7 +363,7 @@ impl Processor {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.recover_dropped_tail().is_err() {
+                    if self.recover_dropped_tail().is_err() || self.probe_join().is_err() {
                         return;
                     }
                 }
@@ -401,6 +413,33 @@ impl Processor {
         self.apply(msg.payload)?;
         self.next = Some(s + 1);
         Ok(())
+    }
+
+    /// Slow joiner: batches published before our subscription reached the publisher never
+    /// arrive live, and nothing reveals them until the engine publishes again — possibly
+    /// never, for an idle worker. While no batch has been applied, ask the replay ring now and
+    /// then (200 ms after start, then backing off to every 30 s).
+    fn probe_join(&mut self) -> Result<(), SinkClosed> {
+        if self.next.is_some() || Instant::now() < self.probe_at {
+            return Ok(());
+        }
+        self.probe_gap = (self.probe_gap * 2).min(MAX_PROBE_GAP);
+        self.probe_at = Instant::now() + self.probe_gap;
+        let Some(ep) = self.replay_endpoint.clone() else {
+            return Ok(());
+        };
+        let last = match fetch_replay(&self.ctx, &ep, 0) {
+            Ok((batches, _)) => batches.last().map(|b| b.0),
+            Err(_) => None,
+        };
+        match last {
+            Some(last) => {
+                inc(&self.counters.gaps);
+                tracing::info!(worker = %self.converter.worker(), last, "batches published before we joined: replaying");
+                self.recover(0, last + 1)
+            }
+            None => Ok(()),
+        }
     }
 
     /// The queue is idle but the reader dropped a batch we have not applied: a gap nobody

@@ -673,3 +673,34 @@ fn reconnects_to_a_restarted_publisher_and_clears_the_worker() {
         "replay starts at the new seq 0"
     );
 }
+
+#[test]
+fn batches_published_before_the_subscriber_joined_are_replayed_without_later_traffic() {
+    // The slow-joiner case: the engine publishes once, before our SUB is connected, and then
+    // stays idle. Nothing live reveals the gap; the subscriber must fetch it from the ring.
+    let publisher = KvEventPublisher::bind(PublisherConfig {
+        replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    for i in 0..3 {
+        publisher.publish(&sample_batch(i)).unwrap();
+    }
+    let mut s = Sub::start(
+        sub_config(publisher.endpoint(), publisher.replay_endpoint()),
+        1024,
+    );
+    s.wait("replayed", |st| st.applied == 3);
+    let st = s.stats();
+    assert_eq!(st.received, 0, "nothing came live: {st:?}");
+    assert_eq!(st.cleared, 0, "the ring held everything from seq 0: {st:?}");
+    assert_eq!(
+        s.events.len(),
+        9,
+        "3 batches × (store, remove, clear): {st:?}"
+    );
+    // Live traffic afterwards continues the sequence without duplicates.
+    publisher.publish(&sample_batch(3)).unwrap();
+    s.wait("live", |st| st.applied == 4);
+    assert_eq!(s.stats().duplicates, 0);
+}
