@@ -6,7 +6,7 @@
 //! KV events from every worker's subscriber arrive on one channel; a dedicated thread applies
 //! them to the shared index in batches and publishes each batch to readers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,8 +15,8 @@ use kvrouter_core::event::{KvCacheEventData, RouterEvent, WorkerId, WorkerWithDp
 use kvrouter_core::hash::HashOptions;
 use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter};
 use kvrouter_core::{
-    RequestHashes, RouteError, RouteRequest, RouterConfig, RouterConfigOverride, Scheduler,
-    SelectError, Selection, WorkerInfo,
+    RequestHashes, RouteError, RouteRequest, RouterConfig, RouterConfigOverride, RouterMode,
+    Scheduler, SelectError, Selection, WorkerInfo,
 };
 
 use crate::metrics::{Metrics, RankLabels, StageLabels};
@@ -55,6 +55,8 @@ pub struct RouterState {
     /// `--kv-cache-block-size`: for workers registered without a block size.
     default_block_size: Option<usize>,
     sched: Mutex<Scheduler>,
+    /// The scheduler's block size, readable without its lock.
+    block_size: AtomicUsize,
     index: IndexReader,
     events: SyncSender<RouterEvent>,
     metrics: Arc<Metrics>,
@@ -86,6 +88,7 @@ impl RouterState {
             sched: Mutex::new(Scheduler::new(config.clone(), block_size.unwrap_or(0))),
             config,
             default_block_size: block_size,
+            block_size: AtomicUsize::new(block_size.unwrap_or(0)),
             index,
             events: tx,
             metrics,
@@ -118,7 +121,7 @@ impl RouterState {
 
     /// Tokens per block in use (0 until known).
     pub fn block_size(&self) -> usize {
-        self.sched().block_size()
+        self.block_size.load(Ordering::Acquire)
     }
 
     /// The block size a worker with this registration will use: its own when it gives one,
@@ -134,6 +137,7 @@ impl RouterState {
         };
         if current == 0 || (want != current && s.workers().is_empty()) {
             *s = Scheduler::new(self.config.clone(), want);
+            self.block_size.store(want, Ordering::Release);
             return Ok(want);
         }
         if want != current {
@@ -194,10 +198,10 @@ impl RouterState {
             cache_salt: input.cache_salt,
             ..Default::default()
         };
-        let (needs_hashes, exact_index, block_size) = {
-            let s = self.sched();
-            (s.needs_hashes(), s.uses_exact_index(), s.block_size())
-        };
+        // Mode and event use are fixed at start; the block size is set by the first worker.
+        let needs_hashes = self.config.mode == RouterMode::Kv;
+        let exact_index = needs_hashes && self.config.kv.use_kv_events;
+        let block_size = self.block_size.load(Ordering::Acquire);
         let hashes = if needs_hashes && block_size > 0 {
             RequestHashes::compute(input.tokens, block_size, &opts)
         } else {
