@@ -126,18 +126,7 @@ async fn a_dead_worker_leaves_the_routing_set_and_comes_back_when_healthy() {
     let index = s.frontend.fleet.router.index().clone();
     assert!(eventually(10.0, || index.current_size() >= 8).await);
     let victim = w0.unwrap();
-    let vurl = s
-        .frontend
-        .fleet
-        .registry
-        .get(victim)
-        .unwrap()
-        .spec
-        .url
-        .clone();
-    let i = s.workers.iter().position(|w| w.info.url == vurl).unwrap();
-    let port = s.workers[i].http_addr.port();
-    s.workers.remove(i).stop().await;
+    let port = kill_worker(&mut s, victim).await;
     let fleet = s.frontend.fleet.clone();
     assert!(
         eventually(5.0, || !fleet.registry.get(victim).unwrap().is_healthy()).await,

@@ -98,3 +98,45 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Start a streamed completion and return the response (headers received).
+pub async fn start_stream(c: &reqwest::Client, url: &str, mut body: Value) -> reqwest::Response {
+    body["stream"] = Value::Bool(true);
+    c.post(format!("{url}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+/// Stop the in-process worker registered as `id`; returns the HTTP port it had.
+pub async fn kill_worker(s: &mut EmbeddedStack, id: u64) -> u16 {
+    let url = s
+        .frontend
+        .fleet
+        .registry
+        .get(id)
+        .expect("registered")
+        .spec
+        .url
+        .clone();
+    let i = s
+        .workers
+        .iter()
+        .position(|w| w.info.url == url)
+        .expect("one of the stack's workers");
+    let w = s.workers.remove(i);
+    let port = w.http_addr.port();
+    w.stop().await;
+    port
+}
+
+/// HTTP status of `GET url`.
+pub async fn get_status(c: &reqwest::Client, url: &str) -> u16 {
+    c.get(url)
+        .send()
+        .await
+        .expect("request sent")
+        .status()
+        .as_u16()
+}

@@ -139,30 +139,9 @@ async fn no_worker_is_503_and_unhealthy() {
     let (st, _, v) = complete(&c, &f.url(), completion_body(&prompt(1, 100), 2)).await;
     assert_eq!(st, 503, "{v}");
     assert_openai_error(&v, "service_unavailable");
-    assert_eq!(
-        c.get(format!("{}/health", f.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
-    assert_eq!(
-        c.get(format!("{}/ready", f.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
-    assert_eq!(
-        c.get(format!("{}/live", f.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_status(&c, &format!("{}/health", f.url())).await, 503);
+    assert_eq!(get_status(&c, &format!("{}/ready", f.url())).await, 503);
+    assert_eq!(get_status(&c, &format!("{}/live", f.url())).await, 200);
     f.stop().await;
 }
 
@@ -177,14 +156,7 @@ async fn all_workers_busy_is_503_with_the_reason() {
     .await;
     let c = client();
     let url = s.url();
-    let mut body = completion_body(&prompt(4, 2000), 8);
-    body["stream"] = json!(true);
-    let first = c
-        .post(format!("{url}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let first = start_stream(&c, &url, completion_body(&prompt(4, 2000), 8)).await;
     assert_eq!(first.status(), 200);
     let (st, _, v) = complete(&c, &url, completion_body(&prompt(5, 100), 2)).await;
     assert_eq!(st, 503, "{v}");
@@ -205,35 +177,14 @@ async fn worker_dying_mid_stream_gives_an_error_event_and_frees_the_load() {
     let mut s = stack(RouterMode::Kv, 2, |c| c.mocker.speedup_ratio = 1.0).await;
     let c = client();
     let url = s.url();
-    let mut body = completion_body(&prompt(6, 256), 2000);
-    body["stream"] = json!(true);
-    let r = c
-        .post(format!("{url}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = start_stream(&c, &url, completion_body(&prompt(6, 256), 2000)).await;
     assert_eq!(r.status(), 200);
     let victim = worker_of(&r).expect("worker header");
     let mut stream = r.bytes_stream();
     let first = stream.next().await.expect("a chunk").expect("bytes");
     assert!(String::from_utf8_lossy(&first).starts_with("data: {"));
     // Kill the worker that is streaming.
-    let i = s
-        .workers
-        .iter()
-        .position(|w| {
-            Some(w.info.url.as_str())
-                == s.frontend
-                    .fleet
-                    .registry
-                    .get(victim)
-                    .map(|x| x.spec.url.clone())
-                    .as_deref()
-        })
-        .expect("victim is one of ours");
-    let w = s.workers.remove(i);
-    w.stop().await;
+    kill_worker(&mut s, victim).await;
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(b) = stream.next().await {

@@ -55,26 +55,9 @@ async fn load_returns_to_zero_after_completed_failed_and_cancelled_requests() {
         }
     }
     // Fail requests in flight: kill a worker while streams run on it.
-    let mut body = completion_body(&prompt(300, 256), 2000);
-    body["stream"] = json!(true);
-    let r = c
-        .post(format!("{url}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = start_stream(&c, &url, completion_body(&prompt(300, 256), 2000)).await;
     let victim = worker_of(&r).unwrap();
-    let vurl = s
-        .frontend
-        .fleet
-        .registry
-        .get(victim)
-        .unwrap()
-        .spec
-        .url
-        .clone();
-    let i = s.workers.iter().position(|w| w.info.url == vurl).unwrap();
-    s.workers.remove(i).stop().await;
+    kill_worker(&mut s, victim).await;
     let _ = r.bytes().await;
     assert!(
         eventually(10.0, || all_idle(&s)).await,
