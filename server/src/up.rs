@@ -36,6 +36,32 @@ impl Default for UpConfig {
     }
 }
 
+impl UpConfig {
+    /// The default stack with `workers` mock workers of `num_gpu_blocks` KV blocks of
+    /// `block_size` tokens at `speedup_ratio`; `model_path` (tokenizer directory) for the
+    /// frontend and the workers when given, else the vendored one.
+    pub fn fleet(
+        workers: usize,
+        num_gpu_blocks: usize,
+        block_size: usize,
+        speedup_ratio: f64,
+        model_path: Option<&std::path::Path>,
+    ) -> Self {
+        let mut cfg = Self {
+            workers,
+            ..Self::default()
+        };
+        cfg.mocker.num_gpu_blocks = num_gpu_blocks;
+        cfg.mocker.block_size = block_size;
+        cfg.mocker.speedup_ratio = speedup_ratio;
+        if let Some(p) = model_path {
+            cfg.mocker.model_path = Some(p.to_path_buf());
+            cfg.frontend.model_path = Some(p.to_path_buf());
+        }
+        cfg
+    }
+}
+
 /// A running embedded stack.
 pub struct EmbeddedStack {
     pub frontend: Frontend,

@@ -379,17 +379,13 @@ mod embedded {
     /// Start a stack for `mode` with the flags' worker parameters (count, blocks, block size,
     /// speedup; the tokenizer when `--tokenizer` is given).
     pub async fn start(args: &Args, mode: RouterMode) -> anyhow::Result<EmbeddedStack> {
-        let mut cfg = UpConfig {
-            workers: args.workers,
-            ..UpConfig::default()
-        };
-        cfg.mocker.num_gpu_blocks = args.num_gpu_blocks;
-        cfg.mocker.block_size = args.block_size;
-        cfg.mocker.speedup_ratio = args.speedup_ratio;
-        if let Some(dir) = &args.tokenizer {
-            cfg.mocker.model_path = Some(dir.clone());
-            cfg.frontend.model_path = Some(dir.clone());
-        }
+        let mut cfg = UpConfig::fleet(
+            args.workers,
+            args.num_gpu_blocks,
+            args.block_size,
+            args.speedup_ratio,
+            args.tokenizer.as_deref(),
+        );
         cfg.frontend.router_mode = mode;
         cfg.frontend.router_temperature = args.router_temperature;
         cfg.frontend.kv_cache_block_size = Some(args.block_size);

@@ -40,17 +40,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     super::init_tracing();
-    let mut cfg = UpConfig {
-        workers: args.workers,
-        ..UpConfig::default()
-    };
-    cfg.mocker.num_gpu_blocks = args.num_gpu_blocks;
-    cfg.mocker.block_size = args.block_size;
-    cfg.mocker.speedup_ratio = args.speedup_ratio;
-    if let Some(p) = &args.model_path {
-        cfg.mocker.model_path = Some(p.clone());
-        cfg.frontend.model_path = Some(p.clone());
-    }
+    let mut cfg = UpConfig::fleet(
+        args.workers,
+        args.num_gpu_blocks,
+        args.block_size,
+        args.speedup_ratio,
+        args.model_path.as_deref(),
+    );
     cfg.frontend.http_host = args.http_host;
     cfg.frontend.http_port = args.http_port;
     cfg.frontend.admin_port = args.admin_port;

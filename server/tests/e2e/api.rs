@@ -105,14 +105,7 @@ async fn responses_and_chunks_have_openai_shapes() {
     assert_eq!(events.len(), 4, "3 token chunks and [DONE]: {events:?}");
     assert!(events.iter().all(|e| !e.contains("\"usage\":{")));
 
-    let m = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&c, &url).await;
     for name in [
         "kvrouter_frontend_requests_total{",
         "kvrouter_frontend_time_to_first_token_seconds_bucket",
@@ -133,10 +126,7 @@ async fn responses_and_chunks_have_openai_shapes() {
     ] {
         assert!(m.contains(name), "metric {name} missing from:\n{m}");
     }
-    assert_eq!(
-        crate::routing::metric(&m, "kvrouter_frontend_output_tokens_total"),
-        14.0
-    );
+    assert_eq!(metric(&m, "kvrouter_frontend_output_tokens_total"), 14.0);
     s.stop().await;
 }
 

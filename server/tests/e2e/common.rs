@@ -140,3 +140,22 @@ pub async fn get_status(c: &reqwest::Client, url: &str) -> u16 {
         .status()
         .as_u16()
 }
+
+/// The frontend's `/metrics` text.
+pub async fn metrics_text(c: &reqwest::Client, url: &str) -> String {
+    c.get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("request sent")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+/// Sum of a metric's samples (all label sets) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

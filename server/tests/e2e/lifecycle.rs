@@ -64,18 +64,11 @@ async fn load_returns_to_zero_after_completed_failed_and_cancelled_requests() {
         "load still booked: {:?}",
         s.frontend.fleet.router.ranks()
     );
-    let m = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&c, &url).await;
     assert!(
-        crate::routing::metric(&m, "kvrouter_frontend_inflight_requests") == 0.0,
+        metric(&m, "kvrouter_frontend_inflight_requests") == 0.0,
         "in-flight gauge not back to 0"
     );
-    assert!(crate::routing::metric(&m, "kvrouter_frontend_disconnected_clients_total") >= 6.0);
+    assert!(metric(&m, "kvrouter_frontend_disconnected_clients_total") >= 6.0);
     s.stop().await;
 }

@@ -30,27 +30,13 @@ async fn kv_mode_sends_a_repeated_prompt_back_to_the_worker_that_cached_it() {
     }
     // A different prompt on an idle fleet is free to go anywhere, but the cache is per worker:
     // sending it to `first` too would only be chosen on a tie. Check the metrics saw the hits.
-    let m = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&c, &url).await;
     let predicted: f64 = metric(&m, "kvrouter_router_predicted_cached_tokens_total");
     assert!(
         predicted >= 3.0 * 960.0,
         "predicted cached tokens {predicted}"
     );
     s.stop().await;
-}
-
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
