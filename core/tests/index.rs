@@ -209,6 +209,37 @@ fn early_exit_stops_when_one_worker_remains() {
 }
 
 #[test]
+fn stale_hashes_stay_stale_when_a_cut_chain_grows_again() {
+    let mut ix = KvIndex::new();
+    // Engine hashes 10, 11, 12 for blocks 1, 2, 3.
+    store_chain(&mut ix, w(1, 0), None, 10, &[1, 2, 3]).unwrap();
+    // Parent first: block 2 goes and takes block 3 (engine hash 12) with it.
+    ix.apply(&removed_event(w(1, 0), 1, vec![ExternalHash(11)]))
+        .unwrap();
+    assert_eq!(ix.find_matches(&lh(&[1, 2, 3]), false).get(w(1, 0)), 1);
+    // The chain grows again from block 1 with other blocks, in the positions 11 and 12 held.
+    store_chain(&mut ix, w(1, 0), Some(10), 20, &[5, 6]).unwrap();
+    assert_eq!(ix.find_matches(&lh(&[1, 5, 6]), false).get(w(1, 0)), 3);
+    // The engine's late removal of 12 names a block that is gone: it must not cut block 6.
+    ix.apply(&removed_event(w(1, 0), 2, vec![ExternalHash(12)]))
+        .unwrap();
+    assert_eq!(ix.find_matches(&lh(&[1, 5, 6]), false).get(w(1, 0)), 3);
+    assert_eq!(ix.current_size(), 3);
+    // Same when another rank holds the run, so it is cut short without being freed.
+    store_chain(&mut ix, w(2, 0), None, 30, &[1, 2, 3, 4]).unwrap();
+    store_chain(&mut ix, w(3, 0), None, 40, &[1, 2, 3, 4]).unwrap();
+    ix.apply(&removed_event(w(2, 0), 1, vec![ExternalHash(31)]))
+        .unwrap();
+    ix.apply(&removed_event(w(3, 0), 1, vec![ExternalHash(42)]))
+        .unwrap();
+    store_chain(&mut ix, w(3, 0), Some(41), 50, &[7]).unwrap();
+    ix.apply(&removed_event(w(2, 0), 2, vec![ExternalHash(32)]))
+        .unwrap();
+    let s = ix.find_matches(&lh(&[1, 2, 7]), false);
+    assert_eq!((s.get(w(2, 0)), s.get(w(3, 0))), (1, 3));
+}
+
+#[test]
 fn memory_is_reclaimed_when_everything_is_removed() {
     let empty = KvIndex::new().memory_bytes();
     let mut ix = KvIndex::new();

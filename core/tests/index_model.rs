@@ -48,10 +48,13 @@ fn local(b: u8) -> LocalBlockHash {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let prefix = || prop::collection::vec(0u8..3, 0..5);
+    // Mostly block 0, so that chains are long and shared (runs grow, are extended in place,
+    // truncated, and branch in their middle), with 1 and 2 for divergence.
+    let block = || prop_oneof![4 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)];
+    let prefix = move || prop::collection::vec(block(), 0..7);
     prop_oneof![
-        6 => (0..WORKERS.len(), prefix(), prop::collection::vec(0u8..3, 1..4)).prop_map(|(w, parent, blocks)| Op::Store { w, parent, blocks }),
-        3 => (0..WORKERS.len(), prop::collection::vec(0u8..3, 1..6)).prop_map(|(w, prefix)| Op::Remove { w, prefix }),
+        6 => (0..WORKERS.len(), prefix(), prop::collection::vec(block(), 1..6)).prop_map(|(w, parent, blocks)| Op::Store { w, parent, blocks }),
+        3 => (0..WORKERS.len(), prop::collection::vec(block(), 1..8)).prop_map(|(w, prefix)| Op::Remove { w, prefix }),
         1 => (0..WORKERS.len()).prop_map(|w| Op::Clear { w }),
         1 => (1u64..4).prop_map(|id| Op::RemoveWorker { id }),
     ]
@@ -175,7 +178,18 @@ fn all_queries() -> Vec<Prefix> {
 
 fn check(ix: &KvIndex, model: &Model, queries: &[Prefix]) -> Result<(), TestCaseError> {
     prop_assert_eq!(ix.current_size(), model.size());
-    for q in queries {
+    // Besides the fixed queries: every held prefix, one block longer (deep chains).
+    let mut queries = queries.to_vec();
+    for held in model.held.values() {
+        for p in held {
+            for b in 0..3u8 {
+                let mut q = p.clone();
+                q.push(b);
+                queries.push(q);
+            }
+        }
+    }
+    for q in &queries {
         let hashes: Vec<LocalBlockHash> = q.iter().map(|&b| local(b)).collect();
         let got = ix.find_matches(&hashes, false);
         for w in 0..WORKERS.len() {
@@ -192,7 +206,8 @@ fn check(ix: &KvIndex, model: &Model, queries: &[Prefix]) -> Result<(), TestCase
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    // PROPTEST_CASES=5000 for a longer search.
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256), ..ProptestConfig::default() })]
 
     #[test]
     fn index_agrees_with_naive_model(ops in prop::collection::vec(op(), 1..80)) {

@@ -2,20 +2,28 @@
 //!
 //! Semantics follow Dynamo's `RadixTree` (spec §4.1); the layout is ours, chosen for the hot path:
 //!
-//! * One node per block in an arena (`Vec<Node>`, `u32` ids, free list). A node knows its parent,
-//!   its children (inline when there is one, a hash map when the node branches) and the sorted
-//!   list of worker slots that hold it.
-//! * **Coverage is prefix-closed**: a worker on a node is on every ancestor. Stores only extend a
-//!   worker's own chains, and a removal takes the worker off the block *and everything below it*
-//!   ("coverage removed from that block onward"). So along a query path worker sets only
-//!   shrink, and `find_matches` reads one child count per block, touching worker lists only where
-//!   the count drops. A node nobody holds has no children and is freed at once.
-//! * Per worker rank, a map from the engine's (opaque) block hash to `(node, generation)`. Entries
-//!   for blocks dropped by an ancestor's removal go stale; the generation check makes them
-//!   harmless and the engine's own later `Removed` for them deletes them.
+//! * The tree is made of **runs**: a run is a chain of blocks stored contiguously (a `Stored`
+//!   event's blocks become one run, and a worker's next store that continues the chain extends
+//!   it in place). A lookup compares the query against a run's hashes as two arrays, so a
+//!   64-block prompt costs a handful of run visits instead of 64 dependent node visits.
+//! * **Coverage is prefix-closed**: a worker that holds a block holds every block before it. In a
+//!   run that is one number per worker, its *depth* (it holds the run's first `depth` blocks),
+//!   so a run never has to split when workers hold different lengths of it. A removal takes the
+//!   worker off the block *and everything after it* ("coverage removed from that block onward").
+//! * A run's **branches** hang at an offset: branch `(p, h)` continues the prefix that ends with
+//!   the run's block `p - 1` (for the root, `p = 0`) with a block whose hash is `h` but which is
+//!   not the run's own block `p`. Only workers with `depth ≥ p` can hold it.
+//! * Runs are created, extended in place (only while nobody stopped short of the end and nothing
+//!   hangs off the end), truncated and freed; blocks never move between runs. Per worker rank a
+//!   map from the engine's (opaque) block hash to `(run, generation, offset)` finds a block for
+//!   removals and parents. References to blocks dropped by an ancestor's removal go stale; the
+//!   generation and depth checks make them harmless and the engine's own later `Removed` deletes
+//!   them.
 //!
 //! Lookups allocate only the output vector; no lock is needed here (the caller decides how
 //! readers and the single writer share the index).
+
+use std::hash::{Hash, Hasher};
 
 use smallvec::SmallVec;
 
@@ -28,110 +36,208 @@ use crate::index::{FastMap, IndexError, OverlapScores};
 
 const ROOT: u32 = 0;
 
-/// Worker slots holding a node, sorted ascending.
-type WorkerSet = SmallVec<[u32; 4]>;
-
-#[derive(Debug, Default)]
-enum Children {
-    #[default]
-    None,
-    One(LocalBlockHash, u32),
-    Many(Box<FastMap<LocalBlockHash, u32>>),
+/// One worker slot's coverage of a run: it holds the run's first `depth` blocks (`depth ≥ 1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cover {
+    slot: u32,
+    depth: u32,
 }
 
-impl Children {
+/// Coverage of a run, sorted by slot. Most runs (unique suffixes) have one holder.
+type Covers = SmallVec<[Cover; 2]>;
+
+/// Branches of a run, keyed by `(offset, first block hash)`.
+#[derive(Debug, Default)]
+enum Branches {
+    #[default]
+    None,
+    One(u32, LocalBlockHash, u32),
+    Many(Box<Fan>),
+}
+
+/// The branches of a run that has several (the end of a shared system prompt may have
+/// thousands), with how many of them each worker slot holds: a removal asks "does this worker
+/// hold any branch here?" without scanning them.
+#[derive(Debug, Default)]
+struct Fan {
+    map: FastMap<(u32, LocalBlockHash), u32>,
+    holders: FastMap<u32, u32>,
+}
+
+impl Branches {
     #[inline]
-    fn get(&self, h: LocalBlockHash) -> Option<u32> {
+    fn get(&self, off: u32, h: LocalBlockHash) -> Option<u32> {
         match self {
-            Children::None => None,
-            Children::One(k, v) => (*k == h).then_some(*v),
-            Children::Many(m) => m.get(&h).copied(),
+            Branches::None => None,
+            Branches::One(o, k, v) => (*o == off && *k == h).then_some(*v),
+            Branches::Many(f) => f.map.get(&(off, h)).copied(),
         }
     }
 
-    fn insert(&mut self, h: LocalBlockHash, id: u32) {
+    fn remove(&mut self, off: u32, h: LocalBlockHash) {
         match self {
-            Children::None => *self = Children::One(h, id),
-            Children::One(k, v) => {
-                let mut m: FastMap<LocalBlockHash, u32> = FastMap::default();
-                m.insert(*k, *v);
-                m.insert(h, id);
-                *self = Children::Many(Box::new(m));
-            }
-            Children::Many(m) => {
-                m.insert(h, id);
-            }
-        }
-    }
-
-    fn remove(&mut self, h: LocalBlockHash) {
-        match self {
-            Children::None => {}
-            Children::One(k, _) => {
-                if *k == h {
-                    *self = Children::None;
+            Branches::None => {}
+            Branches::One(o, k, _) => {
+                if *o == off && *k == h {
+                    *self = Branches::None;
                 }
             }
-            Children::Many(m) => {
-                m.remove(&h);
-                // Branching nodes gain and lose children all the time (suffixes come and go
+            Branches::Many(f) => {
+                f.map.remove(&(off, h));
+                // Branching runs gain and lose branches all the time (suffixes come and go
                 // under a shared prefix): keep the map until it is empty or far too big.
-                if m.is_empty() {
-                    *self = Children::None;
-                } else if m.capacity() > 16 * m.len() + 64 {
-                    m.shrink_to_fit();
+                if f.map.is_empty() {
+                    debug_assert!(f.holders.is_empty());
+                    *self = Branches::None;
+                } else if f.map.capacity() > 16 * f.map.len() + 64 {
+                    f.map.shrink_to_fit();
+                    f.holders.shrink_to_fit();
                 }
             }
         }
     }
 
     fn is_empty(&self) -> bool {
-        matches!(self, Children::None)
+        matches!(self, Branches::None)
     }
 
-    fn for_each(&self, mut f: impl FnMut(u32)) {
+    /// Whether some branch hangs at an offset `≥ off`.
+    fn any_from(&self, off: u32) -> bool {
         match self {
-            Children::None => {}
-            Children::One(_, v) => f(*v),
-            Children::Many(m) => m.values().for_each(|v| f(*v)),
+            Branches::None => false,
+            Branches::One(o, _, _) => *o >= off,
+            Branches::Many(f) => f.map.keys().any(|(o, _)| *o >= off),
+        }
+    }
+
+    /// Count `slot` joining (`+1`) or leaving (`-1`) one of the branches.
+    #[inline]
+    fn count_holder(&mut self, slot: u32, joins: bool) {
+        if let Branches::Many(f) = self {
+            if joins {
+                *f.holders.entry(slot).or_default() += 1;
+            } else if let Some(n) = f.holders.get_mut(&slot) {
+                *n -= 1;
+                if *n == 0 {
+                    f.holders.remove(&slot);
+                }
+            }
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(u32, LocalBlockHash, u32)) {
+        match self {
+            Branches::None => {}
+            Branches::One(o, h, v) => f(*o, *h, *v),
+            Branches::Many(fan) => fan.map.iter().for_each(|((o, h), v)| f(*o, *h, *v)),
         }
     }
 
     fn heap_bytes(&self) -> usize {
         match self {
-            Children::Many(m) => m.capacity() * (std::mem::size_of::<(LocalBlockHash, u32)>() + 1),
+            Branches::Many(f) => {
+                std::mem::size_of::<Fan>()
+                    + f.map.capacity() * (std::mem::size_of::<((u32, LocalBlockHash), u32)>() + 1)
+                    + f.holders.capacity() * (std::mem::size_of::<(u32, u32)>() + 1)
+            }
             _ => 0,
         }
     }
 }
 
-/// One block. Aligned to a cache line: a lookup step reads `children` and `workers` of one
-/// node, so a node never straddles two lines.
+/// A chain of blocks. The fields a removal reads (generation, coverage, length) come first.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct Node {
-    hash: LocalBlockHash,
-    parent: u32,
-    /// Bumped when the slot is freed, so stale per-worker references can be recognised.
+struct Run {
+    /// Bumped when the run is freed, so stale per-worker references can be recognised.
     generation: u32,
-    /// Bit `slot % 64` is set if some child may be held by that worker slot (may be stale-set,
-    /// never stale-clear): lets a removal skip scanning the children of a branching node.
-    child_slots: u64,
-    children: Children,
-    workers: WorkerSet,
+    /// Cleared by the first truncation: only a run whose length never went down may grow in
+    /// place (a stale reference past the end must never come back to life).
+    extendable: bool,
+    parent: u32,
+    /// Offset in the parent where this run hangs (see the module docs).
+    parent_off: u32,
+    covers: Covers,
+    hashes: SmallVec<[LocalBlockHash; 1]>,
+    branches: Branches,
 }
 
-/// A `(node, generation)` reference held in a worker's external-hash map.
+impl Run {
+    #[inline]
+    fn len(&self) -> u32 {
+        self.hashes.len() as u32
+    }
+
+    /// How many leading blocks `slot` holds (0 if none).
+    #[inline]
+    fn depth_of(&self, slot: u32) -> u32 {
+        match self.covers.binary_search_by_key(&slot, |c| c.slot) {
+            Ok(i) => self.covers[i].depth,
+            Err(_) => 0,
+        }
+    }
+
+    #[inline]
+    fn holds(&self, slot: u32) -> bool {
+        self.covers.binary_search_by_key(&slot, |c| c.slot).is_ok()
+    }
+
+    /// Raise `slot`'s depth to at least `depth`; returns how many blocks it newly holds.
+    #[inline]
+    fn cover(&mut self, slot: u32, depth: u32) -> u32 {
+        match self.covers.binary_search_by_key(&slot, |c| c.slot) {
+            Ok(i) => {
+                let c = &mut self.covers[i];
+                let added = depth.saturating_sub(c.depth);
+                c.depth = c.depth.max(depth);
+                added
+            }
+            Err(i) => {
+                self.covers.insert(i, Cover { slot, depth });
+                depth
+            }
+        }
+    }
+
+    fn max_depth(&self) -> u32 {
+        self.covers.iter().map(|c| c.depth).max().unwrap_or(0)
+    }
+}
+
+/// Where a worker's engine hash points: block `off` of run `id`, valid while the run's
+/// generation is `generation` and the worker's depth there exceeds `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct NodeRef {
+struct BlockRef {
     id: u32,
     generation: u32,
+    off: u32,
+}
+
+/// An engine hash as a map key with 4-byte alignment, so that an entry is 20 bytes, not 24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ExtKey([u32; 2]);
+
+impl ExtKey {
+    #[inline]
+    fn new(h: ExternalHash) -> Self {
+        ExtKey([h.0 as u32, (h.0 >> 32) as u32])
+    }
+
+    fn get(self) -> ExternalHash {
+        ExternalHash(u64::from(self.0[0]) | (u64::from(self.0[1]) << 32))
+    }
+}
+
+impl Hash for ExtKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.get().0);
+    }
 }
 
 #[derive(Debug)]
 struct WorkerEntry {
-    key: WorkerWithDpRank,
-    lookup: FastMap<ExternalHash, NodeRef>,
+    lookup: FastMap<ExtKey, BlockRef>,
 }
 
 /// Exact prefix index over every worker rank's cached blocks.
@@ -140,18 +246,22 @@ struct WorkerEntry {
 /// `(worker, dp_rank)`, the number of *contiguous* leading blocks it holds.
 #[derive(Debug)]
 pub struct KvIndex {
-    nodes: Vec<Node>,
+    runs: Vec<Run>,
     free: Vec<u32>,
-    live_nodes: usize,
+    live_runs: usize,
+    /// Blocks across all runs (distinct prefixes): [`KvIndex::num_blocks`].
+    blocks: usize,
     /// `(block, worker)` coverage pairs: [`KvIndex::current_size`].
     coverage: usize,
     /// Entries across all per-worker external-hash maps (live or stale).
     lookup_entries: usize,
     slots: Vec<Option<WorkerEntry>>,
+    /// The rank of each slot, dense so that building an answer reads 16 bytes per rank.
+    keys: Vec<WorkerWithDpRank>,
     free_slots: Vec<u32>,
     slot_of: FastMap<WorkerWithDpRank, u32>,
     /// Reused by subtree removal so removals do not allocate.
-    scratch: Vec<u32>,
+    scratch: Vec<(u32, u32)>,
 }
 
 impl Default for KvIndex {
@@ -164,12 +274,14 @@ impl KvIndex {
     /// An empty index.
     pub fn new() -> Self {
         Self {
-            nodes: vec![Node::default()],
+            runs: vec![Run::default()],
             free: Vec::new(),
-            live_nodes: 1,
+            live_runs: 1,
+            blocks: 0,
             coverage: 0,
             lookup_entries: 0,
             slots: Vec::new(),
+            keys: Vec::new(),
             free_slots: Vec::new(),
             slot_of: FastMap::default(),
             scratch: Vec::new(),
@@ -181,9 +293,9 @@ impl KvIndex {
         self.coverage
     }
 
-    /// Number of distinct block nodes (prefixes) in the tree, root excluded.
+    /// Number of distinct blocks (prefixes) in the tree.
     pub fn num_blocks(&self) -> usize {
-        self.live_nodes - 1
+        self.blocks
     }
 
     /// Worker ranks the index knows (those that ever stored a block and were not removed).
@@ -193,22 +305,27 @@ impl KvIndex {
         v
     }
 
-    /// Estimate of heap bytes used by the index's own structures (arena, child maps, worker
-    /// lists that spilled to the heap, per-worker maps). Excludes allocator overhead.
+    /// Estimate of heap bytes used by the index's own structures (runs, their hashes, branch
+    /// maps, coverage lists that spilled to the heap, per-worker maps). Excludes allocator
+    /// overhead.
     pub fn memory_bytes(&self) -> usize {
-        let node = std::mem::size_of::<Node>();
-        let mut bytes = self.nodes.capacity() * node + self.free.capacity() * 4;
-        for n in &self.nodes {
-            bytes += n.children.heap_bytes();
-            if n.workers.spilled() {
-                bytes += n.workers.capacity() * 4;
+        let mut bytes =
+            self.runs.capacity() * std::mem::size_of::<Run>() + self.free.capacity() * 4;
+        for r in &self.runs {
+            bytes += r.branches.heap_bytes();
+            if r.covers.spilled() {
+                bytes += r.covers.capacity() * std::mem::size_of::<Cover>();
+            }
+            if r.hashes.spilled() {
+                bytes += r.hashes.capacity() * std::mem::size_of::<LocalBlockHash>();
             }
         }
-        let entry = std::mem::size_of::<(ExternalHash, NodeRef)>() + 1;
+        let entry = std::mem::size_of::<(ExtKey, BlockRef)>() + 1;
         for w in self.slots.iter().flatten() {
             bytes += w.lookup.capacity() * entry;
         }
         bytes += self.slots.capacity() * std::mem::size_of::<Option<WorkerEntry>>();
+        bytes += self.keys.capacity() * std::mem::size_of::<WorkerWithDpRank>();
         bytes += self.slot_of.capacity() * (std::mem::size_of::<(WorkerWithDpRank, u32)>() + 1);
         bytes
     }
@@ -236,35 +353,59 @@ impl KvIndex {
     /// then the depth at which it became the only one (Dynamo's semantics).
     pub fn find_matches(&self, query: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
         let mut scores = Vec::new();
-        let mut node = ROOT;
-        let mut depth = 0u32;
-        for &h in query {
-            let Some(child) = self.nodes[node as usize].children.get(h) else {
-                break;
-            };
-            let (parent_set, child_set) = (
-                &self.nodes[node as usize].workers,
-                &self.nodes[child as usize].workers,
-            );
-            if depth == 0 {
-                // Every rank that scores holds the first block: one allocation.
-                scores.reserve_exact(child_set.len());
+        let Some(&first) = query.first() else {
+            return OverlapScores { scores };
+        };
+        let Some(mut cur) = self.runs[ROOT as usize].branches.get(0, first) else {
+            return OverlapScores { scores };
+        };
+        // Every rank that scores holds the first block, so it is in the first run: one allocation.
+        scores.reserve_exact(self.runs[cur as usize].covers.len());
+        let mut start = 0u32;
+        loop {
+            let run = &self.runs[cur as usize];
+            let rest = &query[start as usize..];
+            // rest[0] == hashes[0] by construction of the branch key.
+            let m = 1 + run.hashes[1..]
+                .iter()
+                .zip(&rest[1..])
+                .take_while(|(a, b)| a == b)
+                .count() as u32;
+            if early_exit {
+                if let Some(o) = sole_holder_from(&run.covers) {
+                    if o < m {
+                        for c in &run.covers {
+                            let s = if c.depth > o { o + 1 } else { c.depth };
+                            scores.push((self.keys[c.slot as usize], start + s));
+                        }
+                        break;
+                    }
+                }
             }
-            if depth > 0 && child_set.len() < parent_set.len() {
-                // Prefix-closed: child ⊆ parent; the difference are the ranks that stop here.
-                for_each_dropped(parent_set, child_set, |w| {
-                    scores.push((self.slot_key(w), depth))
-                });
-            }
-            node = child;
-            depth += 1;
-            if early_exit && child_set.len() == 1 {
-                break;
-            }
-        }
-        if depth > 0 {
-            for &w in self.nodes[node as usize].workers.iter() {
-                scores.push((self.slot_key(w), depth));
+            let next = rest
+                .get(m as usize)
+                .and_then(|&h| run.branches.get(m, h))
+                .map(|c| (c, &self.runs[c as usize].covers));
+            match next {
+                None => {
+                    for c in &run.covers {
+                        scores.push((self.keys[c.slot as usize], start + c.depth.min(m)));
+                    }
+                    break;
+                }
+                Some((child, child_covers)) => {
+                    // Ranks going on into the branch (a subset, sorted like ours) score there.
+                    let mut k = 0;
+                    for c in &run.covers {
+                        if child_covers.get(k).is_some_and(|x| x.slot == c.slot) {
+                            k += 1;
+                            continue;
+                        }
+                        scores.push((self.keys[c.slot as usize], start + c.depth.min(m)));
+                    }
+                    start += m;
+                    cur = child;
+                }
             }
         }
         OverlapScores { scores }
@@ -276,6 +417,7 @@ impl KvIndex {
             self.clear_worker_rank(key);
             if let Some(slot) = self.slot_of.remove(&key) {
                 self.slots[slot as usize] = None;
+                self.keys[slot as usize] = WorkerWithDpRank::default();
                 self.free_slots.push(slot);
             }
         }
@@ -294,14 +436,17 @@ impl KvIndex {
         let Some(&slot) = self.slot_of.get(&worker) else {
             return;
         };
-        let lookup = match self.slots[slot as usize].as_mut() {
-            Some(w) => std::mem::take(&mut w.lookup),
-            None => return,
-        };
-        self.lookup_entries -= lookup.len();
-        for (_, r) in lookup {
-            if self.is_live(r) && self.holds(r.id, slot) {
-                self.remove_subtree(r.id, slot);
+        if let Some(w) = self.slots[slot as usize].as_mut() {
+            self.lookup_entries -= w.lookup.len();
+            w.lookup = FastMap::default();
+        }
+        let mut tops = Vec::new();
+        self.runs[ROOT as usize]
+            .branches
+            .for_each(|_, _, c| tops.push(c));
+        for c in tops {
+            if self.runs[c as usize].holds(slot) {
+                self.cut(c, slot, 0);
             }
         }
         self.compact_if_empty();
@@ -314,26 +459,37 @@ impl KvIndex {
             return Vec::new();
         };
         let mut out = Vec::new();
-        let mut stack: Vec<(u32, Option<SequenceHash>)> = vec![(ROOT, None)];
-        while let Some((id, seq)) = stack.pop() {
-            self.nodes[id as usize].children.for_each(|c| {
-                let n = &self.nodes[c as usize];
-                if n.workers.binary_search(&slot).is_ok() {
-                    let s = match seq {
-                        None => SequenceHash(n.hash.0),
-                        Some(p) => crate::hash::chain_hash(p, n.hash),
-                    };
-                    out.push(s);
-                    stack.push((c, Some(s)));
-                }
+        // (run, sequence hash of the block before it)
+        let mut stack: Vec<(u32, Option<SequenceHash>)> = Vec::new();
+        self.push_held_branches(ROOT, slot, u32::MAX, &mut |c, _| stack.push((c, None)));
+        while let Some((id, before)) = stack.pop() {
+            let run = &self.runs[id as usize];
+            let depth = run.depth_of(slot);
+            let mut seqs = Vec::with_capacity(depth as usize);
+            let mut seq = before;
+            for &h in &run.hashes[..depth as usize] {
+                let s = match seq {
+                    None => SequenceHash(h.0),
+                    Some(p) => crate::hash::chain_hash(p, h),
+                };
+                seqs.push(s);
+                seq = Some(s);
+            }
+            self.push_held_branches(id, slot, depth, &mut |c, off| {
+                let before = match off {
+                    0 => before,
+                    o => Some(seqs[o as usize - 1]),
+                };
+                stack.push((c, before));
             });
+            out.extend(seqs);
         }
         out.sort_unstable();
         out
     }
 
     /// The whole index as `Stored` events that rebuild an identical index when applied to an
-    /// empty one: per worker rank, one event per linear run of its blocks, parents first,
+    /// empty one: per worker rank, one event per run it holds (its held part), parents first,
     /// carrying that rank's own engine hashes (Dynamo's dump reuses the first writer's hash for
     /// every rank; we don't). Event ids count from 0 per rank.
     pub fn dump_events(&self) -> Vec<RouterEvent> {
@@ -345,48 +501,35 @@ impl KvIndex {
             let Some(entry) = self.slots[slot as usize].as_ref() else {
                 continue;
             };
-            let mut ext_of: FastMap<u32, ExternalHash> = FastMap::default();
+            let mut ext_of: FastMap<(u32, u32), ExternalHash> = FastMap::default();
             for (ext, r) in &entry.lookup {
-                if self.is_live(*r) && self.holds(r.id, slot) {
-                    ext_of.insert(r.id, *ext);
+                if self.is_live(*r, slot) {
+                    ext_of.insert((r.id, r.off), ext.get());
                 }
             }
+            // A block held without an engine hash (the engine reused its hash for another
+            // block) gets a synthetic one, unique per block, so a rebuild keeps it.
+            let ext = |id: u32, off: u32| {
+                ext_of.get(&(id, off)).copied().unwrap_or(ExternalHash(
+                    (1 << 63) | (u64::from(id) << 32) | u64::from(off),
+                ))
+            };
             let mut event_id = 0u64;
-            // Each stack item starts a run under `parent` (None = sequence start).
-            let mut stack: Vec<(u32, Option<ExternalHash>)> = Vec::new();
-            self.push_worker_children(ROOT, slot, None, &mut stack);
-            while let Some((start, parent)) = stack.pop() {
-                let mut blocks = Vec::new();
-                let mut id = start;
-                loop {
-                    let n = &self.nodes[id as usize];
-                    // A block held without an engine hash (the engine reused its hash for another
-                    // block) gets a synthetic one, unique per node, so a rebuild keeps it.
-                    let ext = ext_of
-                        .get(&id)
-                        .copied()
-                        .unwrap_or(ExternalHash(u64::from(id) | (1 << 63)));
-                    blocks.push(StoredBlock {
-                        block_hash: ext,
-                        tokens_hash: n.hash,
+            let mut stack: Vec<u32> = Vec::new();
+            let mut kids = Vec::new();
+            self.push_held_branches(ROOT, slot, u32::MAX, &mut |c, _| kids.push(c));
+            self.push_sorted(&mut kids, &mut stack);
+            while let Some(id) = stack.pop() {
+                let run = &self.runs[id as usize];
+                let depth = run.depth_of(slot);
+                let parent = (run.parent != ROOT).then(|| ext(run.parent, run.parent_off - 1));
+                let blocks = (0..depth)
+                    .map(|off| StoredBlock {
+                        block_hash: ext(id, off),
+                        tokens_hash: run.hashes[off as usize],
                         mm_extra_info: None,
-                    });
-                    let mut next = None;
-                    let mut count = 0;
-                    n.children.for_each(|c| {
-                        if self.holds(c, slot) {
-                            count += 1;
-                            next = Some(c);
-                        }
-                    });
-                    match (count, next) {
-                        (1, Some(c)) => id = c,
-                        _ => {
-                            self.push_worker_children(id, slot, Some(ext), &mut stack);
-                            break;
-                        }
-                    }
-                }
+                    })
+                    .collect();
                 out.push(RouterEvent::new(
                     key,
                     event_id,
@@ -397,6 +540,8 @@ impl KvIndex {
                     }),
                 ));
                 event_id += 1;
+                self.push_held_branches(id, slot, depth, &mut |c, _| kids.push(c));
+                self.push_sorted(&mut kids, &mut stack);
             }
         }
         out
@@ -404,22 +549,23 @@ impl KvIndex {
 
     // ---- internals ----
 
-    fn push_worker_children(
-        &self,
-        id: u32,
-        slot: u32,
-        parent: Option<ExternalHash>,
-        stack: &mut Vec<(u32, Option<ExternalHash>)>,
-    ) {
-        let mut kids = Vec::new();
-        self.nodes[id as usize].children.for_each(|c| {
-            if self.holds(c, slot) {
-                kids.push(c);
+    /// Calls `f(child, offset)` for each branch of `id` at an offset `≤ depth` held by `slot`.
+    fn push_held_branches(&self, id: u32, slot: u32, depth: u32, f: &mut impl FnMut(u32, u32)) {
+        self.runs[id as usize].branches.for_each(|off, _, c| {
+            if off <= depth && self.runs[c as usize].holds(slot) {
+                f(c, off);
             }
         });
-        // Deterministic dump order regardless of hash-map iteration order.
-        kids.sort_unstable_by_key(|&c| std::cmp::Reverse(self.nodes[c as usize].hash));
-        stack.extend(kids.into_iter().map(|c| (c, parent)));
+    }
+
+    /// Moves `kids` onto `stack` so that they pop in a deterministic order (by first hash),
+    /// whatever the branch maps' iteration order.
+    fn push_sorted(&self, kids: &mut Vec<u32>, stack: &mut Vec<u32>) {
+        kids.sort_unstable_by_key(|&c| {
+            let r = &self.runs[c as usize];
+            std::cmp::Reverse((r.parent_off, r.hashes[0]))
+        });
+        stack.append(kids);
     }
 
     fn ranks_of(&self, worker_id: WorkerId) -> Vec<WorkerWithDpRank> {
@@ -430,26 +576,13 @@ impl KvIndex {
             .collect()
     }
 
+    /// Whether `r` still names a block that `slot` holds.
     #[inline]
-    fn slot_key(&self, slot: u32) -> WorkerWithDpRank {
-        self.slots[slot as usize]
-            .as_ref()
-            .map(|w| w.key)
-            .unwrap_or_default()
-    }
-
-    #[inline]
-    fn is_live(&self, r: NodeRef) -> bool {
+    fn is_live(&self, r: BlockRef, slot: u32) -> bool {
         r.id != ROOT
-            && self
-                .nodes
-                .get(r.id as usize)
-                .is_some_and(|n| n.generation == r.generation && !n.workers.is_empty())
-    }
-
-    #[inline]
-    fn holds(&self, id: u32, slot: u32) -> bool {
-        self.nodes[id as usize].workers.binary_search(&slot).is_ok()
+            && self.runs.get(r.id as usize).is_some_and(|run| {
+                run.generation == r.generation && r.off < run.len() && run.depth_of(slot) > r.off
+            })
     }
 
     fn slot_for(&mut self, worker: WorkerWithDpRank) -> u32 {
@@ -457,16 +590,17 @@ impl KvIndex {
             return s;
         }
         let entry = WorkerEntry {
-            key: worker,
             lookup: FastMap::default(),
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
                 self.slots[s as usize] = Some(entry);
+                self.keys[s as usize] = worker;
                 s
             }
             None => {
                 self.slots.push(Some(entry));
+                self.keys.push(worker);
                 (self.slots.len() - 1) as u32
             }
         };
@@ -482,45 +616,66 @@ impl KvIndex {
             return Err(IndexError::InvalidBlockSequence { worker });
         }
         let slot = self.slot_for(worker);
-        let mut node = match s.parent_hash {
-            None => ROOT,
+        // Position of the next block: offset `off` of run `run`.
+        let (mut run, mut off) = match s.parent_hash {
+            None => (ROOT, 0),
             Some(p) => {
                 let found = self.slots[slot as usize]
                     .as_ref()
-                    .and_then(|w| w.lookup.get(&p))
+                    .and_then(|w| w.lookup.get(&ExtKey::new(p)))
                     .copied();
                 match found {
-                    Some(r) if self.is_live(r) && self.holds(r.id, slot) => r.id,
+                    Some(r) if self.is_live(r, slot) => (r.id, r.off + 1),
                     _ => return Err(IndexError::ParentBlockNotFound { worker, parent: p }),
                 }
             }
         };
-        for b in &s.blocks {
-            let child = match self.nodes[node as usize].children.get(b.tokens_hash) {
-                Some(c) => c,
-                None => {
-                    let c = self.alloc(b.tokens_hash, node);
-                    self.nodes[node as usize].children.insert(b.tokens_hash, c);
-                    c
+        let mut lookup = self.slots[slot as usize]
+            .take()
+            .expect("a known slot has an entry");
+        for (i, b) in s.blocks.iter().enumerate() {
+            let h = b.tokens_hash;
+            let rest = s.blocks.len() - i;
+            let r = &self.runs[run as usize];
+            if off >= r.len() || r.hashes[off as usize] != h {
+                if let Some(c) = r.branches.get(off, h) {
+                    (run, off) = (c, 0);
+                } else if run != ROOT
+                    && off == r.len()
+                    && r.extendable
+                    && r.covers.len() == 1
+                    && r.covers[0].slot == slot
+                    && !r.branches.any_from(off)
+                {
+                    // Only this worker holds the run, to its end: grow it in place.
+                    let hashes = &mut self.runs[run as usize].hashes;
+                    hashes.reserve(rest);
+                    hashes.push(h);
+                    self.blocks += 1;
+                } else {
+                    let c = self.alloc(h, run, off, rest);
+                    self.add_branch(run, off, h, c);
+                    (run, off) = (c, 0);
                 }
-            };
-            self.nodes[node as usize].child_slots |= slot_bit(slot);
-            let n = &mut self.nodes[child as usize];
-            if let Err(pos) = n.workers.binary_search(&slot) {
-                n.workers.insert(pos, slot);
-                self.coverage += 1;
             }
-            let r = NodeRef {
-                id: child,
-                generation: n.generation,
-            };
-            if let Some(w) = self.slots[slot as usize].as_mut() {
-                if w.lookup.insert(b.block_hash, r).is_none() {
-                    self.lookup_entries += 1;
-                }
+            // Block `off` of `run` is `h`; this worker holds everything before it.
+            let added = self.runs[run as usize].cover(slot, off + 1);
+            self.coverage += added as usize;
+            if off == 0 && added == 1 {
+                let parent = self.runs[run as usize].parent;
+                self.runs[parent as usize].branches.count_holder(slot, true);
             }
-            node = child;
+            let r = BlockRef {
+                id: run,
+                generation: self.runs[run as usize].generation,
+                off,
+            };
+            if lookup.lookup.insert(ExtKey::new(b.block_hash), r).is_none() {
+                self.lookup_entries += 1;
+            }
+            off += 1;
         }
+        self.slots[slot as usize] = Some(lookup);
         Ok(())
     }
 
@@ -539,12 +694,12 @@ impl KvIndex {
         for h in hashes {
             let r = self.slots[slot as usize]
                 .as_mut()
-                .and_then(|w| w.lookup.remove(h));
+                .and_then(|w| w.lookup.remove(&ExtKey::new(*h)));
             match r {
                 Some(r) => {
                     self.lookup_entries -= 1;
-                    if self.is_live(r) && self.holds(r.id, slot) {
-                        self.remove_subtree(r.id, slot);
+                    if self.is_live(r, slot) {
+                        self.cut(r.id, slot, r.off);
                     }
                     // else: already dropped with an ancestor; the stale entry is now gone.
                 }
@@ -563,101 +718,158 @@ impl KvIndex {
         }
     }
 
-    /// Take `slot` off `id` and every descendant it holds; free nodes nobody holds.
-    fn remove_subtree(&mut self, id: u32, slot: u32) {
-        // Engines evict leaves first: the common case has no descendant of this worker to visit.
-        let root = &self.nodes[id as usize];
-        if root.children.is_empty() || root.child_slots & slot_bit(slot) == 0 {
-            self.remove_from_node(id, slot);
+    /// Cut `slot`'s coverage of run `id` down to `depth` blocks and take it off every branch
+    /// that hangs after that point; truncate or free runs nobody holds any more.
+    fn cut(&mut self, id: u32, slot: u32, depth: u32) {
+        // Engines evict leaves first: the common case has no branch of this worker to visit.
+        if !self.holds_branch_past(id, slot, depth) {
+            self.cut_one(id, slot, depth);
             return;
         }
         let mut order = std::mem::take(&mut self.scratch);
         order.clear();
-        order.push(id);
+        order.push((id, depth));
         let mut i = 0;
         while i < order.len() {
-            let n = order[i];
+            let (n, d) = order[i];
             i += 1;
-            let nodes = &self.nodes;
-            if nodes[n as usize].child_slots & slot_bit(slot) == 0 {
+            if !self.holds_branch_past(n, slot, d) {
                 continue;
             }
-            // Visiting every child anyway: rebuild the summary without this worker.
-            let mut mask = 0u64;
-            nodes[n as usize].children.for_each(|c| {
-                let ws = &nodes[c as usize].workers;
-                if ws.binary_search(&slot).is_ok() {
-                    order.push(c);
+            let runs = &self.runs;
+            runs[n as usize].branches.for_each(|off, _, c| {
+                if off > d && runs[c as usize].holds(slot) {
+                    order.push((c, 0));
                 }
-                mask |= ws
-                    .iter()
-                    .filter(|&&w| w != slot)
-                    .fold(0, |m, &w| m | slot_bit(w));
             });
-            self.nodes[n as usize].child_slots = mask;
         }
-        // Breadth-first order reversed: children before parents, so a node is childless by the
-        // time it is checked.
-        for &n in order.iter().rev() {
-            self.remove_from_node(n, slot);
+        // Breadth-first order reversed: branches before the runs they hang from, so a run has
+        // no branch past its new end by the time it is truncated.
+        for &(n, d) in order.iter().rev() {
+            self.cut_one(n, slot, d);
         }
         self.scratch = order;
     }
 
+    /// Whether `slot` may hold a branch of `id` hanging past offset `depth` (exact for a single
+    /// branch; for a fan, whether it holds any branch at all).
     #[inline]
-    fn remove_from_node(&mut self, n: u32, slot: u32) {
-        let node = &mut self.nodes[n as usize];
-        if let Ok(pos) = node.workers.binary_search(&slot) {
-            node.workers.remove(pos);
-            self.coverage -= 1;
-        }
-        if node.workers.is_empty() {
-            debug_assert!(node.children.is_empty(), "prefix-closed coverage violated");
-            self.free_node(n);
+    fn holds_branch_past(&self, id: u32, slot: u32, depth: u32) -> bool {
+        match &self.runs[id as usize].branches {
+            Branches::None => false,
+            Branches::One(off, _, c) => *off > depth && self.runs[*c as usize].holds(slot),
+            Branches::Many(f) => f.holders.contains_key(&slot),
         }
     }
 
-    fn alloc(&mut self, hash: LocalBlockHash, parent: u32) -> u32 {
-        self.live_nodes += 1;
+    /// Hang run `c` (first block `h`) at offset `off` of `run`.
+    fn add_branch(&mut self, run: u32, off: u32, h: LocalBlockHash, c: u32) {
+        let branches = &self.runs[run as usize].branches;
+        if let Branches::One(o, k, v) = *branches {
+            // Second branch: count the first one's holders from now on.
+            let mut fan = Fan::default();
+            fan.map.insert((o, k), v);
+            for cv in &self.runs[v as usize].covers {
+                fan.holders.insert(cv.slot, 1);
+            }
+            self.runs[run as usize].branches = Branches::Many(Box::new(fan));
+        }
+        match &mut self.runs[run as usize].branches {
+            b @ Branches::None => *b = Branches::One(off, h, c),
+            Branches::Many(f) => {
+                f.map.insert((off, h), c);
+            }
+            Branches::One(..) => unreachable!("converted above"),
+        }
+    }
+
+    /// `cut` for one run whose branches past `depth` no longer hold `slot`.
+    #[inline]
+    fn cut_one(&mut self, id: u32, slot: u32, depth: u32) {
+        let run = &mut self.runs[id as usize];
+        if let Ok(i) = run.covers.binary_search_by_key(&slot, |c| c.slot) {
+            let had = run.covers[i].depth;
+            if had > depth {
+                self.coverage -= (had - depth) as usize;
+                if depth == 0 {
+                    run.covers.remove(i);
+                    let parent = run.parent;
+                    self.runs[parent as usize]
+                        .branches
+                        .count_holder(slot, false);
+                } else {
+                    run.covers[i].depth = depth;
+                }
+            }
+        }
+        let run = &mut self.runs[id as usize];
+        let keep = run.max_depth();
+        if keep == 0 {
+            self.free_run(id);
+        } else if keep < run.len() {
+            debug_assert!(
+                !run.branches.any_from(keep + 1),
+                "prefix-closed coverage violated"
+            );
+            self.blocks -= (run.len() - keep) as usize;
+            run.hashes.truncate(keep as usize);
+            run.extendable = false;
+        }
+    }
+
+    /// A new run holding `hash`, with room for `len` blocks (the rest of the store).
+    fn alloc(&mut self, hash: LocalBlockHash, parent: u32, parent_off: u32, len: usize) -> u32 {
+        self.live_runs += 1;
+        self.blocks += 1;
         match self.free.pop() {
             Some(id) => {
-                let n = &mut self.nodes[id as usize];
-                n.hash = hash;
-                n.parent = parent;
+                let r = &mut self.runs[id as usize];
+                r.hashes.reserve_exact(len);
+                r.hashes.push(hash);
+                r.parent = parent;
+                r.parent_off = parent_off;
+                r.extendable = true;
                 id
             }
             None => {
-                self.nodes.push(Node {
-                    hash,
+                let mut hashes = SmallVec::with_capacity(len);
+                hashes.push(hash);
+                self.runs.push(Run {
+                    hashes,
                     parent,
+                    parent_off,
+                    extendable: true,
                     ..Default::default()
                 });
-                (self.nodes.len() - 1) as u32
+                (self.runs.len() - 1) as u32
             }
         }
     }
 
-    fn free_node(&mut self, id: u32) {
-        let (parent, hash) = {
-            let n = &mut self.nodes[id as usize];
-            n.generation = n.generation.wrapping_add(1);
-            n.child_slots = 0;
-            n.children = Children::None;
-            n.workers = WorkerSet::new();
-            (n.parent, n.hash)
+    fn free_run(&mut self, id: u32) {
+        let (parent, off, first) = {
+            let r = &mut self.runs[id as usize];
+            debug_assert!(r.branches.is_empty(), "prefix-closed coverage violated");
+            self.blocks -= r.hashes.len();
+            let first = r.hashes[0];
+            r.generation = r.generation.wrapping_add(1);
+            r.branches = Branches::None;
+            r.covers = Covers::new();
+            r.hashes = SmallVec::new();
+            (r.parent, r.parent_off, first)
         };
-        self.nodes[parent as usize].children.remove(hash);
+        self.runs[parent as usize].branches.remove(off, first);
         self.free.push(id);
-        self.live_nodes -= 1;
+        self.live_runs -= 1;
     }
 
-    /// Give memory back when nothing is indexed any more: with no node and no per-worker
+    /// Give memory back when nothing is indexed any more: with no run and no per-worker
     /// reference left, generations can restart and the arena shrink to the root.
     fn compact_if_empty(&mut self) {
-        if self.live_nodes == 1 && self.lookup_entries == 0 && self.nodes.len() > 1 {
-            self.nodes.truncate(1);
-            self.nodes.shrink_to_fit();
-            self.nodes[0].children = Children::None;
+        if self.live_runs == 1 && self.lookup_entries == 0 && self.runs.len() > 1 {
+            self.runs.truncate(1);
+            self.runs.shrink_to_fit();
+            self.runs[0].branches = Branches::None;
             self.free = Vec::new();
             for w in self.slots.iter_mut().flatten() {
                 w.lookup = FastMap::default();
@@ -666,34 +878,20 @@ impl KvIndex {
     }
 }
 
-/// Calls `f` for each element of sorted `parent` missing from sorted `child ⊆ parent`, in
-/// `O(d log p)` for `d` missing elements: a worker set shrinks by a few ranks at a time, so a
-/// linear merge of two long lists would dominate lookups over shared prefixes.
-fn for_each_dropped(parent: &[u32], child: &[u32], mut f: impl FnMut(u32)) {
-    let mut lo = 0;
-    for found in 0..parent.len().saturating_sub(child.len()) {
-        // First k ≥ lo with parent[k] != child[k - found]. Monotone: before the next missing
-        // element both lists agree position by position; from it on, parent is one ahead.
-        let (mut a, mut b) = (lo, parent.len());
-        while a < b {
-            let m = (a + b) / 2;
-            if child.get(m - found) == Some(&parent[m]) {
-                a = m + 1;
-            } else {
-                b = m;
-            }
+/// With early exit: the first offset at which exactly one rank still holds the run's block,
+/// if there is one (ranks hold prefixes, so that is the second-deepest depth, and the deepest
+/// must be unique).
+fn sole_holder_from(covers: &[Cover]) -> Option<u32> {
+    let (mut first, mut second) = (0u32, 0u32);
+    for c in covers {
+        if c.depth > first {
+            second = first;
+            first = c.depth;
+        } else if c.depth > second {
+            second = c.depth;
         }
-        match parent.get(a) {
-            Some(&w) => f(w),
-            None => return,
-        }
-        lo = a + 1;
     }
-}
-
-#[inline]
-fn slot_bit(slot: u32) -> u64 {
-    1u64 << (slot & 63)
+    (first > second && covers.iter().filter(|c| c.depth == first).count() == 1).then_some(second)
 }
 
 /// A store whose parent is one of its own blocks, or that repeats a block hash (spec §3.2:
@@ -768,36 +966,5 @@ pub fn stored_event(
                     .collect(),
             }),
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::for_each_dropped;
-
-    #[test]
-    fn dropped_elements_of_a_sorted_subset() {
-        let parent: Vec<u32> = (0..200).map(|x| x * 3).collect();
-        for keep_every in [1usize, 2, 3, 7, 50, 1000] {
-            for offset in 0..3 {
-                let child: Vec<u32> = parent
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| (i + offset) % keep_every != 0)
-                    .map(|(_, &x)| x)
-                    .collect();
-                let mut got = Vec::new();
-                for_each_dropped(&parent, &child, |w| got.push(w));
-                let want: Vec<u32> = parent
-                    .iter()
-                    .copied()
-                    .filter(|x| !child.contains(x))
-                    .collect();
-                assert_eq!(got, want, "keep_every {keep_every} offset {offset}");
-            }
-        }
-        let mut got = Vec::new();
-        for_each_dropped(&[1, 2, 3], &[], |w| got.push(w));
-        assert_eq!(got, [1, 2, 3]);
     }
 }
