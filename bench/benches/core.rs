@@ -25,6 +25,11 @@ use kvrouter_core::sequences::PotentialLoad;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+// The allocator the `kvrouter` binary ships with: index stores and lookup answers allocate,
+// so measure them as deployed.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn build(stream: &EventStream) -> KvIndex {
     let mut ix = KvIndex::new();
     for ev in &stream.warmup {

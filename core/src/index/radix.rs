@@ -361,52 +361,54 @@ impl KvIndex {
         };
         // Every rank that scores holds the first block, so it is in the first run: one allocation.
         scores.reserve_exact(self.runs[cur as usize].covers.len());
+        let keys = &self.keys[..];
         let mut start = 0u32;
         loop {
             let run = &self.runs[cur as usize];
+            let covers: &[Cover] = &run.covers;
+            let hashes: &[LocalBlockHash] = &run.hashes;
             let rest = &query[start as usize..];
             // rest[0] == hashes[0] by construction of the branch key.
-            let m = 1 + run.hashes[1..]
+            let n = hashes.len().min(rest.len());
+            let m = 1 + hashes[1..n]
                 .iter()
-                .zip(&rest[1..])
+                .zip(&rest[1..n])
                 .take_while(|(a, b)| a == b)
                 .count() as u32;
             if early_exit {
-                if let Some(o) = sole_holder_from(&run.covers) {
+                if let Some(o) = sole_holder_from(covers) {
                     if o < m {
-                        for c in &run.covers {
+                        scores.extend(covers.iter().map(|c| {
                             let s = if c.depth > o { o + 1 } else { c.depth };
-                            scores.push((self.keys[c.slot as usize], start + s));
-                        }
+                            (keys[c.slot as usize], start + s)
+                        }));
                         break;
                     }
                 }
             }
-            let next = rest
-                .get(m as usize)
-                .and_then(|&h| run.branches.get(m, h))
-                .map(|c| (c, &self.runs[c as usize].covers));
-            match next {
-                None => {
-                    for c in &run.covers {
-                        scores.push((self.keys[c.slot as usize], start + c.depth.min(m)));
-                    }
-                    break;
-                }
-                Some((child, child_covers)) => {
-                    // Ranks going on into the branch (a subset, sorted like ours) score there.
-                    let mut k = 0;
-                    for c in &run.covers {
-                        if child_covers.get(k).is_some_and(|x| x.slot == c.slot) {
-                            k += 1;
-                            continue;
-                        }
-                        scores.push((self.keys[c.slot as usize], start + c.depth.min(m)));
-                    }
-                    start += m;
-                    cur = child;
-                }
+            let next = rest.get(m as usize).and_then(|&h| run.branches.get(m, h));
+            // Ranks that stop in this run score here; slices of `covers`, so that each is one
+            // tight copy.
+            let mut emit = |part: &[Cover]| {
+                scores.extend(
+                    part.iter()
+                        .map(|c| (keys[c.slot as usize], start + c.depth.min(m))),
+                )
+            };
+            let Some(child) = next else {
+                emit(covers);
+                break;
+            };
+            // Ranks going on into the branch (a subset, sorted like ours) score there.
+            let mut from = 0;
+            for x in self.runs[child as usize].covers.iter() {
+                let at = from + covers[from..].partition_point(|c| c.slot < x.slot);
+                emit(&covers[from..at]);
+                from = (at + 1).min(covers.len());
             }
+            emit(&covers[from..]);
+            start += m;
+            cur = child;
         }
         OverlapScores { scores }
     }
