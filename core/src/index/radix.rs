@@ -635,47 +635,68 @@ impl KvIndex {
         let mut lookup = self.slots[slot as usize]
             .take()
             .expect("a known slot has an entry");
-        for (i, b) in s.blocks.iter().enumerate() {
-            let h = b.tokens_hash;
-            let rest = s.blocks.len() - i;
+        let blocks = &s.blocks[..];
+        let mut i = 0;
+        while i < blocks.len() {
+            let h = blocks[i].tokens_hash;
             let r = &self.runs[run as usize];
-            if off >= r.len() || r.hashes[off as usize] != h {
-                if let Some(c) = r.branches.get(off, h) {
-                    (run, off) = (c, 0);
-                } else if run != ROOT
-                    && off == r.len()
-                    && r.extendable
-                    && r.covers.len() == 1
-                    && r.covers[0].slot == slot
-                    && !r.branches.any_from(off)
+            // Where block `i` goes, and how many of the store's blocks land in that run.
+            let end = if off < r.len() && r.hashes[off as usize] == h {
+                // Already in the run: follow its chain as far as the store does.
+                let mut j = i + 1;
+                while j < blocks.len()
+                    && ((off as usize + j - i) < r.hashes.len())
+                    && r.hashes[off as usize + j - i] == blocks[j].tokens_hash
                 {
-                    // Only this worker holds the run, to its end: grow it in place.
-                    let hashes = &mut self.runs[run as usize].hashes;
-                    hashes.reserve(rest);
-                    hashes.push(h);
-                    self.blocks += 1;
-                } else {
-                    let c = self.alloc(h, run, off, rest);
-                    self.add_branch(run, off, h, c);
-                    (run, off) = (c, 0);
+                    j += 1;
                 }
-            }
-            // Block `off` of `run` is `h`; this worker holds everything before it.
-            let added = self.runs[run as usize].cover(slot, off + 1);
+                j
+            } else if let Some(c) = r.branches.get(off, h) {
+                (run, off) = (c, 0);
+                continue;
+            } else if run != ROOT
+                && off == r.len()
+                && r.extendable
+                && r.covers.len() == 1
+                && r.covers[0].slot == slot
+                && !r.branches.any_from(off)
+            {
+                // Only this worker holds the run, to its end: the rest of the store grows it.
+                self.runs[run as usize]
+                    .hashes
+                    .extend(blocks[i..].iter().map(|b| b.tokens_hash));
+                self.blocks += blocks.len() - i;
+                blocks.len()
+            } else {
+                // A new run takes the rest of the store (nobody else can share it yet).
+                let c = self.alloc(run, off, blocks[i..].iter().map(|b| b.tokens_hash));
+                self.blocks += blocks.len() - i;
+                self.add_branch(run, off, h, c);
+                (run, off) = (c, 0);
+                blocks.len()
+            };
+            // Blocks `i..end` are `off..` of `run`; this worker holds everything before them.
+            let depth = off + (end - i) as u32;
+            let r = &mut self.runs[run as usize];
+            let added = r.cover(slot, depth);
+            let generation = r.generation;
             self.coverage += added as usize;
-            if off == 0 && added == 1 {
+            if off == 0 && added == depth {
                 let parent = self.runs[run as usize].parent;
                 self.runs[parent as usize].branches.count_holder(slot, true);
             }
-            let r = BlockRef {
-                id: run,
-                generation: self.runs[run as usize].generation,
-                off,
-            };
-            if lookup.lookup.insert(ExtKey::new(b.block_hash), r).is_none() {
-                self.lookup_entries += 1;
+            for (k, b) in blocks[i..end].iter().enumerate() {
+                let r = BlockRef {
+                    id: run,
+                    generation,
+                    off: off + k as u32,
+                };
+                if lookup.lookup.insert(ExtKey::new(b.block_hash), r).is_none() {
+                    self.lookup_entries += 1;
+                }
             }
-            off += 1;
+            off = depth;
+            i = end;
         }
         self.slots[slot as usize] = Some(lookup);
         Ok(())
@@ -789,63 +810,65 @@ impl KvIndex {
     #[inline]
     fn cut_one(&mut self, id: u32, slot: u32, depth: u32) {
         let run = &mut self.runs[id as usize];
-        if let Ok(i) = run.covers.binary_search_by_key(&slot, |c| c.slot) {
-            let had = run.covers[i].depth;
-            if had > depth {
-                self.coverage -= (had - depth) as usize;
-                if depth == 0 {
-                    run.covers.remove(i);
-                    let parent = run.parent;
-                    self.runs[parent as usize]
-                        .branches
-                        .count_holder(slot, false);
-                } else {
-                    run.covers[i].depth = depth;
-                }
-            }
+        let Ok(i) = run.covers.binary_search_by_key(&slot, |c| c.slot) else {
+            return;
+        };
+        let had = run.covers[i].depth;
+        if had <= depth {
+            return;
         }
+        self.coverage -= (had - depth) as usize;
+        if depth == 0 {
+            run.covers.remove(i);
+            let parent = run.parent;
+            self.runs[parent as usize]
+                .branches
+                .count_holder(slot, false);
+        } else {
+            run.covers[i].depth = depth;
+        }
+        // A run ends where its deepest holder does: only cutting that holder can shorten it.
         let run = &mut self.runs[id as usize];
+        let len = run.len();
+        if had < len || run.covers.iter().any(|c| c.depth == len) {
+            return;
+        }
         let keep = run.max_depth();
         if keep == 0 {
             self.free_run(id);
-        } else if keep < run.len() {
+        } else {
             debug_assert!(
                 !run.branches.any_from(keep + 1),
                 "prefix-closed coverage violated"
             );
-            self.blocks -= (run.len() - keep) as usize;
+            self.blocks -= (len - keep) as usize;
             run.hashes.truncate(keep as usize);
             run.extendable = false;
         }
     }
 
-    /// A new run holding `hash`, with room for `len` blocks (the rest of the store).
-    fn alloc(&mut self, hash: LocalBlockHash, parent: u32, parent_off: u32, len: usize) -> u32 {
+    /// A new run of `hashes` hanging at offset `parent_off` of `parent` (not linked yet).
+    fn alloc(
+        &mut self,
+        parent: u32,
+        parent_off: u32,
+        hashes: impl ExactSizeIterator<Item = LocalBlockHash>,
+    ) -> u32 {
         self.live_runs += 1;
-        self.blocks += 1;
-        match self.free.pop() {
-            Some(id) => {
-                let r = &mut self.runs[id as usize];
-                r.hashes.reserve_exact(len);
-                r.hashes.push(hash);
-                r.parent = parent;
-                r.parent_off = parent_off;
-                r.extendable = true;
-                id
-            }
+        let id = match self.free.pop() {
+            Some(id) => id,
             None => {
-                let mut hashes = SmallVec::with_capacity(len);
-                hashes.push(hash);
-                self.runs.push(Run {
-                    hashes,
-                    parent,
-                    parent_off,
-                    extendable: true,
-                    ..Default::default()
-                });
+                self.runs.push(Run::default());
                 (self.runs.len() - 1) as u32
             }
-        }
+        };
+        let r = &mut self.runs[id as usize];
+        r.hashes.reserve_exact(hashes.len());
+        r.hashes.extend(hashes);
+        r.parent = parent;
+        r.parent_off = parent_off;
+        r.extendable = true;
+        id
     }
 
     fn free_run(&mut self, id: u32) {
@@ -867,6 +890,7 @@ impl KvIndex {
 
     /// Give memory back when nothing is indexed any more: with no run and no per-worker
     /// reference left, generations can restart and the arena shrink to the root.
+    #[inline]
     fn compact_if_empty(&mut self) {
         if self.live_runs == 1 && self.lookup_entries == 0 && self.runs.len() > 1 {
             self.runs.truncate(1);
