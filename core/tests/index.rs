@@ -321,7 +321,8 @@ fn dump_rebuilds_an_identical_index() {
     store_chain(&mut ix, w(2, 3), None, 30, &[1, 2, 7]).unwrap();
     store_chain(&mut ix, w(3, 0), None, 40, &[9]).unwrap();
     let dump = ix.dump_events();
-    // Runs: worker 1 has a branch after block 2 → three runs; worker 2 one run; worker 3 one.
+    // One event per run a rank holds: worker 1 holds [1 2 3 4] and the branch [5 6] after
+    // block 2; worker 2 the first two blocks of that run and its own branch [7]; worker 3 [9].
     assert_eq!(dump.len(), 5);
     let mut rebuilt = KvIndex::new();
     for ev in &dump {
