@@ -29,39 +29,8 @@ fn main() {
     let EventStream {
         warmup: warm,
         steady,
-        chains,
+        ..
     } = generate(&w, 400_000, 1);
-    if std::env::var("FIND").is_ok() {
-        use rand::{Rng, SeedableRng};
-        let mut ix = KvIndex::new();
-        for e in warm.iter().chain(&steady) {
-            ix.apply(e).unwrap();
-        }
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
-        let queries: Vec<Vec<kvrouter_core::hash::LocalBlockHash>> = (0..20_000)
-            .map(|_| {
-                let ch = &chains[chains.len() - 1 - rng.random_range(0..5000)];
-                let mut q: Vec<_> = ch.iter().take(64).copied().collect();
-                while q.len() < 64 {
-                    q.push(kvrouter_core::hash::LocalBlockHash(rng.random()));
-                }
-                q
-            })
-            .collect();
-        let t = Instant::now();
-        let mut n = 0usize;
-        for _ in 0..10 {
-            for q in &queries {
-                n += std::hint::black_box(ix.find_matches(q, false)).scores.len();
-            }
-        }
-        println!(
-            "find: {:.0} ns/query, {:.1} scores",
-            t.elapsed().as_secs_f64() / 200_000.0 * 1e9,
-            n as f64 / 200_000.0
-        );
-        return;
-    }
     if let Some(path) = dump {
         let mut out =
             std::io::BufWriter::new(std::fs::File::create(&path).expect("create dump file"));
