@@ -632,9 +632,6 @@ impl KvIndex {
                 }
             }
         };
-        let mut lookup = self.slots[slot as usize]
-            .take()
-            .expect("a known slot has an entry");
         let blocks = &s.blocks[..];
         let mut i = 0;
         while i < blocks.len() {
@@ -670,7 +667,6 @@ impl KvIndex {
             } else {
                 // A new run takes the rest of the store (nobody else can share it yet).
                 let c = self.alloc(run, off, blocks[i..].iter().map(|b| b.tokens_hash));
-                self.blocks += blocks.len() - i;
                 self.add_branch(run, off, h, c);
                 (run, off) = (c, 0);
                 blocks.len()
@@ -685,20 +681,21 @@ impl KvIndex {
                 let parent = self.runs[run as usize].parent;
                 self.runs[parent as usize].branches.count_holder(slot, true);
             }
-            for (k, b) in blocks[i..end].iter().enumerate() {
-                let r = BlockRef {
-                    id: run,
-                    generation,
-                    off: off + k as u32,
-                };
-                if lookup.lookup.insert(ExtKey::new(b.block_hash), r).is_none() {
-                    self.lookup_entries += 1;
+            if let Some(w) = self.slots[slot as usize].as_mut() {
+                for (k, b) in blocks[i..end].iter().enumerate() {
+                    let r = BlockRef {
+                        id: run,
+                        generation,
+                        off: off + k as u32,
+                    };
+                    if w.lookup.insert(ExtKey::new(b.block_hash), r).is_none() {
+                        self.lookup_entries += 1;
+                    }
                 }
             }
             off = depth;
             i = end;
         }
-        self.slots[slot as usize] = Some(lookup);
         Ok(())
     }
 
@@ -787,23 +784,25 @@ impl KvIndex {
 
     /// Hang run `c` (first block `h`) at offset `off` of `run`.
     fn add_branch(&mut self, run: u32, off: u32, h: LocalBlockHash, c: u32) {
-        let branches = &self.runs[run as usize].branches;
-        if let Branches::One(o, k, v) = *branches {
-            // Second branch: count the first one's holders from now on.
-            let mut fan = Fan::default();
-            fan.map.insert((o, k), v);
-            for cv in &self.runs[v as usize].covers {
-                fan.holders.insert(cv.slot, 1);
+        let branches = match std::mem::take(&mut self.runs[run as usize].branches) {
+            Branches::None => Branches::One(off, h, c),
+            Branches::One(o, k, v) => {
+                // Second branch: count the first one's holders from now on (the new run has
+                // none yet).
+                let mut fan = Fan::default();
+                fan.map.insert((o, k), v);
+                fan.map.insert((off, h), c);
+                for cv in &self.runs[v as usize].covers {
+                    fan.holders.insert(cv.slot, 1);
+                }
+                Branches::Many(Box::new(fan))
             }
-            self.runs[run as usize].branches = Branches::Many(Box::new(fan));
-        }
-        match &mut self.runs[run as usize].branches {
-            b @ Branches::None => *b = Branches::One(off, h, c),
-            Branches::Many(f) => {
-                f.map.insert((off, h), c);
+            Branches::Many(mut fan) => {
+                fan.map.insert((off, h), c);
+                Branches::Many(fan)
             }
-            Branches::One(..) => unreachable!("converted above"),
-        }
+        };
+        self.runs[run as usize].branches = branches;
     }
 
     /// `cut` for one run whose branches past `depth` no longer hold `slot`.
@@ -847,7 +846,8 @@ impl KvIndex {
         }
     }
 
-    /// A new run of `hashes` hanging at offset `parent_off` of `parent` (not linked yet).
+    /// A new run of `hashes` hanging at offset `parent_off` of `parent` (not linked yet); counts
+    /// its blocks.
     fn alloc(
         &mut self,
         parent: u32,
@@ -855,6 +855,7 @@ impl KvIndex {
         hashes: impl ExactSizeIterator<Item = LocalBlockHash>,
     ) -> u32 {
         self.live_runs += 1;
+        self.blocks += hashes.len();
         let id = match self.free.pop() {
             Some(id) => id,
             None => {
