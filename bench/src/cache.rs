@@ -96,6 +96,12 @@ impl LruBlockCache {
     }
 }
 
+/// The salt a simulated engine XORs into its sequence hashes to make its engine hashes: undo it
+/// to feed an index that needs every worker to hash alike (Dynamo's `RadixTree`).
+pub fn engine_salt(worker: WorkerWithDpRank) -> u64 {
+    crate::trace::splitmix64(worker.worker_id ^ (u64::from(worker.dp_rank) << 48) ^ 0x5eed)
+}
+
 /// A simulated engine's cache that publishes KV events for one worker rank.
 #[derive(Clone, Debug)]
 pub struct SimWorkerCache {
@@ -107,12 +113,10 @@ pub struct SimWorkerCache {
 
 impl SimWorkerCache {
     pub fn new(worker: WorkerWithDpRank, capacity_blocks: usize) -> Self {
-        let salt =
-            crate::trace::splitmix64(worker.worker_id ^ (u64::from(worker.dp_rank) << 48) ^ 0x5eed);
         Self {
             worker,
             cache: LruBlockCache::new(capacity_blocks),
-            salt,
+            salt: engine_salt(worker),
             next_event_id: 0,
         }
     }

@@ -22,6 +22,32 @@ pub struct Workload {
     pub suffix_blocks: (usize, usize),
 }
 
+/// The fleets the router-core benchmarks use (issue #2): `("64w", …)` has 64 workers and about
+/// 262 k `(block, worker)` entries once warm, `("256w", …)` 256 workers and about 1.05 M;
+/// 4,096-block caches, 32-block system prompts plus 1–32 unique blocks.
+pub fn index_scenarios() -> Vec<(&'static str, Workload)> {
+    let w = |workers, prefixes| Workload {
+        workers,
+        capacity: 4096,
+        prefixes,
+        prefix_blocks: 32,
+        suffix_blocks: (1, 32),
+    };
+    vec![("64w", w(64, 64)), ("256w", w(256, 128))]
+}
+
+/// Long prompts for 512-block lookups: 64 workers with 8,192-block caches, 256-block system
+/// prompts plus 1–256 unique blocks.
+pub fn long_prompt_scenario() -> Workload {
+    Workload {
+        workers: 64,
+        capacity: 8192,
+        prefixes: 32,
+        prefix_blocks: 256,
+        suffix_blocks: (1, 256),
+    }
+}
+
 /// A generated stream.
 pub struct EventStream {
     /// Events until every cache is (nearly) full: apply untimed.
