@@ -214,11 +214,22 @@ proptest! {
         let queries = all_queries();
         let mut ix = KvIndex::new();
         let mut model = Model::default();
+        // The same events through `apply_batch`, in batches cut at each worker removal: same
+        // errors in the same order, same index.
+        let mut batched = KvIndex::new();
+        let mut pending: Vec<RouterEvent> = Vec::new();
+        let (mut errors, mut batch_errors) = (Vec::new(), Vec::new());
+        let mut flush = |batched: &mut KvIndex, pending: &mut Vec<RouterEvent>, out: &mut Vec<IndexError>| {
+            batched.apply_batch(pending, |_, e| out.push(e));
+            pending.clear();
+        };
         for op in &ops {
             let want = model.apply(op);
             match to_event(op) {
                 Some(ev) => {
+                    pending.push(ev.clone());
                     let got = ix.apply(&ev);
+                    errors.extend(got.clone().err());
                     match (want, got) {
                         (Ok(()), Ok(())) => {}
                         (Err("parent"), Err(IndexError::ParentBlockNotFound { .. })) => {}
@@ -229,10 +240,15 @@ proptest! {
                 None => {
                     let Op::RemoveWorker { id } = op else { unreachable!() };
                     ix.remove_worker(*id);
+                    flush(&mut batched, &mut pending, &mut batch_errors);
+                    batched.remove_worker(*id);
                 }
             }
         }
+        flush(&mut batched, &mut pending, &mut batch_errors);
         check(&ix, &model, &queries)?;
+        check(&batched, &model, &queries)?;
+        prop_assert_eq!(errors, batch_errors);
 
         // dump → rebuild is identity (scores, size, and each rank's engine hashes still work).
         let mut rebuilt = KvIndex::new();

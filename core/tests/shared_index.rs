@@ -65,24 +65,26 @@ fn concurrent_readers_always_see_a_prefix_closed_state() {
     let w = WorkerWithDpRank::new(9, 0);
     let q: Vec<LocalBlockHash> = (0..16).map(LocalBlockHash).collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let readers: Vec<_> = (0..2)
         .map(|_| {
             let r = reader.clone();
-            let stop = stop.clone();
+            let (stop, reads) = (stop.clone(), reads.clone());
             let q = q.clone();
             std::thread::spawn(move || {
-                let mut seen = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let s = r.find_matches(&q, false).scores;
                     // Every batch stores all 16 blocks or removes them all.
                     assert!(s.is_empty() || s == vec![(w, 16)], "torn state {s:?}");
-                    seen += 1;
+                    reads.fetch_add(1, Ordering::Relaxed);
                 }
-                seen
             })
         })
         .collect();
-    for i in 0..2000u64 {
+    // At least 2,000 store/remove rounds, and on until the readers have overlapped with many
+    // of them (on two cores they may start late).
+    let mut i = 0u64;
+    while i < 2000 || reads.load(Ordering::Relaxed) < 1000 {
         writer.append(IndexOp::Event(chain(w, 2 * i, 16)));
         writer.publish();
         writer.append(IndexOp::Event(removed_event(
@@ -91,10 +93,50 @@ fn concurrent_readers_always_see_a_prefix_closed_state() {
             vec![ExternalHash(1000)],
         )));
         writer.publish();
+        i += 1;
     }
     stop.store(true, Ordering::Relaxed);
     for r in readers {
-        assert!(r.join().expect("reader panicked") > 0);
+        r.join().expect("reader panicked");
     }
     assert_eq!(reader.current_size(), 0);
+}
+
+#[test]
+fn event_batches_apply_in_order_and_report_each_rejection_once() {
+    let errors = Arc::new(AtomicUsize::new(0));
+    let e2 = errors.clone();
+    let (mut writer, reader) = shared_index(Some(Arc::new(move |_, _| {
+        e2.fetch_add(1, Ordering::Relaxed);
+    })));
+    let a = WorkerWithDpRank::new(1, 0);
+    let b = WorkerWithDpRank::new(2, 0);
+    let q: Vec<LocalBlockHash> = (0..8).map(LocalBlockHash).collect();
+    let mut offloaded = chain(b, 1, 4);
+    offloaded.storage_tier = kvrouter_core::event::StorageTier::HostPinned;
+    writer.append(IndexOp::Events(vec![
+        chain(a, 0, 8),
+        removed_event(a, 1, vec![ExternalHash(1006)]),
+        removed_event(a, 2, vec![ExternalHash(5)]),
+        offloaded,
+        chain(b, 2, 3),
+        removed_event(b, 3, vec![ExternalHash(999)]),
+    ]));
+    assert_eq!(writer.publish(), 1, "a batch is one op");
+    let expect = |reader: &kvrouter_core::index::IndexReader| {
+        let mut s = reader.find_matches(&q, false).scores;
+        s.sort();
+        assert_eq!(s, vec![(a, 6), (b, 3)]);
+        assert_eq!(reader.with(|ix| ix.host.current_size()), Some(4));
+    };
+    expect(&reader);
+    // The other copy applied the same batch (silently).
+    writer.append(IndexOp::RemoveWorker(99));
+    writer.publish();
+    expect(&reader);
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        2,
+        "each rejection reported once"
+    );
 }

@@ -311,17 +311,16 @@ impl Drop for Booking {
 
 fn index_loop(mut writer: SharedIndexWriter, rx: Receiver<RouterEvent>) {
     while let Ok(ev) = rx.recv() {
-        writer.append(IndexOp::Event(ev));
-        let mut n = 1;
-        while n < MAX_BATCH {
+        // Whatever queued up meanwhile goes in as one batch: one publish, and the index
+        // prefetches across the batch's events.
+        let mut batch = vec![ev];
+        while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(ev) => {
-                    writer.append(IndexOp::Event(ev));
-                    n += 1;
-                }
+                Ok(ev) => batch.push(ev),
                 Err(_) => break,
             }
         }
+        writer.append(IndexOp::Events(batch));
         writer.publish();
     }
 }

@@ -7,6 +7,7 @@
 //! * [`shared_index`] — the exact index with one writer and wait-free concurrent readers.
 
 mod approx;
+mod blockmap;
 mod radix;
 mod shared;
 mod tiered;

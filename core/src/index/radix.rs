@@ -23,8 +23,6 @@
 //! Lookups allocate only the output vector; no lock is needed here (the caller decides how
 //! readers and the single writer share the index).
 
-use std::hash::{Hash, Hasher};
-
 use smallvec::SmallVec;
 
 use crate::event::{
@@ -32,6 +30,7 @@ use crate::event::{
     WorkerWithDpRank,
 };
 use crate::hash::{ExternalHash, LocalBlockHash, SequenceHash};
+use crate::index::blockmap::{BlockMap, BlockRef};
 use crate::index::{FastMap, IndexError, OverlapScores};
 
 const ROOT: u32 = 0;
@@ -204,40 +203,9 @@ impl Run {
     }
 }
 
-/// Where a worker's engine hash points: block `off` of run `id`, valid while the run's
-/// generation is `generation` and the worker's depth there exceeds `off`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct BlockRef {
-    id: u32,
-    generation: u32,
-    off: u32,
-}
-
-/// An engine hash as a map key with 4-byte alignment, so that an entry is 20 bytes, not 24.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ExtKey([u32; 2]);
-
-impl ExtKey {
-    #[inline]
-    fn new(h: ExternalHash) -> Self {
-        ExtKey([h.0 as u32, (h.0 >> 32) as u32])
-    }
-
-    fn get(self) -> ExternalHash {
-        ExternalHash(u64::from(self.0[0]) | (u64::from(self.0[1]) << 32))
-    }
-}
-
-impl Hash for ExtKey {
-    #[inline]
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.get().0);
-    }
-}
-
 #[derive(Debug)]
 struct WorkerEntry {
-    lookup: FastMap<ExtKey, BlockRef>,
+    lookup: BlockMap,
 }
 
 /// Exact prefix index over every worker rank's cached blocks.
@@ -320,9 +288,8 @@ impl KvIndex {
                 bytes += r.hashes.capacity() * std::mem::size_of::<LocalBlockHash>();
             }
         }
-        let entry = std::mem::size_of::<(ExtKey, BlockRef)>() + 1;
         for w in self.slots.iter().flatten() {
-            bytes += w.lookup.capacity() * entry;
+            bytes += w.lookup.heap_bytes();
         }
         bytes += self.slots.capacity() * std::mem::size_of::<Option<WorkerEntry>>();
         bytes += self.keys.capacity() * std::mem::size_of::<WorkerWithDpRank>();
@@ -345,6 +312,51 @@ impl KvIndex {
                 Ok(())
             }
         }
+    }
+
+    /// Apply a batch of events in order, as [`KvIndex::apply`] would one by one, calling
+    /// `on_error` for each rejected event. Faster than the loop: while one event is applied,
+    /// the memory the next ones will need (their block's place in the per-worker map, then the
+    /// run it points to) is already being fetched.
+    pub fn apply_batch<'e>(
+        &mut self,
+        events: &'e [RouterEvent],
+        mut on_error: impl FnMut(&'e RouterEvent, IndexError),
+    ) {
+        const MAP_AHEAD: usize = 4;
+        const RUN_AHEAD: usize = 2;
+        for (i, ev) in events.iter().enumerate() {
+            if let Some(e) = events.get(i + MAP_AHEAD) {
+                if let Some((w, h)) = self.first_lookup(e) {
+                    w.lookup.prefetch(h);
+                }
+            }
+            if let Some(e) = events.get(i + RUN_AHEAD) {
+                if let Some((w, h)) = self.first_lookup(e) {
+                    if let Some(r) = w.lookup.get(h) {
+                        if let Some(run) = self.runs.get(r.id as usize) {
+                            prefetch(run);
+                        }
+                    }
+                }
+            }
+            if let Err(err) = self.apply(ev) {
+                on_error(ev, err);
+            }
+        }
+    }
+
+    /// The per-worker map and the engine hash an event will look up first (a removal's first
+    /// block, a store's parent).
+    #[inline]
+    fn first_lookup(&self, e: &RouterEvent) -> Option<(&WorkerEntry, ExternalHash)> {
+        let h = match &e.event.data {
+            KvCacheEventData::Removed(r) => *r.block_hashes.first()?,
+            KvCacheEventData::Stored(s) => s.parent_hash?,
+            KvCacheEventData::Cleared => return None,
+        };
+        let slot = *self.slot_of.get(&e.worker())?;
+        Some((self.slots[slot as usize].as_ref()?, h))
     }
 
     /// Longest contiguous prefix of `query` held by each worker rank (ranks with 0 omitted).
@@ -440,7 +452,7 @@ impl KvIndex {
         };
         if let Some(w) = self.slots[slot as usize].as_mut() {
             self.lookup_entries -= w.lookup.len();
-            w.lookup = FastMap::default();
+            w.lookup = BlockMap::default();
         }
         let mut tops = Vec::new();
         self.runs[ROOT as usize]
@@ -504,9 +516,9 @@ impl KvIndex {
                 continue;
             };
             let mut ext_of: FastMap<(u32, u32), ExternalHash> = FastMap::default();
-            for (ext, r) in &entry.lookup {
-                if self.is_live(*r, slot) {
-                    ext_of.insert((r.id, r.off), ext.get());
+            for (ext, r) in entry.lookup.iter() {
+                if self.is_live(r, slot) {
+                    ext_of.insert((r.id, r.off), ext);
                 }
             }
             // A block held without an engine hash (the engine reused its hash for another
@@ -592,7 +604,7 @@ impl KvIndex {
             return s;
         }
         let entry = WorkerEntry {
-            lookup: FastMap::default(),
+            lookup: BlockMap::default(),
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -624,8 +636,7 @@ impl KvIndex {
             Some(p) => {
                 let found = self.slots[slot as usize]
                     .as_ref()
-                    .and_then(|w| w.lookup.get(&ExtKey::new(p)))
-                    .copied();
+                    .and_then(|w| w.lookup.get(p));
                 match found {
                     Some(r) if self.is_live(r, slot) => (r.id, r.off + 1),
                     _ => return Err(IndexError::ParentBlockNotFound { worker, parent: p }),
@@ -633,6 +644,12 @@ impl KvIndex {
             }
         };
         let blocks = &s.blocks[..];
+        // Each block's map entry is a likely cache miss: start them all now.
+        if let Some(w) = self.slots[slot as usize].as_ref() {
+            for b in blocks {
+                w.lookup.prefetch(b.block_hash);
+            }
+        }
         let mut i = 0;
         while i < blocks.len() {
             let h = blocks[i].tokens_hash;
@@ -688,7 +705,7 @@ impl KvIndex {
                         generation,
                         off: off + k as u32,
                     };
-                    if w.lookup.insert(ExtKey::new(b.block_hash), r).is_none() {
+                    if w.lookup.insert(b.block_hash, r).is_none() {
                         self.lookup_entries += 1;
                     }
                 }
@@ -714,7 +731,7 @@ impl KvIndex {
         for h in hashes {
             let r = self.slots[slot as usize]
                 .as_mut()
-                .and_then(|w| w.lookup.remove(&ExtKey::new(*h)));
+                .and_then(|w| w.lookup.remove(*h));
             match r {
                 Some(r) => {
                     self.lookup_entries -= 1;
@@ -724,11 +741,6 @@ impl KvIndex {
                     // else: already dropped with an ancestor; the stale entry is now gone.
                 }
                 None => missing += 1,
-            }
-        }
-        if let Some(w) = self.slots[slot as usize].as_mut() {
-            if w.lookup.capacity() > 4 * w.lookup.len() + 64 {
-                w.lookup.shrink_to_fit();
             }
         }
         self.compact_if_empty();
@@ -899,10 +911,25 @@ impl KvIndex {
             self.runs[0].branches = Branches::None;
             self.free = Vec::new();
             for w in self.slots.iter_mut().flatten() {
-                w.lookup = FastMap::default();
+                w.lookup = BlockMap::default();
             }
         }
     }
+}
+
+/// Hint the CPU to start loading `x`'s first cache line.
+#[inline]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint; the address is a valid reference and is not dereferenced.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(
+            (x as *const T).cast::<i8>(),
+            std::arch::x86_64::_MM_HINT_T0,
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// With early exit: the first offset at which exactly one rank still holds the run's block,

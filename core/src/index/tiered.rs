@@ -38,6 +38,32 @@ impl TieredIndex {
         }
     }
 
+    /// Apply events in order, as [`TieredIndex::apply`] would one by one, calling `on_error`
+    /// for each rejected event; runs of device-tier events go through
+    /// [`KvIndex::apply_batch`](crate::index::KvIndex::apply_batch), which prefetches.
+    pub fn apply_batch<'e>(
+        &mut self,
+        events: &'e [RouterEvent],
+        mut on_error: impl FnMut(&'e RouterEvent, IndexError),
+    ) {
+        let mut rest = events;
+        while !rest.is_empty() {
+            let device = rest
+                .iter()
+                .take_while(|e| e.storage_tier == StorageTier::Device)
+                .count();
+            if device > 0 {
+                self.device.apply_batch(&rest[..device], &mut on_error);
+                rest = &rest[device..];
+            } else {
+                if let Err(e) = self.apply(&rest[0]) {
+                    on_error(&rest[0], e);
+                }
+                rest = &rest[1..];
+            }
+        }
+    }
+
     /// Device-tier overlap only (the common case: no offloading configured).
     pub fn find_matches(&self, query: &[LocalBlockHash], early_exit: bool) -> OverlapScores {
         self.device.find_matches(query, early_exit)
