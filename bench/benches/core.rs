@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kvrouter_bench::stream::{generate, EventStream, Workload};
+use kvrouter_bench::stream::{generate, index_scenarios, long_prompt_scenario, EventStream};
 use kvrouter_core::config::{RouterConfig, RouterMode};
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
 use kvrouter_core::hash::{compute_block_hashes, HashOptions, LocalBlockHash};
@@ -29,6 +29,9 @@ use rand::{Rng, SeedableRng};
 // so measure them as deployed.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Events per `apply_batch` call in the batched runs.
+const BATCH: usize = 256;
 
 fn build(stream: &EventStream) -> KvIndex {
     let mut ix = KvIndex::new();
@@ -46,39 +49,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn scenarios() -> Vec<(&'static str, Workload)> {
-    vec![
-        (
-            "64w",
-            Workload {
-                workers: 64,
-                capacity: 4096,
-                prefixes: 64,
-                prefix_blocks: 32,
-                suffix_blocks: (1, 32),
-            },
-        ),
-        (
-            "256w",
-            Workload {
-                workers: 256,
-                capacity: 4096,
-                prefixes: 128,
-                prefix_blocks: 32,
-                suffix_blocks: (1, 32),
-            },
-        ),
-    ]
-}
-
 fn bench_apply(c: &mut Criterion) {
     let mut g = c.benchmark_group("apply");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
-    for (name, w) in scenarios() {
+    for (name, w) in index_scenarios() {
         let stream = generate(&w, 400_000, 1);
         let ix = build(&stream);
         let steady_blocks = blocks_in(&stream.steady);
-        // One summary run: the whole steady stream on a warmed index.
+        // One summary run each: the whole steady stream on a warmed index, event by event and
+        // in batches of 256 (as the server's index writer takes what queued up).
         let mut ix2 = build(&stream);
         let mut errors = 0usize;
         let t = Instant::now();
@@ -86,15 +65,23 @@ fn bench_apply(c: &mut Criterion) {
             errors += usize::from(black_box(ix2.apply(ev)).is_err());
         }
         let dt = t.elapsed().as_secs_f64();
+        let mut ix3 = build(&stream);
+        let t = Instant::now();
+        for batch in stream.steady.chunks(BATCH) {
+            ix3.apply_batch(batch, |_, _| errors += 1);
+        }
+        let dt_batch = t.elapsed().as_secs_f64();
+        drop((ix2, ix3));
         assert_eq!(errors, 0, "generated stream must apply cleanly");
         println!(
-            "SUMMARY apply {name}: {} workers, {} entries, {} nodes, {:.1} bytes/entry; {:.2} M events/s, {:.2} M blocks/s ({} events, {:.2} blocks/event)",
+            "SUMMARY apply {name}: {} workers, {} entries, {} nodes, {:.1} bytes/entry; {:.2} M events/s, {:.2} M blocks/s, batched {:.2} M events/s ({} events, {:.2} blocks/event)",
             w.workers,
             ix.current_size(),
             ix.num_blocks(),
             ix.memory_bytes() as f64 / ix.current_size() as f64,
             stream.steady.len() as f64 / dt / 1e6,
             steady_blocks as f64 / dt / 1e6,
+            stream.steady.len() as f64 / dt_batch / 1e6,
             stream.steady.len(),
             steady_blocks as f64 / stream.steady.len() as f64,
         );
@@ -117,6 +104,25 @@ fn bench_apply(c: &mut Criterion) {
                 total
             })
         });
+        g.bench_function(BenchmarkId::new("batch256", name), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters as usize;
+                while left > 0 {
+                    let mut ix = build(&stream);
+                    let n = left.min(stream.steady.len());
+                    let t = Instant::now();
+                    for batch in stream.steady[..n].chunks(BATCH) {
+                        ix.apply_batch(batch, |_, e| {
+                            black_box(e);
+                        });
+                    }
+                    total += t.elapsed();
+                    left -= n;
+                }
+                total
+            })
+        });
     }
     g.finish();
 }
@@ -125,7 +131,7 @@ fn bench_find(c: &mut Criterion) {
     let mut g = c.benchmark_group("find_matches");
     let mut rng = SmallRng::seed_from_u64(9);
     let mut cases = Vec::new();
-    for (name, w) in scenarios() {
+    for (name, w) in index_scenarios() {
         let stream = generate(&w, 200_000, 2);
         let mut ix = build(&stream);
         for ev in &stream.steady {
@@ -134,14 +140,7 @@ fn bench_find(c: &mut Criterion) {
         cases.push((format!("{name}/64"), ix, stream.chains, 64usize));
     }
     // Long prompts for 512-block queries.
-    let long = Workload {
-        workers: 64,
-        capacity: 8192,
-        prefixes: 32,
-        prefix_blocks: 256,
-        suffix_blocks: (1, 256),
-    };
-    let stream = generate(&long, 100_000, 3);
+    let stream = generate(&long_prompt_scenario(), 100_000, 3);
     let mut ix = build(&stream);
     for ev in &stream.steady {
         let _ = ix.apply(ev);
