@@ -4,7 +4,8 @@
 //! `cargo bench -p kvrouter-bench --bench core` runs everything; pass a filter (`apply`, `find`,
 //! `hash`, `select`) to run part. Besides Criterion's own report, the apply and find groups
 //! print one summary line each (events/s, blocks/s, p50/p99, bytes per indexed block) for
-//! `docs/benchmarks.md`.
+//! `docs/benchmarks.md`. Apply is timed event by event (`apply/event/*`) and in batches of 256
+//! through `KvIndex::apply_batch` (`apply/batch256/*`), which the server's index writer uses.
 //!
 //! The event stream: `W` workers, each an LRU block cache of `C` blocks that evicts leaves first
 //! (vLLM frees a request's blocks tail first) and publishes one `Removed` per evicted block;

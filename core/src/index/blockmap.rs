@@ -70,7 +70,8 @@ impl Bucket {
         if n == OVERFLOW_MAX {
             return;
         }
-        let n = if up { n + 1 } else { n - 1 };
+        debug_assert!(up || n > 0, "overflow count below zero");
+        let n = if up { n + 1 } else { n.saturating_sub(1) };
         self.meta = (self.meta & OCCUPIED) | (n << OVERFLOW_SHIFT);
     }
 }
