@@ -16,13 +16,20 @@ fn chain(w: WorkerWithDpRank, id: u64, n: u64) -> kvrouter_core::RouterEvent {
     )
 }
 
-#[test]
-fn readers_see_published_batches_and_errors_are_reported_once() {
+/// An error sink that counts the rejections it is given.
+fn counting_sink() -> (Arc<AtomicUsize>, kvrouter_core::index::ErrorSink) {
     let errors = Arc::new(AtomicUsize::new(0));
     let e2 = errors.clone();
-    let (mut writer, reader) = shared_index(Some(Arc::new(move |_, _| {
+    let sink: kvrouter_core::index::ErrorSink = Arc::new(move |_, _| {
         e2.fetch_add(1, Ordering::Relaxed);
-    })));
+    });
+    (errors, sink)
+}
+
+#[test]
+fn readers_see_published_batches_and_errors_are_reported_once() {
+    let (errors, sink) = counting_sink();
+    let (mut writer, reader) = shared_index(Some(sink));
     let a = WorkerWithDpRank::new(1, 0);
     let b = WorkerWithDpRank::new(2, 0);
     let q: Vec<LocalBlockHash> = (0..8).map(LocalBlockHash).collect();
@@ -104,11 +111,8 @@ fn concurrent_readers_always_see_a_prefix_closed_state() {
 
 #[test]
 fn event_batches_apply_in_order_and_report_each_rejection_once() {
-    let errors = Arc::new(AtomicUsize::new(0));
-    let e2 = errors.clone();
-    let (mut writer, reader) = shared_index(Some(Arc::new(move |_, _| {
-        e2.fetch_add(1, Ordering::Relaxed);
-    })));
+    let (errors, sink) = counting_sink();
+    let (mut writer, reader) = shared_index(Some(sink));
     let a = WorkerWithDpRank::new(1, 0);
     let b = WorkerWithDpRank::new(2, 0);
     let q: Vec<LocalBlockHash> = (0..8).map(LocalBlockHash).collect();
