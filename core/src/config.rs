@@ -304,6 +304,19 @@ impl Default for RouterConfig {
     }
 }
 
+impl RouterConfig {
+    /// Whether routing needs the prompt's block hashes (KV mode).
+    pub fn needs_hashes(&self) -> bool {
+        self.mode == RouterMode::Kv
+    }
+
+    /// Whether routing reads the exact, event-fed index (KV mode with `use_kv_events`); the
+    /// approximate index is used otherwise.
+    pub fn uses_exact_index(&self) -> bool {
+        self.needs_hashes() && self.kv.use_kv_events
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ConfigError {
     #[error("{field} must be a finite number ≥ 0 (got {value})")]

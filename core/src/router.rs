@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::config::{RouterConfig, RouterConfigOverride, RouterMode};
+use crate::config::{RouterConfig, RouterConfigOverride};
 use crate::event::{DpRank, RouterEvent, WorkerId, WorkerWithDpRank};
 use crate::hash::{
     compute_block_hashes, compute_sequence_hashes, HashOptions, LocalBlockHash, SequenceHash,
@@ -109,12 +109,12 @@ impl Scheduler {
 
     /// Whether requests need block hashes (KV mode only).
     pub fn needs_hashes(&self) -> bool {
-        self.config().mode == RouterMode::Kv
+        self.config().needs_hashes()
     }
 
     /// Whether [`Scheduler::schedule`] wants the exact index's overlaps (KV mode with events).
     pub fn uses_exact_index(&self) -> bool {
-        self.needs_hashes() && self.approx.is_none()
+        self.config().uses_exact_index()
     }
 
     /// Register (or update) a worker rank.
@@ -386,7 +386,7 @@ impl Router {
         local: &[LocalBlockHash],
         now: Duration,
     ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
-        let exact = if self.sched.approx.is_none() {
+        let exact = if self.sched.config().kv.use_kv_events {
             self.index.find_tier_matches(local)
         } else {
             Vec::new()

@@ -15,8 +15,8 @@ use kvrouter_core::event::{KvCacheEventData, RouterEvent, WorkerId, WorkerWithDp
 use kvrouter_core::hash::HashOptions;
 use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter};
 use kvrouter_core::{
-    RequestHashes, RouteError, RouteRequest, RouterConfig, RouterConfigOverride, RouterMode,
-    Scheduler, SelectError, Selection, WorkerInfo,
+    RequestHashes, RouteError, RouteRequest, RouterConfig, RouterConfigOverride, Scheduler,
+    SelectError, Selection, WorkerInfo,
 };
 
 use crate::metrics::{Metrics, RankLabels, StageLabels};
@@ -199,8 +199,8 @@ impl RouterState {
             ..Default::default()
         };
         // Mode and event use are fixed at start; the block size is set by the first worker.
-        let needs_hashes = self.config.mode == RouterMode::Kv;
-        let exact_index = needs_hashes && self.config.kv.use_kv_events;
+        let needs_hashes = self.config.needs_hashes();
+        let exact_index = self.config.uses_exact_index();
         let block_size = self.block_size.load(Ordering::Acquire);
         let hashes = if needs_hashes && block_size > 0 {
             RequestHashes::compute(input.tokens, block_size, &opts)
