@@ -70,6 +70,7 @@ impl Bucket {
         if n == OVERFLOW_MAX {
             return;
         }
+        // Only decremented along paths that incremented it; saturate rather than panic.
         debug_assert!(up || n > 0, "overflow count below zero");
         let n = if up { n + 1 } else { n.saturating_sub(1) };
         self.meta = (self.meta & OCCUPIED) | (n << OVERFLOW_SHIFT);
@@ -77,7 +78,7 @@ impl Bucket {
 }
 
 /// Map from engine block hash to [`BlockRef`]; see the module docs for the layout.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub(crate) struct BlockMap {
     buckets: Box<[Bucket]>,
     len: usize,
@@ -143,17 +144,9 @@ impl BlockMap {
     /// Hint the CPU to start loading `key`'s home bucket (for the next event in a batch).
     #[inline]
     pub fn prefetch(&self, key: ExternalHash) {
-        if self.buckets.is_empty() {
-            return;
+        if !self.buckets.is_empty() {
+            crate::index::prefetch(&self.buckets[self.home(key.0)]);
         }
-        let p = &self.buckets[self.home(key.0)] as *const Bucket;
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: prefetching is a hint; the pointer is in bounds and never dereferenced here.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
     }
 
     #[inline]
@@ -168,14 +161,15 @@ impl BlockMap {
     /// Insert or replace; returns the previous value.
     pub fn insert(&mut self, key: ExternalHash, r: BlockRef) -> Option<BlockRef> {
         let key = key.0;
+        if !self.buckets.is_empty() {
+            if let Some((b, i)) = self.locate(key, self.home(key)) {
+                return Some(std::mem::replace(&mut self.buckets[b].refs[i], r));
+            }
+        }
         if self.len + 1 > max_len(self.buckets.len()) {
             self.resize(self.len + 1);
         }
-        let home = self.home(key);
-        if let Some((b, i)) = self.locate(key, home) {
-            return Some(std::mem::replace(&mut self.buckets[b].refs[i], r));
-        }
-        self.place(key, r, home);
+        self.place(key, r, self.home(key));
         self.len += 1;
         None
     }

@@ -24,6 +24,21 @@ use crate::hash::ExternalHash;
 /// already, but they come from engines and prompts, so the map must not trust their bits.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// Hint the CPU to start loading `x`'s first cache line (a no-op off x86-64).
+#[inline]
+pub(crate) fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint; the address is a valid reference and is not dereferenced.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(
+            (x as *const T).cast::<i8>(),
+            std::arch::x86_64::_MM_HINT_T0,
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 /// Per worker rank: number of contiguous leading query blocks it holds. Ranks holding none are
 /// absent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -31,7 +31,7 @@ use crate::event::{
 };
 use crate::hash::{ExternalHash, LocalBlockHash, SequenceHash};
 use crate::index::blockmap::{BlockMap, BlockRef};
-use crate::index::{FastMap, IndexError, OverlapScores};
+use crate::index::{prefetch, FastMap, IndexError, OverlapScores};
 
 const ROOT: u32 = 0;
 
@@ -144,9 +144,11 @@ impl Branches {
     }
 }
 
-/// A chain of blocks. The fields a removal reads (generation, coverage, length) come first.
+/// A chain of blocks. `repr(C)` keeps the declared order, so that what a removal reads
+/// (generation, coverage, branches) sits in the first cache line, the one `apply_batch`
+/// prefetches.
 #[derive(Debug, Default)]
-#[repr(align(64))]
+#[repr(C, align(64))]
 struct Run {
     /// Bumped when the run is freed, so stale per-worker references can be recognised.
     generation: u32,
@@ -157,8 +159,8 @@ struct Run {
     /// Offset in the parent where this run hangs (see the module docs).
     parent_off: u32,
     covers: Covers,
-    hashes: SmallVec<[LocalBlockHash; 1]>,
     branches: Branches,
+    hashes: SmallVec<[LocalBlockHash; 1]>,
 }
 
 impl Run {
@@ -216,13 +218,10 @@ struct WorkerEntry {
 pub struct KvIndex {
     runs: Vec<Run>,
     free: Vec<u32>,
-    live_runs: usize,
     /// Blocks across all runs (distinct prefixes): [`KvIndex::num_blocks`].
     blocks: usize,
     /// `(block, worker)` coverage pairs: [`KvIndex::current_size`].
     coverage: usize,
-    /// Entries across all per-worker external-hash maps (live or stale).
-    lookup_entries: usize,
     slots: Vec<Option<WorkerEntry>>,
     /// The rank of each slot, dense so that building an answer reads 16 bytes per rank.
     keys: Vec<WorkerWithDpRank>,
@@ -244,10 +243,8 @@ impl KvIndex {
         Self {
             runs: vec![Run::default()],
             free: Vec::new(),
-            live_runs: 1,
             blocks: 0,
             coverage: 0,
-            lookup_entries: 0,
             slots: Vec::new(),
             keys: Vec::new(),
             free_slots: Vec::new(),
@@ -451,7 +448,6 @@ impl KvIndex {
             return;
         };
         if let Some(w) = self.slots[slot as usize].as_mut() {
-            self.lookup_entries -= w.lookup.len();
             w.lookup = BlockMap::default();
         }
         let mut tops = Vec::new();
@@ -594,8 +590,9 @@ impl KvIndex {
     #[inline]
     fn is_live(&self, r: BlockRef, slot: u32) -> bool {
         r.id != ROOT
+            // A depth never exceeds the run's length, so this also means `off < len`.
             && self.runs.get(r.id as usize).is_some_and(|run| {
-                run.generation == r.generation && r.off < run.len() && run.depth_of(slot) > r.off
+                run.generation == r.generation && run.depth_of(slot) > r.off
             })
     }
 
@@ -705,9 +702,7 @@ impl KvIndex {
                         generation,
                         off: off + k as u32,
                     };
-                    if w.lookup.insert(b.block_hash, r).is_none() {
-                        self.lookup_entries += 1;
-                    }
+                    w.lookup.insert(b.block_hash, r);
                 }
             }
             off = depth;
@@ -734,7 +729,6 @@ impl KvIndex {
                 .and_then(|w| w.lookup.remove(*h));
             match r {
                 Some(r) => {
-                    self.lookup_entries -= 1;
                     if self.is_live(r, slot) {
                         self.cut(r.id, slot, r.off);
                     }
@@ -866,7 +860,6 @@ impl KvIndex {
         parent_off: u32,
         hashes: impl ExactSizeIterator<Item = LocalBlockHash>,
     ) -> u32 {
-        self.live_runs += 1;
         self.blocks += hashes.len();
         let id = match self.free.pop() {
             Some(id) => id,
@@ -898,38 +891,22 @@ impl KvIndex {
         };
         self.runs[parent as usize].branches.remove(off, first);
         self.free.push(id);
-        self.live_runs -= 1;
     }
 
-    /// Give memory back when nothing is indexed any more: with no run and no per-worker
-    /// reference left, generations can restart and the arena shrink to the root.
+    /// Give memory back when nothing is indexed any more: with no run (every live run hangs
+    /// from the root) and no per-worker reference left, generations can restart and the arena
+    /// shrink to the root. (An emptied per-worker map frees its buckets itself.)
     #[inline]
     fn compact_if_empty(&mut self) {
-        if self.live_runs == 1 && self.lookup_entries == 0 && self.runs.len() > 1 {
+        if self.runs.len() > 1
+            && self.runs[ROOT as usize].branches.is_empty()
+            && self.slots.iter().flatten().all(|w| w.lookup.len() == 0)
+        {
             self.runs.truncate(1);
             self.runs.shrink_to_fit();
-            self.runs[0].branches = Branches::None;
             self.free = Vec::new();
-            for w in self.slots.iter_mut().flatten() {
-                w.lookup = BlockMap::default();
-            }
         }
     }
-}
-
-/// Hint the CPU to start loading `x`'s first cache line.
-#[inline]
-fn prefetch<T>(x: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetching is a hint; the address is a valid reference and is not dereferenced.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(
-            (x as *const T).cast::<i8>(),
-            std::arch::x86_64::_MM_HINT_T0,
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
 }
 
 /// With early exit: the first offset at which exactly one rank still holds the run's block,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use left_right::{Absorb, ReadHandle, ReadHandleFactory, WriteHandle};
 use thread_local::ThreadLocal;
 
-use crate::event::{RouterEvent, StorageTier, WorkerId, WorkerWithDpRank};
+use crate::event::{RouterEvent, WorkerId, WorkerWithDpRank};
 use crate::hash::LocalBlockHash;
 use crate::index::{IndexError, OverlapScores, TierOverlap, TieredIndex};
 
@@ -31,8 +31,9 @@ pub enum IndexOp {
     RemoveWorker(WorkerId),
 }
 
-/// Called once per op that the index rejected (unknown parent, unknown block, …), with the
-/// rank it was for. Counted by the caller; the index itself is unchanged by a rejected op.
+/// Called once per event that the index rejected (unknown parent, unknown block, …), with the
+/// rank it was for. Counted by the caller. What a rejected event still changed is as
+/// [`KvIndex::apply`](crate::index::KvIndex::apply) documents (a removal's known blocks go).
 pub type ErrorSink = Arc<dyn Fn(WorkerWithDpRank, &IndexError) + Send + Sync>;
 
 /// One copy of the index. `on_error` runs for the first application of an op only, so each
@@ -71,7 +72,7 @@ impl IndexCopy {
         let sink = self.on_error.as_ref().filter(|_| report);
         let on_error = |ev: &RouterEvent, e: IndexError| {
             if let Some(sink) = sink {
-                sink(WorkerWithDpRank::new(ev.worker_id, ev.event.dp_rank), &e);
+                sink(ev.worker(), &e);
             }
         };
         match op {
@@ -98,18 +99,15 @@ impl Absorb<Op> for IndexCopy {
     fn drop_first(self: Box<Self>) {}
 
     fn sync_with(&mut self, first: &Self) {
-        // Called once, at the first publish: rebuild this copy from the other's dump.
-        self.index = TieredIndex::new();
-        for (tier, idx) in [
-            (StorageTier::Device, &first.index.device),
-            (StorageTier::HostPinned, &first.index.host),
-            (StorageTier::Disk, &first.index.disk),
-        ] {
-            for mut ev in idx.dump_events() {
-                ev.storage_tier = tier;
-                let _ = self.index.apply(&ev);
-            }
-        }
+        // left-right calls this at the second publish, with the copy the first publish made
+        // current. `shared_index` publishes once with only the error sink queued, so that
+        // copy's index is empty: only the sink needs copying.
+        debug_assert_eq!(
+            first.index.device.current_size()
+                + first.index.host.current_size()
+                + first.index.disk.current_size(),
+            0
+        );
         self.on_error = first.on_error.clone();
     }
 }
