@@ -11,7 +11,9 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvrouter_core::event::{KvCacheEventData, RouterEvent, WorkerId, WorkerWithDpRank};
+use kvrouter_core::event::{
+    KvCacheEventData, RouterEvent, StorageTier, WorkerId, WorkerWithDpRank,
+};
 use kvrouter_core::hash::HashOptions;
 use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter};
 use kvrouter_core::{
@@ -158,21 +160,34 @@ impl RouterState {
     }
 
     /// Take a worker out of the routing set: its booked load is dropped and its index entries
-    /// cleared (the clear is queued behind events already received).
+    /// cleared on every storage tier (the clear is queued behind events already received).
     pub fn remove_worker(&self, worker: WorkerId, dp_size: u32) {
         self.sched().remove_worker(worker);
+        let tiers = [
+            StorageTier::Device,
+            StorageTier::HostPinned,
+            StorageTier::Disk,
+        ];
         for rank in 0..dp_size {
-            let ev = RouterEvent::new(
-                WorkerWithDpRank::new(worker, rank),
-                0,
-                KvCacheEventData::Cleared,
-            );
-            match self.events.try_send(ev) {
-                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-                Err(TrySendError::Full(ev)) => {
-                    let tx = self.events.clone();
-                    std::thread::spawn(move || tx.send(ev));
-                }
+            for tier in tiers {
+                let mut ev = RouterEvent::new(
+                    WorkerWithDpRank::new(worker, rank),
+                    0,
+                    KvCacheEventData::Cleared,
+                );
+                ev.storage_tier = tier;
+                self.send_event(ev);
+            }
+        }
+    }
+
+    /// Queue an event for the index writer without blocking the caller.
+    fn send_event(&self, ev: RouterEvent) {
+        match self.events.try_send(ev) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(ev)) => {
+                let tx = self.events.clone();
+                std::thread::spawn(move || tx.send(ev));
             }
         }
     }
@@ -369,6 +384,54 @@ mod tests {
         ));
         let s = state(None);
         assert_eq!(s.admit_block_size(None).unwrap(), 16);
+    }
+
+    #[test]
+    fn removing_a_worker_clears_every_tier() {
+        let s = state(Some(4));
+        add(&s, 1);
+        let w = WorkerWithDpRank::new(1, 0);
+        for (i, tier) in [
+            StorageTier::Device,
+            StorageTier::HostPinned,
+            StorageTier::Disk,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut ev = kvrouter_core::index::stored_event(
+                w,
+                i as u64,
+                None,
+                [(
+                    kvrouter_core::hash::ExternalHash(7),
+                    kvrouter_core::hash::LocalBlockHash(1),
+                )],
+            );
+            ev.storage_tier = tier;
+            s.event_sink().send(ev).unwrap();
+        }
+        let sizes = |s: &RouterState| {
+            s.index()
+                .with(|ix| {
+                    [
+                        ix.device.current_size(),
+                        ix.host.current_size(),
+                        ix.disk.current_size(),
+                    ]
+                })
+                .unwrap()
+        };
+        let wait_for = |want: [usize; 3]| {
+            let t = Instant::now();
+            while sizes(&s) != want {
+                assert!(t.elapsed().as_secs() < 10, "index stuck at {:?}", sizes(&s));
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        wait_for([1, 1, 1]);
+        s.remove_worker(1, 1);
+        wait_for([0, 0, 0]);
     }
 
     #[test]
