@@ -72,6 +72,8 @@ impl Fleet {
                         for s in subs {
                             s.stop();
                         }
+                        // Ranks already subscribed may have indexed blocks: clear them.
+                        self.router.remove_worker(worker.id(), worker.spec.dp_size);
                         self.registry.remove(worker.id());
                         return Err(RegistrationError(format!("KV events of rank {rank}: {e}")));
                     }
@@ -84,12 +86,13 @@ impl Fleet {
         Ok(worker.spec.clone())
     }
 
-    /// Deregister a worker: out of the routing set, index cleared, subscribers stopped.
+    /// Deregister a worker: subscribers stopped, then out of the routing set with its index
+    /// entries cleared (in that order, so no event of its can land after the clear).
     pub async fn deregister(&self, id: WorkerId) -> Option<WorkerSpec> {
         let w = self.registry.remove(id)?;
-        self.router.remove_worker(id, w.spec.dp_size);
         let spec = w.spec.clone();
         let _ = tokio::task::spawn_blocking(move || w.stop_subscribers()).await;
+        self.router.remove_worker(id, spec.dp_size);
         tracing::info!(id, "worker deregistered");
         Some(spec)
     }

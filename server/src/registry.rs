@@ -185,11 +185,14 @@ impl Registry {
                 id
             }
             None => {
+                // Never hand out an id twice: a new worker must not inherit a gone one's
+                // metrics series or late events.
                 let mut n = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
                 while map.contains_key(&*n) {
                     *n += 1;
                 }
-                *n
+                *n += 1;
+                *n - 1
             }
         };
         if let Some(w) = map.values().find(|w| w.spec.url == spec.url) {
