@@ -207,10 +207,11 @@ pub fn parse_request(
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
     }
     let ctx = limits.context_length;
-    if tokens.len() > ctx || tokens.len() as u64 + max_tokens.unwrap_or(0) > ctx as u64 {
+    // Saturating: a huge max_tokens must fail this check, not wrap past it.
+    let total = (tokens.len() as u64).saturating_add(max_tokens.unwrap_or(0));
+    if total > ctx as u64 {
         return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the prompt, {} for the completion).",
-            tokens.len() as u64 + max_tokens.unwrap_or(0),
+            "This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({} in the prompt, {} for the completion).",
             tokens.len(),
             max_tokens.unwrap_or(0)
         ))

@@ -93,6 +93,11 @@ async fn bad_requests_get_openai_errors() {
         st, 400,
         "prompt + max_tokens over the context must be refused"
     );
+    // A max_tokens near u64::MAX must not wrap past the check.
+    let mut huge = completion_body(&prompt(1, 10), 1);
+    huge["max_tokens"] = json!(u64::MAX - 5);
+    let (st, _, v) = complete(&c, &url, huge).await;
+    assert_eq!(st, 400, "{v}");
     // Body over the limit.
     let big = serde_json::to_vec(&json!({"model": MODEL, "prompt": "a".repeat(100_000)})).unwrap();
     let (st, v) = post_raw(&c, &url, "/v1/completions", big).await;
