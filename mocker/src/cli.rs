@@ -105,8 +105,8 @@ impl MockerArgs {
     }
 }
 
-/// Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() -> std::io::Result<()> {
+/// Resolves on Ctrl-C, or SIGTERM on Unix (also what `kvrouter up` / `frontend` wait for).
+pub async fn shutdown_signal() -> std::io::Result<()> {
     #[cfg(unix)]
     {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

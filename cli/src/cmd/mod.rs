@@ -16,16 +16,4 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await
-}
+pub use kvrouter_mocker::cli::shutdown_signal;
