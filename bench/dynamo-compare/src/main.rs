@@ -64,7 +64,13 @@ fn main() {
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
     match arg(0, "speed").as_str() {
         "speed" => {
-            let rounds: usize = arg(2, "5").parse().expect("rounds: a number");
+            let rounds: usize = match arg(2, "5").parse() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    eprintln!("rounds: a number ≥ 1");
+                    std::process::exit(2);
+                }
+            };
             for (name, w) in scenarios(&arg(1, "all")) {
                 speed(name, &w, rounds);
             }
@@ -228,8 +234,8 @@ fn speed(name: &str, w: &Workload, rounds: usize) {
         median(&mut batched),
         median(&mut dynamo),
         median(&mut ratio),
-        ratio[0],
-        ratio[rounds - 1],
+        ratio.iter().copied().fold(f64::INFINITY, f64::min),
+        ratio.iter().copied().fold(0.0, f64::max),
         median(&mut ratio_b),
     );
 
