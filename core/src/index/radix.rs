@@ -313,19 +313,33 @@ impl KvIndex {
 
     /// Apply a batch of events in order, as [`KvIndex::apply`] would one by one, calling
     /// `on_error` for each rejected event. Faster than the loop: while one event is applied,
-    /// the memory the next ones will need (their block's place in the per-worker map, then the
-    /// run it points to) is already being fetched.
+    /// the memory the next ones will need is already being fetched, in the order it will be
+    /// needed: the event's own block list eight events ahead, then the places of its blocks in
+    /// the per-worker map four ahead, then the run its first lookup points to two ahead.
     pub fn apply_batch<'e>(
         &mut self,
         events: &'e [RouterEvent],
         mut on_error: impl FnMut(&'e RouterEvent, IndexError),
     ) {
+        const EVENT_AHEAD: usize = 8;
         const MAP_AHEAD: usize = 4;
         const RUN_AHEAD: usize = 2;
         for (i, ev) in events.iter().enumerate() {
+            if let Some(e) = events.get(i + EVENT_AHEAD) {
+                match &e.event.data {
+                    KvCacheEventData::Removed(r) => r.block_hashes.first().map(prefetch),
+                    KvCacheEventData::Stored(s) => s.blocks.first().map(prefetch),
+                    KvCacheEventData::Cleared => None,
+                };
+            }
             if let Some(e) = events.get(i + MAP_AHEAD) {
                 if let Some((w, h)) = self.first_lookup(e) {
                     w.lookup.prefetch(h);
+                    if let KvCacheEventData::Stored(s) = &e.event.data {
+                        for b in &s.blocks {
+                            w.lookup.prefetch(b.block_hash);
+                        }
+                    }
                 }
             }
             if let Some(e) = events.get(i + RUN_AHEAD) {
@@ -728,12 +742,7 @@ impl KvIndex {
                 .as_mut()
                 .and_then(|w| w.lookup.remove(*h));
             match r {
-                Some(r) => {
-                    if self.is_live(r, slot) {
-                        self.cut(r.id, slot, r.off);
-                    }
-                    // else: already dropped with an ancestor; the stale entry is now gone.
-                }
+                Some(r) => self.cut_from(r, slot),
                 None => missing += 1,
             }
         }
@@ -744,14 +753,43 @@ impl KvIndex {
         }
     }
 
+    /// Take `slot` off block `r` and everything after it, if `r` still names a block it holds
+    /// (else the block was already dropped with an ancestor and this does nothing). The
+    /// removal path: one search of the run's coverage serves both the check and the cut.
+    #[inline]
+    fn cut_from(&mut self, r: BlockRef, slot: u32) {
+        let Some(run) = self.runs.get(r.id as usize) else {
+            return;
+        };
+        if r.id == ROOT || run.generation != r.generation {
+            return;
+        }
+        let Ok(i) = run.covers.binary_search_by_key(&slot, |c| c.slot) else {
+            return;
+        };
+        if run.covers[i].depth <= r.off {
+            return;
+        }
+        // Engines evict leaves first: the common case has no branch of this worker to visit.
+        if self.holds_branch_past(r.id, slot, r.off) {
+            self.cut_subtree(r.id, slot, r.off);
+        } else {
+            self.cut_at(r.id, i, slot, r.off);
+        }
+    }
+
     /// Cut `slot`'s coverage of run `id` down to `depth` blocks and take it off every branch
     /// that hangs after that point; truncate or free runs nobody holds any more.
     fn cut(&mut self, id: u32, slot: u32, depth: u32) {
-        // Engines evict leaves first: the common case has no branch of this worker to visit.
-        if !self.holds_branch_past(id, slot, depth) {
+        if self.holds_branch_past(id, slot, depth) {
+            self.cut_subtree(id, slot, depth);
+        } else {
             self.cut_one(id, slot, depth);
-            return;
         }
+    }
+
+    /// `cut` when `slot` holds a branch of `id` past `depth`.
+    fn cut_subtree(&mut self, id: u32, slot: u32, depth: u32) {
         let mut order = std::mem::take(&mut self.scratch);
         order.clear();
         order.push((id, depth));
@@ -814,10 +852,18 @@ impl KvIndex {
     /// `cut` for one run whose branches past `depth` no longer hold `slot`.
     #[inline]
     fn cut_one(&mut self, id: u32, slot: u32, depth: u32) {
+        if let Ok(i) = self.runs[id as usize]
+            .covers
+            .binary_search_by_key(&slot, |c| c.slot)
+        {
+            self.cut_at(id, i, slot, depth);
+        }
+    }
+
+    /// `cut_one` with `slot`'s place `i` in the run's coverage known.
+    #[inline]
+    fn cut_at(&mut self, id: u32, i: usize, slot: u32, depth: u32) {
         let run = &mut self.runs[id as usize];
-        let Ok(i) = run.covers.binary_search_by_key(&slot, |c| c.slot) else {
-            return;
-        };
         let had = run.covers[i].depth;
         if had <= depth {
             return;
