@@ -52,10 +52,15 @@ impl Bucket {
         self.meta >> OVERFLOW_SHIFT
     }
 
+    /// The occupied slot holding `key`, if any. Branch-free over the three slots: a bucket is
+    /// searched on every event, and a loop with early exits costs more than the three compares.
     #[inline]
     fn find(&self, key: u64) -> Option<usize> {
-        let occ = self.occupied();
-        (0..SLOTS).find(|&i| occ & (1 << i) != 0 && self.keys[i] == key)
+        let hits = u32::from(self.keys[0] == key)
+            | u32::from(self.keys[1] == key) << 1
+            | u32::from(self.keys[2] == key) << 2;
+        let hits = hits & self.occupied();
+        (hits != 0).then(|| hits.trailing_zeros() as usize)
     }
 
     #[inline]
@@ -82,6 +87,8 @@ impl Bucket {
 pub(crate) struct BlockMap {
     buckets: Box<[Bucket]>,
     len: usize,
+    /// `max_len(buckets.len())`, kept so that an insert does not recompute it.
+    grow_at: usize,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -161,14 +168,22 @@ impl BlockMap {
     /// Insert or replace; returns the previous value.
     pub fn insert(&mut self, key: ExternalHash, r: BlockRef) -> Option<BlockRef> {
         let key = key.0;
+        if self.len < self.grow_at {
+            // One hash for both the search and the placement.
+            let home = self.home(key);
+            if let Some((b, i)) = self.locate(key, home) {
+                return Some(std::mem::replace(&mut self.buckets[b].refs[i], r));
+            }
+            self.place(key, r, home);
+            self.len += 1;
+            return None;
+        }
         if !self.buckets.is_empty() {
             if let Some((b, i)) = self.locate(key, self.home(key)) {
                 return Some(std::mem::replace(&mut self.buckets[b].refs[i], r));
             }
         }
-        if self.len + 1 > max_len(self.buckets.len()) {
-            self.resize(self.len + 1);
-        }
+        self.resize(self.len + 1);
         self.place(key, r, self.home(key));
         self.len += 1;
         None
@@ -207,7 +222,8 @@ impl BlockMap {
         self.len -= 1;
         if self.len == 0 {
             self.buckets = Box::default();
-        } else if self.len * 4 < max_len(self.buckets.len()) && self.buckets.len() > 16 {
+            self.grow_at = 0;
+        } else if self.len * 4 < self.grow_at && self.buckets.len() > 16 {
             self.resize(self.len);
         }
         Some(r)
@@ -215,12 +231,15 @@ impl BlockMap {
 
     /// Rebuild for `len` entries at 8/15 of the slots (two thirds of the growth threshold,
     /// so that growing is 1.5×).
+    #[cold]
+    #[inline(never)]
     fn resize(&mut self, len: usize) {
         let want = (len * 5).div_ceil(8).max(4);
         let old = std::mem::replace(
             &mut self.buckets,
             vec![Bucket::default(); want].into_boxed_slice(),
         );
+        self.grow_at = max_len(want);
         for bucket in old.iter() {
             let occ = bucket.occupied();
             for i in 0..SLOTS {
