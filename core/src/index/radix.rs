@@ -227,6 +227,9 @@ pub struct KvIndex {
     keys: Vec<WorkerWithDpRank>,
     free_slots: Vec<u32>,
     slot_of: FastMap<WorkerWithDpRank, u32>,
+    /// The last rank looked up and its slot: an engine publishes its events in runs (a step's
+    /// removals, then its stores), so most events skip the map.
+    last_slot: Option<(WorkerWithDpRank, u32)>,
     /// Reused by subtree removal so removals do not allocate.
     scratch: Vec<(u32, u32)>,
 }
@@ -249,6 +252,7 @@ impl KvIndex {
             keys: Vec::new(),
             free_slots: Vec::new(),
             slot_of: FastMap::default(),
+            last_slot: None,
             scratch: Vec::new(),
         }
     }
@@ -366,7 +370,7 @@ impl KvIndex {
             KvCacheEventData::Stored(s) => s.parent_hash?,
             KvCacheEventData::Cleared => return None,
         };
-        let slot = *self.slot_of.get(&e.worker())?;
+        let slot = self.slot_of_ref(e.worker())?;
         Some((self.slots[slot as usize].as_ref()?, h))
     }
 
@@ -441,6 +445,7 @@ impl KvIndex {
         for key in self.ranks_of(worker_id) {
             self.clear_worker_rank(key);
             if let Some(slot) = self.slot_of.remove(&key) {
+                self.last_slot = None;
                 self.slots[slot as usize] = None;
                 self.keys[slot as usize] = WorkerWithDpRank::default();
                 self.free_slots.push(slot);
@@ -458,7 +463,7 @@ impl KvIndex {
 
     /// Drop every block of one worker rank (an `AllBlocksCleared` / `Cleared` event).
     pub fn clear_worker_rank(&mut self, worker: WorkerWithDpRank) {
-        let Some(&slot) = self.slot_of.get(&worker) else {
+        let Some(slot) = self.slot_of(worker) else {
             return;
         };
         if let Some(w) = self.slots[slot as usize].as_mut() {
@@ -610,8 +615,30 @@ impl KvIndex {
             })
     }
 
+    /// The slot of `worker`, if it has one; remembered for the next event.
+    #[inline]
+    fn slot_of(&mut self, worker: WorkerWithDpRank) -> Option<u32> {
+        if let Some((w, s)) = self.last_slot {
+            if w == worker {
+                return Some(s);
+            }
+        }
+        let s = *self.slot_of.get(&worker)?;
+        self.last_slot = Some((worker, s));
+        Some(s)
+    }
+
+    /// [`KvIndex::slot_of`] without remembering (for `&self` paths).
+    #[inline]
+    fn slot_of_ref(&self, worker: WorkerWithDpRank) -> Option<u32> {
+        match self.last_slot {
+            Some((w, s)) if w == worker => Some(s),
+            _ => self.slot_of.get(&worker).copied(),
+        }
+    }
+
     fn slot_for(&mut self, worker: WorkerWithDpRank) -> u32 {
-        if let Some(&s) = self.slot_of.get(&worker) {
+        if let Some(s) = self.slot_of(worker) {
             return s;
         }
         let entry = WorkerEntry {
@@ -630,6 +657,7 @@ impl KvIndex {
             }
         };
         self.slot_of.insert(worker, slot);
+        self.last_slot = Some((worker, slot));
         slot
     }
 
@@ -730,7 +758,7 @@ impl KvIndex {
         worker: WorkerWithDpRank,
         hashes: &[ExternalHash],
     ) -> Result<(), IndexError> {
-        let Some(&slot) = self.slot_of.get(&worker) else {
+        let Some(slot) = self.slot_of(worker) else {
             return match hashes.len() {
                 0 => Ok(()),
                 n => Err(IndexError::BlockNotFound { worker, missing: n }),
@@ -942,12 +970,17 @@ impl KvIndex {
     /// Give memory back when nothing is indexed any more: with no run (every live run hangs
     /// from the root) and no per-worker reference left, generations can restart and the arena
     /// shrink to the root. (An emptied per-worker map frees its buckets itself.)
-    #[inline]
+    #[inline(always)]
     fn compact_if_empty(&mut self) {
-        if self.runs.len() > 1
-            && self.runs[ROOT as usize].branches.is_empty()
-            && self.slots.iter().flatten().all(|w| w.lookup.len() == 0)
-        {
+        // Inline the cheap test: it runs after every removal and is almost always false.
+        if self.runs[ROOT as usize].branches.is_empty() && self.runs.len() > 1 {
+            self.compact();
+        }
+    }
+
+    #[cold]
+    fn compact(&mut self) {
+        if self.slots.iter().flatten().all(|w| w.lookup.len() == 0) {
             self.runs.truncate(1);
             self.runs.shrink_to_fit();
             self.free = Vec::new();
