@@ -180,6 +180,52 @@ fn self_referencing_stores_are_rejected_without_change() {
     assert_eq!(ix.current_size(), 1);
 }
 
+/// Every store length on both sides of the short-store fast path (up to 96 hashes on the
+/// stack, sorted beyond), with engine hashes that crowd the same slots (multiples of a power of
+/// two, and 0): a repeat anywhere, or the parent among the blocks, is rejected and changes
+/// nothing; a clean store goes in whole.
+#[test]
+fn self_referencing_stores_are_found_at_every_length() {
+    for len in 1..=200u64 {
+        let hash = |i: u64| ExternalHash(i << 57 | i);
+        let blocks = |hashes: &[ExternalHash]| {
+            hashes
+                .iter()
+                .enumerate()
+                .map(|(i, &h)| (h, LocalBlockHash(1000 + i as u64)))
+                .collect::<Vec<_>>()
+        };
+        let clean: Vec<ExternalHash> = (0..len).map(hash).collect();
+        let mut ix = KvIndex::new();
+        ix.apply(&stored_event(w(1, 0), 0, None, blocks(&clean)))
+            .unwrap_or_else(|e| panic!("clean store of {len}: {e}"));
+        assert_eq!(ix.current_size(), len as usize);
+
+        let mut ix = KvIndex::new();
+        store_chain(&mut ix, w(1, 0), None, 1 << 40, &[1]).unwrap();
+        let (i, j) = (len as usize / 3, len as usize - 1);
+        let mut dup = clean.clone();
+        if i != j {
+            dup[j] = dup[i];
+            let e = stored_event(w(1, 0), 1, Some(ExternalHash(1 << 40)), blocks(&dup));
+            assert!(
+                matches!(ix.apply(&e), Err(IndexError::InvalidBlockSequence { .. })),
+                "repeat at {i} and {j} of {len} not found"
+            );
+        }
+        let e = stored_event(w(1, 0), 1, Some(clean[len as usize / 2]), blocks(&clean));
+        assert!(
+            matches!(ix.apply(&e), Err(IndexError::InvalidBlockSequence { .. })),
+            "parent among the {len} blocks not found"
+        );
+        assert_eq!(
+            ix.current_size(),
+            1,
+            "a rejected store of {len} changed the index"
+        );
+    }
+}
+
 #[test]
 fn dp_ranks_are_separate_routing_units() {
     let mut ix = KvIndex::new();

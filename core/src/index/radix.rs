@@ -1004,31 +1004,43 @@ fn sole_holder_from(covers: &[Cover]) -> Option<u32> {
     (first > second && covers.iter().filter(|c| c.depth == first).count() == 1).then_some(second)
 }
 
+/// Fibonacci hashing's multiplier (2^64 / φ), for the short-store set below.
+const SET_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// A store whose parent is one of its own blocks, or that repeats a block hash (spec §3.2:
 /// engines occasionally emit these; they would create cycles in the per-worker map).
 fn is_self_referencing(s: &StoredData) -> bool {
-    // A 1024-bit filter on the stack: only when two hashes share a bit (rare for the few dozen
-    // blocks of one event) do we pay for the exact quadratic check.
-    let mut bits = [0u64; 16];
-    let mut clash = false;
-    for h in s
-        .parent_hash
-        .iter()
-        .chain(s.blocks.iter().map(|b| &b.block_hash))
-    {
-        let x = h.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54;
-        let (w, b) = ((x >> 6) as usize, 1u64 << (x & 63));
-        clash |= bits[w] & b != 0;
-        bits[w] |= b;
-    }
-    if !clash {
-        return false;
-    }
-    let hashes = || s.blocks.iter().map(|b| b.block_hash);
-    if let Some(p) = s.parent_hash {
-        if hashes().any(|h| h == p) {
-            return true;
+    let hashes = || {
+        s.parent_hash
+            .iter()
+            .copied()
+            .chain(s.blocks.iter().map(|b| b.block_hash))
+    };
+    // Up to 96 hashes (a store of 1,536 tokens at block size 16): an exact set on the stack,
+    // open addressing in 128 slots, one pass and no allocation.
+    // Slot value 0 means empty, so the hash 0 is tracked apart.
+    const SLOTS: usize = 128;
+    if s.blocks.len() < SLOTS * 3 / 4 {
+        let mut table = [0u64; SLOTS];
+        let mut zero = false;
+        for h in hashes() {
+            if h.0 == 0 {
+                if zero {
+                    return true;
+                }
+                zero = true;
+                continue;
+            }
+            let mut i = (h.0.wrapping_mul(SET_MUL) >> 57) as usize;
+            while table[i] != 0 {
+                if table[i] == h.0 {
+                    return true;
+                }
+                i = (i + 1) % SLOTS;
+            }
+            table[i] = h.0;
         }
+        return false;
     }
     let mut v: Vec<u64> = hashes().map(|h| h.0).collect();
     v.sort_unstable();
@@ -1076,5 +1088,71 @@ pub fn stored_event(
                     .collect(),
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(parent: Option<ExternalHash>, hashes: &[ExternalHash]) -> StoredData {
+        StoredData {
+            parent_hash: parent,
+            start_position: None,
+            blocks: hashes
+                .iter()
+                .map(|&h| StoredBlock {
+                    block_hash: h,
+                    tokens_hash: LocalBlockHash(h.0),
+                    mm_extra_info: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn naive(s: &StoredData) -> bool {
+        let mut all: Vec<u64> = s.blocks.iter().map(|b| b.block_hash.0).collect();
+        all.extend(s.parent_hash.map(|p| p.0));
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        all.len() < n
+    }
+
+    /// The short-store set probes: hashes that all want its first slot (`i · SET_MUL⁻¹`), hashes
+    /// spread over it, and 0 (its empty marker) must give the naive answer for every length and
+    /// repeat position, on both sides of the 96-hash limit.
+    #[test]
+    fn repeats_are_found_however_hashes_crowd_the_set() {
+        // SET_MUL is odd, so it has an inverse mod 2^64 (Newton's iteration doubles the bits).
+        let mut inv = SET_MUL;
+        for _ in 0..6 {
+            inv = inv.wrapping_mul(2u64.wrapping_sub(SET_MUL.wrapping_mul(inv)));
+        }
+        assert_eq!(inv.wrapping_mul(SET_MUL), 1);
+        let kinds: [&dyn Fn(u64) -> ExternalHash; 3] = [
+            &|i| ExternalHash(inv.wrapping_mul(i + 1)),
+            &|i| ExternalHash(i.wrapping_mul(0x2545_f491_4f6c_dd1d)),
+            &|i| ExternalHash(i),
+        ];
+        for kind in kinds {
+            for len in 1..=130u64 {
+                let clean: Vec<ExternalHash> = (0..len).map(kind).collect();
+                assert!(!is_self_referencing(&store(None, &clean)));
+                assert!(!is_self_referencing(&store(Some(kind(len)), &clean)));
+                let n = len as usize;
+                for (i, j) in [(0, n - 1), (n / 2, n - 1), (n / 3, n / 2), (0, 1)] {
+                    if i >= j || j >= n {
+                        continue;
+                    }
+                    let mut dup = clean.clone();
+                    dup[j] = dup[i];
+                    let s = store(None, &dup);
+                    assert!(naive(&s) && is_self_referencing(&s), "{i}, {j} of {len}");
+                }
+                let s = store(Some(clean[n / 2]), &clean);
+                assert!(naive(&s) && is_self_referencing(&s), "parent among {len}");
+            }
+        }
     }
 }
