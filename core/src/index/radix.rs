@@ -909,10 +909,13 @@ impl KvIndex {
         // A run ends where its deepest holder does: only cutting that holder can shorten it.
         let run = &mut self.runs[id as usize];
         let len = run.len();
-        if had < len || run.covers.iter().any(|c| c.depth == len) {
+        if had < len {
             return;
         }
         let keep = run.max_depth();
+        if keep == len {
+            return;
+        }
         if keep == 0 {
             self.free_run(id);
         } else {
