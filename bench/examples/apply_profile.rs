@@ -2,7 +2,8 @@
 //! `cargo run --release -p kvrouter-bench --example apply_profile -- [workers] [rounds] [dump.jsonl]`
 //!
 //! Also prints the resident-memory growth of building the index from the warm-up events (with
-//! allocator overhead, unlike `KvIndex::memory_bytes`). With a third argument the warm-up events
+//! allocator overhead, unlike `KvIndex::memory_bytes`; glibc's free memory trimmed before and
+//! after, and the untrimmed figure beside it). With a third argument the warm-up events
 //! are written as `{"worker_id", "event"}` JSON lines, to replay into another index (e.g.
 //! Dynamo's `RadixTree`) and compare.
 use std::time::Instant;
@@ -43,17 +44,22 @@ fn main() {
             std::io::Write::write_all(&mut out, b"\n").unwrap();
         }
     }
+    trim_free_memory();
     let before = rss_bytes();
     let mut ix = KvIndex::new();
     for e in &warm {
         ix.apply(e).unwrap();
     }
+    let untrimmed = rss_bytes().saturating_sub(before);
+    trim_free_memory();
     let grown = rss_bytes().saturating_sub(before);
+    let per = |b: u64| b as f64 / ix.current_size() as f64;
     println!(
-        "{workers} workers: {} entries, RSS +{:.1} MB = {:.1} B/entry (estimate {:.1} B/entry)",
+        "{workers} workers: {} entries, RSS +{:.1} MB = {:.1} B/entry ({:.1} before malloc_trim; estimate {:.1})",
         ix.current_size(),
         grown as f64 / 1e6,
-        grown as f64 / ix.current_size() as f64,
+        per(grown),
+        per(untrimmed),
         ix.memory_bytes() as f64 / ix.current_size() as f64
     );
     drop(ix);
@@ -79,6 +85,22 @@ fn main() {
 fn apply_steady(ix: &mut KvIndex, events: &[kvrouter_core::event::RouterEvent]) {
     for e in events {
         ix.apply(e).unwrap();
+    }
+}
+
+/// Give glibc's free memory back to the OS, so that RSS growth is what the index holds: the
+/// generator's freed memory would otherwise be reused, and the per-worker maps' growth steps
+/// leave about as much free memory behind as they hold.
+fn trim_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim takes a size and only releases free memory.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
 

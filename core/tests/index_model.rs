@@ -219,7 +219,7 @@ proptest! {
         let mut batched = KvIndex::new();
         let mut pending: Vec<RouterEvent> = Vec::new();
         let (mut errors, mut batch_errors) = (Vec::new(), Vec::new());
-        let mut flush = |batched: &mut KvIndex, pending: &mut Vec<RouterEvent>, out: &mut Vec<IndexError>| {
+        let flush = |batched: &mut KvIndex, pending: &mut Vec<RouterEvent>, out: &mut Vec<IndexError>| {
             batched.apply_batch(pending, |_, e| out.push(e));
             pending.clear();
         };

@@ -318,6 +318,17 @@ fn speed(name: &str, w: &Workload, rounds: usize) {
     );
 }
 
+// mimalloc's own entry point (linked through the `mimalloc` crate): with `force`, frees what
+// it can and gives free pages back to the OS, so RSS is live memory plus allocator overhead.
+extern "C" {
+    fn mi_collect(force: bool);
+}
+
+fn collect_free_pages() {
+    // SAFETY: no arguments beyond a flag; safe to call at any time from any thread.
+    unsafe { mi_collect(true) }
+}
+
 fn rss_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: usize = statm
@@ -329,20 +340,25 @@ fn rss_bytes() -> usize {
 }
 
 /// Heap bytes held by one index built from the warm-up stream (live allocations after the build
-/// minus before, allocator overhead excluded), and the RSS growth (noisy: it depends on when the
-/// allocator reuses and returns pages).
+/// minus before, allocator overhead excluded), and its resident memory: RSS growth with
+/// mimalloc's free pages given back to the OS before and after the build, so that neither
+/// index is helped by pages the stream generator freed nor charged for pages freed while
+/// it grew (what is left is live memory plus allocator overhead).
 fn memory(name: &str, w: &Workload, which: &str) {
     let s = streams(w, 1, 1);
+    collect_free_pages();
     let (before, rss_before) = (LIVE.load(Relaxed), rss_bytes());
     let (entries, live, rss) = match which {
         "ours" => {
             let ix = build_ours(&s.warm);
+            collect_free_pages();
             let r = (ix.current_size(), LIVE.load(Relaxed), rss_bytes());
             drop(ix);
             r
         }
         "dynamo" => {
             let t = build_dynamo(&s.dyn_warm);
+            collect_free_pages();
             let r = (t.current_size(), LIVE.load(Relaxed), rss_bytes());
             drop(t);
             r
@@ -354,7 +370,7 @@ fn memory(name: &str, w: &Workload, which: &str) {
     };
     let per = |b: usize| b as f64 / entries as f64;
     println!(
-        "SUMMARY memory {name} {which}: {entries} entries, heap {:.1} MB = {:.1} B/entry, RSS growth {:.1} B/entry",
+        "SUMMARY memory {name} {which}: {entries} entries, heap {:.1} MB = {:.1} B/entry, resident {:.1} B/entry",
         (live - before) as f64 / 1e6,
         per(live - before),
         per(rss.saturating_sub(rss_before)),
