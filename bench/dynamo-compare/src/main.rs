@@ -5,7 +5,7 @@
 //! ```text
 //! cd bench/dynamo-compare
 //! taskset -c 1 cargo run --release -- speed [64w|256w|all] [rounds]   # apply + find_matches
-//! cargo run --release -- memory [ours|dynamo] [64w|256w]               # heap bytes, one index
+//! cargo run --release -- memory [ours|dynamo] [64w|256w]               # heap + resident, one index
 //! ```
 //!
 //! This host's speed moves by 10–30 % from minute to minute, so `speed` alternates the two
