@@ -370,7 +370,7 @@ impl KvIndex {
             KvCacheEventData::Stored(s) => s.parent_hash?,
             KvCacheEventData::Cleared => return None,
         };
-        let slot = self.slot_of_ref(e.worker())?;
+        let slot = self.peek_slot(e.worker())?;
         Some((self.slots[slot as usize].as_ref()?, h))
     }
 
@@ -463,7 +463,7 @@ impl KvIndex {
 
     /// Drop every block of one worker rank (an `AllBlocksCleared` / `Cleared` event).
     pub fn clear_worker_rank(&mut self, worker: WorkerWithDpRank) {
-        let Some(slot) = self.slot_of(worker) else {
+        let Some(slot) = self.lookup_slot(worker) else {
             return;
         };
         if let Some(w) = self.slots[slot as usize].as_mut() {
@@ -617,7 +617,7 @@ impl KvIndex {
 
     /// The slot of `worker`, if it has one; remembered for the next event.
     #[inline]
-    fn slot_of(&mut self, worker: WorkerWithDpRank) -> Option<u32> {
+    fn lookup_slot(&mut self, worker: WorkerWithDpRank) -> Option<u32> {
         if let Some((w, s)) = self.last_slot {
             if w == worker {
                 return Some(s);
@@ -628,9 +628,9 @@ impl KvIndex {
         Some(s)
     }
 
-    /// [`KvIndex::slot_of`] without remembering (for `&self` paths).
+    /// [`KvIndex::lookup_slot`] without remembering (for `&self` paths).
     #[inline]
-    fn slot_of_ref(&self, worker: WorkerWithDpRank) -> Option<u32> {
+    fn peek_slot(&self, worker: WorkerWithDpRank) -> Option<u32> {
         match self.last_slot {
             Some((w, s)) if w == worker => Some(s),
             _ => self.slot_of.get(&worker).copied(),
@@ -638,7 +638,7 @@ impl KvIndex {
     }
 
     fn slot_for(&mut self, worker: WorkerWithDpRank) -> u32 {
-        if let Some(s) = self.slot_of(worker) {
+        if let Some(s) = self.lookup_slot(worker) {
             return s;
         }
         let entry = WorkerEntry {
@@ -758,7 +758,7 @@ impl KvIndex {
         worker: WorkerWithDpRank,
         hashes: &[ExternalHash],
     ) -> Result<(), IndexError> {
-        let Some(slot) = self.slot_of(worker) else {
+        let Some(slot) = self.lookup_slot(worker) else {
             return match hashes.len() {
                 0 => Ok(()),
                 n => Err(IndexError::BlockNotFound { worker, missing: n }),
