@@ -318,8 +318,8 @@ impl KvIndex {
     /// Apply a batch of events in order, as [`KvIndex::apply`] would one by one, calling
     /// `on_error` for each rejected event. Faster than the loop: while one event is applied,
     /// the memory the next ones will need is already being fetched, in the order it will be
-    /// needed: the event's own block list eight events ahead, then the places of its blocks in
-    /// the per-worker map four ahead, then the run its first lookup points to two ahead.
+    /// needed: the event's own block list eight events ahead, then the place in the per-worker
+    /// map of its first lookup four ahead, then the run that lookup points to two ahead.
     pub fn apply_batch<'e>(
         &mut self,
         events: &'e [RouterEvent],
@@ -337,13 +337,9 @@ impl KvIndex {
                 };
             }
             if let Some(e) = events.get(i + MAP_AHEAD) {
+                // (A store's own blocks are prefetched by `apply_stored` as it starts.)
                 if let Some((w, h)) = self.first_lookup(e) {
                     w.lookup.prefetch(h);
-                    if let KvCacheEventData::Stored(s) = &e.event.data {
-                        for b in &s.blocks {
-                            w.lookup.prefetch(b.block_hash);
-                        }
-                    }
                 }
             }
             if let Some(e) = events.get(i + RUN_AHEAD) {
