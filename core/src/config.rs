@@ -378,8 +378,10 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
-        let mut c = KvRouterConfig::default();
-        c.prefill_load_scale = f64::NAN;
+        let c = KvRouterConfig {
+            prefill_load_scale: f64::NAN,
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
         assert!(KvRouterConfig::default().validate().is_ok());
     }
