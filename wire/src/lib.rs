@@ -8,7 +8,7 @@
 //! * [`frame`] — the 3-frame ZMQ message and both replay reply layouts.
 //! * [`convert`] — engine events → [`RouterEvent`]s (re-hashing, filters, event ids).
 //! * [`json`] — canonical JSON lines of [`RouterEvent`]s.
-//! * [`subscriber`] — ZMQ SUB per worker rank with gap detection and replay.
+//! * [`subscriber`] — ZMQ SUB per worker rank with gap detection and bounded replay.
 //! * [`publisher`] — ZMQ PUB + replay ROUTER with a ring buffer.
 
 pub mod convert;
@@ -30,7 +30,9 @@ pub use frame::FrameError;
 pub use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
 pub use msgpack::MsgpackError;
 pub use publisher::{KvEventPublisher, PublisherConfig};
-pub use subscriber::{KvEventSubscriber, SubscriberConfig, SubscriberStats};
+pub use subscriber::{
+    KvEventSubscriber, ReplayLimits, SubscriberConfig, SubscriberState, SubscriberStats,
+};
 
 /// Every error this crate returns.
 #[derive(Debug, thiserror::Error)]

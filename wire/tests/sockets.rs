@@ -1,7 +1,8 @@
-//! Real-socket tests against libzmq peers driven by pyzmq (issue 3 items 4, 5, 8):
-//! our subscriber against a pyzmq publisher sending the recorded engine frames (live, late
-//! join, gaps recovered by replay in both reply layouts, incomplete replay, publisher restart,
-//! bad frames, queue overflow, bind mode), and our publisher against a pyzmq subscriber.
+//! Real-socket tests against libzmq peers driven by pyzmq (issue 3 items 4, 5, 8; issue 13
+//! item 3): our subscriber against a pyzmq publisher sending the recorded engine frames (live,
+//! late join, gaps recovered by replay in both reply layouts, incomplete replay, publisher
+//! restart, bad frames, queue overflow, bind mode, oversize frames, hostile replay rings), and
+//! our publisher against a pyzmq subscriber.
 //!
 //! Waits below only synchronise with other processes (generous deadlines, failure = hang
 //! guard); nothing asserts on speed.
@@ -18,7 +19,7 @@ use kvrouter_core::event::{KvCacheEventData, RouterEvent, WorkerWithDpRank};
 use kvrouter_wire::engine::{
     decode_batch, BlockRemoved, BlockStored, DecodeStats, Encoding, EngineBatch, EngineEvent,
 };
-use kvrouter_wire::subscriber::SubscriberStats;
+use kvrouter_wire::subscriber::{ReplayLimits, SubscriberState, SubscriberStats};
 use kvrouter_wire::{
     Converter, KvEventPublisher, KvEventSubscriber, PublisherConfig, SubscriberConfig,
 };
@@ -144,13 +145,18 @@ impl Sub {
 
     /// Drains events until `cond(stats)` holds.
     fn wait(&mut self, what: &str, cond: impl Fn(&SubscriberStats) -> bool) {
+        self.wait_for(what, |st, _| cond(st));
+    }
+
+    /// Drains events until `cond(stats, events so far)` holds.
+    fn wait_for(&mut self, what: &str, cond: impl Fn(&SubscriberStats, &[RouterEvent]) -> bool) {
         let t = Instant::now();
         loop {
             while let Ok(ev) = self.rx.try_recv() {
                 self.events.push(ev);
             }
             let st = self.stats();
-            if cond(&st) {
+            if cond(&st, &self.events) {
                 // Everything the processor emitted before updating the counters is queued.
                 while let Ok(ev) = self.rx.try_recv() {
                     self.events.push(ev);
@@ -186,6 +192,7 @@ fn sub_config(endpoint: &str, replay: Option<&str>) -> SubscriberConfig {
         bind: false,
         block_size: 16,
         queue_capacity: 1024,
+        ..Default::default()
     }
 }
 
@@ -703,4 +710,252 @@ fn batches_published_before_the_subscriber_joined_are_replayed_without_later_tra
     publisher.publish(&sample_batch(3)).unwrap();
     s.wait("live", |st| st.applied == 4);
     assert_eq!(s.stats().duplicates, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile replay rings and oversize frames (issue 13 item 3). Each reproducer waits on
+// behaviour (events reaching the sink in order); the counters it then checks go through the
+// helpers below.
+
+const SEQ_2_62: u64 = 1 << 62;
+
+/// `cfg` with its replay limits changed by `f`.
+fn with_limits(mut cfg: SubscriberConfig, f: impl FnOnce(&mut ReplayLimits)) -> SubscriberConfig {
+    f(&mut cfg.replay);
+    cfg
+}
+
+fn replay_failures(st: &SubscriberStats) -> u64 {
+    st.replay_failures
+}
+
+fn oversize(st: &SubscriberStats) -> u64 {
+    st.oversize
+}
+
+/// Events without their ids (which depend on what was emitted before).
+fn strip(v: &[RouterEvent]) -> Vec<KvCacheEventData> {
+    v.iter().map(|e| e.event.data.clone()).collect()
+}
+
+/// A subscriber synced with `p` (late join recovered), `n` more batches applied; returns every
+/// payload sent so far.
+fn synced(p: &mut PyPub, s: &mut Sub, n: usize) -> Vec<Vec<u8>> {
+    let mut before = sync(p, s);
+    before.extend(p.cmd(&format!("send {n}")));
+    let k = before.len() as u64;
+    s.wait("synced", |st| st.applied == k);
+    before
+}
+
+/// After a failed replay: honest again, two more live batches are applied after the rest.
+fn live_flows_again(p: &mut PyPub, s: &mut Sub, items: &mut Vec<Option<Vec<u8>>>) {
+    p.cmd("hostile off");
+    let more = p.cmd("send 2");
+    let n = items.iter().flatten().count() as u64 + 2;
+    s.wait("live batches after the failed replay", |st| st.applied == n);
+    items.extend(more.into_iter().map(Some));
+    let want: Vec<Option<&Vec<u8>>> = items.iter().map(Option::as_ref).collect();
+    assert_eq!(s.events, expected(&want), "{:?}", s.stats());
+}
+
+/// The common shape: a gap answered by the ring in `mode`, which must fail the replay: the
+/// worker is cleared once, the live batches after the gap are applied, nothing the ring sent
+/// is, and live events keep flowing.
+fn failed_gap_replay(
+    mode: &str,
+    gap: usize,
+    cfg: impl FnOnce(SubscriberConfig) -> SubscriberConfig,
+) {
+    let mut p = PyPub::with_replay("new");
+    let mut s = Sub::start(cfg(sub_config(&p.endpoint, p.replay.as_deref())), 1024);
+    let before = synced(&mut p, &mut s, 2);
+    let (failures0, cleared0) = (replay_failures(&s.stats()), s.stats().cleared);
+    p.cmd(&format!("hostile {mode}"));
+    p.cmd(&format!("skip {gap}"));
+    let after = p.cmd("send 2");
+    let n = (before.len() + 2) as u64;
+    s.wait("live batches after the gap", |st| {
+        st.cleared == cleared0 + 1 && st.applied == n
+    });
+    let st = s.stats();
+    assert!(replay_failures(&st) > failures0, "{st:?}");
+    assert_eq!(st.duplicates, 0, "{st:?}");
+    let mut items: Vec<Option<Vec<u8>>> = before.into_iter().map(Some).collect();
+    items.push(None);
+    items.extend(after.into_iter().map(Some));
+    live_flows_again(&mut p, &mut s, &mut items);
+}
+
+#[test]
+fn gap_replay_answering_seq_2_62_fails_and_live_batches_are_still_applied() {
+    // Old behaviour: the 2^62 batch was applied and every later live batch was a "duplicate".
+    failed_gap_replay(&format!("seq {SEQ_2_62}"), 1, |c| c);
+}
+
+#[test]
+fn join_probe_answered_with_seq_2_62_does_not_make_live_batches_duplicates() {
+    let mut p = PyPub::with_replay("new");
+    p.cmd(&format!("hostile seq {SEQ_2_62}"));
+    let mut s = Sub::start(sub_config(&p.endpoint, p.replay.as_deref()), 1024);
+    // Nothing published: the join probe gets the ring's only batch, seq 2^62, and applies it
+    // after clearing (the ring does not start at 0).
+    s.wait("join probe", |st| st.applied == 1);
+    let _ = sync(&mut p, &mut s);
+    let after = p.cmd("send 5");
+    let want = strip(&expected(&some(&after)));
+    // The last batches' events are in the sink, and every live batch received is applied (the
+    // 1 is the probe's): none was taken for a duplicate.
+    s.wait_for("live batches after the probe", |st, ev| {
+        ev.len() >= want.len()
+            && strip(&ev[ev.len() - want.len()..]) == want
+            && st.applied == 1 + st.received
+    });
+    let st = s.stats();
+    assert_eq!(st.duplicates, 0, "{st:?}");
+    assert!(replay_failures(&st) >= 1, "{st:?}");
+    // Cleared once by the probe (its ring lacked seq 0), once when live seqs showed it bogus.
+    assert_eq!(st.cleared, 2, "{st:?}");
+}
+
+#[test]
+fn replay_with_duplicated_batches_and_seqs_past_live_fails_and_live_resumes() {
+    // 3 batches past the live seq, then every in-range batch twice.
+    failed_gap_replay("dup", 3, |c| c);
+}
+
+#[test]
+fn replay_batches_at_or_past_the_live_seq_are_ignored() {
+    let mut p = PyPub::with_replay("new");
+    let mut s = Sub::start(sub_config(&p.endpoint, p.replay.as_deref()), 1024);
+    let mut sent = synced(&mut p, &mut s, 2);
+    let (gaps0, recovered0) = (s.stats().gaps, s.stats().recovered);
+    // The ring first sends 3 batches with the publisher's next seqs (fake payloads), then the
+    // honest ones: only `[from, live)` may be applied; the live batches come live.
+    p.cmd("hostile extra");
+    sent.extend(p.cmd("skip 2"));
+    sent.extend(p.cmd("send 2"));
+    let n = sent.len() as u64;
+    s.wait("the gap", |st| st.applied >= n);
+    p.cmd("hostile off");
+    sent.extend(p.cmd("send 2"));
+    let n = sent.len() as u64;
+    s.wait("everything", |st| st.applied >= n);
+    let st = s.stats();
+    assert_eq!(st.applied, n, "{st:?}");
+    assert_eq!(
+        (st.gaps, st.recovered, st.cleared, st.duplicates),
+        (gaps0 + 1, recovered0 + 1, 0, 0),
+        "{st:?}"
+    );
+    assert_eq!(replay_failures(&st), 0, "{st:?}");
+    assert_eq!(s.events, expected(&some(&sent)));
+}
+
+#[test]
+fn replay_streaming_1mib_batches_without_end_is_cut_by_the_byte_cap() {
+    // 1 MiB every 100 ms, never silent for long, no end marker: only `max_bytes` stops it
+    // within the hang guard (the deadline is longer than the guard).
+    failed_gap_replay("stream 1048576 100", 1, |c| {
+        with_limits(c, |l| {
+            l.max_bytes = 8 << 20;
+            l.deadline = Duration::from_secs(120);
+        })
+    });
+}
+
+#[test]
+fn replay_streaming_1mib_batches_without_end_is_cut_by_the_total_deadline() {
+    // 1 MiB every 400 ms: far under the byte cap and never `silence` long; only the total
+    // deadline (not reset by each reply) stops it within the hang guard.
+    failed_gap_replay("stream 1048576 400", 1, |c| {
+        with_limits(c, |l| {
+            l.max_bytes = 1 << 30;
+            l.deadline = Duration::from_secs(3);
+        })
+    });
+}
+
+#[test]
+fn replay_streaming_small_batches_without_end_is_cut_by_the_batch_cap() {
+    failed_gap_replay("stream 16 5", 1, |c| {
+        with_limits(c, |l| {
+            l.max_batches = 100;
+            l.deadline = Duration::from_secs(120);
+        })
+    });
+}
+
+#[test]
+fn live_frame_over_max_frame_bytes_is_dropped_counted_and_the_stream_continues() {
+    let mut p = PyPub::with_replay("new");
+    let mut s = Sub::start(sub_config(&p.endpoint, p.replay.as_deref()), 1024);
+    let before = synced(&mut p, &mut s, 2);
+    // A decodable batch of 5 MiB (default limit 4 MiB), kept in the ring too: dropped live,
+    // then its replay fails on the same limit, so the worker is cleared.
+    p.cmd(&format!("oversize {}", 5 << 20));
+    let after = p.cmd("send 2");
+    let n = (before.len() + 2) as u64;
+    s.wait("live batches after the oversize frame", |st| {
+        st.cleared == 1 && st.applied == n
+    });
+    let st = s.stats();
+    assert_eq!(oversize(&st), 1, "{st:?}");
+    assert!(replay_failures(&st) >= 1, "{st:?}");
+    assert_eq!(st.decode_errors, 0, "{st:?}");
+    let mut items: Vec<Option<Vec<u8>>> = before.into_iter().map(Some).collect();
+    items.push(None);
+    items.extend(after.into_iter().map(Some));
+    live_flows_again(&mut p, &mut s, &mut items);
+}
+
+#[test]
+fn state_next_seq_and_backpressure_are_visible() {
+    let mut p = PyPub::with_replay("new");
+    let cfg = sub_config(&p.endpoint, p.replay.as_deref());
+    // A sink of one event: the processor waits for room.
+    let (tx, rx) = sync_channel(1);
+    let sub = KvEventSubscriber::start(cfg, tx).unwrap();
+    assert_eq!(sub.stats().next_seq, None);
+    assert!(
+        matches!(
+            sub.stats().state,
+            SubscriberState::Joining | SubscriberState::Replaying
+        ),
+        "{:?}",
+        sub.stats()
+    );
+    let mut s = Sub {
+        sub: Some(sub),
+        rx,
+        events: Vec::new(),
+    };
+    let mut sent = synced(&mut p, &mut s, 0);
+    // Nobody drains the sink meanwhile: the processor must wait for room.
+    sent.extend(p.cmd("send 20"));
+    let t = Instant::now();
+    while s.stats().backpressure == 0 {
+        assert!(t.elapsed() < DEADLINE, "no backpressure: {:?}", s.stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let n = sent.len() as u64;
+    s.wait("settled", |st| st.next_seq == Some(n));
+    let st = s.stats();
+    assert_eq!(st.state, SubscriberState::Live, "{st:?}");
+    assert_eq!(st.state.as_str(), "live");
+    assert!(st.backpressure > 0, "{st:?}");
+    assert_eq!(s.events, expected(&some(&sent)));
+    // The sink's receiver goes away: the subscriber stops by itself, visibly.
+    let Sub { sub, rx, .. } = &mut s;
+    drop(std::mem::replace(rx, sync_channel(1).1));
+    p.cmd("send 1");
+    let t = Instant::now();
+    while sub.as_ref().unwrap().stats().state != SubscriberState::Stopped {
+        assert!(
+            t.elapsed() < DEADLINE,
+            "{:?}",
+            sub.as_ref().unwrap().stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

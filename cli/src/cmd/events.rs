@@ -48,7 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         topic: args.topic.clone(),
         bind: args.bind,
         block_size: args.block_size,
-        queue_capacity: 10_000,
+        ..SubscriberConfig::default()
     };
     let sub = KvEventSubscriber::start(cfg, tx)?;
     let how = if args.bind {
