@@ -16,6 +16,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kvrouter_bench::stats::percentile;
 use kvrouter_bench::stream::{generate, index_scenarios, long_prompt_scenario, EventStream};
 use kvrouter_core::config::{RouterConfig, RouterMode};
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
@@ -44,10 +45,6 @@ fn build(stream: &EventStream) -> KvIndex {
 
 fn blocks_in(evs: &[RouterEvent]) -> usize {
     evs.iter().map(RouterEvent::num_blocks).sum()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn bench_apply(c: &mut Criterion) {
@@ -154,21 +151,21 @@ fn bench_find(c: &mut Criterion) {
                 q
             })
             .collect();
-        let mut times: Vec<Duration> = Vec::with_capacity(queries.len());
+        let mut times: Vec<f64> = Vec::with_capacity(queries.len());
         let mut matched = 0u64;
         for _ in 0..3 {
             for q in &queries {
                 let t = Instant::now();
                 let s = black_box(ix.find_matches(black_box(q), false));
-                times.push(t.elapsed());
+                times.push(t.elapsed().as_secs_f64() * 1e6);
                 matched += u64::from(s.max());
             }
         }
-        times.sort_unstable();
+        times.sort_by(f64::total_cmp);
         println!(
             "SUMMARY find_matches {name}: p50 {:.2} µs, p99 {:.2} µs, mean best overlap {:.1} blocks",
-            percentile(&times, 0.5).as_secs_f64() * 1e6,
-            percentile(&times, 0.99).as_secs_f64() * 1e6,
+            percentile(&times, 50.0).unwrap_or(f64::NAN),
+            percentile(&times, 99.0).unwrap_or(f64::NAN),
             matched as f64 / times.len() as f64,
         );
         let mut i = 0;

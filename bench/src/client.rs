@@ -13,6 +13,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use kvrouter_server::error::error_chain;
+
 /// Which OpenAI API the benchmark drives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -217,17 +219,6 @@ async fn exchange(
         }
     }
     Err("stream ended without [DONE]".into())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 fn find_event_end(buf: &[u8]) -> Option<usize> {

@@ -23,6 +23,7 @@ struct Cli {
 enum Command {
     /// Start the embedded default: frontend on 127.0.0.1:8000 (KV mode) with in-process mock
     /// workers and the vendored Qwen3 tokenizer.
+    #[command(mut_arg("router_mode", |a| a.default_value("kv")))]
     Up(cmd::up::Args),
     /// Run the OpenAI-compatible frontend with its embedded router in front of workers.
     Frontend(cmd::frontend::Args),
@@ -48,5 +49,15 @@ fn main() -> anyhow::Result<()> {
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_subcommand_has_a_consistent_command_line() {
+        use clap::CommandFactory;
+        // Duplicate ids, conflicting defaults, bad aliases: clap checks them all here.
+        super::Cli::command().debug_assert();
     }
 }

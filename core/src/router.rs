@@ -138,6 +138,13 @@ impl Scheduler {
         self.active.remove_worker(worker_id);
     }
 
+    /// Take a worker's ranks out of the routing set but keep what it holds: its bookings (its
+    /// in-flight requests still count as its load) and its approximate / predicted blocks.
+    /// [`add_worker`](Self::add_worker) puts it back.
+    pub fn withdraw_worker(&mut self, worker_id: WorkerId) {
+        self.workers.retain(|w| w.worker.worker_id != worker_id);
+    }
+
     pub fn workers(&self) -> &[WorkerInfo] {
         &self.workers
     }

@@ -13,10 +13,9 @@ fn fast(blocks: usize, block_size: usize) -> MockerConfig {
     }
 }
 
-fn shared() -> PathBuf {
-    std::env::var_os("KVROUTER_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+/// The Qwen3 tokenizer vendored in the repository.
+fn qwen3_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/qwen3")
 }
 
 async fn post(url: &str, body: Value) -> (u16, Value) {
@@ -358,7 +357,7 @@ async fn client_disconnect_frees_the_request() {
 #[tokio::test]
 async fn text_and_chat_with_the_qwen3_tokenizer() {
     let cfg = MockerConfig {
-        model_path: Some(shared().join("data/tokenizers/qwen3")),
+        model_path: Some(qwen3_dir()),
         model_name: Some("Qwen/Qwen3-0.6B".into()),
         num_gpu_blocks: 256,
         block_size: 4,

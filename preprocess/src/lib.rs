@@ -9,7 +9,7 @@
 //! without adding special tokens again** (the template already wrote them).
 //!
 //! ```no_run
-//! let p = kvrouter_preprocess::Preprocessor::from_model_dir("../shared/data/tokenizers/qwen3")?;
+//! let p = kvrouter_preprocess::Preprocessor::from_model_dir("models/qwen3")?;
 //! let text = p.apply_chat_template(&serde_json::json!([{"role": "user", "content": "Hi"}]), true)?;
 //! let ids = p.encode(&text)?; // [151644, 872, 198, 13048, 151645, 198, 151644, 77091, 198]
 //! # Ok::<(), kvrouter_preprocess::PreprocessError>(())

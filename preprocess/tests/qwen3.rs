@@ -1,13 +1,10 @@
-//! The real Qwen3 tokenizer files from `../shared/data/tokenizers/qwen3/`.
+//! The real Qwen3 tokenizer files, as vendored in the repository (`models/qwen3/`).
 use kvrouter_preprocess::{ChatTemplateArgs, PreprocessError, Preprocessor};
 use serde_json::json;
 use std::path::PathBuf;
 
 fn qwen3_dir() -> PathBuf {
-    let shared = std::env::var_os("KVROUTER_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    shared.join("data/tokenizers/qwen3")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/qwen3")
 }
 
 fn qwen3() -> Preprocessor {

@@ -1,7 +1,9 @@
-//! The admin API: runtime worker registration, on its own listener (127.0.0.1 by default),
-//! optionally behind a bearer token.
+//! The admin API: runtime worker registration, on its own listener (127.0.0.1 by default;
+//! on any other address only with a bearer token).
 //!
-//! * `GET /v1/workers` — every worker with its spec, health and per-rank load;
+//! * `GET /v1/workers` — every worker with its spec, health state (`healthy` | `suspect` |
+//!   `removed`, consecutive failures, seconds in it) and per rank its booked load and its KV
+//!   event subscriber (state and every counter);
 //! * `POST /v1/workers` — register one (a [`WorkerSpec`] JSON object) → 201 with the spec
 //!   (id and block size filled in); 400 for an invalid or conflicting spec;
 //! * `DELETE /v1/workers/{id}` — deregister → 200 with the spec, 404 if unknown.
@@ -16,9 +18,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use serde_json::json;
 
-use crate::fleet::Fleet;
-use crate::openai::ApiError;
-use crate::registry::WorkerSpec;
+use crate::error::ApiError;
+use crate::frontend::probes::event_counters;
+use crate::workers::fleet::Fleet;
+use crate::workers::spec::WorkerSpec;
 
 struct Admin {
     fleet: Arc<Fleet>,
@@ -32,9 +35,7 @@ pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
         .route("/v1/workers", get(list).post(register))
         .route("/v1/workers/{id}", delete(deregister))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "NotFoundError", "no such route")
-        })
+        .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
 }
 
@@ -63,31 +64,46 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn list(State(a): State<Arc<Admin>>) -> Response {
-    let loads = a.fleet.router.ranks();
     let workers: Vec<_> = a
         .fleet
         .registry
         .all()
         .iter()
         .map(|w| {
+            let loads = a.fleet.router.loads(w.spec.ranks());
+            let stats = w.event_stats();
             let ranks: Vec<_> = w
                 .spec
                 .ranks()
-                .map(|r| {
-                    let l = loads
-                        .iter()
-                        .find(|(i, _)| i.worker == r)
-                        .map(|(_, l)| *l)
-                        .unwrap_or_default();
+                .zip(loads)
+                .map(|(r, l)| {
+                    let events = stats.iter().find(|(x, _)| *x == r).map(|(_, st)| {
+                        let mut o: serde_json::Map<String, serde_json::Value> = event_counters(st)
+                            .iter()
+                            .map(|(k, v)| ((*k).to_string(), json!(v)))
+                            .collect();
+                        o.insert("state".into(), json!(st.state.as_str()));
+                        o.insert("next_seq".into(), json!(st.next_seq));
+                        o
+                    });
                     json!({
                         "dp_rank": r.dp_rank,
                         "active_requests": l.active_requests,
                         "active_decode_blocks": l.active_decode_blocks,
                         "active_prefill_tokens": l.active_prefill_tokens,
+                        "kv_events": events,
                     })
                 })
                 .collect();
-            json!({"spec": w.spec, "healthy": w.is_healthy(), "ranks": ranks})
+            let h = w.health();
+            json!({
+                "spec": w.spec,
+                "healthy": h.health == crate::workers::registry::Health::Healthy,
+                "health": h.health.as_str(),
+                "consecutive_failures": h.failures,
+                "health_since_secs": h.since.elapsed().as_secs_f64(),
+                "ranks": ranks,
+            })
         })
         .collect();
     axum::Json(json!({ "workers": workers })).into_response()
@@ -121,11 +137,6 @@ async fn deregister(State(a): State<Arc<Admin>>, Path(id): Path<String>) -> Resp
     };
     match a.fleet.deregister(id).await {
         Some(spec) => axum::Json(spec).into_response(),
-        None => ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NotFoundError",
-            format!("no worker {id}"),
-        )
-        .into_response(),
+        None => ApiError::not_found(format!("no worker {id}")).into_response(),
     }
 }

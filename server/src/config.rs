@@ -7,20 +7,23 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::Args;
 use kvrouter_core::config::{ConfigError, KvRouterConfig, LoadThresholds};
 use kvrouter_core::{RouterConfig, RouterMode};
 
-use crate::registry::WorkerSpec;
+use crate::listener::{default_max_connections, ListenerLimits};
+use crate::workers::fleet::HealthPolicy;
+use crate::workers::spec::WorkerSpec;
 
 /// Everything `kvrouter frontend` accepts. `Default` gives the reference defaults with an
 /// ephemeral port on 127.0.0.1 (what tests and the embedded stack want).
 #[derive(Args, Clone, Debug)]
 pub struct FrontendConfig {
-    /// Address the OpenAI API listens on.
-    #[arg(long, env = "DYN_HTTP_HOST", default_value = "0.0.0.0")]
+    /// Address the OpenAI API listens on (loopback unless told otherwise; `0.0.0.0` for all).
+    #[arg(long, env = "DYN_HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: String,
     /// Port of the OpenAI API (0 = any free port).
     #[arg(long, env = "DYN_HTTP_PORT", default_value_t = 8000)]
@@ -170,32 +173,82 @@ pub struct FrontendConfig {
     /// Do not serve the admin API.
     #[arg(long)]
     pub no_admin: bool,
-    /// Bearer token the admin API requires (none = open, hence bound to 127.0.0.1).
+    /// Bearer token the admin API requires. Without one the admin API only starts on a
+    /// loopback address.
     #[arg(long, env = "KVROUTER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Open connections the admin API accepts at most.
+    #[arg(long, env = "KVROUTER_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: usize,
     /// Milliseconds between worker health checks.
     #[arg(long, env = "KVROUTER_HEALTH_INTERVAL_MS", default_value_t = 1000)]
     pub health_interval_ms: u64,
+    /// A health check not answered 2xx within this many milliseconds fails.
+    #[arg(long, env = "KVROUTER_HEALTH_TIMEOUT_MS", default_value_t = 2000)]
+    pub health_timeout_ms: u64,
+    /// A failing worker is first suspect (no new requests, index and bookings kept); it is
+    /// removed (index cleared, bookings dropped) after this many consecutive failed checks…
+    #[arg(
+        long,
+        env = "KVROUTER_HEALTH_REMOVE_AFTER_FAILURES",
+        default_value_t = 10
+    )]
+    pub health_remove_after_failures: u32,
+    /// …or after this many seconds of being suspect, whichever comes first.
+    #[arg(
+        long,
+        env = "KVROUTER_HEALTH_REMOVE_AFTER_SECS",
+        default_value_t = 30.0
+    )]
+    pub health_remove_after_secs: f64,
     /// Largest accepted request body, bytes.
     #[arg(long, env = "KVROUTER_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
+    /// Seconds a request body may take to arrive once its head has; then 408.
+    #[arg(long, env = "KVROUTER_HTTP_BODY_TIMEOUT_SECS", default_value_t = 60.0)]
+    pub http_body_timeout_secs: f64,
+    /// Seconds a connection may take to send a complete request head, counted from its
+    /// accept or the end of its previous response: the header timeout and the keep-alive
+    /// idle limit in one (both listeners).
+    #[arg(long, env = "KVROUTER_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 75.0)]
+    pub http_idle_timeout_secs: f64,
+    /// Open connections the OpenAI API accepts at most; past it new ones get 503 and are
+    /// closed. Default: half the descriptor limit left after a reserve of 512, 16..=32768.
+    #[arg(long, env = "KVROUTER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Tokens one request may generate at most (a larger `max_tokens` is refused; without
+    /// one, requests get what the context leaves, up to this). Default: the context length.
+    #[arg(long, env = "KVROUTER_MAX_TOKENS_LIMIT")]
+    pub max_tokens_limit: Option<u64>,
+    /// Refuse (403) the request fields that steer routing — `nvext.backend_instance_id`,
+    /// `nvext.dp_rank`, `nvext.router_config_override` — for untrusted clients.
+    #[arg(long, env = "KVROUTER_NO_CLIENT_ROUTING_OVERRIDES")]
+    pub no_client_routing_overrides: bool,
+    /// KV event messages larger than this many bytes are dropped and counted (the gap is
+    /// then recovered by replay or the worker's index cleared).
+    #[arg(long, env = "KVROUTER_KV_EVENT_MAX_FRAME_BYTES", default_value_t = 4 << 20)]
+    pub kv_event_max_frame_bytes: usize,
     /// Seconds to wait for a worker to answer a request's headers.
     #[arg(long, env = "KVROUTER_WORKER_TIMEOUT_SECS", default_value_t = 600.0)]
     pub worker_timeout_secs: f64,
 }
 
 impl Default for FrontendConfig {
+    /// The flags' defaults, whatever the environment says, on ephemeral ports.
     fn default() -> Self {
-        use clap::Parser;
+        use clap::{CommandFactory, FromArgMatches, Parser};
         #[derive(Parser)]
         struct P {
             #[command(flatten)]
             c: FrontendConfig,
         }
-        // Defaults come from the attributes above, so they are written once (`DYN_*`
-        // variables set in the environment apply here too, as they would on the command line).
-        let mut c = P::parse_from(["kvrouter"]).c;
-        c.http_host = "127.0.0.1".into();
+        // Defaults come from the attributes above, so they are written once; the environment
+        // is switched off, so tests and embedded stacks do not depend on it.
+        let cmd = P::command().mut_args(|a| a.env(None::<&'static str>));
+        let m = cmd
+            .try_get_matches_from(["kvrouter"])
+            .expect("every flag has a default");
+        let mut c = P::from_arg_matches(&m).expect("every flag has a default").c;
         c.http_port = 0;
         c.admin_port = 0;
         c
@@ -267,14 +320,48 @@ impl FrontendConfig {
         Ok(format!("{}:{}", bracket(&self.http_host), self.http_port).parse()?)
     }
 
-    /// The admin API's socket address, unless disabled.
+    /// The admin API's socket address, unless disabled. Errors: an unparsable host, or a
+    /// non-loopback address without `--admin-token` (registration opens sockets and threads:
+    /// it is never served open to the network).
     pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         if self.no_admin {
             return Ok(None);
         }
-        Ok(Some(
-            format!("{}:{}", bracket(&self.admin_host), self.admin_port).parse()?,
-        ))
+        let a: SocketAddr = format!("{}:{}", bracket(&self.admin_host), self.admin_port).parse()?;
+        if !a.ip().is_loopback() && self.admin_token.as_deref().is_none_or(str::is_empty) {
+            anyhow::bail!(
+                "the admin API on {a} would be open to the network: give --admin-token (or KVROUTER_ADMIN_TOKEN), bind it to 127.0.0.1, or pass --no-admin"
+            );
+        }
+        Ok(Some(a))
+    }
+
+    /// The health policy of these flags.
+    pub fn health_policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            interval: Duration::from_millis(self.health_interval_ms.max(10)),
+            timeout: Duration::from_millis(self.health_timeout_ms.max(1)),
+            remove_after_failures: self.health_remove_after_failures.max(1),
+            remove_after: Duration::from_secs_f64(self.health_remove_after_secs.max(0.0)),
+        }
+    }
+
+    /// Limits of the OpenAI API's listener; `nofile`: the descriptor limit in force.
+    pub fn api_listener(&self, nofile: u64) -> ListenerLimits {
+        ListenerLimits {
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(|| default_max_connections(nofile)),
+            idle_timeout: Duration::from_secs_f64(self.http_idle_timeout_secs.max(0.001)),
+        }
+    }
+
+    /// Limits of the admin API's listener.
+    pub fn admin_listener(&self) -> ListenerLimits {
+        ListenerLimits {
+            max_connections: self.admin_max_connections,
+            idle_timeout: Duration::from_secs_f64(self.http_idle_timeout_secs.max(0.001)),
+        }
     }
 
     /// Workers from `--worker` and `--workers-file`. Errors: unreadable or malformed file.
@@ -301,5 +388,47 @@ fn bracket(host: &str) -> String {
         format!("[{host}]")
     } else {
         host.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_ignores_the_environment_and_is_safe() {
+        // Set variables the flags read; `Default` must not see them (tests and embedded stacks
+        // must not change with the shell they run in).
+        std::env::set_var("DYN_ROUTER_TEMPERATURE", "0.7");
+        std::env::set_var("KVROUTER_HEALTH_INTERVAL_MS", "5");
+        std::env::set_var("DYN_HTTP_HOST", "0.0.0.0");
+        let c = FrontendConfig::default();
+        std::env::remove_var("DYN_ROUTER_TEMPERATURE");
+        std::env::remove_var("KVROUTER_HEALTH_INTERVAL_MS");
+        std::env::remove_var("DYN_HTTP_HOST");
+        assert_eq!(c.router_temperature, 0.0);
+        assert_eq!(c.health_interval_ms, 1000);
+        assert_eq!(c.http_host, "127.0.0.1", "loopback by default");
+        assert_eq!(c.router_mode, RouterMode::RoundRobin);
+    }
+
+    #[test]
+    fn an_open_admin_api_is_only_served_on_loopback() {
+        let mut c = FrontendConfig {
+            admin_host: "0.0.0.0".into(),
+            ..FrontendConfig::default()
+        };
+        let e = c.admin_addr().unwrap_err().to_string();
+        assert!(e.contains("--admin-token"), "{e}");
+        c.admin_token = Some(String::new());
+        assert!(c.admin_addr().is_err(), "an empty token is no token");
+        c.admin_token = Some("t".into());
+        assert!(c.admin_addr().unwrap().is_some());
+        c.admin_token = None;
+        c.admin_host = "::1".into();
+        assert!(c.admin_addr().unwrap().is_some(), "IPv6 loopback");
+        c.no_admin = true;
+        c.admin_host = "0.0.0.0".into();
+        assert!(c.admin_addr().unwrap().is_none());
     }
 }

@@ -3,23 +3,24 @@
 //! The frontend: an OpenAI-compatible HTTP API with the router embedded. Modules in the order
 //! a request crosses them (`docs/DESIGN.md`):
 //!
-//! 1. [`http`] — the API; [`openai`] — request parsing, tokenization, response shapes;
+//! 1. [`listener`] — connections within limits; [`frontend`] — the API: request parsing,
+//!    tokenization, streaming back, response shapes; [`error`] — what clients see on failure;
 //! 2. [`routing`] — hashing, lock-free index lookup, scheduling and booking (the core);
-//! 3. [`worker_client`] — the streamed call to the chosen worker;
-//! 4. [`fleet`] / [`registry`] — workers, their KV event subscribers and health;
-//!    [`admin`] — runtime registration; [`metrics`] — Prometheus;
-//! 5. [`up`] — the embedded default: frontend + in-process mock workers.
+//! 3. [`workers`] — the call to the chosen worker, the registry with health states
+//!    (healthy → suspect → removed) and KV event subscribers;
+//! 4. [`admin`] — runtime registration; [`metrics`] — Prometheus; [`config`] — the flags;
+//! 5. `up` (feature `embedded`) — the embedded default: frontend + in-process mock workers.
 
 pub mod admin;
 pub mod config;
-pub mod fleet;
-pub mod http;
+pub mod error;
+pub mod frontend;
+pub mod listener;
 pub mod metrics;
-pub mod openai;
-pub mod registry;
 pub mod routing;
+#[cfg(feature = "embedded")]
 pub mod up;
-pub mod worker_client;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,20 +28,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use kvrouter_preprocess::Preprocessor;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::FrontendConfig;
-pub use registry::WorkerSpec;
+pub use workers::spec::WorkerSpec;
 
-use fleet::Fleet;
+use frontend::request::Limits;
+use frontend::AppState;
 use metrics::Metrics;
-use openai::Limits;
 use routing::RouterState;
-use worker_client::WorkerClient;
+use workers::client::WorkerClient;
+use workers::fleet::{EventSettings, Fleet};
 
 /// The Qwen3 tokenizer and chat template vendored in the repository (`models/qwen3`).
 pub fn vendored_model_dir() -> PathBuf {
@@ -94,10 +94,21 @@ impl Frontend {
             .or(pre.context_length())
             .unwrap_or(DEFAULT_CONTEXT_LENGTH);
 
+        let admin_addr = cfg.admin_addr()?;
+        let nofile = listener::raise_nofile_limit();
         let metrics = Arc::new(Metrics::new());
         let router = RouterState::new(router_config, cfg.kv_cache_block_size, metrics.clone());
         let client = WorkerClient::new(Duration::from_secs_f64(cfg.worker_timeout_secs));
-        let fleet = Arc::new(Fleet::new(router, client.clone(), cfg.use_kv_events()));
+        let events = EventSettings {
+            enabled: cfg.use_kv_events(),
+            max_frame_bytes: cfg.kv_event_max_frame_bytes,
+        };
+        let fleet = Arc::new(Fleet::new(
+            router,
+            client.clone(),
+            events,
+            cfg.health_policy(),
+        ));
         let mut all = cfg.static_workers()?;
         all.extend(workers);
         for spec in all {
@@ -108,31 +119,51 @@ impl Frontend {
                 .with_context(|| format!("registering worker {url}"))?;
         }
 
-        let state = Arc::new(http::AppState::new(
+        let limits = Limits {
+            context_length,
+            max_tokens: cfg.max_tokens_limit.unwrap_or(context_length as u64).max(1),
+            client_routing: !cfg.no_client_routing_overrides,
+        };
+        let state = Arc::new(AppState::new(
             model_name.clone(),
             Arc::new(pre),
-            Limits { context_length },
+            limits,
             cfg.max_body_bytes,
+            Duration::from_secs_f64(cfg.http_body_timeout_secs.max(0.001)),
             fleet.clone(),
             client,
-            metrics,
+            metrics.clone(),
         ));
         let mut shutdown = Vec::new();
         let mut tasks = Vec::new();
-        let (addr, t, s) = serve(cfg.http_addr()?, http::router(state)).await?;
-        tasks.push(t);
-        shutdown.push(s);
-        let admin_addr = match cfg.admin_addr()? {
+        let api = listener::serve(
+            cfg.http_addr()?,
+            frontend::router(state),
+            cfg.api_listener(nofile),
+            "api",
+            metrics.clone(),
+        )
+        .await?;
+        let addr = api.addr;
+        tasks.push(api.task);
+        shutdown.push(api.shutdown);
+        let admin_addr = match admin_addr {
             Some(a) => {
-                let (addr, t, s) =
-                    serve(a, admin::router(fleet.clone(), cfg.admin_token.clone())).await?;
-                tasks.push(t);
-                shutdown.push(s);
-                Some(addr)
+                let served = listener::serve(
+                    a,
+                    admin::router(fleet.clone(), cfg.admin_token.clone()),
+                    cfg.admin_listener(),
+                    "admin",
+                    metrics,
+                )
+                .await?;
+                tasks.push(served.task);
+                shutdown.push(served.shutdown);
+                Some(served.addr)
             }
             None => None,
         };
-        tasks.push(fleet.spawn_health_loop(Duration::from_millis(cfg.health_interval_ms.max(10))));
+        tasks.push(fleet.spawn_health_loop());
         tracing::info!(%addr, ?admin_addr, model = %model_name, mode = %cfg.router_mode, "frontend listening");
         Ok(Self {
             addr,
@@ -165,30 +196,4 @@ impl Frontend {
         }
         self.fleet.shutdown().await;
     }
-}
-
-async fn serve(
-    addr: SocketAddr,
-    app: axum::Router,
-) -> anyhow::Result<(SocketAddr, JoinHandle<()>, oneshot::Sender<()>)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let local = listener.local_addr()?;
-    // Streamed tokens must leave at once: no Nagle delay on any accepted socket.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!("server on {local} failed: {e}");
-        }
-    });
-    Ok((local, task, tx))
 }

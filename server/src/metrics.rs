@@ -68,12 +68,31 @@ fn overhead_buckets() -> Histogram {
 pub struct RankSnapshot {
     pub worker_id: u64,
     pub dp_rank: u32,
-    pub healthy: bool,
+    /// `healthy` | `suspect` | `removed`.
+    pub health: &'static str,
     pub active_decode_blocks: u64,
     pub active_prefill_tokens: u64,
     pub active_requests: u64,
     /// `(outcome, count)` from the rank's event subscriber.
     pub events: Vec<(&'static str, u64)>,
+    /// The subscriber's state (`joining` | `live` | `replaying` | `stopped`), if it has one.
+    pub subscriber_state: Option<&'static str>,
+}
+
+const HEALTH_STATES: [&str; 3] = ["healthy", "suspect", "removed"];
+const SUBSCRIBER_STATES: [&str; 4] = ["joining", "live", "replaying", "stopped"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    worker_id: String,
+    dp_rank: String,
+    state: &'static str,
+}
+
+/// Which listener a connection metric is about: `api` or `admin`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
 }
 
 /// Everything the scrape-time collector encodes.
@@ -120,7 +139,7 @@ impl Collector for ScrapeCollector {
             (
                 "worker_healthy",
                 "1 while the rank is in the routing set",
-                |r| r.healthy as i64,
+                |r| (r.health == "healthy") as i64,
             ),
         ];
         for (name, help, get) in gauges {
@@ -130,8 +149,43 @@ impl Collector for ScrapeCollector {
             }
         }
         let mut f = enc.encode_descriptor(
+            "worker_state",
+            "1 for the rank's health state: healthy (routed), suspect (not routed, index and bookings kept), removed (index cleared)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &snap.ranks {
+            for state in HEALTH_STATES {
+                let l = StateLabels {
+                    worker_id: r.worker_id.to_string(),
+                    dp_rank: r.dp_rank.to_string(),
+                    state,
+                };
+                ConstGauge::new((r.health == state) as i64).encode(f.encode_family(&l)?)?;
+            }
+        }
+        let mut f = enc.encode_descriptor(
+            "kv_subscriber_state",
+            "1 for the state of the rank's KV event subscriber: joining (nothing applied yet), live, replaying, stopped",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &snap.ranks {
+            let Some(current) = r.subscriber_state else {
+                continue;
+            };
+            for state in SUBSCRIBER_STATES {
+                let l = StateLabels {
+                    worker_id: r.worker_id.to_string(),
+                    dp_rank: r.dp_rank.to_string(),
+                    state,
+                };
+                ConstGauge::new((current == state) as i64).encode(f.encode_family(&l)?)?;
+            }
+        }
+        let mut f = enc.encode_descriptor(
             "kv_events",
-            "KV event subscriber counters per rank (received, applied, dropped, gaps, recovered, cleared, bad_frames, decode_errors)",
+            "KV event subscriber counters per rank: received (live messages), applied (router events to the index), batches, dropped (queue full), filtered, gaps, recovered, replayed, replay_failures, duplicates, cleared, restarts, bad_frames, oversize, decode_errors, skipped_events, unknown_fields, backpressure (waits on a full index queue), events_out",
             None,
             MetricType::Counter,
         )?;
@@ -193,6 +247,10 @@ pub struct Metrics {
     pub predicted_cached_tokens: Counter,
     pub routed_input_tokens: Counter,
     pub decisions: Family<RankLabels, Counter>,
+    pub body_errors: Counter,
+    pub open_connections: Family<ListenerLabels, Gauge>,
+    pub refused_connections: Family<ListenerLabels, Counter>,
+    pub accept_errors: Family<ListenerLabels, Counter>,
     scrape: std::sync::Arc<ScrapeCollector>,
 }
 
@@ -220,6 +278,10 @@ impl Metrics {
             predicted_cached_tokens: Counter::default(),
             routed_input_tokens: Counter::default(),
             decisions: Family::default(),
+            body_errors: Counter::default(),
+            open_connections: Family::default(),
+            refused_connections: Family::default(),
+            accept_errors: Family::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -292,6 +354,26 @@ impl Metrics {
             "router_decisions",
             "Requests routed to each rank",
             m.decisions.clone(),
+        );
+        registry.register(
+            "frontend_request_body_errors",
+            "Requests refused before parsing: body too large, broken, or not received within the body timeout",
+            m.body_errors.clone(),
+        );
+        registry.register(
+            "frontend_open_connections",
+            "Open client connections per listener (api, admin)",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "frontend_refused_connections",
+            "Connections refused with 503 because the listener's connection cap was reached",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "frontend_accept_errors",
+            "Failed accepts (e.g. out of file descriptors) per listener",
+            m.accept_errors.clone(),
         );
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }

@@ -3,11 +3,13 @@
 //! booking is a [`Booking`] guard that frees the load when dropped, so a request that ends in
 //! any way — completed, failed, client gone — releases what it booked.
 //!
-//! KV events from every worker's subscriber arrive on one channel; a dedicated thread applies
-//! them to the shared index in batches and publishes each batch to readers.
+//! KV events from every worker's subscriber, and the clears of removed workers, arrive on one
+//! bounded channel in order; a dedicated thread applies them to the shared index in batches
+//! and publishes each batch to readers. A full channel makes senders wait (subscribers count
+//! each wait as backpressure); nothing is reordered or spawned around it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -73,6 +75,16 @@ impl RouterState {
         block_size: Option<usize>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        Self::with_event_queue(config, block_size, metrics, EVENT_QUEUE)
+    }
+
+    /// [`new`](Self::new) with `capacity` events buffered for the index thread.
+    pub fn with_event_queue(
+        config: RouterConfig,
+        block_size: Option<usize>,
+        metrics: Arc<Metrics>,
+        capacity: usize,
+    ) -> Arc<Self> {
         let m = metrics.clone();
         let (writer, index) = shared_index(Some(Arc::new(move |w: WorkerWithDpRank, e: &_| {
             m.index_error(
@@ -81,7 +93,7 @@ impl RouterState {
                 kvrouter_core::index::IndexError::label(e),
             );
         })));
-        let (tx, rx) = sync_channel(EVENT_QUEUE);
+        let (tx, rx) = sync_channel(capacity.max(1));
         std::thread::Builder::new()
             .name("kv-index".into())
             .spawn(move || index_loop(writer, rx))
@@ -127,9 +139,14 @@ impl RouterState {
     }
 
     /// The block size a worker with this registration will use: its own when it gives one,
-    /// else the fleet's, else `--kv-cache-block-size`, else 16 (vLLM's default). The first
-    /// worker of an empty fleet sets the fleet's. Errors: it differs from the fleet's.
-    pub fn admit_block_size(&self, worker: Option<usize>) -> Result<usize, RegisterError> {
+    /// else the fleet's, else `--kv-cache-block-size`, else 16 (vLLM's default). The fleet's
+    /// block size is set by the first worker and stays while any worker is registered
+    /// (`fleet_empty` false), healthy or not. Errors: it differs from the fleet's.
+    pub fn admit_block_size(
+        &self,
+        worker: Option<usize>,
+        fleet_empty: bool,
+    ) -> Result<usize, RegisterError> {
         let mut s = self.sched();
         let current = s.block_size();
         let want = match worker {
@@ -137,7 +154,7 @@ impl RouterState {
             None if current > 0 => current,
             None => self.default_block_size.unwrap_or(16),
         };
-        if current == 0 || (want != current && s.workers().is_empty()) {
+        if current == 0 || (want != current && fleet_empty) {
             *s = Scheduler::new(self.config.clone(), want);
             self.block_size.store(want, Ordering::Release);
             return Ok(want);
@@ -159,8 +176,16 @@ impl RouterState {
         }
     }
 
-    /// Take a worker out of the routing set: its booked load is dropped and its index entries
-    /// cleared on every storage tier (the clear is queued behind events already received).
+    /// Take a worker out of the routing set, keeping its index entries and bookings (it is
+    /// suspect, not gone).
+    pub fn withdraw(&self, worker: WorkerId) {
+        self.sched().withdraw_worker(worker);
+    }
+
+    /// Take a worker out of the routing set for good: its booked load is dropped and its index
+    /// entries cleared on every storage tier. The clears are queued behind the events already
+    /// received, on the one ordered path to the index; this waits while that queue is full, so
+    /// call it off the async threads.
     pub fn remove_worker(&self, worker: WorkerId, dp_size: u32) {
         self.sched().remove_worker(worker);
         let tiers = [
@@ -176,18 +201,8 @@ impl RouterState {
                     KvCacheEventData::Cleared,
                 );
                 ev.storage_tier = tier;
-                self.send_event(ev);
-            }
-        }
-    }
-
-    /// Queue an event for the index writer without blocking the caller.
-    fn send_event(&self, ev: RouterEvent) {
-        match self.events.try_send(ev) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(ev)) => {
-                let tx = self.events.clone();
-                std::thread::spawn(move || tx.send(ev));
+                // Only fails when the index thread is gone (shutdown): nothing to clear then.
+                let _ = self.events.send(ev);
             }
         }
     }
@@ -199,6 +214,16 @@ impl RouterState {
             .iter()
             .map(|w| (*w, s.active().load(w.worker)))
             .collect()
+    }
+
+    /// The booked load of each of `ranks` (zero for a rank with nothing booked), under one
+    /// short lock.
+    pub fn loads(
+        &self,
+        ranks: impl IntoIterator<Item = WorkerWithDpRank>,
+    ) -> Vec<kvrouter_core::sequences::WorkerLoad> {
+        let s = self.sched();
+        ranks.into_iter().map(|r| s.active().load(r)).collect()
     }
 
     /// Choose a rank and book the request on it.
@@ -364,26 +389,74 @@ mod tests {
     fn block_size_comes_from_the_worker_then_the_flag() {
         let s = state(Some(32));
         assert_eq!(
-            s.admit_block_size(None).unwrap(),
+            s.admit_block_size(None, true).unwrap(),
             32,
             "flag for a worker without one"
         );
         assert_eq!(
-            s.admit_block_size(Some(64)).unwrap(),
+            s.admit_block_size(Some(64), true).unwrap(),
             64,
             "empty fleet adopts the worker's"
         );
         add(&s, 1);
-        assert_eq!(s.admit_block_size(None).unwrap(), 64, "then the fleet's");
+        assert_eq!(
+            s.admit_block_size(None, false).unwrap(),
+            64,
+            "then the fleet's"
+        );
         assert!(matches!(
-            s.admit_block_size(Some(16)),
+            s.admit_block_size(Some(16), false),
             Err(RegisterError::BlockSizeMismatch {
                 worker: 16,
                 router: 64
             })
         ));
         let s = state(None);
-        assert_eq!(s.admit_block_size(None).unwrap(), 16);
+        assert_eq!(s.admit_block_size(None, true).unwrap(), 16);
+    }
+
+    #[test]
+    fn a_registered_fleet_keeps_its_block_size_while_no_rank_is_routable() {
+        // Every worker suspect or removed (none in the routing set) but still registered:
+        // another block size must be refused, not adopted (it reset the fleet before).
+        let s = state(None);
+        assert_eq!(s.admit_block_size(Some(64), true).unwrap(), 64);
+        add(&s, 1);
+        s.withdraw(1);
+        assert!(s.ranks().is_empty(), "no rank routable");
+        assert!(matches!(
+            s.admit_block_size(Some(16), false),
+            Err(RegisterError::BlockSizeMismatch { .. })
+        ));
+        s.remove_worker(1, 1);
+        assert!(s.admit_block_size(Some(16), false).is_err());
+        assert_eq!(s.block_size(), 64);
+    }
+
+    #[test]
+    fn a_withdrawn_worker_keeps_its_bookings() {
+        let s = state(Some(4));
+        add(&s, 1);
+        let tokens: Vec<u32> = (0..40).collect();
+        let b = s
+            .route(&RouteInput {
+                tokens: &tokens,
+                ..Default::default()
+            })
+            .unwrap();
+        s.withdraw(1);
+        let w = WorkerWithDpRank::new(1, 0);
+        assert_eq!(s.loads([w])[0].active_requests, 1, "suspect: still booked");
+        assert!(s
+            .route(&RouteInput {
+                tokens: &tokens,
+                ..Default::default()
+            })
+            .is_err());
+        add(&s, 1);
+        assert_eq!(s.loads([w])[0].active_requests, 1, "back: booking intact");
+        drop(b);
+        assert_eq!(s.loads([w])[0].active_requests, 0);
     }
 
     #[test]
@@ -432,6 +505,92 @@ mod tests {
         wait_for([1, 1, 1]);
         s.remove_worker(1, 1);
         wait_for([0, 0, 0]);
+    }
+
+    #[test]
+    fn a_removal_waits_its_turn_on_a_full_event_queue() {
+        // The index thread is stalled (a reader parked inside the index keeps its publish
+        // from completing) and the queue is full. Removing the worker must queue its clears
+        // behind the events already sent, and a store sent after the removal must survive it.
+        // (A clear handed to a spawned thread raced the later store and could wipe it.)
+        let cfg = RouterConfig {
+            mode: RouterMode::Kv,
+            ..Default::default()
+        };
+        let s = RouterState::with_event_queue(cfg, Some(4), Arc::new(Metrics::new()), 2);
+        add(&s, 1);
+        let w = WorkerWithDpRank::new(1, 0);
+        let store = |id: u64, hash: u64| {
+            kvrouter_core::index::stored_event(
+                w,
+                id,
+                None,
+                [(
+                    kvrouter_core::hash::ExternalHash(hash),
+                    kvrouter_core::hash::LocalBlockHash(hash),
+                )],
+            )
+        };
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let reader = s.index().clone();
+        let parked = std::thread::spawn(move || {
+            reader.with(|_| {
+                entered_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            })
+        });
+        entered_rx.recv().unwrap();
+        let sink = s.event_sink();
+        let visible = |h: u64| {
+            s.index()
+                .find_matches(&[kvrouter_core::hash::LocalBlockHash(h)], false)
+                .max()
+                == 1
+        };
+        // The first publish after the reader parked still completes (left-right waits for
+        // readers of a copy at the next swap): let one through, then fill the queue.
+        sink.send(store(0, 100)).unwrap();
+        let t = Instant::now();
+        while !visible(100) {
+            assert!(t.elapsed().as_secs() < 10, "first store never applied");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut i = 1;
+        loop {
+            match sink.try_send(store(i, 100 + i)) {
+                Ok(()) => i += 1,
+                Err(std::sync::mpsc::TrySendError::Full(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(i < 1000, "the index thread is not stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let s2 = s.clone();
+        let remover = std::thread::spawn(move || s2.remove_worker(1, 1));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !remover.is_finished(),
+            "the removal must wait for room, in order"
+        );
+        release_tx.send(()).unwrap();
+        parked.join().unwrap();
+        remover.join().unwrap();
+        sink.send(store(i, 999)).unwrap();
+        let has_999 = || visible(999);
+        let t = Instant::now();
+        while !has_999() {
+            assert!(t.elapsed().as_secs() < 10, "the last store never arrived");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Anything still in flight (a late clear) has had time to land.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(has_999(), "a clear sent before this store wiped it");
+        assert_eq!(
+            s.index().current_size(),
+            1,
+            "only the store after the removal"
+        );
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! The OpenAI API surface: parsing `/v1/completions` and `/v1/chat/completions` requests into
-//! token ids plus routing hints ([`ParsedRequest`]), the worker request body, response and
-//! chunk shapes, and OpenAI-style errors ([`ApiError`]).
+//! Request parsing: a `/v1/completions` or `/v1/chat/completions` body becomes token ids plus
+//! routing hints and the fields forwarded to the worker ([`ParsedRequest`]), checked against
+//! the server's [`Limits`]. Errors are 400s that name the field, or 404 for an unknown model.
 
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use kvrouter_core::RouterConfigOverride;
 use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor};
 use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
 
 /// Which API a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,62 +23,6 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::ChatCompletions => "chat_completions",
         }
-    }
-}
-
-/// An error as OpenAI shapes it: `{"error":{"message","type","param","code"}}`.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-    /// OpenAI error type, e.g. `invalid_request_error`.
-    pub kind: &'static str,
-    pub param: Option<&'static str>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-    }
-
-    pub fn param(mut self, p: &'static str) -> Self {
-        self.param = Some(p);
-        self
-    }
-
-    /// The metric label of this error.
-    pub fn metric_type(&self) -> &'static str {
-        match self.status.as_u16() {
-            400 | 413 | 422 => "validation",
-            404 => "not_found",
-            503 => "unavailable",
-            _ => "internal",
-        }
-    }
-
-    /// The JSON body.
-    pub fn body(&self) -> Value {
-        json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.status.as_u16(),
-        }})
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
     }
 }
 
@@ -109,7 +54,9 @@ pub struct ParsedRequest {
     pub tokens: Vec<u32>,
     pub stream: bool,
     pub include_usage: bool,
-    pub max_tokens: Option<u64>,
+    /// Tokens to generate at most: the client's `max_tokens`, else what the context and
+    /// `--max-tokens-limit` leave.
+    pub max_tokens: u64,
     /// `nvext.backend_instance_id`.
     pub backend_instance_id: Option<u64>,
     /// `nvext.dp_rank`.
@@ -128,9 +75,7 @@ impl ParsedRequest {
         let mut b = self.sampling.clone();
         b.insert("model".into(), worker_model.into());
         b.insert("prompt".into(), json!(self.tokens));
-        if let Some(m) = self.max_tokens {
-            b.insert("max_tokens".into(), m.into());
-        }
+        b.insert("max_tokens".into(), self.max_tokens.into());
         b
     }
 }
@@ -138,7 +83,13 @@ impl ParsedRequest {
 /// Limits a request is checked against.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Prompt plus generated tokens, at most (`--context-length`).
     pub context_length: usize,
+    /// Generated tokens per request, at most (`--max-tokens-limit`).
+    pub max_tokens: u64,
+    /// Whether clients may steer routing (`nvext.backend_instance_id`, `nvext.dp_rank`,
+    /// `nvext.router_config_override`); off with `--no-client-routing-overrides`.
+    pub client_routing: bool,
 }
 
 /// Parse and preprocess a request body. Errors: 400 (bad JSON or fields, prompt too long),
@@ -187,9 +138,16 @@ pub fn parse_request(
         }
         _ => "max_tokens",
     };
-    let max_tokens = match obj.get(max_key) {
+    let requested = match obj.get(max_key) {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_u64() {
+            Some(n) if n > limits.max_tokens => {
+                return Err(ApiError::bad_request(format!(
+                    "`{max_key}` is {n}; this server generates at most {} tokens per request",
+                    limits.max_tokens
+                ))
+                .param("max_tokens"))
+            }
             Some(n) if n >= 1 => Some(n),
             _ => {
                 return Err(ApiError::bad_request(format!(
@@ -206,22 +164,38 @@ pub fn parse_request(
     if tokens.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
     }
-    let ctx = limits.context_length;
+    let ctx = limits.context_length as u64;
+    let prompt_len = tokens.len() as u64;
     // Saturating: a huge max_tokens must fail this check, not wrap past it.
-    let total = (tokens.len() as u64).saturating_add(max_tokens.unwrap_or(0));
-    if total > ctx as u64 {
+    let total = prompt_len.saturating_add(requested.unwrap_or(1));
+    if total > ctx {
         return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({} in the prompt, {} for the completion).",
-            tokens.len(),
-            max_tokens.unwrap_or(0)
+            "This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({prompt_len} in the prompt, {} for the completion).",
+            requested.unwrap_or(1)
         ))
         .param("prompt"));
     }
+    // Without a client bound, what the context leaves, capped: every request sent to a worker
+    // has a finite length.
+    let max_tokens = requested.unwrap_or((ctx - prompt_len).min(limits.max_tokens));
     let mut backend_instance_id = None;
     let mut dp_rank = None;
     let mut overrides = None;
     match obj.get("nvext") {
         None | Some(Value::Null) => {}
+        Some(Value::Object(nv)) if !limits.client_routing => {
+            if let Some(k) = ["backend_instance_id", "dp_rank", "router_config_override"]
+                .into_iter()
+                .find(|k| nv.get(*k).is_some_and(|v| !v.is_null()))
+            {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    format!("`nvext.{k}` is not allowed: this server does not let clients steer routing"),
+                )
+                .param("nvext"));
+            }
+        }
         Some(Value::Object(nv)) => {
             backend_instance_id = match nv.get("backend_instance_id") {
                 None | Some(Value::Null) => None,
@@ -366,95 +340,4 @@ fn chat_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec<u32>,
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
     pre.encode(&text)
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))
-}
-
-/// The usage object returned to clients: the worker's, completed with what the frontend
-/// knows when the worker sent none.
-pub fn usage(worker: Option<&Value>, prompt_tokens: usize, completion_tokens: usize) -> Value {
-    let get = |k: &str| worker.and_then(|u| u.get(k)).and_then(Value::as_u64);
-    let p = get("prompt_tokens").unwrap_or(prompt_tokens as u64);
-    let c = get("completion_tokens").unwrap_or(completion_tokens as u64);
-    let cached = worker
-        .and_then(|u| u.pointer("/prompt_tokens_details/cached_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    json!({
-        "prompt_tokens": p,
-        "completion_tokens": c,
-        "total_tokens": p + c,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    })
-}
-
-/// Response ids and shapes for one request.
-pub struct Shape {
-    pub endpoint: Endpoint,
-    pub id: String,
-    pub created: u64,
-    pub model: String,
-}
-
-impl Shape {
-    pub fn new(endpoint: Endpoint, model: &str, n: u64) -> Self {
-        let prefix = match endpoint {
-            Endpoint::Completions => "cmpl",
-            Endpoint::ChatCompletions => "chatcmpl",
-        };
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        Self {
-            endpoint,
-            id: format!("{prefix}-{n:016x}"),
-            created,
-            model: model.to_string(),
-        }
-    }
-
-    /// A streamed content chunk (`role` on the first chat chunk).
-    pub fn chunk(&self, text: &str, finish: Option<&str>, role: bool) -> Value {
-        match self.endpoint {
-            Endpoint::Completions => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-            }),
-            Endpoint::ChatCompletions => {
-                let delta = if role {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
-                };
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-                })
-            }
-        }
-    }
-
-    /// The final usage chunk of a stream (`choices: []`).
-    pub fn usage_chunk(&self, usage: Value) -> Value {
-        let object = match self.endpoint {
-            Endpoint::Completions => "text_completion",
-            Endpoint::ChatCompletions => "chat.completion.chunk",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage})
-    }
-
-    /// A whole (non-streamed) response.
-    pub fn response(&self, text: &str, finish: Option<&str>, usage: Value) -> Value {
-        match self.endpoint {
-            Endpoint::Completions => json!({
-                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
-            }),
-            Endpoint::ChatCompletions => json!({
-                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
-            }),
-        }
-    }
 }

@@ -11,6 +11,8 @@ use bytes::{Buf, BytesMut};
 use futures::{Stream, StreamExt};
 use serde_json::{Map, Value};
 
+use crate::error::error_chain;
+
 /// One parsed event of a worker's completion stream.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct WorkerChunk {
@@ -47,13 +49,28 @@ pub enum WorkerError {
         status: u16,
         message: String,
     },
-    /// The stream broke or carried garbage after it started.
+    /// The connection broke or ended early after the stream started.
     #[error("worker {url} failed mid-stream: {message}")]
     Stream { url: String, message: String },
+    /// An event of the stream was malformed (not UTF-8, bad JSON, too large): this request
+    /// fails, the worker stays in the routing set.
+    #[error("worker {url} sent a malformed event: {message}")]
+    Protocol { url: String, message: String },
 }
 
 impl WorkerError {
-    /// Whether the worker should leave the routing set until its health check passes.
+    /// What went wrong, without the worker's address (for clients).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkerError::Unreachable { .. } => "unreachable",
+            WorkerError::Timeout { .. } => "no answer in time",
+            WorkerError::Status { .. } => "error status",
+            WorkerError::Stream { .. } => "connection broke mid-stream",
+            WorkerError::Protocol { .. } => "malformed event",
+        }
+    }
+
+    /// Whether the worker should take no new requests until its health check passes.
     pub fn worker_gone(&self) -> bool {
         matches!(
             self,
@@ -143,17 +160,6 @@ impl WorkerClient {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
-
 /// Split an SSE byte stream into events and parse each `data:` payload. Ends after
 /// `data: [DONE]`; a stream that ends without it after no finish is an error.
 fn sse_chunks<S>(
@@ -201,7 +207,7 @@ where
                     }
                     Event::Garbage(message) => {
                         st.done = true;
-                        let e = WorkerError::Stream {
+                        let e = WorkerError::Protocol {
                             url: st.url.clone(),
                             message,
                         };
@@ -213,7 +219,7 @@ where
                 Some(Ok(b)) => {
                     if st.buf.len() + b.len() > 16 << 20 {
                         st.done = true;
-                        let e = WorkerError::Stream {
+                        let e = WorkerError::Protocol {
                             url: st.url.clone(),
                             message: "event larger than 16 MiB".into(),
                         };
@@ -353,7 +359,14 @@ mod tests {
         let out: Vec<_> = sse_chunks("u".into(), futures::stream::iter(parts))
             .collect()
             .await;
-        assert!(matches!(out.as_slice(), [Err(WorkerError::Stream { .. })]));
+        assert!(matches!(
+            out.as_slice(),
+            [Err(WorkerError::Protocol { .. })]
+        ));
+        assert!(
+            !out[0].as_ref().unwrap_err().worker_gone(),
+            "one bad event does not fail the worker"
+        );
         let parts: Vec<reqwest::Result<bytes::Bytes>> =
             vec![Ok("data: {\"error\":{\"message\":\"boom\"}}\n\n".into())];
         let out: Vec<_> = sse_chunks("u".into(), futures::stream::iter(parts))

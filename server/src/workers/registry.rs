@@ -1,130 +1,60 @@
-//! Workers: how they are described ([`WorkerSpec`]: flags, workers file, admin API), and the
-//! live set ([`Registry`]) with each worker's health and KV event subscribers.
+//! The registered workers ([`Registry`]) and each one's health and KV event subscribers
+//! ([`Worker`]).
 //!
-//! A worker joins the routing set when registered, leaves it when its health check or a
-//! request to it fails (its index entries are cleared and its booked load dropped), and comes
-//! back when `GET {url}/health` answers 200 again.
+//! Health has three states, so that a stall does not make the router forget what a worker
+//! caches:
+//!
+//! * **healthy** — in the routing set;
+//! * **suspect** — a health check or a connection to it failed: no new requests, but its index
+//!   entries and the bookings of its in-flight requests are kept; one passing check makes it
+//!   healthy again with everything intact;
+//! * **removed** — still failing after the configured number of checks or time: its index
+//!   entries are cleared and its bookings dropped (the engine may have lost its cache); it is
+//!   re-admitted when healthy, and its KV events rebuild the index.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use kvrouter_core::event::{WorkerId, WorkerWithDpRank};
-use kvrouter_core::DeviceType;
-use kvrouter_wire::subscriber::{dp_endpoint, KvEventSubscriber, SubscriberStats};
-use serde::{Deserialize, Serialize};
+use kvrouter_wire::subscriber::{KvEventSubscriber, SubscriberStats};
 
-/// One worker as registered. Every field but `url` is optional; unknown fields are ignored,
-/// so the JSON lines `kvrouter mocker` prints are valid specs.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct WorkerSpec {
-    /// Stable id (routing unit is `(id, dp_rank)`); assigned when absent.
-    #[serde(default)]
-    pub id: Option<WorkerId>,
-    /// Base URL of its OpenAI-compatible server, e.g. `http://127.0.0.1:8100`.
-    pub url: String,
-    /// Model name the worker serves (sent in the `model` field); default: ours.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    /// ZMQ PUB endpoint of its KV events (rank 0; rank r per vLLM's `port + r` rule).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kv_events_endpoint: Option<String>,
-    /// ZMQ ROUTER endpoint for replaying missed event batches.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replay_endpoint: Option<String>,
-    /// ZMQ topic of its events (vLLM default: empty).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kv_events_topic: Option<String>,
-    /// Tokens per KV block; must agree across the fleet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub block_size: Option<usize>,
-    /// Data-parallel ranks behind this URL (requests carry `X-data-parallel-rank`).
-    #[serde(default = "one")]
-    pub dp_size: u32,
-    /// `cpu` or `gpu` (device-aware-weighted mode).
-    #[serde(default)]
-    pub device: DeviceType,
-    /// KV cache capacity per rank, blocks (busy threshold on decode blocks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total_kv_blocks: Option<u64>,
-    /// Tokens per engine step (busy threshold as a fraction).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_num_batched_tokens: Option<u64>,
+use super::spec::WorkerSpec;
+
+/// Where a worker stands (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Suspect,
+    Removed,
 }
 
-fn one() -> u32 {
-    1
+impl Health {
+    /// `healthy` | `suspect` | `removed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Suspect => "suspect",
+            Health::Removed => "removed",
+        }
+    }
 }
 
-impl WorkerSpec {
-    /// A worker known by URL only.
-    pub fn from_url(url: &str) -> Self {
-        Self {
-            url: url.trim_end_matches('/').to_string(),
-            dp_size: 1,
-            ..Default::default()
-        }
-    }
-
-    /// Parse a JSON array of specs or JSON lines (blank lines and `#` comments skipped).
-    /// Errors: the first malformed entry, with its line number.
-    pub fn parse_list(text: &str) -> Result<Vec<Self>, String> {
-        let t = text.trim_start();
-        if t.starts_with('[') {
-            return serde_json::from_str(t).map_err(|e| e.to_string());
-        }
-        let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            out.push(serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?);
-        }
-        Ok(out)
-    }
-
-    /// Check fields a router cannot work with. Errors: a message for the client.
-    pub fn validate(&self) -> Result<(), String> {
-        let u = &self.url;
-        if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 8 {
-            return Err(format!("worker url must be http(s)://host:port, got {u:?}"));
-        }
-        if self.dp_size == 0 || self.dp_size > 1024 {
-            return Err(format!("dp_size must be 1..=1024, got {}", self.dp_size));
-        }
-        if self.block_size == Some(0) {
-            return Err("block_size must be > 0".into());
-        }
-        if let Some(e) = &self.kv_events_endpoint {
-            if !e.contains("://") {
-                return Err(format!(
-                    "kv_events_endpoint must be a ZMQ endpoint like tcp://host:port, got {e:?}"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Its ranks.
-    pub fn ranks(&self) -> impl Iterator<Item = WorkerWithDpRank> + '_ {
-        let id = self.id.unwrap_or(0);
-        (0..self.dp_size).map(move |r| WorkerWithDpRank::new(id, r))
-    }
-
-    /// The KV event endpoint of one rank.
-    pub fn rank_endpoint(&self, rank: u32) -> Option<String> {
-        self.kv_events_endpoint
-            .as_deref()
-            .map(|e| dp_endpoint(e, rank))
-    }
+/// A worker's health with the failures that led there.
+#[derive(Clone, Copy, Debug)]
+pub struct HealthState {
+    pub health: Health,
+    /// Consecutive failed checks (0 when healthy).
+    pub failures: u32,
+    /// When the current state began.
+    pub since: Instant,
 }
 
 /// A registered worker.
 pub struct Worker {
-    /// Its description, with `id` set.
+    /// Its description, with `id` and `block_size` set.
     pub spec: WorkerSpec,
-    healthy: AtomicBool,
+    health: Mutex<HealthState>,
     subscribers: Mutex<Vec<KvEventSubscriber>>,
 }
 
@@ -133,14 +63,25 @@ impl Worker {
         self.spec.id.unwrap_or(0)
     }
 
-    /// Whether it is in the routing set.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+    /// Its health now.
+    pub fn health(&self) -> HealthState {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Set health; returns the previous value.
-    pub fn set_healthy(&self, h: bool) -> bool {
-        self.healthy.swap(h, Ordering::AcqRel)
+    /// Whether it takes new requests.
+    pub fn is_healthy(&self) -> bool {
+        self.health().health == Health::Healthy
+    }
+
+    /// Apply `f` to its health under the lock; returns `(before, after)`.
+    pub fn update_health(&self, f: impl FnOnce(&mut HealthState)) -> (HealthState, HealthState) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let before = *h;
+        f(&mut h);
+        if h.health != before.health {
+            h.since = Instant::now();
+        }
+        (before, *h)
     }
 
     /// Attach the running event subscribers of its ranks.
@@ -148,7 +89,7 @@ impl Worker {
         *self.subscribers.lock().unwrap_or_else(|e| e.into_inner()) = subs;
     }
 
-    /// Per rank: the subscriber's counters (empty without KV events).
+    /// Per rank: the subscriber's counters and state (empty without KV events).
     pub fn event_stats(&self) -> Vec<(WorkerWithDpRank, SubscriberStats)> {
         let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         self.spec
@@ -174,9 +115,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Add a worker (healthy). Errors: its id is taken.
+    /// Add a worker (healthy). Errors: its id or URL is taken.
     pub fn insert(&self, mut spec: WorkerSpec) -> Result<Arc<Worker>, String> {
         let mut map = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = map.values().find(|w| w.spec.url == spec.url) {
+            return Err(format!("worker {} already serves {}", w.id(), spec.url));
+        }
         let id = match spec.id {
             Some(id) => {
                 if map.contains_key(&id) {
@@ -195,13 +139,14 @@ impl Registry {
                 *n - 1
             }
         };
-        if let Some(w) = map.values().find(|w| w.spec.url == spec.url) {
-            return Err(format!("worker {} already serves {}", w.id(), spec.url));
-        }
         spec.id = Some(id);
         let w = Arc::new(Worker {
             spec,
-            healthy: AtomicBool::new(true),
+            health: Mutex::new(HealthState {
+                health: Health::Healthy,
+                failures: 0,
+                since: Instant::now(),
+            }),
             subscribers: Mutex::new(Vec::new()),
         });
         map.insert(id, w.clone());
@@ -222,6 +167,14 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .cloned()
+    }
+
+    /// Whether no worker is registered.
+    pub fn is_empty(&self) -> bool {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// All workers, by id.

@@ -61,7 +61,7 @@ pub async fn complete(c: &reqwest::Client, url: &str, body: Value) -> (u16, Opti
 
 pub fn worker_of(r: &reqwest::Response) -> Option<u64> {
     r.headers()
-        .get(kvrouter_server::http::WORKER_HEADER)
+        .get(kvrouter_server::frontend::WORKER_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }
@@ -84,10 +84,13 @@ pub async fn eventually(secs: f64, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Whether every rank in the routing set has no booked load.
+/// Whether every registered rank, routable or not, has no booked load.
 pub fn all_idle(s: &EmbeddedStack) -> bool {
-    s.frontend.fleet.router.ranks().iter().all(|(_, l)| {
-        l.active_requests == 0 && l.active_decode_blocks == 0 && l.active_prefill_tokens == 0
+    let fleet = &s.frontend.fleet;
+    fleet.registry.all().iter().all(|w| {
+        fleet.router.loads(w.spec.ranks()).iter().all(|l| {
+            l.active_requests == 0 && l.active_decode_blocks == 0 && l.active_prefill_tokens == 0
+        })
     })
 }
 

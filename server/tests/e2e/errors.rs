@@ -185,6 +185,22 @@ async fn worker_dying_mid_stream_gives_an_error_event_and_frees_the_load() {
     let r = start_stream(&c, &url, completion_body(&prompt(6, 256), 2000)).await;
     assert_eq!(r.status(), 200);
     let victim = worker_of(&r).expect("worker header");
+    let request_id = r
+        .headers()
+        .get(kvrouter_server::frontend::REQUEST_ID_HEADER)
+        .expect("x-request-id header")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let worker_url = s
+        .frontend
+        .fleet
+        .registry
+        .get(victim)
+        .unwrap()
+        .spec
+        .url
+        .clone();
     let mut stream = r.bytes_stream();
     let first = stream.next().await.expect("a chunk").expect("bytes");
     assert!(String::from_utf8_lossy(&first).starts_with("data: {"));
@@ -203,9 +219,18 @@ async fn worker_dying_mid_stream_gives_an_error_event_and_frees_the_load() {
     assert!(read.is_ok(), "client hung after the worker died");
     let text = String::from_utf8_lossy(&rest);
     let events = sse_events(&text);
+    let error = events
+        .iter()
+        .find(|e| e.contains("\"error\""))
+        .unwrap_or_else(|| panic!("no error event in {text:?}"));
+    let port = worker_url.rsplit(':').next().unwrap();
     assert!(
-        events.iter().any(|e| e.contains("\"error\"")),
-        "no error event in {text:?}"
+        !error.contains(&worker_url) && !error.contains(port),
+        "the client sees the worker's address: {error}"
+    );
+    assert!(
+        error.contains(&request_id),
+        "the client gets the request id: {error}"
     );
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     assert!(eventually(5.0, || all_idle(&s)).await, "load left booked");
@@ -216,4 +241,53 @@ async fn worker_dying_mid_stream_gives_an_error_event_and_frees_the_load() {
     assert_eq!(st, 200, "{v}");
     assert_ne!(w, Some(victim));
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_malformed_event_fails_the_request_not_the_worker() {
+    // A worker whose completion stream carries one bad event: that request fails with an
+    // error event, the worker stays healthy and keeps serving (it used to be marked failed,
+    // its index cleared).
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/v1/completions",
+            post(|| async {
+                (
+                    [("content-type", "text/event-stream")],
+                    "data: {\"choices\":[{\"text\":\"a\",\"token_ids\":[5]}]}\n\ndata: {not json\n\n",
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let waddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let cfg = FrontendConfig {
+        router_mode: RouterMode::RoundRobin,
+        health_interval_ms: 50,
+        kv_cache_block_size: Some(16),
+        no_admin: true,
+        ..FrontendConfig::default()
+    };
+    let f = Frontend::start(
+        cfg,
+        vec![kvrouter_server::WorkerSpec::from_url(&format!(
+            "http://{waddr}"
+        ))],
+    )
+    .await
+    .unwrap();
+    let c = client();
+    for _ in 0..2 {
+        let r = start_stream(&c, &f.url(), completion_body(&prompt(1, 20), 4)).await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("malformed event"), "{text}");
+        let w = f.fleet.registry.all();
+        assert!(w[0].is_healthy(), "one bad event made the worker unhealthy");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(f.fleet.registry.all()[0].is_healthy());
+    f.stop().await;
 }

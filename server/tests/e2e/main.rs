@@ -5,4 +5,5 @@ mod api;
 mod common;
 mod errors;
 mod lifecycle;
+mod limits;
 mod routing;

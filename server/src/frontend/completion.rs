@@ -1,0 +1,172 @@
+//! `POST /v1/completions` and `/v1/chat/completions`: read the body (bounded in size and
+//! time), parse and tokenize it, route and book it, start it on the chosen worker, and hand
+//! the worker's stream to a [`Flow`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::request::{parse_request, Endpoint, ParsedRequest};
+use super::response::Shape;
+use super::stream::{ChunkStream, Flow, Tracker};
+use super::{AppState, DP_RANK_HEADER, REQUEST_ID_HEADER, WORKER_HEADER};
+use crate::error::{route_error, worker_error, ApiError};
+use crate::routing::{Booking, RouteInput};
+
+/// Attempts per request when the chosen worker turns out unreachable before streaming.
+const MAX_ATTEMPTS: usize = 3;
+
+pub async fn completions(State(s): State<Arc<AppState>>, body: Body) -> Response {
+    serve(s, Endpoint::Completions, body).await
+}
+
+pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Body) -> Response {
+    serve(s, Endpoint::ChatCompletions, body).await
+}
+
+/// The body, or 413 (too large), 408 (not received within the body timeout), 400 (broken).
+async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    match tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, s.max_body_bytes)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
+            Err(if too_big {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    format!("request body exceeds {} bytes", s.max_body_bytes),
+                )
+            } else {
+                ApiError::bad_request(format!("reading the request body: {e}"))
+            })
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} s",
+                s.body_timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
+    let bytes = match read_body(&s, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            s.metrics.body_errors.inc();
+            return e.into_response();
+        }
+    };
+    let mut tracker = Tracker::new(s.metrics.clone(), &s.model_name, endpoint);
+    let shape = Shape::new(
+        endpoint,
+        &s.model_name,
+        s.next_id.fetch_add(1, Ordering::Relaxed),
+    );
+    let request_id = HeaderValue::from_str(&shape.id).ok();
+    let t = std::time::Instant::now();
+    let parsed = parse_request(endpoint, &bytes, &s.model_name, &s.pre, s.limits);
+    s.metrics.tokenize.observe(t.elapsed().as_secs_f64());
+    let mut resp = match parsed {
+        Err(e) => {
+            tracker.fail(&e);
+            e.into_response()
+        }
+        Ok(req) => match dispatch(&s, &req, &shape.id).await {
+            Err(e) => {
+                tracker.fail(&e);
+                e.into_response()
+            }
+            Ok((booking, chunks)) => {
+                let rank = booking.worker();
+                let flow = Flow::new(
+                    s.clone(),
+                    shape,
+                    req.include_usage,
+                    req.tokens.len(),
+                    booking,
+                    tracker,
+                    chunks,
+                );
+                let mut resp = if req.stream {
+                    let body = Body::from_stream(flow.into_sse());
+                    Response::builder()
+                        .header(header::CONTENT_TYPE, "text/event-stream")
+                        .header(header::CACHE_CONTROL, "no-cache")
+                        .body(body)
+                        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+                } else {
+                    flow.collect().await
+                };
+                // Which rank served it: for operators and tests (not part of the OpenAI API).
+                let h = resp.headers_mut();
+                h.insert(WORKER_HEADER, HeaderValue::from(rank.worker_id));
+                h.insert(DP_RANK_HEADER, HeaderValue::from(rank.dp_rank));
+                resp
+            }
+        },
+    };
+    if let Some(id) = request_id {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    resp
+}
+
+/// Route the request and start it on the chosen worker; a worker found unreachable becomes
+/// suspect (no new requests) and the request is routed again.
+async fn dispatch(
+    s: &Arc<AppState>,
+    req: &ParsedRequest,
+    request_id: &str,
+) -> Result<(Booking, ChunkStream), ApiError> {
+    let mut tried = 0;
+    for _ in 0..MAX_ATTEMPTS {
+        let booking = s
+            .fleet
+            .router
+            .route(&RouteInput {
+                tokens: &req.tokens,
+                pinned_worker: req.backend_instance_id,
+                dp_rank: req.dp_rank,
+                overrides: req.overrides.clone(),
+                lora_name: None,
+                cache_salt: req.cache_salt.as_deref(),
+            })
+            .map_err(route_error)?;
+        let rank = booking.worker();
+        let Some(worker) = s.fleet.registry.get(rank.worker_id) else {
+            // Deregistered between routing and here.
+            continue;
+        };
+        let model = worker.spec.model.as_deref().unwrap_or(&s.model_name);
+        match s
+            .client
+            .generate(&worker.spec.url, rank.dp_rank, req.worker_body(model))
+            .await
+        {
+            Ok(stream) => return Ok((booking, Box::pin(stream))),
+            Err(e) if e.worker_gone() => {
+                tracing::warn!(
+                    request_id,
+                    worker_id = rank.worker_id,
+                    "worker unreachable, routing again: {e}"
+                );
+                s.fleet.suspect(rank.worker_id, &e.to_string());
+                tried += 1;
+            }
+            Err(e) => return Err(worker_error(&e, request_id, rank.worker_id)),
+        }
+    }
+    Err(ApiError::unavailable(if tried > 0 {
+        format!("no worker could take the request: {tried} unreachable (request {request_id})")
+    } else {
+        "no healthy worker is available".to_string()
+    }))
+}

@@ -1,0 +1,199 @@
+//! How a worker is described ([`WorkerSpec`]): by `--worker`, a workers file, or the admin
+//! API; and what a description must satisfy before anything is started for it.
+
+use kvrouter_core::event::{WorkerId, WorkerWithDpRank};
+use kvrouter_core::DeviceType;
+use kvrouter_wire::subscriber::dp_endpoint;
+use serde::{Deserialize, Serialize};
+
+/// Most data-parallel ranks one registration may declare. Each rank runs a KV event
+/// subscriber (two threads), so the bound keeps one hostile or mistyped registration from
+/// starting thousands of threads.
+pub const MAX_DP_SIZE: u32 = 256;
+/// Largest block size accepted, tokens (engines use 1–256).
+pub const MAX_BLOCK_SIZE: usize = 4096;
+/// Longest model name or event topic accepted, bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// One worker as registered. Every field but `url` is optional; unknown fields are ignored,
+/// so the JSON lines `kvrouter mocker` prints are valid specs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// Stable id (routing unit is `(id, dp_rank)`); assigned when absent.
+    #[serde(default)]
+    pub id: Option<WorkerId>,
+    /// Base URL of its OpenAI-compatible server, e.g. `http://127.0.0.1:8100`.
+    pub url: String,
+    /// Model name the worker serves (sent in the `model` field); default: ours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// ZMQ PUB endpoint of its KV events (rank 0; rank r per vLLM's `port + r` rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_events_endpoint: Option<String>,
+    /// ZMQ ROUTER endpoint for replaying missed event batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_endpoint: Option<String>,
+    /// ZMQ topic of its events (vLLM default: empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_events_topic: Option<String>,
+    /// Tokens per KV block; must agree across the fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+    /// Data-parallel ranks behind this URL (requests carry `X-data-parallel-rank`).
+    #[serde(default = "one")]
+    pub dp_size: u32,
+    /// `cpu` or `gpu` (device-aware-weighted mode).
+    #[serde(default)]
+    pub device: DeviceType,
+    /// KV cache capacity per rank, blocks (busy threshold on decode blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_kv_blocks: Option<u64>,
+    /// Tokens per engine step (busy threshold as a fraction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_num_batched_tokens: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl WorkerSpec {
+    /// A worker known by URL only.
+    pub fn from_url(url: &str) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_string(),
+            dp_size: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Parse a JSON array of specs or JSON lines (blank lines and `#` comments skipped).
+    /// Errors: the first malformed entry, with its line number.
+    pub fn parse_list(text: &str) -> Result<Vec<Self>, String> {
+        let t = text.trim_start();
+        if t.starts_with('[') {
+            return serde_json::from_str(t).map_err(|e| e.to_string());
+        }
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            out.push(serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?);
+        }
+        Ok(out)
+    }
+
+    /// Check every field before anything is started for the worker. Errors: a message for
+    /// the client naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_url(&self.url)?;
+        if self.dp_size == 0 || self.dp_size > MAX_DP_SIZE {
+            return Err(format!(
+                "dp_size must be 1..={MAX_DP_SIZE}, got {} (each rank costs two event threads)",
+                self.dp_size
+            ));
+        }
+        if let Some(b) = self.block_size {
+            if b == 0 || b > MAX_BLOCK_SIZE {
+                return Err(format!("block_size must be 1..={MAX_BLOCK_SIZE}, got {b}"));
+            }
+        }
+        for (k, v) in [
+            ("total_kv_blocks", self.total_kv_blocks),
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
+        ] {
+            if v == Some(0) {
+                return Err(format!("{k} must be > 0"));
+            }
+        }
+        for (k, v) in [
+            ("kv_events_endpoint", &self.kv_events_endpoint),
+            ("replay_endpoint", &self.replay_endpoint),
+        ] {
+            if let Some(e) = v {
+                validate_zmq_endpoint(k, e, self.dp_size)?;
+            }
+        }
+        if self.replay_endpoint.is_some() && self.kv_events_endpoint.is_none() {
+            return Err("replay_endpoint needs a kv_events_endpoint".into());
+        }
+        for (k, v) in [
+            ("kv_events_topic", &self.kv_events_topic),
+            ("model", &self.model),
+        ] {
+            if v.as_ref().is_some_and(|t| t.len() > MAX_NAME_LEN) {
+                return Err(format!("{k} is longer than {MAX_NAME_LEN} bytes"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Its ranks.
+    pub fn ranks(&self) -> impl Iterator<Item = WorkerWithDpRank> + '_ {
+        let id = self.id.unwrap_or(0);
+        (0..self.dp_size).map(move |r| WorkerWithDpRank::new(id, r))
+    }
+
+    /// The KV event endpoint of one rank.
+    pub fn rank_endpoint(&self, rank: u32) -> Option<String> {
+        self.kv_events_endpoint
+            .as_deref()
+            .map(|e| dp_endpoint(e, rank))
+    }
+}
+
+/// A worker URL must be `http(s)://host[:port]` with no credentials, query or path.
+fn validate_url(u: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "worker url must be http(s)://host:port ({why}), got {u:?}"
+        ))
+    };
+    let Ok(p) = reqwest::Url::parse(u) else {
+        return bad("not a URL");
+    };
+    if !matches!(p.scheme(), "http" | "https") {
+        return bad("scheme");
+    }
+    if p.host_str().is_none_or(str::is_empty) {
+        return bad("no host");
+    }
+    if !p.username().is_empty() || p.password().is_some() {
+        return bad("credentials");
+    }
+    if p.query().is_some() || p.fragment().is_some() || !matches!(p.path(), "" | "/") {
+        return bad("path, query or fragment");
+    }
+    Ok(())
+}
+
+/// A KV event endpoint the router can connect to: `tcp://host:port` (with room for
+/// `dp_size` consecutive ports) or `ipc://path`.
+fn validate_zmq_endpoint(field: &str, e: &str, dp_size: u32) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{field} must be tcp://host:port or ipc://path ({why}), got {e:?}"
+        ))
+    };
+    if let Some(rest) = e.strip_prefix("tcp://") {
+        let Some((host, port)) = rest.rsplit_once(':') else {
+            return bad("no port");
+        };
+        if host.is_empty() || host == "*" {
+            return bad("a host to connect to is needed");
+        }
+        match port.parse::<u32>() {
+            Ok(p) if p > 0 && p + dp_size - 1 <= 65_535 => Ok(()),
+            _ => bad("port, plus one per dp rank, must be 1..=65535"),
+        }
+    } else if let Some(path) = e.strip_prefix("ipc://") {
+        if path.is_empty() {
+            return bad("empty path");
+        }
+        Ok(())
+    } else {
+        bad("transport")
+    }
+}
