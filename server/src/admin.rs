@@ -4,13 +4,14 @@
 //! * `GET /v1/workers` — every worker with its spec, health state (`healthy` | `suspect` |
 //!   `removed`, consecutive failures, seconds in it) and per rank its booked load and its KV
 //!   event subscriber (state and every counter);
-//! * `POST /v1/workers` — register one (a [`WorkerSpec`] JSON object) → 201 with the spec
-//!   (id and block size filled in); 400 for an invalid or conflicting spec;
+//! * `POST /v1/workers` — register one (a [`WorkerSpec`] JSON object, at most 64 KiB) → 201
+//!   with the spec (id and block size filled in); 400 for an invalid or conflicting spec, 413
+//!   for a body over the limit;
 //! * `DELETE /v1/workers/{id}` — deregister → 200 with the spec, 404 if unknown.
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -109,7 +110,21 @@ async fn list(State(a): State<Arc<Admin>>) -> Response {
     axum::Json(json!({ "workers": workers })).into_response()
 }
 
-async fn register(State(a): State<Arc<Admin>>, body: Bytes) -> Response {
+/// Largest registration body accepted, bytes (a worker spec is a few hundred).
+const MAX_SPEC_BYTES: usize = 64 * 1024;
+
+async fn register(State(a): State<Arc<Admin>>, body: Body) -> Response {
+    let body = match axum::body::to_bytes(body, MAX_SPEC_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("a worker spec is at most {MAX_SPEC_BYTES} bytes"),
+            )
+            .into_response()
+        }
+    };
     let spec: WorkerSpec = match serde_json::from_slice(&body) {
         Ok(s) => s,
         Err(e) => {
