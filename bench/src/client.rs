@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use kvrouter_server::error::error_chain;
+use kvrouter_server::sse::SseDecoder;
+
+/// Largest server-sent event accepted from the target, bytes.
+const MAX_EVENT_BYTES: usize = 16 << 20;
 
 /// Which OpenAI API the benchmark drives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,15 +195,14 @@ async fn exchange(
         return Err(format!("HTTP {}: {}", status.as_u16(), short.trim()));
     }
     let mut stream = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut sse = SseDecoder::new(MAX_EVENT_BYTES);
     let mut last_token: Option<Instant> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| format!("reading the stream: {}", error_chain(&e)))?;
         let now = Instant::now();
-        buf.extend(chunk.iter().filter(|&&b| b != b'\r'));
-        while let Some(end) = find_event_end(&buf) {
-            let event: Vec<u8> = buf.drain(..end + 2).collect();
-            match parse_event(&event[..end])? {
+        sse.push(&chunk);
+        while let Some(data) = sse.next_event().map_err(|e| e.to_string())? {
+            match parse_event(&data)? {
                 Event::Done => return Ok(()),
                 Event::Other => {}
                 Event::Data { token, usage } => {
@@ -221,10 +224,6 @@ async fn exchange(
     Err("stream ended without [DONE]".into())
 }
 
-fn find_event_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\n\n")
-}
-
 #[derive(Debug, PartialEq)]
 enum Event {
     Done,
@@ -232,19 +231,10 @@ enum Event {
     Data { token: bool, usage: Option<Usage> },
 }
 
-/// One SSE event (without its blank line): the `data:` lines joined.
+/// One SSE event's data (its `data:` lines joined, as [`SseDecoder`] returns it).
 fn parse_event(raw: &[u8]) -> Result<Event, String> {
     let text = String::from_utf8_lossy(raw);
-    let mut data = String::new();
-    for line in text.lines() {
-        if let Some(d) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(d.strip_prefix(' ').unwrap_or(d));
-        }
-    }
-    let data = data.trim();
+    let data = text.trim();
     if data.is_empty() {
         return Ok(Event::Other);
     }
@@ -295,7 +285,7 @@ mod tests {
 
     #[test]
     fn events_are_classified() {
-        let tok = br#"data: {"choices":[{"index":0,"text":"","token_ids":[5]}]}"#;
+        let tok = br#"{"choices":[{"index":0,"text":"","token_ids":[5]}]}"#;
         assert_eq!(
             parse_event(tok).unwrap(),
             Event::Data {
@@ -303,7 +293,7 @@ mod tests {
                 usage: None
             }
         );
-        let role = br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
+        let role = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
         assert_eq!(
             parse_event(role).unwrap(),
             Event::Data {
@@ -311,7 +301,7 @@ mod tests {
                 usage: None
             }
         );
-        let usage = br#"data: {"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#;
+        let usage = br#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#;
         assert_eq!(
             parse_event(usage).unwrap(),
             Event::Data {
@@ -323,7 +313,7 @@ mod tests {
                 })
             }
         );
-        let null_usage = br#"data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}"#;
+        let null_usage = br#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#;
         assert_eq!(
             parse_event(null_usage).unwrap(),
             Event::Data {
@@ -331,9 +321,9 @@ mod tests {
                 usage: None
             }
         );
-        assert_eq!(parse_event(b"data: [DONE]").unwrap(), Event::Done);
-        assert_eq!(parse_event(b": keep-alive").unwrap(), Event::Other);
-        let err = parse_event(br#"data: {"error":{"message":"boom"}}"#).unwrap_err();
+        assert_eq!(parse_event(b"[DONE]").unwrap(), Event::Done);
+        assert_eq!(parse_event(b"").unwrap(), Event::Other);
+        let err = parse_event(br#"{"error":{"message":"boom"}}"#).unwrap_err();
         assert!(err.contains("boom"), "{err}");
     }
 

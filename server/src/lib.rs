@@ -18,6 +18,7 @@ pub mod frontend;
 pub mod listener;
 pub mod metrics;
 pub mod routing;
+pub mod sse;
 #[cfg(feature = "embedded")]
 pub mod up;
 pub mod workers;

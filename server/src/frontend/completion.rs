@@ -12,10 +12,11 @@ use axum::response::{IntoResponse, Response};
 
 use super::request::{parse_request, Endpoint, ParsedRequest};
 use super::response::Shape;
-use super::stream::{ChunkStream, Flow, Tracker};
+use super::stream::{Flow, Tracker};
 use super::{AppState, DP_RANK_HEADER, REQUEST_ID_HEADER, WORKER_HEADER};
 use crate::error::{route_error, worker_error, ApiError};
 use crate::routing::{Booking, RouteInput};
+use crate::workers::client::WorkerStream;
 
 /// Attempts per request when the chosen worker turns out unreachable before streaming.
 const MAX_ATTEMPTS: usize = 3;
@@ -125,7 +126,7 @@ async fn dispatch(
     s: &Arc<AppState>,
     req: &ParsedRequest,
     request_id: &str,
-) -> Result<(Booking, ChunkStream), ApiError> {
+) -> Result<(Booking, WorkerStream), ApiError> {
     let mut tried = 0;
     for _ in 0..MAX_ATTEMPTS {
         let booking = s
@@ -151,7 +152,7 @@ async fn dispatch(
             .generate(&worker.spec.url, rank.dp_rank, req.worker_body(model))
             .await
         {
-            Ok(stream) => return Ok((booking, Box::pin(stream))),
+            Ok(stream) => return Ok((booking, stream)),
             Err(e) if e.worker_gone() => {
                 tracing::warn!(
                     request_id,

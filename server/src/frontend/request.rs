@@ -5,7 +5,7 @@
 use axum::http::StatusCode;
 use kvrouter_core::RouterConfigOverride;
 use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
@@ -68,15 +68,38 @@ pub struct ParsedRequest {
     pub sampling: Map<String, Value>,
 }
 
+/// The JSON body of a worker request.
+#[derive(serde::Serialize)]
+struct WorkerBody<'a> {
+    model: &'a str,
+    prompt: &'a [u32],
+    max_tokens: u64,
+    stream: bool,
+    stream_options: StreamOptions,
+    #[serde(flatten)]
+    sampling: &'a Map<String, Value>,
+}
+
+#[derive(serde::Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
 impl ParsedRequest {
-    /// The body sent to the worker's `/v1/completions` (stream options are added by the
-    /// worker client).
-    pub fn worker_body(&self, worker_model: &str) -> Map<String, Value> {
-        let mut b = self.sampling.clone();
-        b.insert("model".into(), worker_model.into());
-        b.insert("prompt".into(), json!(self.tokens));
-        b.insert("max_tokens".into(), self.max_tokens.into());
-        b
+    /// The body sent to the worker's `/v1/completions`: token ids, streamed with usage, and
+    /// the forwarded sampling fields.
+    pub fn worker_body(&self, worker_model: &str) -> Vec<u8> {
+        let body = WorkerBody {
+            model: worker_model,
+            prompt: &self.tokens,
+            max_tokens: self.max_tokens,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+            sampling: &self.sampling,
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 }
 
@@ -166,12 +189,16 @@ pub fn parse_request(
     }
     let ctx = limits.context_length as u64;
     let prompt_len = tokens.len() as u64;
-    // Saturating: a huge max_tokens must fail this check, not wrap past it.
-    let total = prompt_len.saturating_add(requested.unwrap_or(1));
-    if total > ctx {
+    // Checked: a sum past u64::MAX must fail this check, not wrap or saturate to the limit
+    // (found by the `request` fuzz target with a context of u64::MAX).
+    let asked = requested.unwrap_or(1);
+    if prompt_len
+        .checked_add(asked)
+        .is_none_or(|total| total > ctx)
+    {
         return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({prompt_len} in the prompt, {} for the completion).",
-            requested.unwrap_or(1)
+            "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({prompt_len} in the prompt, {asked} for the completion).",
+            u128::from(prompt_len) + u128::from(asked)
         ))
         .param("prompt"));
     }
@@ -340,4 +367,32 @@ fn chat_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec<u32>,
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
     pre.encode(&text)
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pre() -> Preprocessor {
+        Preprocessor::from_model_dir(crate::vendored_model_dir()).expect("vendored tokenizer")
+    }
+
+    #[test]
+    fn prompt_plus_max_tokens_past_u64_is_refused_not_saturated() {
+        // Found by the `request` fuzz target: with the largest context, a saturating sum equal
+        // to the limit slipped through the check.
+        let limits = Limits {
+            context_length: usize::MAX,
+            max_tokens: u64::MAX,
+            client_routing: true,
+        };
+        let body = br#"{"model":"m","prompt":"x","max_tokens":18446744073709551615}"#;
+        let e = parse_request(Endpoint::Completions, body, "m", &pre(), limits).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST, "{}", e.message);
+        assert!(
+            e.message.contains("maximum context length"),
+            "{}",
+            e.message
+        );
+    }
 }

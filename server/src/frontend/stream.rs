@@ -1,14 +1,20 @@
-//! One request in flight, from the worker's first chunk to the client's last byte
+//! One request in flight, from the worker's first event to the client's last byte
 //! ([`Flow`]): OpenAI chunks as server-sent events, or one JSON body; prefill marked complete
 //! at the first token; the booking freed and the request counted once, however it ends.
+//!
+//! Per token the path is: SSE decode (a slice of the worker's bytes), an in-place parse
+//! ([`WorkerEvent`]), one chunk written into the output buffer. Every event the worker has
+//! already delivered when the client's body is polled goes into the same write.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use serde_json::Value;
 
@@ -18,10 +24,10 @@ use super::AppState;
 use crate::error::{worker_error, ApiError};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::routing::Booking;
-use crate::workers::client::{WorkerChunk, WorkerError};
+use crate::workers::client::{WorkerError, WorkerEvent, WorkerStream};
 
-/// The worker's parsed chunks.
-pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<WorkerChunk, WorkerError>> + Send>>;
+/// Output bytes gathered before a write is handed to the connection.
+const MAX_WRITE: usize = 64 * 1024;
 
 /// Counts a request in the metrics once, whichever way it ends; a request dropped before it
 /// ended is a cancelled one (the client went away). Created once the body has arrived, so a
@@ -82,27 +88,26 @@ impl Drop for Tracker {
 
 /// One request in flight.
 pub struct Flow {
-    pub state: Arc<AppState>,
-    pub shape: Shape,
-    pub include_usage: bool,
-    pub prompt_tokens: usize,
-    pub booking: Booking,
-    pub tracker: Tracker,
-    pub chunks: ChunkStream,
+    state: Arc<AppState>,
+    shape: Shape,
+    include_usage: bool,
+    prompt_tokens: usize,
+    booking: Booking,
+    tracker: Tracker,
+    worker: WorkerStream,
     completion_tokens: usize,
     usage: Option<Value>,
     finish: Option<String>,
     last_token: Option<Instant>,
     role_sent: bool,
     done: bool,
+    out: BytesMut,
 }
 
-fn sse(v: &Value) -> Bytes {
-    let mut b = Vec::with_capacity(256);
-    b.extend_from_slice(b"data: ");
-    let _ = serde_json::to_writer(&mut b, v);
-    b.extend_from_slice(b"\n\n");
-    Bytes::from(b)
+/// What one worker event did to the request.
+enum Step {
+    Continue,
+    Failed(WorkerError),
 }
 
 impl Flow {
@@ -113,7 +118,7 @@ impl Flow {
         prompt_tokens: usize,
         booking: Booking,
         tracker: Tracker,
-        chunks: ChunkStream,
+        worker: WorkerStream,
     ) -> Self {
         Self {
             state,
@@ -122,18 +127,19 @@ impl Flow {
             prompt_tokens,
             booking,
             tracker,
-            chunks,
+            worker,
             completion_tokens: 0,
             usage: None,
             finish: None,
             last_token: None,
             role_sent: false,
             done: false,
+            out: BytesMut::new(),
         }
     }
 
-    /// Account for a content chunk: first token, TTFT / ITL, token count.
-    fn on_output(&mut self, c: &WorkerChunk) {
+    /// Account for an event with output: first token, TTFT / ITL, token count.
+    fn on_output(&mut self, tokens: usize) {
         let now = Instant::now();
         match self.last_token {
             None => {
@@ -146,7 +152,51 @@ impl Flow {
             Some(prev) => self.state.metrics.itl.observe((now - prev).as_secs_f64()),
         }
         self.last_token = Some(now);
-        self.completion_tokens += c.token_ids.len().max(1);
+        self.completion_tokens += tokens.max(1);
+    }
+
+    /// Read one worker event; `text` receives its text (streamed: written as a chunk).
+    fn on_event(&mut self, payload: &[u8], text: Option<&mut String>) -> Step {
+        let ev = match WorkerEvent::parse(payload) {
+            Ok(Ok(ev)) => ev,
+            Ok(Err(message)) => {
+                return Step::Failed(WorkerError::Status {
+                    url: self.worker.url().to_string(),
+                    status: 500,
+                    message,
+                })
+            }
+            Err(e) => {
+                return Step::Failed(WorkerError::Protocol {
+                    url: self.worker.url().to_string(),
+                    message: format!("bad JSON in event: {e}"),
+                })
+            }
+        };
+        if let Some(u) = ev.usage {
+            self.usage = serde_json::from_str(u.get()).ok();
+        }
+        if ev.has_output() {
+            self.on_output(ev.tokens);
+        }
+        if let Some(f) = &ev.finish_reason {
+            self.finish = Some(f.to_string());
+        }
+        if ev.has_output() || ev.finish_reason.is_some() {
+            match text {
+                Some(t) => t.push_str(&ev.text),
+                None => {
+                    let role = !std::mem::replace(&mut self.role_sent, true);
+                    self.shape.write_chunk(
+                        &mut self.out,
+                        &ev.text,
+                        ev.finish_reason.as_deref(),
+                        role,
+                    );
+                }
+            }
+        }
+        Step::Continue
     }
 
     /// The request ended well: book-keeping and the final usage.
@@ -183,73 +233,95 @@ impl Flow {
         err
     }
 
+    /// Append a server-sent event of `v`.
+    fn write_event(&mut self, v: &Value) {
+        self.out.extend_from_slice(b"data: ");
+        let _ = serde_json::to_writer(bytes::BufMut::writer(&mut self.out), v);
+        self.out.extend_from_slice(b"\n\n");
+    }
+
+    /// The worker's stream ended well: the usage chunk if asked for, and `[DONE]`.
+    fn finish_stream(&mut self) {
+        let u = self.succeed();
+        self.done = true;
+        if self.include_usage {
+            let chunk = self.shape.usage_chunk(u);
+            self.write_event(&chunk);
+        }
+        self.out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
     /// The response as server-sent events.
     pub fn into_sse(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
-        futures::stream::unfold(self, |mut f| async move {
-            loop {
-                if f.done {
-                    return None;
-                }
-                match f.chunks.next().await {
-                    Some(Ok(c)) => {
-                        if c.usage.is_some() {
-                            f.usage = c.usage.clone();
-                        }
-                        if c.has_output() || c.finish_reason.is_some() {
-                            if c.has_output() {
-                                f.on_output(&c);
-                            }
-                            if c.finish_reason.is_some() {
-                                f.finish = c.finish_reason.clone();
-                            }
-                            let role = !std::mem::replace(&mut f.role_sent, true);
-                            let v = f.shape.chunk(&c.text, c.finish_reason.as_deref(), role);
-                            return Some((Ok(sse(&v)), f));
-                        }
-                    }
-                    Some(Err(e)) => {
-                        let err = f.fail(&e);
-                        f.done = true;
-                        let mut b = sse(&err.body()).to_vec();
-                        b.extend_from_slice(b"data: [DONE]\n\n");
-                        return Some((Ok(Bytes::from(b)), f));
-                    }
-                    None => {
-                        let u = f.succeed();
-                        f.done = true;
-                        let mut b = Vec::new();
-                        if f.include_usage {
-                            b.extend_from_slice(&sse(&f.shape.usage_chunk(u)));
-                        }
-                        b.extend_from_slice(b"data: [DONE]\n\n");
-                        return Some((Ok(Bytes::from(b)), f));
-                    }
-                }
-            }
-        })
+        SseBody(self)
+    }
+
+    /// A worker error, unless it is the end of a response that had finished.
+    fn worker_failed(&self, e: WorkerError) -> Option<WorkerError> {
+        match e {
+            WorkerError::Truncated { .. } if self.finish.is_some() => None,
+            e => Some(e),
+        }
     }
 
     /// The whole response as one JSON body.
     pub async fn collect(mut self) -> Response {
         let mut text = String::new();
-        while let Some(c) = self.chunks.next().await {
-            match c {
-                Ok(c) => {
-                    if c.usage.is_some() {
-                        self.usage = c.usage.clone();
-                    }
-                    if c.has_output() {
-                        self.on_output(&c);
-                        text.push_str(&c.text);
-                    }
-                    if c.finish_reason.is_some() {
-                        self.finish = c.finish_reason.clone();
-                    }
-                }
-                Err(e) => return self.fail(&e).into_response(),
+        while let Some(ev) = self.worker.next().await {
+            let step = match ev {
+                Ok(payload) => self.on_event(&payload, Some(&mut text)),
+                Err(e) => match self.worker_failed(e) {
+                    Some(e) => Step::Failed(e),
+                    None => break,
+                },
+            };
+            if let Step::Failed(e) = step {
+                return self.fail(&e).into_response();
             }
         }
         let u = self.succeed();
         axum::Json(self.shape.response(&text, self.finish.as_deref(), u)).into_response()
+    }
+}
+
+/// A [`Flow`] as a response body: each poll writes every event the worker has ready.
+struct SseBody(Flow);
+
+impl Stream for SseBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let f = &mut self.0;
+        while !f.done && f.out.len() < MAX_WRITE {
+            match f.worker.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(payload))) => {
+                    if let Step::Failed(e) = f.on_event(&payload, None) {
+                        let err = f.fail(&e);
+                        f.done = true;
+                        f.write_event(&err.body());
+                        f.out.extend_from_slice(b"data: [DONE]\n\n");
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => match f.worker_failed(e) {
+                    Some(e) => {
+                        let err = f.fail(&e);
+                        f.done = true;
+                        f.write_event(&err.body());
+                        f.out.extend_from_slice(b"data: [DONE]\n\n");
+                    }
+                    None => f.finish_stream(),
+                },
+                Poll::Ready(None) => f.finish_stream(),
+                Poll::Pending => break,
+            }
+        }
+        if !f.out.is_empty() {
+            return Poll::Ready(Some(Ok(f.out.split().freeze())));
+        }
+        if f.done {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
     }
 }

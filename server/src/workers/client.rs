@@ -1,35 +1,140 @@
 //! Talking to workers: a request goes to the chosen worker's `POST /v1/completions` as token
-//! ids with `stream: true` (what vLLM and SGLang serve), and comes back as a stream of
-//! [`WorkerChunk`]s parsed from its server-sent events.
+//! ids with `stream: true` (what vLLM and SGLang serve), and comes back as a [`WorkerStream`] of
+//! raw event payloads decoded by the project's one SSE decoder ([`crate::sse`]); a payload is
+//! read in place by [`WorkerEvent::parse`], without building a JSON tree.
 //!
 //! The frontend always streams from the worker, even for non-streaming clients, so it sees
 //! the first token (prefill complete) and can measure TTFT and ITL.
 
+use std::borrow::Cow;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use futures::{Stream, StreamExt};
-use serde_json::{Map, Value};
+use bytes::Bytes;
+use futures::Stream;
+use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
+use super::http1::{BodyDecoder, Conn, Framing, Pool, ResponseHead};
 use crate::error::error_chain;
+use crate::sse::SseDecoder;
 
-/// One parsed event of a worker's completion stream.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct WorkerChunk {
+/// Largest event a worker may send, bytes.
+const MAX_EVENT_BYTES: usize = 16 << 20;
+
+/// One event of a worker's completion stream, borrowed from its payload.
+#[derive(Debug, Default)]
+pub struct WorkerEvent<'a> {
     /// New text (may be empty, e.g. when the worker runs without a tokenizer).
-    pub text: String,
-    /// New token ids, when the worker returns them.
-    pub token_ids: Vec<u32>,
-    /// `stop`, `length`, … on the last content chunk.
-    pub finish_reason: Option<String>,
-    /// The usage object, on the usage chunk.
-    pub usage: Option<Value>,
+    pub text: Cow<'a, str>,
+    /// How many token ids the event carries, when the worker returns them.
+    pub tokens: usize,
+    /// `stop`, `length`, … on the last content event.
+    pub finish_reason: Option<Cow<'a, str>>,
+    /// The usage object, on the usage event.
+    pub usage: Option<&'a RawValue>,
 }
 
-impl WorkerChunk {
+impl WorkerEvent<'_> {
     /// Whether it carries generated output.
     pub fn has_output(&self) -> bool {
-        !self.text.is_empty() || !self.token_ids.is_empty()
+        !self.text.is_empty() || self.tokens > 0
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(default, borrow, deserialize_with = "first_choice")]
+    choices: Option<RawChoice<'a>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<RawError<'a>>,
+}
+
+#[derive(Deserialize)]
+struct RawChoice<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "count")]
+    token_ids: usize,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct RawError<'a> {
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+/// The first element of an array (the rest skipped), or nothing for `null`.
+fn first_choice<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawChoice<'de>>, D::Error> {
+    struct First;
+    impl<'de> Visitor<'de> for First {
+        type Value = Option<RawChoice<'de>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of choices")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let first = seq.next_element()?;
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(first)
+        }
+    }
+    d.deserialize_any(First)
+}
+
+/// The length of an array (its elements skipped), 0 for `null`.
+fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    struct Count;
+    impl<'de> Visitor<'de> for Count {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_unit<E>(self) -> Result<usize, E> {
+            Ok(0)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    d.deserialize_any(Count)
+}
+
+impl<'a> WorkerEvent<'a> {
+    /// Read one event payload (the `data` of an SSE event, not `[DONE]`). Errors: `Ok(Err)`
+    /// with the worker's message for an error event; `Err` for malformed JSON.
+    pub fn parse(payload: &'a [u8]) -> Result<Result<Self, String>, serde_json::Error> {
+        let raw: RawEvent<'a> = serde_json::from_slice(payload)?;
+        if let Some(e) = raw.error {
+            return Ok(Err(e
+                .message
+                .map(Cow::into_owned)
+                .unwrap_or_else(|| "error event without a message".into())));
+        }
+        let mut ev = WorkerEvent {
+            usage: raw.usage.filter(|u| u.get() != "null"),
+            ..Default::default()
+        };
+        if let Some(c) = raw.choices {
+            ev.text = c.text.unwrap_or_default();
+            ev.tokens = c.token_ids;
+            ev.finish_reason = c.finish_reason;
+        }
+        Ok(Ok(ev))
     }
 }
 
@@ -52,6 +157,9 @@ pub enum WorkerError {
     /// The connection broke or ended early after the stream started.
     #[error("worker {url} failed mid-stream: {message}")]
     Stream { url: String, message: String },
+    /// The body ended without `data: [DONE]` (a finished response may still be complete).
+    #[error("worker {url} ended the stream before [DONE]")]
+    Truncated { url: String },
     /// An event of the stream was malformed (not UTF-8, bad JSON, too large): this request
     /// fails, the worker stays in the routing set.
     #[error("worker {url} sent a malformed event: {message}")]
@@ -66,6 +174,7 @@ impl WorkerError {
             WorkerError::Timeout { .. } => "no answer in time",
             WorkerError::Status { .. } => "error status",
             WorkerError::Stream { .. } => "connection broke mid-stream",
+            WorkerError::Truncated { .. } => "stream ended early",
             WorkerError::Protocol { .. } => "malformed event",
         }
     }
@@ -74,74 +183,151 @@ impl WorkerError {
     pub fn worker_gone(&self) -> bool {
         matches!(
             self,
-            WorkerError::Unreachable { .. } | WorkerError::Stream { .. }
+            WorkerError::Unreachable { .. }
+                | WorkerError::Stream { .. }
+                | WorkerError::Truncated { .. }
         )
     }
 }
 
-/// The HTTP client every request to a worker goes through (one keep-alive pool, TCP_NODELAY).
+/// How long a response may take to finish its body after `data: [DONE]` before its
+/// connection is given up rather than kept alive.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest error or health-check body read, bytes.
+const MAX_SMALL_BODY: usize = 64 * 1024;
+
+/// Every request to a worker goes through this: keep-alive connections per worker
+/// ([`Pool`]), `TCP_NODELAY`, a connect timeout and a response-head timeout.
 #[derive(Clone, Debug)]
 pub struct WorkerClient {
-    http: reqwest::Client,
+    pool: Arc<Pool>,
     timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// `host:port` of an `http://host[:port]` URL (port 80 when absent).
+pub fn authority(url: &str) -> &str {
+    url.strip_prefix("http://")
+        .unwrap_or(url)
+        .trim_end_matches('/')
+}
+
+fn with_port(authority: &str) -> String {
+    let has_port = match authority.rfind(']') {
+        Some(i) => authority[i..].contains(':'),
+        None => authority.contains(':'),
+    };
+    if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    }
 }
 
 impl WorkerClient {
-    /// `timeout`: how long to wait for a worker's response headers.
+    /// `timeout`: how long to wait for a worker's response head.
     pub fn new(timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build()
-            .expect("building the HTTP client");
-        Self { http, timeout }
+        Self {
+            pool: Arc::new(Pool::new(1024)),
+            timeout,
+            connect_timeout: Duration::from_secs(5),
+        }
     }
 
-    /// The underlying client (health checks share the pool).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// Send `method path` with `headers` and `body` to `url`, and read the response head.
+    /// A kept-alive connection the worker closed meanwhile is replaced once.
+    async fn exchange(
+        &self,
+        url: &str,
+        method: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> Result<(Conn, ResponseHead), WorkerError> {
+        let auth = with_port(authority(url));
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{headers}\r\n",
+            authority(url),
+            body.len()
+        );
+        let unreachable = |e: &dyn std::error::Error| WorkerError::Unreachable {
+            url: url.into(),
+            message: error_chain(e),
+        };
+        for attempt in 0..2 {
+            let pooled = if attempt == 0 {
+                self.pool.take(&auth)
+            } else {
+                None
+            };
+            let reused = pooled.is_some();
+            let mut conn = match pooled {
+                Some(c) => c,
+                None => Conn::connect(&auth, self.connect_timeout)
+                    .await
+                    .map_err(|e| unreachable(&e))?,
+            };
+            let sent = async {
+                conn.send(head.as_bytes(), body).await?;
+                conn.read_head().await
+            };
+            match tokio::time::timeout(self.timeout, sent).await {
+                Err(_) => {
+                    return Err(WorkerError::Timeout {
+                        url: url.into(),
+                        secs: self.timeout.as_secs_f64(),
+                    })
+                }
+                Ok(Ok(h)) => return Ok((conn, h)),
+                // The worker closed an idle kept-alive connection as we used it: nothing was
+                // processed, try a fresh one.
+                Ok(Err(e))
+                    if reused
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::UnexpectedEof
+                                | std::io::ErrorKind::BrokenPipe
+                                | std::io::ErrorKind::ConnectionReset
+                        ) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(WorkerError::Protocol {
+                        url: url.into(),
+                        message: e.to_string(),
+                    })
+                }
+                Ok(Err(e)) => return Err(unreachable(&e)),
+            }
+        }
+        Err(WorkerError::Unreachable {
+            url: url.into(),
+            message: "the connection closed twice before a response".into(),
+        })
     }
 
-    /// Start a streamed completion on `url` for rank `dp_rank`. `body` is the worker request
-    /// (model, prompt token ids, sampling fields); `stream` and usage reporting are forced on.
+    /// Start a streamed completion on `url` for rank `dp_rank`. `body` is the serialised
+    /// worker request (model, prompt token ids, sampling fields, `stream: true` with usage).
     pub async fn generate(
         &self,
         url: &str,
         dp_rank: u32,
-        mut body: Map<String, Value>,
-    ) -> Result<impl Stream<Item = Result<WorkerChunk, WorkerError>> + Send + 'static, WorkerError>
-    {
-        body.insert("stream".into(), Value::Bool(true));
-        body.insert(
-            "stream_options".into(),
-            serde_json::json!({ "include_usage": true }),
-        );
-        let endpoint = format!("{url}/v1/completions");
-        let mut req = self.http.post(&endpoint).json(&body);
+        body: Vec<u8>,
+    ) -> Result<WorkerStream, WorkerError> {
+        let mut headers =
+            String::from("Content-Type: application/json\r\nAccept: text/event-stream\r\n");
         if dp_rank > 0 {
-            req = req.header("X-data-parallel-rank", dp_rank.to_string());
+            headers.push_str(&format!("X-data-parallel-rank: {dp_rank}\r\n"));
         }
-        let resp = match tokio::time::timeout(self.timeout, req.send()).await {
-            Err(_) => {
-                return Err(WorkerError::Timeout {
-                    url: url.into(),
-                    secs: self.timeout.as_secs_f64(),
-                })
-            }
-            Ok(Err(e)) => {
-                return Err(WorkerError::Unreachable {
-                    url: url.into(),
-                    message: error_chain(&e),
-                })
-            }
-            Ok(Ok(r)) => r,
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<Value>(&text)
+        let (mut conn, head) = self
+            .exchange(url, "POST", "/v1/completions", &headers, &body)
+            .await?;
+        if !(200..300).contains(&head.status) {
+            let text = tokio::time::timeout(self.timeout, conn.read_body(&head, MAX_SMALL_BODY))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| {
                     v.pointer("/error/message")
@@ -150,215 +336,275 @@ impl WorkerClient {
                 .unwrap_or(text);
             return Err(WorkerError::Status {
                 url: url.into(),
-                status: status.as_u16(),
+                status: head.status,
                 message,
             });
         }
-        let url = url.to_string();
-        let bytes = resp.bytes_stream();
-        Ok(sse_chunks(url, bytes))
+        Ok(WorkerStream {
+            url: url.to_string(),
+            authority: with_port(authority(url)),
+            body: BodyDecoder::new(&head),
+            keep_alive: head.keep_alive,
+            conn: Some(conn),
+            sse: SseDecoder::new(MAX_EVENT_BYTES),
+            pool: self.pool.clone(),
+            done: false,
+            body_done: false,
+        })
+    }
+
+    /// `GET {url}/health` answered 2xx within `timeout`.
+    pub async fn health(&self, url: &str, timeout: Duration) -> bool {
+        let check = async {
+            let (mut conn, head) = self.exchange(url, "GET", "/health", "", &[]).await.ok()?;
+            let _ = conn.read_body(&head, MAX_SMALL_BODY).await.ok()?;
+            if head.keep_alive && conn.buffer().is_empty() {
+                self.pool.put(&with_port(authority(url)), conn);
+            }
+            Some((200..300).contains(&head.status))
+        };
+        matches!(tokio::time::timeout(timeout, check).await, Ok(Some(true)))
     }
 }
 
-/// Split an SSE byte stream into events and parse each `data:` payload. Ends after
-/// `data: [DONE]`; a stream that ends without it after no finish is an error.
-fn sse_chunks<S>(
+/// A worker's completion stream: each item is one event's payload (JSON, for
+/// [`WorkerEvent::parse`]). The stream reads the worker's socket itself. Ends after
+/// `data: [DONE]` (the connection then goes back to the pool); a body that ends without it is
+/// [`WorkerError::Truncated`], an event over 16 MiB or broken framing
+/// [`WorkerError::Protocol`].
+pub struct WorkerStream {
     url: String,
-    bytes: S,
-) -> impl Stream<Item = Result<WorkerChunk, WorkerError>> + Send + 'static
-where
-    S: Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin + 'static,
-{
-    struct St<S> {
-        url: String,
-        bytes: S,
-        buf: BytesMut,
-        done: bool,
-        finished: bool,
+    authority: String,
+    conn: Option<Conn>,
+    body: BodyDecoder,
+    keep_alive: bool,
+    sse: SseDecoder,
+    pool: Arc<Pool>,
+    done: bool,
+    body_done: bool,
+}
+
+impl WorkerStream {
+    /// The worker's base URL (for logs).
+    pub fn url(&self) -> &str {
+        &self.url
     }
-    let st = St {
-        url,
-        bytes,
-        buf: BytesMut::new(),
-        done: false,
-        finished: false,
-    };
-    futures::stream::unfold(st, |mut st| async move {
+
+    fn fail(&mut self, e: WorkerError) -> Poll<Option<Result<Bytes, WorkerError>>> {
+        self.done = true;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// `[DONE]` arrived: give the connection back once its body has ended — now if it has,
+    /// else from a short task that reads the rest.
+    fn release(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !self.keep_alive {
+            return;
+        }
+        let _ = self.body.decode(conn.buffer(), |_| {});
+        if self.body.is_done() {
+            if conn.buffer().is_empty() {
+                self.pool.put(&self.authority, conn);
+            }
+            return;
+        }
+        let mut body = std::mem::replace(&mut self.body, BodyDecoder::new(&DONE_HEAD));
+        let (pool, authority) = (self.pool.clone(), self.authority.clone());
+        tokio::spawn(async move {
+            let finish = async {
+                loop {
+                    body.decode(conn.buffer(), |_| {})?;
+                    if body.is_done() {
+                        return Ok::<_, std::io::Error>(conn);
+                    }
+                    if std::future::poll_fn(|cx| conn.poll_fill(cx)).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+            };
+            if let Ok(Ok(conn)) = tokio::time::timeout(FINISH_TIMEOUT, finish).await {
+                if conn_is_clean(&conn) {
+                    pool.put(&authority, conn);
+                }
+            }
+        });
+    }
+}
+
+/// A finished body, for the decoder left behind once a stream hands its connection on.
+const DONE_HEAD: ResponseHead = ResponseHead {
+    status: 200,
+    framing: Framing::Length(0),
+    keep_alive: false,
+};
+
+fn conn_is_clean(conn: &Conn) -> bool {
+    conn.buffered() == 0
+}
+
+impl Stream for WorkerStream {
+    type Item = Result<Bytes, WorkerError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            if st.done {
-                return None;
+            if this.done {
+                return Poll::Ready(None);
             }
-            if let Some(event) = take_event(&mut st.buf) {
-                match parse_event(&event) {
-                    Event::Skip => continue,
-                    Event::Done => return None,
-                    Event::Chunk(c) => {
-                        st.finished |= c.finish_reason.is_some();
-                        return Some((Ok(c), st));
-                    }
-                    Event::Error(message) => {
-                        st.done = true;
-                        let e = WorkerError::Status {
-                            url: st.url.clone(),
-                            status: 500,
-                            message,
-                        };
-                        return Some((Err(e), st));
-                    }
-                    Event::Garbage(message) => {
-                        st.done = true;
-                        let e = WorkerError::Protocol {
-                            url: st.url.clone(),
-                            message,
-                        };
-                        return Some((Err(e), st));
-                    }
+            match this.sse.next_event() {
+                Ok(Some(ev)) if &ev[..] == b"[DONE]" => {
+                    this.done = true;
+                    this.release();
+                    return Poll::Ready(None);
+                }
+                Ok(Some(ev)) => return Poll::Ready(Some(Ok(ev))),
+                Ok(None) => {}
+                Err(e) => {
+                    let e = WorkerError::Protocol {
+                        url: this.url.clone(),
+                        message: e.to_string(),
+                    };
+                    return this.fail(e);
                 }
             }
-            match st.bytes.next().await {
-                Some(Ok(b)) => {
-                    if st.buf.len() + b.len() > 16 << 20 {
-                        st.done = true;
-                        let e = WorkerError::Protocol {
-                            url: st.url.clone(),
-                            message: "event larger than 16 MiB".into(),
-                        };
-                        return Some((Err(e), st));
-                    }
-                    st.buf.extend_from_slice(&b)
+            if this.body_done {
+                let e = WorkerError::Truncated {
+                    url: this.url.clone(),
+                };
+                return this.fail(e);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if !conn.buffer().is_empty() {
+                let sse = &mut this.sse;
+                if let Err(e) = this.body.decode(conn.buffer(), |d| sse.push(d)) {
+                    let e = WorkerError::Protocol {
+                        url: this.url.clone(),
+                        message: e.to_string(),
+                    };
+                    return this.fail(e);
                 }
-                Some(Err(e)) => {
-                    st.done = true;
+                this.body_done = this.body.is_done();
+                continue;
+            }
+            match conn.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    if let Err(e) = this.body.eof() {
+                        let e = WorkerError::Stream {
+                            url: this.url.clone(),
+                            message: e.to_string(),
+                        };
+                        return this.fail(e);
+                    }
+                    this.body_done = true;
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
                     let e = WorkerError::Stream {
-                        url: st.url.clone(),
+                        url: this.url.clone(),
                         message: error_chain(&e),
                     };
-                    return Some((Err(e), st));
+                    return this.fail(e);
                 }
-                None => {
-                    st.done = true;
-                    if st.finished {
-                        return None;
-                    }
-                    let e = WorkerError::Stream {
-                        url: st.url.clone(),
-                        message: "stream ended before the response finished".into(),
-                    };
-                    return Some((Err(e), st));
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
-    })
-}
-
-/// Remove and return the first complete event (up to a blank line) from `buf`.
-fn take_event(buf: &mut BytesMut) -> Option<Vec<u8>> {
-    let pos = buf.windows(2).position(|w| w == b"\n\n")?;
-    let ev = buf[..pos].to_vec();
-    buf.advance(pos + 2);
-    Some(ev)
-}
-
-enum Event {
-    Skip,
-    Done,
-    Chunk(WorkerChunk),
-    Error(String),
-    Garbage(String),
-}
-
-fn parse_event(raw: &[u8]) -> Event {
-    let Ok(text) = std::str::from_utf8(raw) else {
-        return Event::Garbage("event is not UTF-8".into());
-    };
-    let mut data = String::new();
-    for line in text.lines() {
-        let line = line.trim_end_matches('\r');
-        if let Some(d) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(d.strip_prefix(' ').unwrap_or(d));
-        }
     }
-    if data.is_empty() {
-        return Event::Skip;
-    }
-    if data == "[DONE]" {
-        return Event::Done;
-    }
-    let v: Value = match serde_json::from_str(&data) {
-        Ok(v) => v,
-        Err(e) => return Event::Garbage(format!("bad JSON in event: {e}")),
-    };
-    if let Some(err) = v.get("error") {
-        let msg = err
-            .get("message")
-            .and_then(Value::as_str)
-            .map(String::from)
-            .unwrap_or_else(|| err.to_string());
-        return Event::Error(msg);
-    }
-    let mut c = WorkerChunk {
-        usage: v.get("usage").filter(|u| !u.is_null()).cloned(),
-        ..Default::default()
-    };
-    if let Some(choice) = v.get("choices").and_then(|c| c.get(0)) {
-        if let Some(t) = choice.get("text").and_then(Value::as_str) {
-            c.text = t.to_string();
-        }
-        if let Some(ids) = choice.get("token_ids").and_then(Value::as_array) {
-            c.token_ids = ids
-                .iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect();
-        }
-        c.finish_reason = choice
-            .get("finish_reason")
-            .and_then(Value::as_str)
-            .map(String::from);
-    }
-    Event::Chunk(c)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
 
-    #[tokio::test]
-    async fn parses_split_events_and_stops_at_done() {
-        let parts: Vec<reqwest::Result<bytes::Bytes>> = vec![
-            Ok("data: {\"choices\":[{\"text\":\"He\",\"finish_reason\":null}]}\n".into()),
-            Ok("\ndata: {\"choices\":[{\"text\":\"llo\",\"token_ids\":[5,6],\"finish_reason\":\"length\"}]}\n\n".into()),
-            Ok("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\ndata: {\"x\":1}\n\n".into()),
-        ];
-        let s = sse_chunks("u".into(), futures::stream::iter(parts));
-        let out: Vec<_> = s.collect().await;
-        assert_eq!(out.len(), 3);
-        let c: Vec<WorkerChunk> = out.into_iter().map(|r| r.expect("chunk")).collect();
-        assert_eq!(c[0].text, "He");
-        assert_eq!(c[1].token_ids, vec![5, 6]);
-        assert_eq!(c[1].finish_reason.as_deref(), Some("length"));
-        assert_eq!(
-            c[2].usage
-                .as_ref()
-                .and_then(|u| u["prompt_tokens"].as_u64()),
-            Some(3)
-        );
+    /// A one-shot worker on loopback answering any request with `response` (written in
+    /// `parts`), then closing.
+    async fn worker(parts: Vec<Vec<u8>>) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            for p in parts {
+                let _ = s.write_all(&p).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn chunked(events: &[&str]) -> Vec<Vec<u8>> {
+        let mut out = vec![b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec()];
+        for e in events {
+            out.push(format!("{:x}\r\n{e}\r\n", e.len()).into_bytes());
+        }
+        out.push(b"0\r\n\r\n".to_vec());
+        out
+    }
+
+    async fn events(parts: Vec<Vec<u8>>) -> Vec<Result<Bytes, WorkerError>> {
+        let url = worker(parts).await;
+        let c = WorkerClient::new(Duration::from_secs(5));
+        match c.generate(&url, 0, b"{}".to_vec()).await {
+            Ok(s) => s.collect().await,
+            Err(e) => vec![Err(e)],
+        }
     }
 
     #[tokio::test]
-    async fn truncated_stream_and_garbage_are_errors() {
-        let parts: Vec<reqwest::Result<bytes::Bytes>> =
-            vec![Ok("data: {\"choices\":[{\"text\":\"a\"}]}\n\n".into())];
-        let out: Vec<_> = sse_chunks("u".into(), futures::stream::iter(parts))
-            .collect()
-            .await;
-        assert!(matches!(out.last(), Some(Err(WorkerError::Stream { .. }))));
-        let parts: Vec<reqwest::Result<bytes::Bytes>> = vec![Ok("data: {nope\n\n".into())];
-        let out: Vec<_> = sse_chunks("u".into(), futures::stream::iter(parts))
-            .collect()
-            .await;
+    async fn split_events_parse_and_the_stream_stops_at_done() {
+        let out = events(chunked(&[
+            "data: {\"choices\":[{\"text\":\"He\",\"finish_reason\":null}]}\n",
+            "\ndata: {\"choices\":[{\"text\":\"llo\",\"token_ids\":[5,6],\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\ndata: [DONE]\n\ndata: {\"x\":1}\n\n",
+        ]))
+        .await;
+        let out: Vec<Bytes> = out.into_iter().map(|r| r.expect("event")).collect();
+        assert_eq!(out.len(), 3);
+        let e0 = WorkerEvent::parse(&out[0]).unwrap().unwrap();
+        assert_eq!(e0.text, "He");
+        assert!(e0.finish_reason.is_none());
+        let e1 = WorkerEvent::parse(&out[1]).unwrap().unwrap();
+        assert_eq!(
+            (e1.tokens, e1.finish_reason.as_deref()),
+            (2, Some("length"))
+        );
+        let e2 = WorkerEvent::parse(&out[2]).unwrap().unwrap();
+        assert_eq!(e2.usage.map(|u| u.get()), Some("{\"prompt_tokens\":3}"));
+        assert!(!e2.has_output());
+        let esc = WorkerEvent::parse(br#"{"choices":[{"text":"a\"\n\u00e9","token_ids":null},{"text":"ignored"}],"usage":null}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(esc.text, "a\"\n\u{e9}");
+        assert!(esc.usage.is_none());
+    }
+
+    #[tokio::test]
+    async fn truncated_streams_garbage_error_events_and_statuses() {
+        let out = events(chunked(&["data: {\"choices\":[{\"text\":\"a\"}]}\n\n"])).await;
+        assert!(matches!(
+            out.last(),
+            Some(Err(WorkerError::Truncated { .. }))
+        ));
+        let mut cut = chunked(&["data: {\"choices\":[]}\n\n"]);
+        cut.pop();
+        let out = events(cut).await;
+        assert!(
+            matches!(out.last(), Some(Err(WorkerError::Stream { .. }))),
+            "closed mid-body"
+        );
+        assert!(WorkerEvent::parse(b"{nope").is_err(), "malformed JSON");
+        let e = WorkerEvent::parse(br#"{"error":{"message":"boom"}}"#).unwrap();
+        assert_eq!(e.unwrap_err(), "boom");
+        let big = format!("data: {}", "x".repeat(MAX_EVENT_BYTES + 1));
+        let out = events(chunked(&[&big])).await;
         assert!(matches!(
             out.as_slice(),
             [Err(WorkerError::Protocol { .. })]
@@ -367,13 +613,62 @@ mod tests {
             !out[0].as_ref().unwrap_err().worker_gone(),
             "one bad event does not fail the worker"
         );
-        let parts: Vec<reqwest::Result<bytes::Bytes>> =
-            vec![Ok("data: {\"error\":{\"message\":\"boom\"}}\n\n".into())];
-        let out: Vec<_> = sse_chunks("u".into(), futures::stream::iter(parts))
-            .collect()
-            .await;
+        let err = r#"{"error":{"message":"no way"}}"#;
+        let resp = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n{err}",
+            err.len()
+        );
+        let out = events(vec![resp.into_bytes()]).await;
         assert!(
-            matches!(out.as_slice(), [Err(WorkerError::Status { message, .. })] if message == "boom")
+            matches!(&out[..], [Err(WorkerError::Status { status: 400, message, .. })] if message == "no way")
+        );
+        let out = events(vec![b"nonsense\r\n\r\n".to_vec()]).await;
+        assert!(matches!(
+            out.as_slice(),
+            [Err(WorkerError::Protocol { .. })]
+        ));
+    }
+
+    #[tokio::test]
+    async fn connections_are_kept_alive_and_dead_ones_replaced() {
+        // A worker answering two requests on one connection, then closing it.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let acc = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                acc.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    for _ in 0..2 {
+                        let mut buf = [0u8; 4096];
+                        if tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                            .await
+                            .unwrap_or(0)
+                            == 0
+                        {
+                            return;
+                        }
+                        let body = "data: {\"choices\":[{\"text\":\"x\",\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+                        let r = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+                        s.write_all(r.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        let c = WorkerClient::new(Duration::from_secs(5));
+        for _ in 0..5 {
+            let s = c.generate(&url, 0, b"{}".to_vec()).await.unwrap();
+            let out: Vec<_> = s.collect().await;
+            assert_eq!(out.len(), 1);
+            assert!(out[0].is_ok());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "two requests per connection: reused, and a closed one replaced without an error"
         );
     }
 }

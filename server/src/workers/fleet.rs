@@ -233,12 +233,9 @@ impl Fleet {
     pub async fn check_health(self: &Arc<Self>) {
         let timeout = self.policy.timeout;
         let checks = self.registry.all().into_iter().map(|w| {
-            let http = self.client.http().clone();
+            let client = self.client.clone();
             async move {
-                let ok = matches!(
-                    tokio::time::timeout(timeout, http.get(format!("{}/health", w.spec.url)).send()).await,
-                    Ok(Ok(r)) if r.status().is_success()
-                );
+                let ok = client.health(&w.spec.url, timeout).await;
                 (w, ok)
             }
         });

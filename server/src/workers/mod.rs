@@ -1,8 +1,10 @@
 //! Workers: how one is described and validated ([`spec`]), the live set with each worker's
 //! health and KV event subscribers ([`registry`]), registration and the health loop
-//! ([`fleet`]), and the HTTP client every request to a worker goes through ([`client`]).
+//! ([`fleet`]), and the HTTP client every request to a worker goes through ([`client`], over
+//! the small HTTP/1.1 client of [`http1`]).
 
 pub mod client;
 pub mod fleet;
+pub mod http1;
 pub mod registry;
 pub mod spec;
