@@ -480,7 +480,8 @@ impl Stream for WorkerStream {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            if !conn.buffer().is_empty() {
+            let before = conn.buffered();
+            if before > 0 {
                 let sse = &mut this.sse;
                 if let Err(e) = this.body.decode(conn.buffer(), |d| sse.push(d)) {
                     let e = WorkerError::Protocol {
@@ -490,7 +491,10 @@ impl Stream for WorkerStream {
                     return this.fail(e);
                 }
                 this.body_done = this.body.is_done();
-                continue;
+                // Only a partial chunk-size line or CRLF left: read more, do not spin.
+                if this.body_done || conn.buffered() != before {
+                    continue;
+                }
             }
             match conn.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => {
@@ -584,6 +588,35 @@ mod tests {
             .unwrap();
         assert_eq!(esc.text, "a\"\n\u{e9}");
         assert!(esc.usage.is_none());
+    }
+
+    #[test]
+    fn framing_split_across_reads_waits_for_more_bytes() {
+        // A chunk-size line and a chunk's CRLF each cut between two writes: the stream must
+        // wait for the rest (it spun on the partial line before). Run on its own thread, so a
+        // spinning poll fails the test instead of hanging it.
+        let ev =
+            "data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+        let size = format!("{:x}", ev.len());
+        let parts = vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+            size[..1].as_bytes().to_vec(),
+            format!("{}\r\n{ev}\r", &size[1..]).into_bytes(),
+            b"\n0\r\n\r\n".to_vec(),
+        ];
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let out = rt.block_on(events(parts));
+            let _ = tx.send(out.len() == 1 && out[0].is_ok());
+        });
+        let ok = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the stream spun or hung on a partial chunk line");
+        assert!(ok);
     }
 
     #[tokio::test]
