@@ -23,7 +23,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor};
+use kvrouter_preprocess::{ChatTemplateArgs, IncrementalDecoder, Preprocessor};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -639,8 +639,10 @@ struct StreamState {
     rx: mpsc::UnboundedReceiver<TokenOutput>,
     guard: AbortGuard,
     include_usage: bool,
-    ids: Vec<u32>,
-    sent_text: String,
+    /// Output so far, decoded a few tokens at a time.
+    detok: IncrementalDecoder,
+    /// Tokens generated so far.
+    generated: usize,
     sent_role: bool,
     finished: Option<(usize, usize)>,
     queue: std::collections::VecDeque<Bytes>,
@@ -680,23 +682,22 @@ impl StreamState {
         })
     }
 
-    /// Text newly decodable after `ids` grew (held back while it ends mid-character).
-    fn new_text(&mut self) -> String {
-        if self.ctx.state.preprocessor.is_none() {
+    /// Text newly decodable after `token` (held back while it ends mid-character; all of it
+    /// on the last token). O(new tokens): only a window since the last boundary is decoded.
+    fn new_text(&mut self, token: u32, last: bool) -> String {
+        let Some(p) = &self.ctx.state.preprocessor else {
             return String::new();
+        };
+        let mut text = self.detok.push(p, &[token]).unwrap_or_default();
+        if last {
+            text.push_str(&self.detok.finish(p).unwrap_or_default());
         }
-        let full = self.ctx.text(&self.ids);
-        if full.ends_with('\u{FFFD}') || !full.starts_with(&self.sent_text) {
-            return String::new();
-        }
-        let delta = full[self.sent_text.len()..].to_owned();
-        self.sent_text = full;
-        delta
+        text
     }
 
     fn on_token(&mut self, t: TokenOutput) {
-        self.ids.push(t.token);
-        let text = self.new_text();
+        self.generated += 1;
+        let text = self.new_text(t.token, t.finished);
         let finish = t.finished.then_some("length");
         let role = self.ctx.kind == Kind::Chat && !self.sent_role;
         if role {
@@ -718,7 +719,7 @@ impl StreamState {
                 let u = json!({
                     "id": self.ctx.id, "object": object, "created": self.ctx.created,
                     "model": self.ctx.state.model_name, "choices": [],
-                    "usage": self.ctx.usage(t.prompt_tokens, self.ids.len(), t.cached_tokens),
+                    "usage": self.ctx.usage(t.prompt_tokens, self.generated, t.cached_tokens),
                 });
                 self.queue.push_back(sse(&u));
             }
@@ -739,8 +740,8 @@ fn stream_response(
         rx,
         guard,
         include_usage,
-        ids: Vec::new(),
-        sent_text: String::new(),
+        detok: IncrementalDecoder::new(true),
+        generated: 0,
         sent_role: false,
         finished: None,
         queue: Default::default(),

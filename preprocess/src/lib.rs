@@ -20,7 +20,10 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
+mod detok;
 mod fast;
+
+pub use detok::IncrementalDecoder;
 use fast::FastEncoder;
 
 /// Everything that can go wrong while loading a model directory or preprocessing a request.
