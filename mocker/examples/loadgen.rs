@@ -13,7 +13,9 @@
 //! prefills and publishes its blocks) unless `--shared` is given. Against a frontend, add
 //! `--url http://127.0.0.1:8000 --model NAME`; `--text` sends a text prompt of about the same
 //! length (the frontend tokenizes it), `--stream` asks for SSE. Bodies are serialised before
-//! the run so the client spends its time on HTTP only.
+//! the run so the client spends its time on HTTP only. `--chat` sends chat requests (text from
+//! `--text-file F`, else the words prompt); every request asks for `ignore_eos`.
+//! `--cpu-pid PID` reports that process's CPU (utime + stime) per request counted.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +32,9 @@ struct Args {
     model: Option<String>,
     text: bool,
     stream: bool,
+    chat: bool,
+    text_file: Option<String>,
+    cpu_pid: Option<u32>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -43,6 +48,9 @@ fn parse_args() -> anyhow::Result<Args> {
         model: None,
         text: false,
         stream: false,
+        chat: false,
+        text_file: None,
+        cpu_pid: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -71,6 +79,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--model" => a.model = Some(val()?),
             "--text" => a.text = true,
             "--stream" => a.stream = true,
+            "--chat" => a.chat = true,
+            "--text-file" => a.text_file = Some(val()?),
+            "--cpu-pid" => a.cpu_pid = Some(val()?.parse()?),
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -95,6 +106,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let file_text = match &args.text_file {
+        Some(p) => Some(std::fs::read_to_string(p)?),
+        None => None,
+    };
     // Distinct prompts: the first token of each differs, so no two share a block.
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         (0..args.distinct)
@@ -109,16 +124,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     })
                     .collect();
                 let mut body = serde_json::json!({
-                    "prompt": prompt, "max_tokens": args.max_tokens,
+                    "prompt": prompt, "max_tokens": args.max_tokens, "ignore_eos": true,
                 });
-                if args.text {
+                let text = if let Some(t) = &file_text {
+                    // The file's text, distinct per request by its first line.
+                    Some(format!("Request {i}:\n{t}"))
+                } else if args.text || args.chat {
                     // Common English words (one Qwen3 token each with their leading space),
                     // distinct per request: about prompt_tokens tokens.
                     let words: Vec<&str> = prompt
                         .iter()
                         .map(|t| WORDS[*t as usize % WORDS.len()])
                         .collect();
-                    body["prompt"] = format!("Request {i}:{}", words.concat()).into();
+                    Some(format!("Request {i}:{}", words.concat()))
+                } else {
+                    None
+                };
+                if let Some(t) = text {
+                    if args.chat {
+                        let o = body.as_object_mut().expect("an object");
+                        o.remove("prompt");
+                        o.insert(
+                            "messages".into(),
+                            serde_json::json!([{"role": "user", "content": t}]),
+                        );
+                    } else {
+                        body["prompt"] = t.into();
+                    }
                 }
                 if let Some(m) = &args.model {
                     body["model"] = m.clone().into();
@@ -137,7 +169,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let urls: Arc<Vec<String>> = Arc::new(
         args.urls
             .iter()
-            .map(|u| format!("{u}/v1/completions"))
+            .map(|u| {
+                if args.chat {
+                    format!("{u}/v1/chat/completions")
+                } else {
+                    format!("{u}/v1/completions")
+                }
+            })
             .collect(),
     );
     let ok = Arc::new(AtomicU64::new(0));
@@ -178,18 +216,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Warm up (connections, allocator), then count.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu0 = args.cpu_pid.map(cpu_seconds);
     counting.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
     counting.store(false, Ordering::Relaxed);
+    let cpu1 = args.cpu_pid.map(cpu_seconds);
     let dt = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let cpu_ms = match (cpu0, cpu1) {
+        (Some(a), Some(b)) if ok > 0 => format!("{:.4}", (b - a) * 1e3 / ok as f64),
+        _ => "null".into(),
+    };
     println!(
-        "{{\"requests_ok\":{ok},\"requests_failed\":{failed},\"seconds\":{dt:.2},\"requests_per_second\":{:.1},\"workers\":{},\"prompt_tokens\":{},\"max_tokens\":{},\"concurrency\":{}}}",
+        "{{\"requests_ok\":{ok},\"requests_failed\":{failed},\"seconds\":{dt:.2},\"requests_per_second\":{:.1},\"workers\":{},\"prompt_tokens\":{},\"max_tokens\":{},\"concurrency\":{},\"cpu_ms_per_request\":{cpu_ms}}}",
         ok as f64 / dt,
         urls.len(),
         args.prompt_tokens,
@@ -197,4 +241,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.concurrency
     );
     Ok(())
+}
+
+/// utime + stime of a process, seconds (`/proc/PID/stat` fields 14 and 15, in clock ticks
+/// of 100 Hz, the Linux USER_HZ).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name, which may contain spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // `rest` starts at field 3 (state): utime is field 14, stime 15.
+    (ticks(11) + ticks(12)) / 100.0
 }

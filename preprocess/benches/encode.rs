@@ -1,6 +1,8 @@
 //! Tokenization cost per prompt: the fast path against the `tokenizers` library's full
-//! pipeline, on a ~4k-token English prompt and a chat-rendered prompt, with the vendored Qwen3
-//! tokenizer. `cargo bench -p kvrouter-preprocess --bench encode`
+//! pipeline, on a ~4k-token English prompt, the same with a non-ASCII character every 17
+//! words, and a ~3.3k-token multilingual text (`bench/data/multilingual.txt`: CJK, Cyrillic,
+//! Arabic, Devanagari, Greek, emoji, code), with the vendored Qwen3 tokenizer.
+//! `cargo bench -p kvrouter-preprocess --bench encode`
 use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -30,8 +32,21 @@ fn bench(c: &mut Criterion) {
     let p = Preprocessor::from_model_dir(dir).expect("vendored tokenizer");
     // ASCII English, and the same with a non-ASCII character every 17 words (split by the
     // regex engine instead of the ASCII scanner).
-    for (name, section) in [("ascii", "section 3"), ("unicode", "§3")] {
-        let text = prompt(1, 2400, section);
+    let multi = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/data/multilingual.txt"),
+    )
+    .expect("bench/data/multilingual.txt");
+    let half: String = multi
+        .lines()
+        .take(multi.lines().count() / 2)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let multilingual = format!("{multi}{multi}{half}");
+    for (name, text) in [
+        ("ascii", prompt(1, 2400, "section 3")),
+        ("unicode", prompt(1, 2400, "§3")),
+        ("multilingual", multilingual),
+    ] {
         let n = p.encode(&text).unwrap().len();
         eprintln!("{name} prompt: {} bytes, {n} tokens", text.len());
         let mut g = c.benchmark_group(format!("encode_{name}"));

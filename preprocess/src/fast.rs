@@ -6,9 +6,15 @@
 //! prompt here) goes to that bookkeeping. This path does the same steps — split on added
 //! tokens (leftmost-longest), NFC (skipped when the quick check says the text is already
 //! NFC), split with the pre-tokenizer's regex
-//! (`Isolated`), byte-level map, BPE — and memoises each pre-token's ids per thread. BPE itself,
-//! and every segment NFC would change, still go through the library, so exactness rests on the
-//! splitting alone (tested against `Tokenizer::encode` in `tests/fast_encode.rs`).
+//! (`Isolated`), byte-level map, BPE — and memoises each pre-token's ids per thread. BPE itself
+//! still goes through the library, so exactness rests on the normalisation and splitting (both
+//! tested against `Tokenizer::encode` in `tests/fast_encode.rs`).
+//!
+//! For the Qwen2/3 split pattern the regex itself is replaced by a scanner that tries the
+//! pattern's alternatives in order with its backtracking outcomes, on bytes for ASCII text
+//! ([`qwen_ascii_piece`]) and on characters for any other ([`qwen_piece`]). The scanner's
+//! character classes (`\p{L}`, `\p{N}`, `\s`) are asked of Oniguruma — the engine the library
+//! splits with — once per code point and cached, so both agree on every Unicode version detail.
 //!
 //! It is used only when `tokenizer.json` has exactly this shape: normalizer `NFC` or none;
 //! pre-tokenizer `Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)]`; model `BPE`
@@ -34,8 +40,10 @@ pub(crate) struct FastEncoder {
     added: Option<AhoCorasick>,
     added_ids: Vec<u32>,
     split: onig::Regex,
-    /// The pattern is Qwen2/3's: ASCII text can be split by [`qwen_ascii_pieces`].
+    /// The pattern is Qwen2/3's: text can be split by [`qwen_ascii_piece`] / [`qwen_piece`].
     qwen_pattern: bool,
+    /// Character classes of the pattern, as the regex engine itself decides them.
+    classes: Classes,
     byte_char: [char; 256],
     memo: ThreadLocal<RefCell<Memo>>,
 }
@@ -159,9 +167,15 @@ impl FastEncoder {
             added_ids,
             split: onig::Regex::new(pattern).ok()?,
             qwen_pattern: pattern == QWEN_PATTERN,
+            classes: Classes::new()?,
             byte_char: byte_chars(),
             memo: ThreadLocal::new(),
         })
+    }
+
+    /// Whether the split pattern is scanned without the regex engine.
+    pub(crate) fn has_scanner(&self) -> bool {
+        self.qwen_pattern
     }
 
     /// Token ids of `text` (no special tokens added), as `tokenizer.encode(text, false)`.
@@ -189,11 +203,25 @@ impl FastEncoder {
             return Ok(());
         }
         if !seg.is_ascii() && !already_nfc(seg) {
-            // Text NFC would change: the library's own path (same result, segment by segment,
-            // because added tokens always split the text).
-            out.extend_from_slice(tokenizer.encode_fast(seg, false)?.get_ids());
-            return Ok(());
+            // The library normalises each segment between added tokens, then splits it: do the
+            // same (the quick check says `Maybe` for many scripts' marks; most such text is NFC
+            // already and normalising is cheap next to splitting).
+            use unicode_normalization_alignments::UnicodeNormalization;
+            let nfc: String = seg.nfc().map(|(c, _)| c).collect();
+            if nfc != seg {
+                return self.split(tokenizer, &nfc, out);
+            }
         }
+        self.split(tokenizer, seg, out)
+    }
+
+    /// Split NFC text `seg` with the pattern and encode its pieces.
+    fn split(
+        &self,
+        tokenizer: &Tokenizer,
+        seg: &str,
+        out: &mut Vec<u32>,
+    ) -> tokenizers::Result<()> {
         let memo = self.memo.get_or(|| RefCell::new(Memo::default()));
         let mut memo = memo.borrow_mut();
         if memo.len() > MEMO_LIMIT {
@@ -204,6 +232,15 @@ impl FastEncoder {
             let mut p = 0;
             while p < b.len() {
                 let e = qwen_ascii_piece(b, p);
+                self.piece(tokenizer, &seg[p..e], &mut memo, out)?;
+                p = e;
+            }
+            return Ok(());
+        }
+        if self.qwen_pattern {
+            let mut p = 0;
+            while p < seg.len() {
+                let e = qwen_piece(seg, p, &self.classes);
                 self.piece(tokenizer, &seg[p..e], &mut memo, out)?;
                 p = e;
             }
@@ -327,6 +364,174 @@ fn qwen_ascii_piece(b: &[u8], p: usize) -> usize {
     }
     if end - p >= 2 {
         return end - 1;
+    }
+    // \s+
+    end
+}
+
+/// What the Qwen pattern distinguishes about a character.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Class {
+    /// `\p{L}`.
+    Letter = 1,
+    /// `\p{N}`.
+    Number = 2,
+    /// `\r` or `\n`.
+    CrLf = 3,
+    /// `\s` other than `\r`, `\n`.
+    Space = 4,
+    /// Anything else (`[^\s\p{L}\p{N}]`).
+    Other = 5,
+}
+
+/// Code points classified so far (0 = not yet), shared by every encoder of the process: the
+/// classes depend only on the regex engine's Unicode tables.
+static CLASS_CACHE: [std::sync::atomic::AtomicU8; 0x11_0000] =
+    [const { std::sync::atomic::AtomicU8::new(0) }; 0x11_0000];
+
+/// The regexes that classify a character the way the split pattern sees it.
+struct Classes {
+    letter: onig::Regex,
+    number: onig::Regex,
+    space: onig::Regex,
+}
+
+impl Classes {
+    fn new() -> Option<Self> {
+        Some(Self {
+            letter: onig::Regex::new(r"\A\p{L}\z").ok()?,
+            number: onig::Regex::new(r"\A\p{N}\z").ok()?,
+            space: onig::Regex::new(r"\A\s\z").ok()?,
+        })
+    }
+
+    fn of(&self, c: char) -> Class {
+        use std::sync::atomic::Ordering::Relaxed;
+        if c.is_ascii() {
+            let b = c as u8;
+            return match b {
+                b'\r' | b'\n' => Class::CrLf,
+                _ if b.is_ascii_alphabetic() => Class::Letter,
+                _ if b.is_ascii_digit() => Class::Number,
+                _ if space(b) => Class::Space,
+                _ => Class::Other,
+            };
+        }
+        let slot = &CLASS_CACHE[c as usize];
+        let cached = slot.load(Relaxed);
+        if cached != 0 {
+            return match cached {
+                1 => Class::Letter,
+                2 => Class::Number,
+                4 => Class::Space,
+                _ => Class::Other,
+            };
+        }
+        let mut buf = [0u8; 4];
+        let s: &str = c.encode_utf8(&mut buf);
+        let class = if self.letter.is_match(s) {
+            Class::Letter
+        } else if self.number.is_match(s) {
+            Class::Number
+        } else if self.space.is_match(s) {
+            Class::Space
+        } else {
+            Class::Other
+        };
+        slot.store(class as u8, Relaxed);
+        class
+    }
+}
+
+/// `c` case-folds to the ASCII letter `lower` (`(?i:…)` in the contractions). Besides ASCII
+/// case, U+017F LATIN SMALL LETTER LONG S folds to `s`.
+fn folds_to(c: Option<char>, lower: u8) -> bool {
+    match c {
+        Some(c) if c.is_ascii() => (c as u8).to_ascii_lowercase() == lower,
+        Some('\u{17f}') => lower == b's',
+        _ => false,
+    }
+}
+
+/// End of the match of [`QWEN_PATTERN`] that starts at byte `p` of `s` (`p < s.len()`), for
+/// any text: the same alternatives as [`qwen_ascii_piece`], on characters.
+fn qwen_piece(s: &str, p: usize, classes: &Classes) -> usize {
+    let n = s.len();
+    let char_at = |i: usize| s[i..].chars().next();
+    let next = |i: usize| i + char_at(i).map_or(0, char::len_utf8);
+    let class_at = |i: usize| char_at(i).map(|c| classes.of(c));
+    let letters_from = |mut i: usize| {
+        while i < n && class_at(i) == Some(Class::Letter) {
+            i = next(i);
+        }
+        i
+    };
+    let c = class_at(p).unwrap_or(Class::Other);
+    // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+    if s.as_bytes()[p] == b'\'' {
+        let (i1, c1) = (p + 1, char_at(p + 1));
+        let i2 = next(i1);
+        let c2 = char_at(i2);
+        if [b's', b't', b'm', b'd'].iter().any(|&l| folds_to(c1, l)) {
+            return i2;
+        }
+        let two = |a: u8, b: u8| folds_to(c1, a) && folds_to(c2, b);
+        if two(b'r', b'e') || two(b'v', b'e') || two(b'l', b'l') {
+            return next(i2);
+        }
+    }
+    // [^\r\n\p{L}\p{N}]?\p{L}+
+    if c == Class::Letter {
+        return letters_from(next(p));
+    }
+    let q = next(p);
+    if c != Class::CrLf && c != Class::Number && q < n && class_at(q) == Some(Class::Letter) {
+        return letters_from(next(q));
+    }
+    // \p{N}
+    if c == Class::Number {
+        return q;
+    }
+    // ' ?[^\s\p{L}\p{N}]+[\r\n]*'
+    let start = if s.as_bytes()[p] == b' ' && q < n && class_at(q) == Some(Class::Other) {
+        q
+    } else {
+        p
+    };
+    if class_at(start) == Some(Class::Other) {
+        let mut i = start;
+        while i < n && class_at(i) == Some(Class::Other) {
+            i = next(i);
+        }
+        while i < n && class_at(i) == Some(Class::CrLf) {
+            i = next(i);
+        }
+        return i;
+    }
+    // Only whitespace is left: c is `\s`.
+    let mut end = p;
+    let mut last_crlf = None;
+    let mut last_start = p;
+    while end < n {
+        match class_at(end) {
+            Some(Class::CrLf) => last_crlf = Some(end),
+            Some(Class::Space) => {}
+            _ => break,
+        }
+        last_start = end;
+        end = next(end);
+    }
+    // \s*[\r\n]+ : up to the last newline of the run.
+    if let Some(q) = last_crlf {
+        return q + 1;
+    }
+    // \s+(?!\S) : the whole run at the end of the text, else all but its last character.
+    if end == n {
+        return end;
+    }
+    if last_start > p {
+        return last_start;
     }
     // \s+
     end

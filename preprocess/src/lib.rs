@@ -325,6 +325,17 @@ impl Preprocessor {
         self.fast.is_some()
     }
 
+    /// Which path [`Self::encode`] takes, for a startup log line.
+    pub fn encode_path(&self) -> &'static str {
+        match &self.fast {
+            Some(f) if f.has_scanner() => {
+                "fast: byte-level BPE, Qwen2/3 split pattern scanned without the regex engine"
+            }
+            Some(_) => "fast: byte-level BPE, the tokenizer's split regex",
+            None => "library: this tokenizer's pipeline is not the byte-level BPE the fast path implements",
+        }
+    }
+
     /// Text of `ids`, skipping special tokens. Errors: [`PreprocessError::Decode`].
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.decode_with(ids, true)

@@ -90,6 +90,7 @@ impl Frontend {
         let pre = tokio::task::spawn_blocking(move || Preprocessor::from_model_dir(&dir))
             .await?
             .with_context(|| format!("loading the tokenizer from {}", model_dir.display()))?;
+        tracing::info!(model = %model_dir.display(), "tokenizer: {}", pre.encode_path());
         let context_length = cfg
             .context_length
             .or(pre.context_length())

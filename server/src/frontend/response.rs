@@ -81,7 +81,11 @@ impl Shape {
     /// Append one streamed content chunk as a server-sent event (`role` on the first chat
     /// chunk).
     pub fn write_chunk(&self, out: &mut BytesMut, text: &str, finish: Option<&str>, role: bool) {
-        out.reserve(self.chunk_head.len() + text.len() + 96);
+        let need = self.chunk_head.len() + text.len() + 96;
+        if out.capacity() - out.len() < need {
+            // Room for many chunks: the buffer is split off per write, its tail reused.
+            out.reserve(need.max(8192));
+        }
         out.put_slice(&self.chunk_head);
         match self.endpoint {
             Endpoint::Completions => {

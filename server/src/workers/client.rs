@@ -600,7 +600,7 @@ mod tests {
         let size = format!("{:x}", ev.len());
         let parts = vec![
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
-            size[..1].as_bytes().to_vec(),
+            size.as_bytes()[..1].to_vec(),
             format!("{}\r\n{ev}\r", &size[1..]).into_bytes(),
             b"\n0\r\n\r\n".to_vec(),
         ];
