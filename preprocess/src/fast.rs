@@ -173,6 +173,15 @@ impl FastEncoder {
         })
     }
 
+    /// Byte offsets just past each added-token match of `text` (where encoding can be cut
+    /// without changing the ids), in order.
+    pub(crate) fn added_token_ends(&self, text: &str) -> Vec<usize> {
+        match &self.added {
+            Some(ac) => ac.find_iter(text).map(|m| m.end()).collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Whether the split pattern is scanned without the regex engine.
     pub(crate) fn has_scanner(&self) -> bool {
         self.qwen_pattern

@@ -20,9 +20,11 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
+mod cache;
 mod detok;
 mod fast;
 
+pub use cache::{PromptCache, PromptCacheStats};
 pub use detok::IncrementalDecoder;
 use fast::FastEncoder;
 

@@ -224,6 +224,17 @@ pub struct FrontendConfig {
     /// `nvext.dp_rank`, `nvext.router_config_override` — for untrusted clients.
     #[arg(long, env = "KVROUTER_NO_CLIENT_ROUTING_OVERRIDES")]
     pub no_client_routing_overrides: bool,
+    /// Prompt tokens kept in the cache of tokenized prompt prefixes (a conversation's next turn
+    /// re-tokenizes only its new text; 4 bytes each; 0 turns it off).
+    #[arg(long, env = "KVROUTER_PROMPT_CACHE_TOKENS", default_value_t = 4 << 20)]
+    pub prompt_cache_tokens: usize,
+    /// Request bodies larger than this many bytes are templated and tokenized on the blocking
+    /// pool instead of the async threads.
+    #[arg(long, env = "KVROUTER_INLINE_PARSE_BYTES", default_value_t = 16 * 1024)]
+    pub inline_parse_bytes: usize,
+    /// Large prompts tokenized at once, at most (default: half the cores, at least 1).
+    #[arg(long, env = "KVROUTER_PREPROCESS_THREADS")]
+    pub preprocess_threads: Option<usize>,
     /// KV event messages larger than this many bytes are dropped and counted (the gap is
     /// then recovered by replay or the worker's index cleared).
     #[arg(long, env = "KVROUTER_KV_EVENT_MAX_FRAME_BYTES", default_value_t = 4 << 20)]
@@ -334,6 +345,13 @@ impl FrontendConfig {
             );
         }
         Ok(Some(a))
+    }
+
+    /// Large prompts tokenized at once on the blocking pool.
+    pub fn preprocess_threads(&self) -> usize {
+        self.preprocess_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() / 2))
+            .max(1)
     }
 
     /// The health policy of these flags.

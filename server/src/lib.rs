@@ -126,9 +126,19 @@ impl Frontend {
             max_tokens: cfg.max_tokens_limit.unwrap_or(context_length as u64).max(1),
             client_routing: !cfg.no_client_routing_overrides,
         };
+        let preprocessing = frontend::Preprocessing {
+            pre: Arc::new(pre),
+            cache: (cfg.prompt_cache_tokens > 0).then(|| {
+                Arc::new(kvrouter_preprocess::PromptCache::new(
+                    cfg.prompt_cache_tokens,
+                ))
+            }),
+            inline_bytes: cfg.inline_parse_bytes,
+            slots: Arc::new(tokio::sync::Semaphore::new(cfg.preprocess_threads())),
+        };
         let state = Arc::new(AppState::new(
             model_name.clone(),
-            Arc::new(pre),
+            preprocessing,
             limits,
             cfg.max_body_bytes,
             Duration::from_secs_f64(cfg.http_body_timeout_secs.max(0.001)),

@@ -101,6 +101,8 @@ pub struct Snapshot {
     pub ranks: Vec<RankSnapshot>,
     /// `(block, rank)` entries in the exact index.
     pub index_entries: u64,
+    /// The prompt-prefix cache's counters, when it is on.
+    pub prompt_cache: Option<kvrouter_preprocess::PromptCacheStats>,
 }
 
 /// `(worker_id, dp_rank, kind)` of rejected KV events.
@@ -225,6 +227,30 @@ impl Collector for ScrapeCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(snap.index_entries as i64).encode(f)?;
+        if let Some(pc) = snap.prompt_cache {
+            for (name, help, v) in [
+                (
+                    "frontend_prompt_cache_hits",
+                    "Prompts whose tokenized prefix came from the prompt cache",
+                    pc.hits,
+                ),
+                (
+                    "frontend_prompt_cache_misses",
+                    "Prompts with added tokens and no cached prefix",
+                    pc.misses,
+                ),
+            ] {
+                let f = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(v).encode(f)?;
+            }
+            let f = enc.encode_descriptor(
+                "frontend_prompt_cache_tokens",
+                "Token ids held by the prompt cache",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(pc.tokens as i64).encode(f)?;
+        }
         Ok(())
     }
 }

@@ -72,7 +72,8 @@ fn limits_preset(i: u8) -> (usize, u64) {
 }
 
 /// First byte: bit 0 the endpoint (completions / chat completions), bit 1 whether clients may
-/// steer routing, bits 2–4 the limits ([`limits_preset`]); the rest is the body.
+/// steer routing, bits 2–4 the limits ([`limits_preset`]), bit 5 whether the prompt cache is
+/// used (its ids are checked against a fresh encode); the rest is the body.
 pub fn fuzz_request(data: &[u8]) {
     let Some((&sel, body)) = data.split_first() else {
         return;
@@ -89,7 +90,19 @@ pub fn fuzz_request(data: &[u8]) {
         client_routing: sel & 2 != 0,
     };
     let pre = preprocessor();
-    let parsed = parse_request(endpoint, body, VENDORED_MODEL_NAME, pre, limits);
+    static CACHE: OnceLock<kvrouter_preprocess::PromptCache> = OnceLock::new();
+    let cache = (sel & 32 != 0)
+        .then(|| CACHE.get_or_init(|| kvrouter_preprocess::PromptCache::new(1 << 16)));
+    let parsed = parse_request(endpoint, body, VENDORED_MODEL_NAME, pre, cache, limits);
+    if cache.is_some() {
+        // The cache must never change the ids: parse again without it.
+        let fresh = parse_request(endpoint, body, VENDORED_MODEL_NAME, pre, None, limits);
+        match (&parsed, &fresh) {
+            (Ok(a), Ok(b)) => assert_eq!(a.tokens, b.tokens, "prompt cache changed the ids"),
+            (Err(_), Err(_)) => {}
+            _ => panic!("prompt cache changed the outcome"),
+        }
+    }
     let req = match parsed {
         Ok(r) => r,
         Err(e) => {

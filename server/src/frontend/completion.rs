@@ -72,9 +72,7 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
         s.next_id.fetch_add(1, Ordering::Relaxed),
     );
     let request_id = HeaderValue::from_str(&shape.id).ok();
-    let t = std::time::Instant::now();
-    let parsed = parse_request(endpoint, &bytes, &s.model_name, &s.pre, s.limits);
-    s.metrics.tokenize.observe(t.elapsed().as_secs_f64());
+    let parsed = parse(&s, endpoint, bytes).await;
     let mut resp = match parsed {
         Err(e) => {
             tracker.fail(&e);
@@ -118,6 +116,53 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
         resp.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
     resp
+}
+
+/// Parse and tokenize the body: small ones right here, large ones on the blocking pool (at
+/// most `slots` at once) so that templating and tokenizing a long prompt never holds up the
+/// async threads that carry every other stream.
+async fn parse(
+    s: &Arc<AppState>,
+    endpoint: Endpoint,
+    bytes: axum::body::Bytes,
+) -> Result<ParsedRequest, ApiError> {
+    let p = &s.preprocessing;
+    if bytes.len() <= p.inline_bytes {
+        let t = std::time::Instant::now();
+        let r = parse_request(
+            endpoint,
+            &bytes,
+            &s.model_name,
+            &p.pre,
+            p.cache.as_deref(),
+            s.limits,
+        );
+        s.metrics.tokenize.observe(t.elapsed().as_secs_f64());
+        return r;
+    }
+    let _slot = p.slots.acquire().await;
+    let s2 = s.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
+        let p = &s2.preprocessing;
+        let r = parse_request(
+            endpoint,
+            &bytes,
+            &s2.model_name,
+            &p.pre,
+            p.cache.as_deref(),
+            s2.limits,
+        );
+        s2.metrics.tokenize.observe(t.elapsed().as_secs_f64());
+        r
+    });
+    job.await.unwrap_or_else(|e| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!("preprocessing failed: {e}"),
+        ))
+    })
 }
 
 /// Route the request and start it on the chosen worker; a worker found unreachable becomes

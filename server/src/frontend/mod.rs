@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::{get, post};
-use kvrouter_preprocess::Preprocessor;
+use kvrouter_preprocess::{Preprocessor, PromptCache};
+use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -33,10 +34,22 @@ pub const DP_RANK_HEADER: &str = "x-kvrouter-dp-rank";
 /// Response header with the request's id (also in every log line about it).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// How request bodies are turned into token ids.
+pub struct Preprocessing {
+    pub pre: Arc<Preprocessor>,
+    /// Tokenized prompt prefixes (`None`: off).
+    pub cache: Option<Arc<PromptCache>>,
+    /// Bodies larger than this are parsed on the blocking pool, not on the async threads.
+    pub inline_bytes: usize,
+    /// Parses running on the blocking pool at once, at most.
+    pub slots: Arc<Semaphore>,
+}
+
 /// What every handler shares.
 pub struct AppState {
     pub model_name: String,
     pub pre: Arc<Preprocessor>,
+    pub preprocessing: Preprocessing,
     pub limits: Limits,
     /// Largest accepted request body, bytes.
     pub max_body_bytes: usize,
@@ -53,7 +66,7 @@ impl AppState {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         model_name: String,
-        pre: Arc<Preprocessor>,
+        preprocessing: Preprocessing,
         limits: Limits,
         max_body_bytes: usize,
         body_timeout: Duration,
@@ -63,7 +76,8 @@ impl AppState {
     ) -> Self {
         Self {
             model_name,
-            pre,
+            pre: preprocessing.pre.clone(),
+            preprocessing,
             limits,
             max_body_bytes,
             body_timeout,

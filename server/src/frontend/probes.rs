@@ -112,7 +112,9 @@ pub fn snapshot(fleet: &Fleet) -> Snapshot {
 }
 
 pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let text = s.metrics.render(snapshot(&s.fleet));
+    let mut snap = snapshot(&s.fleet);
+    snap.prompt_cache = s.preprocessing.cache.as_ref().map(|c| c.stats());
+    let text = s.metrics.render(snap);
     (
         [(
             header::CONTENT_TYPE,

@@ -4,7 +4,7 @@
 
 use axum::http::StatusCode;
 use kvrouter_core::RouterConfigOverride;
-use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor};
+use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor, PromptCache};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -122,6 +122,7 @@ pub fn parse_request(
     body: &[u8],
     served_model: &str,
     pre: &Preprocessor,
+    cache: Option<&PromptCache>,
     limits: Limits,
 ) -> Result<ParsedRequest, ApiError> {
     let v: Value = serde_json::from_slice(body)
@@ -181,8 +182,8 @@ pub fn parse_request(
         },
     };
     let tokens = match endpoint {
-        Endpoint::Completions => completion_prompt(&obj, pre)?,
-        Endpoint::ChatCompletions => chat_prompt(&obj, pre)?,
+        Endpoint::Completions => completion_prompt(&obj, pre, cache)?,
+        Endpoint::ChatCompletions => chat_prompt(&obj, pre, cache)?,
     };
     if tokens.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty").param("prompt"));
@@ -300,9 +301,26 @@ fn token_ids(v: &[Value], vocab: usize) -> Result<Vec<u32>, ApiError> {
         .collect()
 }
 
-fn completion_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec<u32>, ApiError> {
+/// Token ids of `text`, through the prompt cache when there is one (the same ids).
+fn encode_text(
+    pre: &Preprocessor,
+    cache: Option<&PromptCache>,
+    text: &str,
+    add_special_tokens: bool,
+) -> kvrouter_preprocess::Result<Vec<u32>> {
+    match cache {
+        Some(c) if pre.has_fast_encode() => pre.encode_cached(text, c),
+        _ => pre.encode_with(text, add_special_tokens),
+    }
+}
+
+fn completion_prompt(
+    obj: &Map<String, Value>,
+    pre: &Preprocessor,
+    cache: Option<&PromptCache>,
+) -> Result<Vec<u32>, ApiError> {
     let encode = |s: &str| {
-        pre.encode_with(s, true)
+        encode_text(pre, cache, s, true)
             .map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))
     };
     let vocab = pre.vocab_size();
@@ -334,7 +352,11 @@ fn completion_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec
     }
 }
 
-fn chat_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec<u32>, ApiError> {
+fn chat_prompt(
+    obj: &Map<String, Value>,
+    pre: &Preprocessor,
+    cache: Option<&PromptCache>,
+) -> Result<Vec<u32>, ApiError> {
     let messages = match obj.get("messages") {
         Some(m @ Value::Array(a)) if !a.is_empty() => m,
         Some(Value::Array(_)) => {
@@ -365,7 +387,7 @@ fn chat_prompt(obj: &Map<String, Value>, pre: &Preprocessor) -> Result<Vec<u32>,
             extra,
         })
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
-    pre.encode(&text)
+    encode_text(pre, cache, &text, false)
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))
 }
 
@@ -387,7 +409,7 @@ mod tests {
             client_routing: true,
         };
         let body = br#"{"model":"m","prompt":"x","max_tokens":18446744073709551615}"#;
-        let e = parse_request(Endpoint::Completions, body, "m", &pre(), limits).unwrap_err();
+        let e = parse_request(Endpoint::Completions, body, "m", &pre(), None, limits).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST, "{}", e.message);
         assert!(
             e.message.contains("maximum context length"),

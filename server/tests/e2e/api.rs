@@ -18,6 +18,7 @@ fn chat_template_gives_the_reference_token_ids() {
         &serde_json::to_vec(&body).unwrap(),
         MODEL,
         &pre,
+        None,
         Limits {
             context_length: 1000,
             max_tokens: 1000,

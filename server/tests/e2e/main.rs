@@ -7,3 +7,4 @@ mod errors;
 mod lifecycle;
 mod limits;
 mod routing;
+mod stall;
