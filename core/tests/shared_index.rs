@@ -1,5 +1,5 @@
-//! The shared (left-right) index: readers see published batches only, both copies stay equal,
-//! rejected ops are reported once, and readers on other threads never block.
+//! The shared index (one copy behind a reader-writer lock): readers see published ops only,
+//! never half an event (torn-state test), and rejected ops are reported once.
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -134,7 +134,7 @@ fn event_batches_apply_in_order_and_report_each_rejection_once() {
         assert_eq!(reader.with(|ix| ix.host.current_size()), Some(4));
     };
     expect(&reader);
-    // The other copy applied the same batch (silently).
+    // An unrelated op later: the batch's state and its error count stay.
     writer.append(IndexOp::RemoveWorker(99));
     writer.publish();
     expect(&reader);

@@ -1,23 +1,26 @@
-//! The exact index shared between one writer and many concurrent readers, with wait-free
-//! reads: [`SharedIndexWriter`] applies KV events, any number of [`IndexReader`] clones answer
-//! `find_matches` on any thread without taking a lock.
+//! The exact index shared between one writer and many concurrent readers, in one copy:
+//! [`SharedIndexWriter`] applies KV events, any number of [`IndexReader`] clones answer
+//! `find_matches` on any thread.
 //!
-//! Built on `left-right`: two copies of the [`TieredIndex`]; readers see one while the writer
-//! updates the other, and [`SharedIndexWriter::publish`] swaps them once per batch (waiting
-//! only for readers still inside the old copy — a lookup takes microseconds). The price is
-//! memory: every entry is held twice, and each event is applied twice.
+//! One [`TieredIndex`] behind a reader-writer lock. The writer applies queued events in chunks
+//! of at most [`WRITE_CHUNK`] under one write lock, so a lookup waits at most for one chunk
+//! (a few microseconds) and never sees half an event: each event is applied whole. (It was a
+//! `left-right` pair before: wait-free reads, but every entry held twice and every event
+//! applied twice — gigabytes at a fleet of 100 workers × 100k blocks.)
 //!
 //! A server feeds every worker's event subscriber into one channel, and one thread drains it
 //! in batches: `append` each event, then `publish`.
 
-use std::sync::Arc;
-
-use left_right::{Absorb, ReadHandle, ReadHandleFactory, WriteHandle};
-use thread_local::ThreadLocal;
+use std::sync::{Arc, RwLock};
 
 use crate::event::{RouterEvent, WorkerId, WorkerWithDpRank};
 use crate::hash::LocalBlockHash;
 use crate::index::{IndexError, OverlapScores, TierOverlap, TieredIndex};
+
+/// Events applied under one write lock at most: long enough to keep the batch prefetching of
+/// [`KvIndex::apply_batch`](crate::index::KvIndex::apply_batch), short enough that a waiting
+/// lookup is delayed by microseconds.
+pub const WRITE_CHUNK: usize = 32;
 
 /// A change to the shared index.
 #[derive(Clone, Debug)]
@@ -36,108 +39,35 @@ pub enum IndexOp {
 /// [`KvIndex::apply`](crate::index::KvIndex::apply) documents (a removal's known blocks go).
 pub type ErrorSink = Arc<dyn Fn(WorkerWithDpRank, &IndexError) + Send + Sync>;
 
-/// One copy of the index. `on_error` runs for the first application of an op only, so each
-/// rejection is reported once although both copies apply it.
-struct IndexCopy {
-    index: TieredIndex,
-    on_error: Option<ErrorSink>,
-}
-
-impl Default for IndexCopy {
-    fn default() -> Self {
-        Self {
-            index: TieredIndex::new(),
-            on_error: None,
-        }
-    }
-}
-
-/// What the oplog carries: public ops, plus installing the error sink in both copies.
-enum Op {
-    Index(IndexOp),
-    SetSink(Option<ErrorSink>),
-}
-
-impl IndexCopy {
-    /// Apply `op`; with `report`, rejected events go to the error sink (the first copy
-    /// reports, the second applies the same ops silently).
-    fn apply(&mut self, op: &Op, report: bool) {
-        let op = match op {
-            Op::Index(op) => op,
-            Op::SetSink(s) => {
-                self.on_error = s.clone();
-                return;
-            }
-        };
-        let sink = self.on_error.as_ref().filter(|_| report);
-        let on_error = |ev: &RouterEvent, e: IndexError| {
-            if let Some(sink) = sink {
-                sink(ev.worker(), &e);
-            }
-        };
-        match op {
-            IndexOp::Event(ev) => {
-                if let Err(e) = self.index.apply(ev) {
-                    on_error(ev, e);
-                }
-            }
-            IndexOp::Events(evs) => self.index.apply_batch(evs, on_error),
-            IndexOp::RemoveWorker(w) => self.index.remove_worker(*w),
-        }
-    }
-}
-
-impl Absorb<Op> for IndexCopy {
-    fn absorb_first(&mut self, op: &mut Op, _other: &Self) {
-        self.apply(op, true);
-    }
-
-    fn absorb_second(&mut self, op: Op, _other: &Self) {
-        self.apply(&op, false);
-    }
-
-    fn drop_first(self: Box<Self>) {}
-
-    fn sync_with(&mut self, first: &Self) {
-        // left-right calls this at the second publish, with the copy the first publish made
-        // current. `shared_index` publishes once with only the error sink queued, so that
-        // copy's index is empty: only the sink needs copying.
-        debug_assert_eq!(
-            first.index.device.current_size()
-                + first.index.host.current_size()
-                + first.index.disk.current_size(),
-            0
-        );
-        self.on_error = first.on_error.clone();
-    }
+struct Shared {
+    index: RwLock<TieredIndex>,
 }
 
 /// The single writer of the shared index. Not `Sync`: own it from one thread (or task).
 pub struct SharedIndexWriter {
-    handle: WriteHandle<IndexCopy, Op>,
-    pending: usize,
+    shared: Arc<Shared>,
+    on_error: Option<ErrorSink>,
+    pending: Vec<IndexOp>,
 }
 
-/// A reader of the shared index: cheap to clone, `Send + Sync`. Each thread gets its own
-/// `left-right` read handle on first use, so reads never contend on a lock.
+/// A reader of the shared index: cheap to clone, `Send + Sync`.
 #[derive(Clone)]
 pub struct IndexReader {
-    factory: ReadHandleFactory<IndexCopy>,
-    local: Arc<ThreadLocal<ReadHandle<IndexCopy>>>,
+    shared: Arc<Shared>,
 }
 
 /// A new, empty shared index. `on_error` receives every rejected op once.
 pub fn shared_index(on_error: Option<ErrorSink>) -> (SharedIndexWriter, IndexReader) {
-    let (w, r) = left_right::new::<IndexCopy, Op>();
-    let mut writer = SharedIndexWriter {
-        handle: w,
-        pending: 0,
-    };
-    writer.handle.append(Op::SetSink(on_error));
-    writer.handle.publish();
+    let shared = Arc::new(Shared {
+        index: RwLock::new(TieredIndex::new()),
+    });
     let reader = IndexReader {
-        factory: r.factory(),
-        local: Arc::new(ThreadLocal::new()),
+        shared: shared.clone(),
+    };
+    let writer = SharedIndexWriter {
+        shared,
+        on_error,
+        pending: Vec::new(),
     };
     (writer, reader)
 }
@@ -145,39 +75,61 @@ pub fn shared_index(on_error: Option<ErrorSink>) -> (SharedIndexWriter, IndexRea
 impl SharedIndexWriter {
     /// Queue an op; readers see it after the next [`publish`](Self::publish).
     pub fn append(&mut self, op: IndexOp) {
-        self.handle.append(Op::Index(op));
-        self.pending += 1;
+        self.pending.push(op);
     }
 
-    /// Make every queued op visible to readers. Returns how many were published.
+    /// Apply every queued op, in order, a chunk of events per write lock. Returns how many ops
+    /// were applied.
     pub fn publish(&mut self) -> usize {
-        if self.pending == 0 {
-            return 0;
+        let ops = std::mem::take(&mut self.pending);
+        let n = ops.len();
+        let sink = self.on_error.clone();
+        let on_error = |ev: &RouterEvent, e: IndexError| {
+            if let Some(sink) = &sink {
+                sink(ev.worker(), &e);
+            }
+        };
+        for op in ops {
+            match op {
+                IndexOp::Event(ev) => {
+                    if let Err(e) = self.write().apply(&ev) {
+                        on_error(&ev, e);
+                    }
+                }
+                IndexOp::Events(evs) => {
+                    for chunk in evs.chunks(WRITE_CHUNK) {
+                        self.write().apply_batch(chunk, on_error);
+                    }
+                }
+                IndexOp::RemoveWorker(w) => self.write().remove_worker(w),
+            }
         }
-        self.handle.publish();
-        std::mem::take(&mut self.pending)
+        n
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, TieredIndex> {
+        // A panic while applying cannot leave a half-applied event behind a poisoned lock that
+        // matters more than serving on: the index stays usable.
+        self.shared.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A reader of this index.
     pub fn reader(&self) -> IndexReader {
         IndexReader {
-            factory: self.handle.factory(),
-            local: Arc::new(ThreadLocal::new()),
+            shared: self.shared.clone(),
         }
     }
 }
 
 impl IndexReader {
-    /// Run `f` on the current published index. Wait-free; `None` only after the writer is
-    /// dropped.
+    /// Run `f` on the index under a read lock (waiting at most for one chunk of events).
+    /// Always `Some` (kept for callers written against the former left-right reader).
     pub fn with<T>(&self, f: impl FnOnce(&TieredIndex) -> T) -> Option<T> {
-        let h = self.local.get_or(|| self.factory.handle());
-        let guard = h.enter()?;
-        Some(f(&guard.index))
+        let guard = self.shared.index.read().unwrap_or_else(|e| e.into_inner());
+        Some(f(&guard))
     }
 
-    /// Per rank, matched blocks in each tier (see [`TieredIndex::find_tier_matches`]); empty
-    /// when the writer is gone.
+    /// Per rank, matched blocks in each tier (see [`TieredIndex::find_tier_matches`]).
     pub fn find_tier_matches(
         &self,
         query: &[LocalBlockHash],
@@ -192,7 +144,7 @@ impl IndexReader {
             .unwrap_or_default()
     }
 
-    /// `(block, worker)` pairs across tiers in the published copy.
+    /// `(block, worker)` pairs across tiers.
     pub fn current_size(&self) -> usize {
         self.with(|i| i.current_size()).unwrap_or(0)
     }
