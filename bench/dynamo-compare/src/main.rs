@@ -6,7 +6,12 @@
 //! cd bench/dynamo-compare
 //! taskset -c 1 cargo run --release -- speed [64w|256w|all] [rounds]   # apply + find_matches
 //! cargo run --release -- memory [ours|dynamo] [64w|256w]               # heap + resident, one index
+//! cargo run --release -- shared [rate] [full_events] [rate_seconds]    # the shared indexes (issue 14)
 //! ```
+//!
+//! `shared` (see `shared.rs`) compares the frontend's shared index (one copy behind a
+//! `RwLock`), the left-right pair it replaced, and Dynamo's `ConcurrentRadixTreeCompressed`:
+//! memory per entry, and lookup latency while a writer thread applies events.
 //!
 //! This host's speed moves by 10–30 % from minute to minute, so `speed` alternates the two
 //! indexes round by round and reports each round's ratio; the median ratio is the figure to
@@ -18,7 +23,7 @@
 //! block"), so the salt is removed and both indexes get the identical, unsalted stream.
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use dynamo_kv_router::protocols as dyn_proto;
@@ -29,29 +34,43 @@ use kvrouter_core::event::{KvCacheEventData, RouterEvent};
 use kvrouter_core::hash::LocalBlockHash;
 use kvrouter_core::index::KvIndex;
 
+mod leftright;
+mod shared;
+
 /// mimalloc, counting live heap bytes: the memory comparison reads the bytes each index asked
 /// for, which (unlike RSS) does not depend on when the allocator returns freed pages.
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// Off while `shared` times lookups on several threads: one counter written by every
+/// allocation of every thread would add cache-line traffic to each lookup.
+static COUNTING: AtomicBool = AtomicBool::new(true);
 
 // SAFETY: forwards every call to mimalloc unchanged; only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Relaxed);
+        if COUNTING.load(Relaxed) {
+            LIVE.fetch_add(l.size(), Relaxed);
+        }
         unsafe { mimalloc::MiMalloc.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size(), Relaxed);
+        if COUNTING.load(Relaxed) {
+            LIVE.fetch_sub(l.size(), Relaxed);
+        }
         unsafe { mimalloc::MiMalloc.dealloc(p, l) }
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), Relaxed);
+        if COUNTING.load(Relaxed) {
+            LIVE.fetch_add(l.size(), Relaxed);
+        }
         unsafe { mimalloc::MiMalloc.alloc_zeroed(l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new, Relaxed);
-        LIVE.fetch_sub(l.size(), Relaxed);
+        if COUNTING.load(Relaxed) {
+            LIVE.fetch_add(new, Relaxed);
+            LIVE.fetch_sub(l.size(), Relaxed);
+        }
         unsafe { mimalloc::MiMalloc.realloc(p, l, new) }
     }
 }
@@ -81,8 +100,10 @@ fn main() {
                 memory(name, &w, &which);
             }
         }
+        "shared" => shared::run(&args[1..]),
+        "shared-memory" => shared::memory_child(&arg(1, "ours")),
         other => {
-            eprintln!("unknown mode {other:?}: speed [64w|256w|all] [rounds] | memory [ours|dynamo] [64w|256w]");
+            eprintln!("unknown mode {other:?}: speed [64w|256w|all] [rounds] | memory [ours|dynamo] [64w|256w] | shared [rate] [full_events] [rate_seconds]");
             std::process::exit(2);
         }
     }
