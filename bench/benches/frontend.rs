@@ -19,6 +19,8 @@ fn limits() -> Limits {
         context_length: 1 << 20,
         max_tokens: 1,
         client_routing: true,
+        tool_parser: None,
+        reasoning_parser: None,
     }
 }
 

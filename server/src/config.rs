@@ -224,6 +224,18 @@ pub struct FrontendConfig {
     /// `nvext.dp_rank`, `nvext.router_config_override` — for untrusted clients.
     #[arg(long, env = "KVROUTER_NO_CLIENT_ROUTING_OVERRIDES")]
     pub no_client_routing_overrides: bool,
+    /// How the model writes tool calls, as vLLM names its parsers: `hermes` (Qwen2.5/Qwen3,
+    /// Hermes), `llama3_json`, `mistral`. Needed for `tool_choice: "auto"` (and for tools sent
+    /// without a `tool_choice`); `required` and named choices work without it.
+    #[arg(long, alias = "dyn-tool-call-parser", env = "DYN_TOOL_CALL_PARSER")]
+    pub tool_call_parser: Option<crate::frontend::tools::ToolCallParser>,
+    /// Accepted for vLLM's command lines; `--tool-call-parser` alone enables auto tool choice.
+    #[arg(long, hide = true)]
+    pub enable_auto_tool_choice: bool,
+    /// Split `<think>…</think>` from chat answers into `reasoning_content`: `qwen3` or
+    /// `deepseek_r1` (vLLM's parsers of those names).
+    #[arg(long, alias = "dyn-reasoning-parser", env = "DYN_REASONING_PARSER")]
+    pub reasoning_parser: Option<crate::frontend::reasoning::ReasoningParser>,
     /// Prompt tokens kept in the cache of tokenized prompt prefixes (a conversation's next turn
     /// re-tokenizes only its new text; 4 bytes each; 0 turns it off).
     #[arg(long, env = "KVROUTER_PROMPT_CACHE_TOKENS", default_value_t = 4 << 20)]

@@ -125,6 +125,8 @@ impl Frontend {
             context_length,
             max_tokens: cfg.max_tokens_limit.unwrap_or(context_length as u64).max(1),
             client_routing: !cfg.no_client_routing_overrides,
+            tool_parser: cfg.tool_call_parser,
+            reasoning_parser: cfg.reasoning_parser,
         };
         let preprocessing = frontend::Preprocessing {
             pre: Arc::new(pre),

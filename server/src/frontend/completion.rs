@@ -88,11 +88,11 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                 let flow = Flow::new(
                     s.clone(),
                     shape,
-                    req.include_usage,
                     req.tokens.len(),
                     booking,
                     tracker,
                     chunks,
+                    req.output.clone(),
                 );
                 let mut resp = if req.stream {
                     let body = Body::from_stream(flow.into_sse());

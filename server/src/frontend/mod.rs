@@ -7,11 +7,16 @@
 //!    the end, on error, or when the client goes away (the response owns the booking);
 //! 3. [`probes`] — the read-only routes: models, health, readiness, metrics.
 
+pub mod choice;
 pub mod completion;
+pub mod contract;
+pub mod logprobs;
 pub mod probes;
+pub mod reasoning;
 pub mod request;
 pub mod response;
 pub mod stream;
+pub mod tools;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

@@ -7,6 +7,11 @@ use kvrouter_core::RouterConfigOverride;
 use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor, PromptCache};
 use serde_json::{Map, Value};
 
+use super::choice::OutputOptions;
+use super::contract;
+use super::logprobs::{LogprobsOut, MAX_TOP};
+use super::reasoning::ReasoningParser;
+use super::tools::{required_schema, ToolCallParser, ToolMode};
 use crate::error::ApiError;
 
 /// Which API a request came in on.
@@ -26,26 +31,6 @@ impl Endpoint {
     }
 }
 
-/// Sampling fields forwarded to the worker unchanged (vLLM's names).
-const PASSTHROUGH: &[&str] = &[
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "min_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-    "cache_salt",
-];
-
 /// A request ready for routing.
 #[derive(Debug)]
 pub struct ParsedRequest {
@@ -53,7 +38,6 @@ pub struct ParsedRequest {
     pub model: String,
     pub tokens: Vec<u32>,
     pub stream: bool,
-    pub include_usage: bool,
     /// Tokens to generate at most: the client's `max_tokens`, else what the context and
     /// `--max-tokens-limit` leave.
     pub max_tokens: u64,
@@ -64,7 +48,10 @@ pub struct ParsedRequest {
     /// `nvext.router_config_override`.
     pub overrides: Option<RouterConfigOverride>,
     pub cache_salt: Option<String>,
-    /// Fields forwarded to the worker.
+    /// How the output is parsed and shaped: reasoning, tool calls, logprobs, usage per chunk.
+    pub output: OutputOptions,
+    /// Fields sent to the worker besides the prompt (the contract's forwarded ones, `n`,
+    /// `logprobs`, and a tool-call schema).
     pub sampling: Map<String, Value>,
 }
 
@@ -113,7 +100,14 @@ pub struct Limits {
     /// Whether clients may steer routing (`nvext.backend_instance_id`, `nvext.dp_rank`,
     /// `nvext.router_config_override`); off with `--no-client-routing-overrides`.
     pub client_routing: bool,
+    /// `--tool-call-parser`: how `tool_choice: "auto"` output is read (none: auto refused).
+    pub tool_parser: Option<ToolCallParser>,
+    /// `--reasoning-parser`: chat output split into `reasoning_content` and `content`.
+    pub reasoning_parser: Option<ReasoningParser>,
 }
+
+/// The largest `n` (choices per request).
+pub const MAX_N: u64 = 16;
 
 /// Parse and preprocess a request body. Errors: 400 (bad JSON or fields, prompt too long),
 /// 404 (unknown model).
@@ -130,6 +124,7 @@ pub fn parse_request(
     let Value::Object(obj) = v else {
         return Err(ApiError::bad_request("request body must be a JSON object"));
     };
+    contract::check(endpoint, &obj)?;
     let model = match obj.get("model") {
         Some(Value::String(m)) => m.clone(),
         None | Some(Value::Null) => {
@@ -146,16 +141,43 @@ pub fn parse_request(
         .param("model"));
     }
     let stream = get_bool(&obj, "stream")?.unwrap_or(false);
-    let include_usage = match obj.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => get_bool(o, "include_usage")?.unwrap_or(false),
+    let (include_usage, continuous_usage) = match obj.get("stream_options") {
+        None | Some(Value::Null) => (false, false),
+        Some(Value::Object(o)) => {
+            if let Some(k) = o
+                .keys()
+                .find(|k| !["include_usage", "continuous_usage_stats"].contains(&k.as_str()))
+            {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported field `stream_options.{k}`"
+                ))
+                .param("stream_options"));
+            }
+            (
+                get_bool(o, "include_usage")?.unwrap_or(false),
+                get_bool(o, "continuous_usage_stats")?.unwrap_or(false),
+            )
+        }
         Some(_) => return Err(ApiError::bad_request("`stream_options` must be an object")),
     };
-    match obj.get("n") {
-        None | Some(Value::Null) => {}
-        Some(n) if n.as_u64() == Some(1) => {}
-        Some(_) => return Err(ApiError::bad_request("only n = 1 is supported").param("n")),
+    if (include_usage || continuous_usage) && !stream {
+        return Err(
+            ApiError::bad_request("`stream_options` is only allowed with `stream: true`")
+                .param("stream_options"),
+        );
     }
+    let n = match obj.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64() {
+            Some(n @ 1..=MAX_N) => n as u32,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`n` must be an integer from 1 to {MAX_N}"
+                ))
+                .param("n"))
+            }
+        },
+    };
     let max_key = match endpoint {
         Endpoint::ChatCompletions if obj.contains_key("max_completion_tokens") => {
             "max_completion_tokens"
@@ -256,25 +278,199 @@ pub fn parse_request(
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(ApiError::bad_request("`cache_salt` must be a string")),
     };
-    let mut sampling = Map::new();
-    for k in PASSTHROUGH {
-        if let Some(v) = obj.get(*k).filter(|v| !v.is_null()) {
-            sampling.insert((*k).to_string(), v.clone());
+    let mut sampling = contract::forwarded(endpoint, &obj);
+    if n > 1 {
+        sampling.insert("n".into(), n.into());
+    }
+    let logprobs = logprobs(endpoint, &obj)?;
+    if let Some(k) = logprobs.1 {
+        sampling.insert("logprobs".into(), k.into());
+    }
+    let tools = tool_mode(endpoint, &obj, limits.tool_parser)?;
+    if let Some((mode, schema)) = &tools {
+        if let Some(s) = schema {
+            if obj
+                .keys()
+                .any(|k| STRUCTURED.contains(&k.as_str()) && !obj[k].is_null())
+            {
+                return Err(ApiError::bad_request(
+                    "`tool_choice` \"required\" or a named function cannot be combined with structured output",
+                )
+                .param("tool_choice"));
+            }
+            sampling.insert(
+                "response_format".into(),
+                serde_json::json!({"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": s}}),
+            );
+        }
+        if mode == &ToolMode::Auto(ToolCallParser::Mistral) {
+            // `[TOOL_CALLS]` is a special token: the worker must not skip it.
+            sampling
+                .entry("skip_special_tokens")
+                .or_insert(Value::Bool(false));
         }
     }
+    let parallel_tool_calls = get_bool(&obj, "parallel_tool_calls")?.unwrap_or(true);
+    let output = OutputOptions {
+        n,
+        include_usage,
+        reasoning: match endpoint {
+            Endpoint::ChatCompletions => limits.reasoning_parser,
+            Endpoint::Completions => None,
+        },
+        tools: tools.map(|(m, _)| m),
+        parallel_tool_calls,
+        logprobs: logprobs.0,
+        continuous_usage: continuous_usage && include_usage,
+    };
     Ok(ParsedRequest {
         endpoint,
         model,
         tokens,
         stream,
-        include_usage,
         max_tokens,
         backend_instance_id,
         dp_rank,
         overrides,
         cache_salt,
+        output,
         sampling,
     })
+}
+
+/// The structured-output fields (a tool-call schema cannot be added to these).
+const STRUCTURED: &[&str] = &[
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structural_tag",
+];
+
+/// What the client sees of logprobs, and the worker's completions `logprobs` to ask for.
+fn logprobs(
+    endpoint: Endpoint,
+    obj: &Map<String, Value>,
+) -> Result<(Option<LogprobsOut>, Option<u64>), ApiError> {
+    let bad =
+        |k: &'static str, what: &str| Err(ApiError::bad_request(format!("`{k}` {what}")).param(k));
+    match endpoint {
+        Endpoint::Completions => match obj.get("logprobs") {
+            None | Some(Value::Null) => Ok((None, None)),
+            Some(v) => match v.as_u64() {
+                Some(k) if k <= MAX_TOP => Ok((Some(LogprobsOut::Completions), Some(k))),
+                _ => bad(
+                    "logprobs",
+                    &format!("must be an integer from 0 to {MAX_TOP}"),
+                ),
+            },
+        },
+        Endpoint::ChatCompletions => {
+            let on = match obj.get("logprobs") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return bad("logprobs", "must be a boolean"),
+            };
+            let top = match obj.get("top_logprobs") {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_u64() {
+                    Some(k) if k <= MAX_TOP => Some(k),
+                    _ => {
+                        return bad(
+                            "top_logprobs",
+                            &format!("must be an integer from 0 to {MAX_TOP}"),
+                        )
+                    }
+                },
+            };
+            match (on, top) {
+                (false, Some(k)) if k > 0 => bad("top_logprobs", "needs `logprobs: true`"),
+                (false, _) => Ok((None, None)),
+                (true, k) => {
+                    let k = k.unwrap_or(0);
+                    Ok((Some(LogprobsOut::Chat { top: k as usize }), Some(k)))
+                }
+            }
+        }
+    }
+}
+
+/// The request's tool-call mode and, for `required` / a named function, the schema the worker
+/// is held to. `None` without tools or with `tool_choice: "none"`. Errors: malformed `tools` or
+/// `tool_choice`, an unknown function, `auto` without a configured parser (as vLLM).
+fn tool_mode(
+    endpoint: Endpoint,
+    obj: &Map<String, Value>,
+    parser: Option<ToolCallParser>,
+) -> Result<Option<(ToolMode, Option<Value>)>, ApiError> {
+    if endpoint != Endpoint::ChatCompletions {
+        return Ok(None);
+    }
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(a)) => a.as_slice(),
+        Some(_) => return Err(ApiError::bad_request("`tools` must be an array").param("tools")),
+    };
+    for t in tools {
+        let name = t.pointer("/function/name").and_then(Value::as_str);
+        if t.get("type").and_then(Value::as_str) != Some("function")
+            || name.is_none_or(str::is_empty)
+        {
+            return Err(ApiError::bad_request(
+                "each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}",
+            )
+            .param("tools"));
+        }
+    }
+    let choice = obj.get("tool_choice").filter(|v| !v.is_null());
+    if tools.is_empty() {
+        return match choice {
+            None => Ok(None),
+            Some(Value::String(c)) if c == "none" => Ok(None),
+            Some(_) => {
+                Err(ApiError::bad_request("`tool_choice` needs `tools`").param("tool_choice"))
+            }
+        };
+    }
+    let parallel = get_bool(obj, "parallel_tool_calls")?.unwrap_or(true);
+    match choice {
+        Some(Value::String(c)) if c == "none" => Ok(None),
+        None => Ok(parser.map(|p| (ToolMode::Auto(p), None))),
+        Some(Value::String(c)) if c == "auto" => match parser {
+            Some(p) => Ok(Some((ToolMode::Auto(p), None))),
+            None => Err(ApiError::bad_request(
+                "\"auto\" tool choice requires a tool-call parser: start the frontend with --tool-call-parser",
+            )
+            .param("tool_choice")),
+        },
+        Some(Value::String(c)) if c == "required" => Ok(Some((
+            ToolMode::Required,
+            required_schema(tools, None, parallel),
+        ))),
+        Some(v @ Value::Object(_)) => {
+            let name = v
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .filter(|_| v.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "a named `tool_choice` is {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                    )
+                    .param("tool_choice")
+                })?;
+            let schema = required_schema(tools, Some(name), parallel).ok_or_else(|| {
+                ApiError::bad_request(format!("`tool_choice` names `{name}`, which is not in `tools`"))
+                    .param("tool_choice")
+            })?;
+            Ok(Some((ToolMode::Named(name.to_string()), Some(schema))))
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "`tool_choice` must be \"none\", \"auto\", \"required\" or a named function",
+        )
+        .param("tool_choice")),
+    }
 }
 
 fn get_bool(obj: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
@@ -314,13 +510,14 @@ fn encode_text(
     }
 }
 
-fn completion_prompt(
+pub(super) fn completion_prompt(
     obj: &Map<String, Value>,
     pre: &Preprocessor,
     cache: Option<&PromptCache>,
 ) -> Result<Vec<u32>, ApiError> {
+    let add_special_tokens = get_bool(obj, "add_special_tokens")?.unwrap_or(true);
     let encode = |s: &str| {
-        encode_text(pre, cache, s, true)
+        encode_text(pre, cache, s, add_special_tokens)
             .map_err(|e| ApiError::bad_request(e.to_string()).param("prompt"))
     };
     let vocab = pre.vocab_size();
@@ -352,7 +549,7 @@ fn completion_prompt(
     }
 }
 
-fn chat_prompt(
+pub(super) fn chat_prompt(
     obj: &Map<String, Value>,
     pre: &Preprocessor,
     cache: Option<&PromptCache>,
@@ -370,24 +567,41 @@ fn chat_prompt(
         }
     };
     let add_generation_prompt = get_bool(obj, "add_generation_prompt")?.unwrap_or(true);
-    let extra = match obj.get("chat_template_kwargs") {
+    let mut extra = match obj.get("chat_template_kwargs") {
         None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => Some(o),
+        Some(Value::Object(o)) => Some(std::borrow::Cow::Borrowed(o)),
         Some(_) => {
             return Err(ApiError::bad_request(
                 "`chat_template_kwargs` must be an object",
             ))
         }
     };
+    // vLLM hands `reasoning_effort` to the chat template as a variable.
+    match obj.get("reasoning_effort") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(e)) if ["low", "medium", "high"].contains(&e.as_str()) => {
+            extra
+                .get_or_insert_with(Default::default)
+                .to_mut()
+                .insert("reasoning_effort".into(), e.as_str().into());
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`reasoning_effort` must be \"low\", \"medium\" or \"high\"",
+            )
+            .param("reasoning_effort"))
+        }
+    }
+    let add_special_tokens = get_bool(obj, "add_special_tokens")?.unwrap_or(false);
     let text = pre
         .render_chat(&ChatTemplateArgs {
             messages,
             tools: obj.get("tools"),
             add_generation_prompt,
-            extra,
+            extra: extra.as_deref(),
         })
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))?;
-    encode_text(pre, cache, &text, false)
+    encode_text(pre, cache, &text, add_special_tokens)
         .map_err(|e| ApiError::bad_request(e.to_string()).param("messages"))
 }
 
@@ -407,6 +621,8 @@ mod tests {
             context_length: usize::MAX,
             max_tokens: u64::MAX,
             client_routing: true,
+            tool_parser: None,
+            reasoning_parser: None,
         };
         let body = br#"{"model":"m","prompt":"x","max_tokens":18446744073709551615}"#;
         let e = parse_request(Endpoint::Completions, body, "m", &pre(), None, limits).unwrap_err();

@@ -18,6 +18,7 @@ use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use serde_json::Value;
 
+use super::choice::{Choice, OutputOptions};
 use super::request::Endpoint;
 use super::response::{usage, Shape};
 use super::AppState;
@@ -97,9 +98,10 @@ pub struct Flow {
     worker: WorkerStream,
     completion_tokens: usize,
     usage: Option<Value>,
-    finish: Option<String>,
+    /// The request's choices (`n`), by index.
+    choices: Vec<Choice>,
+    opts: OutputOptions,
     last_token: Option<Instant>,
-    role_sent: bool,
     done: bool,
     out: BytesMut,
 }
@@ -114,25 +116,25 @@ impl Flow {
     pub fn new(
         state: Arc<AppState>,
         shape: Shape,
-        include_usage: bool,
         prompt_tokens: usize,
         booking: Booking,
         tracker: Tracker,
         worker: WorkerStream,
+        opts: OutputOptions,
     ) -> Self {
         Self {
             state,
             shape,
-            include_usage,
+            include_usage: opts.include_usage,
             prompt_tokens,
             booking,
             tracker,
             worker,
             completion_tokens: 0,
             usage: None,
-            finish: None,
+            choices: (0..opts.n.max(1)).map(|i| Choice::new(i, &opts)).collect(),
+            opts,
             last_token: None,
-            role_sent: false,
             done: false,
             out: BytesMut::new(),
         }
@@ -155,8 +157,8 @@ impl Flow {
         self.completion_tokens += tokens.max(1);
     }
 
-    /// Read one worker event; `text` receives its text (streamed: written as a chunk).
-    fn on_event(&mut self, payload: &[u8], text: Option<&mut String>) -> Step {
+    /// Read one worker event: streamed, written as a chunk; `whole`, kept for the response.
+    fn on_event(&mut self, payload: &[u8], whole: bool) -> Step {
         let ev = match WorkerEvent::parse(payload) {
             Ok(Ok(ev)) => ev,
             Ok(Err(message)) => {
@@ -179,24 +181,65 @@ impl Flow {
         if ev.has_output() {
             self.on_output(ev.tokens);
         }
-        if let Some(f) = &ev.finish_reason {
-            self.finish = Some(f.to_string());
+        if !(ev.has_output() || ev.finish_reason.is_some() || ev.logprobs.is_some()) {
+            return Step::Continue;
         }
-        if ev.has_output() || ev.finish_reason.is_some() {
-            match text {
-                Some(t) => t.push_str(&ev.text),
-                None => {
-                    let role = !std::mem::replace(&mut self.role_sent, true);
-                    self.shape.write_chunk(
-                        &mut self.out,
-                        &ev.text,
-                        ev.finish_reason.as_deref(),
-                        role,
-                    );
-                }
+        let Some(ch) = self.choices.get_mut(ev.index as usize) else {
+            return Step::Failed(WorkerError::Protocol {
+                url: self.worker.url().to_string(),
+                message: format!("event for choice {} of {}", ev.index, self.choices.len()),
+            });
+        };
+        if let Some(f) = &ev.finish_reason {
+            ch.finish = Some(f.to_string());
+        }
+        if self.opts.plain() {
+            // The fast path: text straight through.
+            if whole {
+                ch.content.push_str(&ev.text);
+            } else {
+                let role = !std::mem::replace(&mut ch.role_sent, true);
+                self.shape.write_chunk(
+                    &mut self.out,
+                    ch.index,
+                    &ev.text,
+                    ev.finish_reason.as_deref(),
+                    role,
+                );
+            }
+            return Step::Continue;
+        }
+        let last = ev.finish_reason.is_some();
+        let d = ch.push(&ev.text, ev.logprobs.map(|l| l.get()), last);
+        if !whole {
+            let finish = if last { ch.finish_reason() } else { None };
+            if !d.is_empty() || finish.is_some() {
+                let role = !std::mem::replace(&mut ch.role_sent, true);
+                let index = ch.index;
+                let u = self
+                    .opts
+                    .continuous_usage
+                    .then(|| usage(None, self.prompt_tokens, self.completion_tokens));
+                self.shape
+                    .write_delta(&mut self.out, index, &d, finish.as_deref(), role, u);
             }
         }
         Step::Continue
+    }
+
+    /// Choices the worker ended without a finish reason: their parsers' held text, flushed.
+    fn flush_unfinished(&mut self, whole: bool) {
+        if self.opts.plain() {
+            return;
+        }
+        for ch in self.choices.iter_mut().filter(|c| c.finish.is_none()) {
+            let d = ch.push("", None, true);
+            if !whole && !d.is_empty() {
+                let role = !std::mem::replace(&mut ch.role_sent, true);
+                self.shape
+                    .write_delta(&mut self.out, ch.index, &d, None, role, None);
+            }
+        }
     }
 
     /// The request ended well: book-keeping and the final usage.
@@ -242,6 +285,7 @@ impl Flow {
 
     /// The worker's stream ended well: the usage chunk if asked for, and `[DONE]`.
     fn finish_stream(&mut self) {
+        self.flush_unfinished(false);
         let u = self.succeed();
         self.done = true;
         if self.include_usage {
@@ -259,17 +303,18 @@ impl Flow {
     /// A worker error, unless it is the end of a response that had finished.
     fn worker_failed(&self, e: WorkerError) -> Option<WorkerError> {
         match e {
-            WorkerError::Truncated { .. } if self.finish.is_some() => None,
+            WorkerError::Truncated { .. } if self.choices.iter().all(|c| c.finish.is_some()) => {
+                None
+            }
             e => Some(e),
         }
     }
 
     /// The whole response as one JSON body.
     pub async fn collect(mut self) -> Response {
-        let mut text = String::new();
         while let Some(ev) = self.worker.next().await {
             let step = match ev {
-                Ok(payload) => self.on_event(&payload, Some(&mut text)),
+                Ok(payload) => self.on_event(&payload, true),
                 Err(e) => match self.worker_failed(e) {
                     Some(e) => Step::Failed(e),
                     None => break,
@@ -279,8 +324,9 @@ impl Flow {
                 return self.fail(&e).into_response();
             }
         }
+        self.flush_unfinished(true);
         let u = self.succeed();
-        axum::Json(self.shape.response(&text, self.finish.as_deref(), u)).into_response()
+        axum::Json(self.shape.response(&mut self.choices, u)).into_response()
     }
 }
 
@@ -295,7 +341,7 @@ impl Stream for SseBody {
         while !f.done && f.out.len() < MAX_WRITE {
             match f.worker.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(payload))) => {
-                    if let Step::Failed(e) = f.on_event(&payload, None) {
+                    if let Step::Failed(e) = f.on_event(&payload, false) {
                         let err = f.fail(&e);
                         f.done = true;
                         f.write_event(&err.body());

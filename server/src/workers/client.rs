@@ -37,6 +37,10 @@ pub struct WorkerEvent<'a> {
     pub finish_reason: Option<Cow<'a, str>>,
     /// The usage object, on the usage event.
     pub usage: Option<&'a RawValue>,
+    /// Which choice (`n` > 1) the event belongs to.
+    pub index: u32,
+    /// The completions API's logprobs object of the event's tokens, when asked for.
+    pub logprobs: Option<&'a RawValue>,
 }
 
 impl WorkerEvent<'_> {
@@ -64,6 +68,10 @@ struct RawChoice<'a> {
     token_ids: usize,
     #[serde(default, borrow)]
     finish_reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    index: u32,
+    #[serde(default, borrow)]
+    logprobs: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +141,8 @@ impl<'a> WorkerEvent<'a> {
             ev.text = c.text.unwrap_or_default();
             ev.tokens = c.token_ids;
             ev.finish_reason = c.finish_reason;
+            ev.index = c.index;
+            ev.logprobs = c.logprobs.filter(|l| l.get() != "null");
         }
         Ok(Ok(ev))
     }

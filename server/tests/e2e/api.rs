@@ -23,6 +23,8 @@ fn chat_template_gives_the_reference_token_ids() {
             context_length: 1000,
             max_tokens: 1000,
             client_routing: true,
+            tool_parser: None,
+            reasoning_parser: None,
         },
     )
     .expect("parses");

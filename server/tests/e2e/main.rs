@@ -4,6 +4,7 @@ mod admin;
 mod api;
 mod common;
 mod errors;
+mod fidelity;
 mod lifecycle;
 mod limits;
 mod routing;
