@@ -1,5 +1,10 @@
-//! Prometheus metrics of the frontend and its router (`GET /metrics`, text format), named
-//! after Dynamo's (`dynamo-router-spec.md` §14) under the `kvrouter_` prefix.
+//! Prometheus metrics of the frontend and its router (`GET /metrics`), named after Dynamo's
+//! (`dynamo-router-spec.md` §14) under the `kvrouter_` prefix.
+//!
+//! Two text formats, chosen by the scraper's `Accept` header ([`Format::negotiate`]): the
+//! classic Prometheus text format 0.0.4 by default, and OpenMetrics 1.0.0 for scrapers that ask
+//! for `application/openmetrics-text`. The registry encodes OpenMetrics; [`to_classic`] turns
+//! that into the classic format in one place.
 //!
 //! Request-path metrics are updated as requests flow; per-worker state (active load, health,
 //! KV event counters of each rank's subscriber) is read at scrape time by a collector, so no
@@ -418,13 +423,190 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text of every metric, with `snap` as the scrape-time state.
+    /// Every metric in the classic Prometheus text format, with `snap` as the scrape-time
+    /// state.
     pub fn render(&self, snap: Snapshot) -> String {
+        self.render_as(snap, Format::Classic)
+    }
+
+    /// Every metric in `format`, with `snap` as the scrape-time state.
+    pub fn render_as(&self, snap: Snapshot, format: Format) -> String {
         *self.scrape.snap.lock().unwrap_or_else(|e| e.into_inner()) = snap;
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::warn!("encoding metrics: {e}");
         }
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Classic => to_classic(&out),
+        }
+    }
+}
+
+/// A text format of the scrape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The classic Prometheus text format 0.0.4, the default: a counter is declared under its
+    /// sample name (`# TYPE x_total counter`, then `x_total 3`), no `# EOF`.
+    Classic,
+    /// OpenMetrics 1.0.0: a counter is declared under its family name (`# TYPE x counter`,
+    /// then `x_total 3`), and the text ends with `# EOF`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for: OpenMetrics when it names
+    /// `application/openmetrics-text` with a quality at least that of any text format it also
+    /// accepts (`text/plain`, `text/*`, `*/*`), else classic (also without the header, or with
+    /// one that cannot be read).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Classic;
+        };
+        let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let mut q = 1.0f32;
+            for p in parts {
+                if let Some((k, v)) = p.split_once('=') {
+                    if k.trim().eq_ignore_ascii_case("q") {
+                        q = v.trim().parse().unwrap_or(0.0);
+                    }
+                }
+            }
+            let q = if q.is_finite() {
+                q.clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Classic
+        }
+    }
+
+    /// The `Content-Type` of a scrape in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Classic => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics text as the classic Prometheus text format 0.0.4: a counter's `# HELP` and
+/// `# TYPE` name its samples (`x_total`), as classic parsers (Prometheus' own,
+/// `prometheus_client.parser` in Python) require to type it a counter; `# UNIT` and `# EOF`
+/// lines go. Everything else (gauges, histograms, samples, label escaping) is the same in both.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("# TYPE ")?.split(' ');
+            let name = w.next()?;
+            (w.next() == Some("counter")).then_some(name)
+        })
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 8 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let head = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match head {
+            Some(p) => {
+                let rest = &line[p.len()..];
+                let (name, tail) = match rest.split_once(' ') {
+                    Some((n, t)) => (n, Some(t)),
+                    None => (rest, None),
+                };
+                out.push_str(p);
+                out.push_str(name);
+                // The registry's encoder names every counter sample `<family>_total`.
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if let Some(t) = tail {
+                    out.push(' ');
+                    out.push_str(t);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_header_picks_the_format() {
+        for (accept, want) in [
+            (None, Format::Classic),
+            (Some(""), Format::Classic),
+            (Some("*/*"), Format::Classic),
+            (Some("text/plain"), Format::Classic),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            // Prometheus 2.x.
+            (
+                Some("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+                Format::OpenMetrics,
+            ),
+            (
+                Some("text/plain;version=0.0.4;q=0.9, application/openmetrics-text;q=0.5"),
+                Format::Classic,
+            ),
+            (Some("application/openmetrics-text;q=0"), Format::Classic),
+            (Some("application/openmetrics-text;q=nan"), Format::Classic),
+            (Some("APPLICATION/OpenMetrics-Text ; q=1"), Format::OpenMetrics),
+            (Some(";;,,=q;"), Format::Classic),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn classic_text_declares_counters_by_their_sample_names() {
+        let m = Metrics::new();
+        m.input_tokens.inc_by(3);
+        m.ttft.observe(0.01);
+        let om = m.render_as(Snapshot::default(), Format::OpenMetrics);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE kvrouter_frontend_input_tokens counter\n"));
+        let classic = m.render(Snapshot::default());
+        assert!(!classic.contains("# EOF"), "{classic}");
+        assert!(
+            classic.contains(
+                "# HELP kvrouter_frontend_input_tokens_total Prompt tokens of served requests.\n\
+                 # TYPE kvrouter_frontend_input_tokens_total counter\n\
+                 kvrouter_frontend_input_tokens_total 3\n"
+            ),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# TYPE kvrouter_frontend_time_to_first_token_seconds histogram\n")
+        );
+        assert!(classic.contains("# TYPE kvrouter_frontend_inflight_requests gauge\n"));
+        // Only the counters' declarations change.
+        let strip = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(strip(&om), strip(&classic));
     }
 }

@@ -30,7 +30,7 @@ pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Body) -> Res
 }
 
 /// The body, or 413 (too large), 408 (not received within the body timeout), 400 (broken).
-async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
+pub(super) async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
     match tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, s.max_body_bytes)).await {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(e)) => {

@@ -5,7 +5,8 @@
 //! 2. [`stream`] — the worker's chunks back to the client as OpenAI chunks or one body, shaped
 //!    by [`response`]; prefill is marked complete at the first token and the booking freed at
 //!    the end, on error, or when the client goes away (the response owns the booking);
-//! 3. [`probes`] — the read-only routes: models, health, readiness, metrics.
+//! 3. [`probes`] — the read-only routes: models, version, health, readiness, metrics;
+//! 4. [`tokenize`] — `/tokenize` and `/detokenize`, through the same prompt functions as 1.
 
 pub mod choice;
 pub mod completion;
@@ -16,6 +17,7 @@ pub mod reasoning;
 pub mod request;
 pub mod response;
 pub mod stream;
+pub mod tokenize;
 pub mod tools;
 
 use std::sync::atomic::AtomicU64;
@@ -100,6 +102,10 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/v1/completions", post(completion::completions))
         .route("/v1/chat/completions", post(completion::chat_completions))
         .route("/v1/models", get(probes::models))
+        .route("/v1/models/{*id}", get(probes::model))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/version", get(probes::version))
         .route("/health", get(probes::health))
         .route("/live", get(probes::live))
         .route("/ready", get(probes::ready))

@@ -1,25 +1,59 @@
-//! The read-only routes: `GET /v1/models`, `/health` (JSON, 503 without a healthy worker),
-//! `/live`, `/ready` and `/metrics` (Prometheus text).
+//! The read-only routes: `GET /v1/models` and `/v1/models/{id}`, `/version`, `/health` (JSON,
+//! 503 without a healthy worker), `/live`, `/ready` and `/metrics` (Prometheus text, classic or
+//! OpenMetrics by the `Accept` header).
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kvrouter_wire::SubscriberStats;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::AppState;
-use crate::metrics::{RankSnapshot, Snapshot};
+use crate::error::ApiError;
+use crate::metrics::{Format, RankSnapshot, Snapshot};
 use crate::workers::fleet::Fleet;
 
+/// The served model as an OpenAI model object, with vLLM's `max_model_len`.
+fn model_card(s: &AppState) -> Value {
+    json!({"id": s.model_name, "object": "model", "created": 0, "owned_by": "kvrouter",
+           "max_model_len": s.limits.context_length})
+}
+
+/// The 404 for a model this server does not serve (the completion endpoints' wording).
+pub(super) fn unknown_model(served: &str, model: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "The model `{model}` does not exist. Served: `{served}`."
+    ))
+    .param("model")
+}
+
+/// `GET /v1/models`: the list of the one served model.
 pub async fn models(State(s): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "kvrouter",
-                  "max_model_len": s.limits.context_length}],
-    }))
-    .into_response()
+    axum::Json(json!({"object": "list", "data": [model_card(&s)]})).into_response()
+}
+
+/// `GET /v1/models/{id}` (OpenAI's retrieve): the served model's object, as in the list, or
+/// 404 `NotFoundError` for another id. The id may contain `/` (`Qwen/Qwen3-0.6B`), sent as is
+/// or percent-encoded.
+pub async fn model(
+    State(s): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    match id {
+        Ok(Path(id)) if id == s.model_name => axum::Json(model_card(&s)).into_response(),
+        Ok(Path(id)) => unknown_model(&s.model_name, &id).into_response(),
+        Err(e) => ApiError::not_found(format!("not a model id: {e}"))
+            .param("model")
+            .into_response(),
+    }
+}
+
+/// `GET /version`: `{"version": ...}`, this build's version (vLLM's shape).
+pub async fn version() -> Response {
+    axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
 fn healthy_workers(s: &AppState) -> (usize, usize) {
@@ -27,6 +61,8 @@ fn healthy_workers(s: &AppState) -> (usize, usize) {
     (all.iter().filter(|w| w.is_healthy()).count(), all.len())
 }
 
+/// `GET /health`: the served model and its healthy and registered workers; 503 without a
+/// healthy worker.
 pub async fn health(State(s): State<Arc<AppState>>) -> Response {
     let (up, total) = healthy_workers(&s);
     let status = if up > 0 {
@@ -43,10 +79,12 @@ pub async fn health(State(s): State<Arc<AppState>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// `GET /live`: 200 while the process serves HTTP.
 pub async fn live() -> StatusCode {
     StatusCode::OK
 }
 
+/// `GET /ready`: 200 with at least one healthy worker, else 503.
 pub async fn ready(State(s): State<Arc<AppState>>) -> StatusCode {
     if healthy_workers(&s).0 > 0 {
         StatusCode::OK
@@ -111,15 +149,27 @@ pub fn snapshot(fleet: &Fleet) -> Snapshot {
     snap
 }
 
-pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+/// `GET /metrics`: classic Prometheus text 0.0.4, or OpenMetrics 1.0.0 when the `Accept`
+/// header asks for `application/openmetrics-text` ([`Format::negotiate`]).
+pub async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let format = Format::negotiate(Some(accept.as_str()).filter(|a| !a.is_empty()));
     let mut snap = snapshot(&s.fleet);
     snap.prompt_cache = s.preprocessing.cache.as_ref().map(|c| c.stats());
-    let text = s.metrics.render(snap);
+    let text = s.metrics.render_as(snap, format);
     (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        )],
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(format.content_type()),
+            ),
+            (header::VARY, HeaderValue::from_static("accept")),
+        ],
         text,
     )
         .into_response()

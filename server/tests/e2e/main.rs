@@ -7,5 +7,6 @@ mod errors;
 mod fidelity;
 mod lifecycle;
 mod limits;
+mod probes;
 mod routing;
 mod stall;
