@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::{spawn_workers, MockerConfig};
+use crate::{spawn_workers, MockerConfig, ToolCalls};
 
 /// Flags of `kvrouter mocker`.
 #[derive(clap::Args, Debug, Clone)]
@@ -75,6 +75,14 @@ pub struct MockerArgs {
     /// max_tokens of requests that give none.
     #[arg(long, default_value_t = 16)]
     pub default_max_tokens: usize,
+    /// Answer prompts that offer tools (chat `tools`, or a Hermes `<tools>` section in the
+    /// prompt) with one Hermes tool call: auto, or never.
+    #[arg(long, value_enum, default_value_t = ToolCalls::Auto)]
+    pub tool_calls: ToolCalls,
+    /// Open every answer with a `<think>…</think>` block (unless the prompt ends with an
+    /// empty one, Qwen3's `enable_thinking: false`); needs --model-path.
+    #[arg(long)]
+    pub reasoning: bool,
 }
 
 impl MockerArgs {
@@ -101,6 +109,8 @@ impl MockerArgs {
             vocab_size: self.vocab_size,
             default_max_tokens: self.default_max_tokens,
             hash_seed: None,
+            tool_calls: self.tool_calls,
+            reasoning: self.reasoning,
         }
     }
 }

@@ -5,8 +5,12 @@
 //! the KV events it caused, and latency observations. No I/O, no clocks, no tasks: the live
 //! driver ([`crate::worker`]) sleeps for the duration, tests just advance `now`.
 //!
-//! Output tokens are deterministic pseudo-random ids in `0..output_vocab`, seeded by the
-//! prompt, never an EOS id, so every request ends by length.
+//! By default output tokens are deterministic pseudo-random ids in `0..output_vocab`, seeded by
+//! the prompt, never an EOS id, so the request ends by length. A request added with an
+//! [`OutputSource`] (see [`crate::sampling::OutputPlan`]) gets its tokens from it instead and
+//! ends early when the source says so ([`StopReason`]).
+use std::fmt;
+
 use crate::events::KvEvent;
 use crate::kv_pool::KvPool;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId, Sequence};
@@ -125,6 +129,24 @@ impl EngineConfig {
     }
 }
 
+/// Why a request ended before `max_tokens` (vLLM's `FINISHED_STOPPED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An EOS token (stop reason `null`).
+    Eos,
+    /// One of the request's `stop_token_ids`.
+    TokenId(u32),
+    /// The request's stop string with this index.
+    Str(usize),
+}
+
+/// Chooses a request's output tokens, one index at a time (0, 1, 2, … each once), and says
+/// when one ends the request.
+pub trait OutputSource: Send + fmt::Debug {
+    /// The `index`-th output token, and `Some` when it ends the request.
+    fn next_token(&mut self, index: usize) -> (u32, Option<StopReason>);
+}
+
 /// One output token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenOutput {
@@ -134,8 +156,11 @@ pub struct TokenOutput {
     pub token: u32,
     /// 0 for the first output token.
     pub index: usize,
-    /// Whether this was the last token (finish reason "length").
+    /// Whether this was the last token (finish reason "stop" when `stop` is set, else
+    /// "length").
     pub finished: bool,
+    /// Why the request stopped at this token, when it did before `max_tokens`.
+    pub stop: Option<StopReason>,
     /// Prompt tokens.
     pub prompt_tokens: usize,
     /// Prefix-cache hit at first admission, in tokens.
@@ -253,13 +278,25 @@ impl Engine {
         max_tokens: usize,
         now: f64,
     ) -> Result<(), RequestError> {
+        self.add_request_with(id, prompt, max_tokens, now, None)
+    }
+
+    /// [`Engine::add_request`] with the request's tokens chosen by `output` (None: the
+    /// default prompt-seeded tokens).
+    pub fn add_request_with(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        now: f64,
+        output: Option<Box<dyn OutputSource>>,
+    ) -> Result<(), RequestError> {
         self.cfg
             .validate(prompt.len(), prompt.iter().copied().max(), max_tokens)?;
         let seed = output_seed(&prompt);
-        self.sched.add(
-            Sequence::new(id, prompt, max_tokens, now, seed),
-            &mut self.pool,
-        );
+        let mut seq = Sequence::new(id, prompt, max_tokens, now, seed);
+        seq.output = output;
+        self.sched.add(seq, &mut self.pool);
         Ok(())
     }
 
@@ -315,9 +352,12 @@ impl Engine {
                 continue; // prefill chunk: no token yet
             }
             let index = seq.num_generated();
-            let token = next_token(seq.output_seed, index, &self.cfg);
+            let (token, stop) = match seq.output.as_mut() {
+                Some(src) => src.next_token(index),
+                None => (next_token(seq.output_seed, index, &self.cfg), None),
+            };
             seq.tokens.push(token);
-            let finished = index + 1 >= seq.max_tokens;
+            let finished = stop.is_some() || index + 1 >= seq.max_tokens;
             if index == 0 {
                 out.ttft.push(t - seq.arrival);
             } else {
@@ -329,6 +369,7 @@ impl Engine {
                 token,
                 index,
                 finished,
+                stop,
                 prompt_tokens: seq.prompt_len,
                 cached_tokens: seq.cached_tokens.unwrap_or(0),
             });
@@ -343,34 +384,13 @@ impl Engine {
     }
 }
 
-/// Seed of a request's output tokens: its length and its last (up to) 64 tokens, so identical
-/// prompts produce identical outputs without hashing the whole prompt.
-fn output_seed(prompt: &[u32]) -> u64 {
-    let tail = &prompt[prompt.len().saturating_sub(64)..];
-    let mut h = 0x9e37_79b9_7f4a_7c15u64 ^ prompt.len() as u64;
-    for &t in tail {
-        h = splitmix64(h ^ u64::from(t));
-    }
-    h
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+/// Seed of a request's default output tokens ([`crate::sampling::prompt_seed`]).
+pub fn output_seed(prompt: &[u32]) -> u64 {
+    crate::sampling::prompt_seed(prompt)
 }
 
 /// The `index`-th output token of a request with `seed`: uniform in `0..output_vocab`,
 /// skipping EOS ids.
 pub fn next_token(seed: u64, index: usize, cfg: &EngineConfig) -> u32 {
-    let range = u64::from(cfg.output_vocab.max(1));
-    let mut x = splitmix64(seed.wrapping_add(index as u64));
-    loop {
-        let t = (x % range) as u32;
-        if !cfg.eos_token_ids.contains(&t) || cfg.eos_token_ids.len() as u64 >= range {
-            return t;
-        }
-        x = splitmix64(x);
-    }
+    crate::sampling::random_token(seed, index, cfg.output_vocab, &cfg.eos_token_ids)
 }

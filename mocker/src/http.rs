@@ -6,13 +6,17 @@
 //! * `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /reset_prefix_cache`.
 //!
 //! Request fields honoured: `model` (must match when given), `max_tokens`
-//! (`max_completion_tokens` for chat; default `default_max_tokens`), `ignore_eos` (accepted; the
-//! mock never samples EOS), `stream`, `stream_options.include_usage`, `return_token_ids`.
-//! Usage reports `prompt_tokens`, `completion_tokens`, `total_tokens` and
-//! `prompt_tokens_details.cached_tokens` (the engine's prefix hit). Choices carry `token_ids`
-//! when asked for or when no tokenizer is loaded (text is then empty, as vLLM with
-//! `skip_tokenizer_init`). Errors are OpenAI-shaped:
-//! `{"error":{"message","type","param","code"}}`.
+//! (`max_completion_tokens` for chat; default `default_max_tokens`), `ignore_eos` (accepted),
+//! `stream`, `stream_options.include_usage`, `return_token_ids`, and, on both endpoints,
+//! streamed or not, the output-shaping fields of [`crate::params`]: `n` (1..=16 choices),
+//! `seed`, `stop`, `stop_token_ids`, `include_stop_str_in_output`, `logprobs` (completions:
+//! 0..=20; chat: `logprobs` + `top_logprobs`), `response_format`, `structured_outputs`,
+//! `guided_json`, `guided_choice`, plus `tools` / `tool_choice` (chat) and tools rendered
+//! into a prompt (see [`crate::tools`]). Usage reports `prompt_tokens`, `completion_tokens`
+//! (all choices), `total_tokens` and `prompt_tokens_details.cached_tokens` (the engine's
+//! prefix hit). Choices carry `token_ids` when asked for or when no tokenizer is loaded (text
+//! is then empty, as vLLM with `skip_tokenizer_init`), and `finish_reason` / `stop_reason` as
+//! vLLM sets them. Errors are OpenAI-shaped: `{"error":{"message","type","param","code"}}`.
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
@@ -23,14 +27,20 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use kvrouter_preprocess::{ChatTemplateArgs, IncrementalDecoder, Preprocessor};
+use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{EngineConfig, TokenOutput};
+use crate::choice::{self, ChoiceSpec, ChoiceState, Delta, Finish, Logprobs};
+use crate::engine::{EngineConfig, OutputSource, StopReason, TokenOutput};
+use crate::params::{self, RawSampling, Sampling, Structured};
+use crate::sampling::{self, AfterForced, OutputPlan, Rng};
+use crate::scheduler::SeqId;
+use crate::tools::{self, Tool};
 use crate::worker::{Command, FinalOutput, Reply, WorkerHandle};
+use crate::ToolCalls;
 
 /// What the HTTP layer of one worker needs.
 pub struct HttpState {
@@ -46,6 +56,13 @@ pub struct HttpState {
     pub default_max_tokens: usize,
     /// `vllm:cache_config_info` labels.
     pub cache_info: Vec<(&'static str, String)>,
+    /// Whether prompts offering tools get a tool call.
+    pub tool_calls: ToolCalls,
+    /// Whether answers open with a reasoning block.
+    pub reasoning: bool,
+    /// Id of the `<tool_call>` token, when the tokenizer has one: only token prompts that
+    /// contain it are decoded to look for tools.
+    pub tool_call_token: Option<u32>,
 }
 
 /// The worker's router.
@@ -301,7 +318,8 @@ struct CompletionRequest {
     #[serde(default)]
     max_tokens: Option<i64>,
     #[serde(default)]
-    #[allow(dead_code)] // accepted for compatibility: the mock never samples EOS
+    #[allow(dead_code)]
+    // accepted for compatibility: the mock samples EOS only to end an answer
     ignore_eos: Option<bool>,
     #[serde(default)]
     stream: Option<bool>,
@@ -309,8 +327,65 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     return_token_ids: Option<bool>,
+    #[serde(flatten)]
+    sampling: SamplingFields,
+}
+
+/// The output-shaping fields both APIs share (see [`crate::params`]); values are read there.
+#[derive(Deserialize, Default)]
+struct SamplingFields {
     #[serde(default)]
-    n: Option<i64>,
+    n: Option<Value>,
+    #[serde(default)]
+    seed: Option<Value>,
+    #[serde(default)]
+    stop: Option<Value>,
+    #[serde(default)]
+    stop_token_ids: Option<Value>,
+    #[serde(default)]
+    include_stop_str_in_output: Option<Value>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    structured_outputs: Option<Value>,
+    #[serde(default)]
+    guided_json: Option<Value>,
+    #[serde(default)]
+    guided_choice: Option<Value>,
+    #[serde(default)]
+    guided_regex: Option<Value>,
+    #[serde(default)]
+    guided_grammar: Option<Value>,
+}
+
+impl SamplingFields {
+    fn parse(&self, chat: bool) -> Result<Sampling, ApiError> {
+        params::parse_sampling(RawSampling {
+            chat,
+            n: self.n.as_ref(),
+            seed: self.seed.as_ref(),
+            stop: self.stop.as_ref(),
+            stop_token_ids: self.stop_token_ids.as_ref(),
+            include_stop_str_in_output: self.include_stop_str_in_output.as_ref(),
+            logprobs: self.logprobs.as_ref(),
+            top_logprobs: if chat {
+                self.top_logprobs.as_ref()
+            } else {
+                None
+            },
+            response_format: self.response_format.as_ref(),
+            structured_outputs: self.structured_outputs.as_ref(),
+            guided_json: self.guided_json.as_ref(),
+            guided_choice: self.guided_choice.as_ref(),
+            guided_regex: self.guided_regex.as_ref(),
+            guided_grammar: self.guided_grammar.as_ref(),
+        })
+        .map_err(|e| ApiError::bad_request(e.message).with_param(e.param))
+    }
 }
 
 #[derive(Deserialize)]
@@ -320,6 +395,8 @@ struct ChatRequest {
     messages: Value,
     #[serde(default)]
     tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
     #[serde(default)]
     max_tokens: Option<i64>,
     #[serde(default)]
@@ -337,8 +414,8 @@ struct ChatRequest {
     add_generation_prompt: Option<bool>,
     #[serde(default)]
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
-    #[serde(default)]
-    n: Option<i64>,
+    #[serde(flatten)]
+    sampling: SamplingFields,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -363,15 +440,6 @@ fn check_model(s: &HttpState, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-fn check_n(n: Option<i64>) -> Result<(), ApiError> {
-    match n {
-        None | Some(1) => Ok(()),
-        Some(v) => {
-            Err(ApiError::bad_request(format!("Only n=1 is supported, got n={v}.")).with_param("n"))
-        }
-    }
-}
-
 fn max_tokens(s: &HttpState, v: Option<i64>) -> Result<usize, ApiError> {
     match v {
         None => Ok(s.default_max_tokens),
@@ -391,6 +459,12 @@ enum Kind {
     Chat,
 }
 
+/// One choice to run: its seed and, unless it is the default output, its token source.
+struct ChoicePlan {
+    seed: u64,
+    output: Option<Box<dyn OutputSource>>,
+}
+
 struct Job {
     kind: Kind,
     prompt: Vec<u32>,
@@ -398,6 +472,21 @@ struct Job {
     stream: bool,
     include_usage: bool,
     return_token_ids: bool,
+    spec: Arc<ChoiceSpec>,
+    choices: Vec<ChoicePlan>,
+}
+
+/// What the answer must be, beyond random tokens.
+enum Answer {
+    Structured(Structured, &'static str),
+    Tool(Tool),
+}
+
+/// Everything that decides a request's output, gathered from its fields and prompt.
+struct OutputAsk {
+    sampling: Sampling,
+    answer: Option<Answer>,
+    reasoning: bool,
 }
 
 async fn completions(State(s): State<Arc<HttpState>>, body: Bytes) -> Response {
@@ -410,7 +499,8 @@ async fn completions(State(s): State<Arc<HttpState>>, body: Bytes) -> Response {
 fn prepare_completion(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
     let req: CompletionRequest = parse(body)?;
     check_model(s, req.model.as_deref())?;
-    check_n(req.n)?;
+    let sampling = req.sampling.parse(false)?;
+    let mut text_prompt = None;
     let prompt = match req.prompt {
         None => return Err(ApiError::bad_request("`prompt` is required.").with_param("prompt")),
         Some(Prompt::Tokens(t)) => t,
@@ -421,27 +511,98 @@ fn prepare_completion(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
                 )
                 .with_param("prompt"));
             };
-            if text.is_empty() {
+            let ids = if text.is_empty() {
                 Vec::new()
             } else {
                 p.encode_with(&text, true)
                     .map_err(|e| ApiError::bad_request(e).with_param("prompt"))?
-            }
+            };
+            text_prompt = Some(text);
+            ids
         }
     };
     let max_tokens = max_tokens(s, req.max_tokens)?;
     validate(s, &prompt, max_tokens)?;
+    let ask = completion_ask(s, sampling, &prompt, text_prompt.as_deref())?;
+    let stream = req.stream.unwrap_or(false);
     Ok(Job {
         kind: Kind::Completion,
+        spec: choice_spec(s, &ask, false, stream),
+        choices: plan_choices(s, &ask, &prompt)?,
         prompt,
         max_tokens,
-        stream: req.stream.unwrap_or(false),
+        stream,
         include_usage: req
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         return_token_ids: req.return_token_ids.unwrap_or(false),
     })
+}
+
+/// Structured output, else a tool call when the prompt offers tools (Hermes `<tools>`
+/// section) and does not end with a tool response; reasoning when on and not disabled by the
+/// prompt's empty think block.
+fn completion_ask(
+    s: &HttpState,
+    sampling: Sampling,
+    prompt: &[u32],
+    text: Option<&str>,
+) -> Result<OutputAsk, ApiError> {
+    let mut answer = structured_answer(s, &sampling)?;
+    let Some(p) = &s.preprocessor else {
+        return Ok(OutputAsk {
+            sampling,
+            answer,
+            reasoning: false,
+        });
+    };
+    if answer.is_none() && s.tool_calls == ToolCalls::Auto {
+        // A token prompt is decoded only when it contains the `<tool_call>` token (Hermes
+        // templates name it in their tools preamble); tokenizers without one get no tool
+        // calls on token prompts.
+        let decoded;
+        let t = match text {
+            Some(t) => Some(t),
+            None if s.tool_call_token.is_some_and(|id| prompt.contains(&id)) => {
+                decoded = p.decode_with(prompt, false).unwrap_or_default();
+                Some(decoded.as_str())
+            }
+            None => None,
+        };
+        if let Some(t) = t {
+            let offered = tools::tools_in_text(t);
+            if !offered.is_empty() && !tools::last_turn_is_tool_response(t) {
+                answer = offered.into_iter().next().map(Answer::Tool);
+            }
+        }
+    }
+    let reasoning = s.reasoning
+        && match text {
+            Some(t) => !tools::ends_with_empty_think(t),
+            None => {
+                let tail = &prompt[prompt.len().saturating_sub(8)..];
+                !tools::ends_with_empty_think(&p.decode_with(tail, false).unwrap_or_default())
+            }
+        };
+    Ok(OutputAsk {
+        sampling,
+        answer,
+        reasoning,
+    })
+}
+
+fn structured_answer(s: &HttpState, sampling: &Sampling) -> Result<Option<Answer>, ApiError> {
+    let Some((st, param)) = &sampling.structured else {
+        return Ok(None);
+    };
+    if s.preprocessor.is_none() {
+        return Err(ApiError::bad_request(
+            "Structured output needs a tokenizer to turn the answer into tokens: start the mocker with --model-path.",
+        )
+        .with_param(param));
+    }
+    Ok(Some(Answer::Structured(st.clone(), param)))
 }
 
 async fn chat_completions(State(s): State<Arc<HttpState>>, body: Bytes) -> Response {
@@ -461,12 +622,12 @@ fn prepare_chat(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
     };
     let req: ChatRequest = parse(body)?;
     check_model(s, req.model.as_deref())?;
-    check_n(req.n)?;
-    if req.messages.as_array().is_none_or(|m| m.is_empty()) {
+    let sampling = req.sampling.parse(true)?;
+    let Some(messages) = req.messages.as_array().filter(|m| !m.is_empty()) else {
         return Err(
             ApiError::bad_request("`messages` must be a non-empty array.").with_param("messages"),
         );
-    }
+    };
     let text = p
         .render_chat(&ChatTemplateArgs {
             messages: &req.messages,
@@ -478,17 +639,143 @@ fn prepare_chat(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
     let prompt = p.encode(&text).map_err(ApiError::bad_request)?;
     let max_tokens = max_tokens(s, req.max_completion_tokens.or(req.max_tokens))?;
     validate(s, &prompt, max_tokens)?;
+    let mut answer = structured_answer(s, &sampling)?;
+    let last_is_tool = messages
+        .last()
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        == Some("tool");
+    if answer.is_none() && s.tool_calls == ToolCalls::Auto && !last_is_tool {
+        let offered = req
+            .tools
+            .as_ref()
+            .map(tools::tools_from_request)
+            .unwrap_or_default();
+        answer = chat_tool(&offered, req.tool_choice.as_ref())?.map(Answer::Tool);
+    }
+    let ask = OutputAsk {
+        sampling,
+        answer,
+        reasoning: s.reasoning && !tools::ends_with_empty_think(&text),
+    };
+    let stream = req.stream.unwrap_or(false);
     Ok(Job {
         kind: Kind::Chat,
+        spec: choice_spec(s, &ask, true, stream),
+        choices: plan_choices(s, &ask, &prompt)?,
         prompt,
         max_tokens,
-        stream: req.stream.unwrap_or(false),
+        stream,
         include_usage: req
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         return_token_ids: req.return_token_ids.unwrap_or(false),
     })
+}
+
+/// The tool a chat request's answer calls: none with `tool_choice: "none"` or no tools, the
+/// named one for `{"type": "function", "function": {"name": …}}`, else the first.
+fn chat_tool(offered: &[Tool], choice: Option<&Value>) -> Result<Option<Tool>, ApiError> {
+    match choice {
+        Some(Value::String(c)) if c == "none" => Ok(None),
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str);
+            let Some(name) = name else {
+                return Err(ApiError::bad_request(
+                    "`tool_choice` must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                )
+                .with_param("tool_choice"));
+            };
+            match offered.iter().find(|t| t.name == name) {
+                Some(t) => Ok(Some(t.clone())),
+                None => Err(ApiError::bad_request(format!(
+                    "Tool '{name}' has not been passed in `tools`."
+                ))
+                .with_param("tool_choice")),
+            }
+        }
+        _ => Ok(offered.first().cloned()),
+    }
+}
+
+fn choice_spec(s: &HttpState, ask: &OutputAsk, chat: bool, streaming: bool) -> Arc<ChoiceSpec> {
+    Arc::new(ChoiceSpec {
+        chat,
+        stop: Arc::new(ask.sampling.stop.clone()),
+        hold_chars: ask.sampling.stop.buffer_chars(),
+        logprobs: ask.sampling.logprobs,
+        eos: s.engine.eos_token_ids.clone(),
+        output_vocab: s.engine.output_vocab,
+        streaming,
+    })
+}
+
+/// Seeds and token sources of the `n` choices. A choice keeps the engine's default output
+/// (no source) unless it has a user seed, is not choice 0, must stop early or must say
+/// something in particular.
+fn plan_choices(
+    s: &HttpState,
+    ask: &OutputAsk,
+    prompt: &[u32],
+) -> Result<Vec<ChoicePlan>, ApiError> {
+    let sp = &ask.sampling;
+    if !sp.stop.strings.is_empty() && s.preprocessor.is_none() {
+        return Err(ApiError::bad_request(
+            "Stop strings need a tokenizer to detokenize the output: start the mocker with --model-path, or use stop_token_ids.",
+        )
+        .with_param("stop"));
+    }
+    let base = sampling::prompt_seed(prompt);
+    let stop = Arc::new(sp.stop.clone());
+    let mut out = Vec::with_capacity(sp.n);
+    for i in 0..sp.n {
+        let seed = sampling::choice_seed(base, sp.seed, i);
+        let mut forced = Vec::new();
+        let mut after = AfterForced::Continue;
+        if let Some(p) = &s.preprocessor {
+            let mut rng = Rng::new(seed ^ 0x3c6e_f372_fe94_f82b);
+            let mut text = String::new();
+            if ask.reasoning {
+                text.push_str(&tools::reasoning_block(&mut rng));
+            }
+            match &ask.answer {
+                Some(Answer::Structured(st, param)) => {
+                    let answer = st.render(&mut rng).map_err(|e| {
+                        ApiError::bad_request(format!("Cannot honour `{param}`: {e}."))
+                            .with_param(param)
+                    })?;
+                    text.push_str(&answer);
+                    after = AfterForced::Eos;
+                }
+                Some(Answer::Tool(t)) => {
+                    text.push_str(&tools::hermes_call(t, &mut rng));
+                    after = AfterForced::Eos;
+                }
+                None => {}
+            }
+            if !text.is_empty() {
+                forced = p.encode(&text).map_err(ApiError::bad_request)?;
+            }
+        }
+        let default = sp.seed.is_none() && i == 0 && sp.stop.is_empty() && forced.is_empty();
+        let output = (!default).then(|| {
+            Box::new(OutputPlan::new(
+                seed,
+                s.engine.output_vocab,
+                s.engine.eos_token_ids.clone(),
+                forced,
+                after,
+                stop.clone(),
+                s.preprocessor.clone(),
+            )) as Box<dyn OutputSource>
+        });
+        out.push(ChoicePlan { seed, output });
+    }
+    Ok(out)
 }
 
 fn validate(s: &HttpState, prompt: &[u32], max_tokens: usize) -> Result<(), ApiError> {
@@ -504,17 +791,19 @@ fn validate(s: &HttpState, prompt: &[u32], max_tokens: usize) -> Result<(), ApiE
         })
 }
 
-/// Aborts the request in the engine if the response is dropped before it finished.
+/// Aborts the request's engine sequences if the response is dropped before it finished.
 struct AbortGuard {
     worker: WorkerHandle,
-    id: u64,
+    ids: Vec<SeqId>,
     done: bool,
 }
 
 impl Drop for AbortGuard {
     fn drop(&mut self) {
         if !self.done {
-            self.worker.send(Command::Abort(self.id));
+            for &id in &self.ids {
+                self.worker.send(Command::Abort(id));
+            }
         }
     }
 }
@@ -525,6 +814,7 @@ struct Ctx {
     id: String,
     created: u64,
     return_token_ids: bool,
+    spec: Arc<ChoiceSpec>,
 }
 
 impl Ctx {
@@ -539,89 +829,280 @@ impl Ctx {
         }
     }
 
-    fn usage(&self, prompt: usize, completion: usize, cached: usize) -> Value {
-        json!({
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        })
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
     }
+
+    fn envelope<C: Serialize>(
+        &self,
+        chunk: bool,
+        choices: Vec<C>,
+        usage: Option<Usage>,
+    ) -> Envelope<'_, C> {
+        Envelope {
+            id: &self.id,
+            object: self.object(chunk),
+            created: self.created,
+            model: &self.state.model_name,
+            choices,
+            usage,
+        }
+    }
+}
+
+// ---------- response shapes (field order as vLLM writes them) ----------
+
+#[derive(Serialize)]
+struct Envelope<'a, C> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+    prompt_tokens_details: CachedTokens,
+}
+
+#[derive(Serialize)]
+struct CachedTokens {
+    cached_tokens: usize,
+}
+
+fn usage(prompt: usize, completion: usize, cached: usize) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        prompt_tokens_details: CachedTokens {
+            cached_tokens: cached,
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: usize,
+    text: &'a str,
+    logprobs: Option<Logprobs>,
+    finish_reason: Option<&'static str>,
+    stop_reason: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a [u32]>,
+}
+
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    tool_calls: [Value; 0],
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: usize,
+    message: ChatMessage<'a>,
+    logprobs: Option<Logprobs>,
+    finish_reason: Option<&'static str>,
+    stop_reason: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a [u32]>,
+}
+
+#[derive(Serialize)]
+struct ChatDelta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct ChatChunkChoice<'a> {
+    index: usize,
+    delta: ChatDelta<'a>,
+    logprobs: Option<Logprobs>,
+    finish_reason: Option<&'static str>,
+    stop_reason: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a [u32]>,
+}
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
     let worker = s.worker.clone();
-    let id = worker.next_id();
+    let ids: Vec<SeqId> = job.choices.iter().map(|_| worker.next_id()).collect();
+    let first = ids[0];
     let ctx = Ctx {
         kind: job.kind,
         id: match job.kind {
-            Kind::Completion => format!("cmpl-{id:x}{:x}", unix_secs()),
-            Kind::Chat => format!("chatcmpl-{id:x}{:x}", unix_secs()),
+            Kind::Completion => format!("cmpl-{first:x}{:x}", unix_secs()),
+            Kind::Chat => format!("chatcmpl-{first:x}{:x}", unix_secs()),
         },
         created: unix_secs(),
         return_token_ids: job.return_token_ids,
+        spec: job.spec,
         state: s,
     };
-    let guard = AbortGuard {
+    let mut guard = AbortGuard {
         worker: worker.clone(),
-        id,
+        ids: ids.clone(),
         done: false,
+    };
+    let n = job.choices.len();
+    let seeds: Vec<u64> = job.choices.iter().map(|c| c.seed).collect();
+    let mut prompt = Some(job.prompt);
+    let mut take_prompt = |i: usize| {
+        if i + 1 == n {
+            prompt.take().unwrap_or_default()
+        } else {
+            prompt.clone().unwrap_or_default()
+        }
     };
     if job.stream {
         let (tx, rx) = mpsc::unbounded_channel();
-        if !worker.send(Command::Add {
-            id,
-            prompt: job.prompt,
-            max_tokens: job.max_tokens,
-            reply: Reply::Stream(tx),
-        }) {
-            return engine_gone().into_response();
+        for (i, c) in job.choices.into_iter().enumerate() {
+            if !worker.send(Command::Add {
+                id: ids[i],
+                prompt: take_prompt(i),
+                max_tokens: job.max_tokens,
+                output: c.output,
+                reply: Reply::Stream(tx.clone()),
+            }) {
+                return engine_gone().into_response();
+            }
         }
-        stream_response(ctx, rx, guard, job.include_usage)
+        drop(tx);
+        stream_response(ctx, rx, guard, job.include_usage, seeds)
     } else {
-        let (tx, rx) = oneshot::channel();
-        if !worker.send(Command::Add {
-            id,
-            prompt: job.prompt,
-            max_tokens: job.max_tokens,
-            reply: Reply::Final(tx),
-        }) {
-            return engine_gone().into_response();
+        let mut rxs = Vec::with_capacity(n);
+        for (i, c) in job.choices.into_iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            if !worker.send(Command::Add {
+                id: ids[i],
+                prompt: take_prompt(i),
+                max_tokens: job.max_tokens,
+                output: c.output,
+                reply: Reply::Final(tx),
+            }) {
+                return engine_gone().into_response();
+            }
+            rxs.push(rx);
         }
-        let mut guard = guard;
-        let Ok(out) = rx.await else {
-            return engine_gone().into_response();
-        };
+        let mut outs = Vec::with_capacity(n);
+        for rx in rxs {
+            let Ok(out) = rx.await else {
+                return engine_gone().into_response();
+            };
+            outs.push(out);
+        }
         guard.done = true;
-        final_response(&ctx, out)
+        final_response(&ctx, outs, &seeds)
     }
 }
 
-fn final_response(ctx: &Ctx, out: FinalOutput) -> Response {
-    let text = ctx.text(&out.tokens);
-    let mut choice = match ctx.kind {
-        Kind::Completion => json!({
-            "index": 0, "text": text, "logprobs": null,
-            "finish_reason": "length", "stop_reason": null,
-        }),
-        Kind::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "tool_calls": []},
-            "logprobs": null, "finish_reason": "length", "stop_reason": null,
-        }),
-    };
-    if ctx.with_ids() {
-        choice["token_ids"] = json!(out.tokens);
+/// Text, logprobs and finish of a finished choice.
+fn final_choice(ctx: &Ctx, seed: u64, out: &FinalOutput) -> (String, Option<Logprobs>, Finish) {
+    let spec = &ctx.spec;
+    if spec.stop.strings.is_empty() && spec.logprobs.is_none() {
+        // Fast path: one decode of the whole output.
+        let stop_token = match out.stop {
+            Some(StopReason::TokenId(_)) => true,
+            Some(StopReason::Eos) => out.tokens.last().is_some_and(|t| spec.eos.contains(t)),
+            _ => false,
+        };
+        let n = if stop_token && !spec.stop.include_in_output {
+            out.tokens.len().saturating_sub(1)
+        } else {
+            out.tokens.len()
+        };
+        return (
+            ctx.text(&out.tokens[..n]),
+            None,
+            choice::finish_of(out.stop, &spec.stop),
+        );
     }
-    let body = json!({
-        "id": ctx.id,
-        "object": if ctx.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
-        "created": ctx.created,
-        "model": ctx.state.model_name,
-        "choices": [choice],
-        "usage": ctx.usage(out.prompt_tokens, out.tokens.len(), out.cached_tokens),
-    });
-    json_response(body.to_string())
+    let mut st = ChoiceState::new(spec.clone(), ctx.state.preprocessor.clone(), seed);
+    let last = out.tokens.len().saturating_sub(1);
+    for (index, &token) in out.tokens.iter().enumerate() {
+        st.push(&TokenOutput {
+            id: 0,
+            token,
+            index,
+            finished: index == last,
+            stop: if index == last { out.stop } else { None },
+            prompt_tokens: out.prompt_tokens,
+            cached_tokens: out.cached_tokens,
+        });
+    }
+    let finish = st
+        .finish
+        .clone()
+        .unwrap_or_else(|| choice::finish_of(out.stop, &spec.stop));
+    (st.text().to_owned(), st.take_logprobs(), finish)
+}
+
+fn final_response(ctx: &Ctx, outs: Vec<FinalOutput>, seeds: &[u64]) -> Response {
+    let results: Vec<(String, Option<Logprobs>, Finish)> = outs
+        .iter()
+        .zip(seeds)
+        .map(|(o, &seed)| final_choice(ctx, seed, o))
+        .collect();
+    let completion: usize = outs.iter().map(|o| o.tokens.len()).sum();
+    let u = usage(outs[0].prompt_tokens, completion, outs[0].cached_tokens);
+    let with_ids = ctx.with_ids();
+    let body = match ctx.kind {
+        Kind::Completion => {
+            let choices = results
+                .iter()
+                .zip(&outs)
+                .enumerate()
+                .map(|(index, ((text, logprobs, f), o))| CompletionChoice {
+                    index,
+                    text,
+                    logprobs: logprobs.clone(),
+                    finish_reason: Some(f.reason),
+                    stop_reason: f.stop_reason.clone(),
+                    token_ids: with_ids.then_some(o.tokens.as_slice()),
+                })
+                .collect();
+            to_json(&ctx.envelope(false, choices, Some(u)))
+        }
+        Kind::Chat => {
+            let choices = results
+                .iter()
+                .zip(&outs)
+                .enumerate()
+                .map(|(index, ((text, logprobs, f), o))| ChatChoice {
+                    index,
+                    message: ChatMessage {
+                        role: "assistant",
+                        content: text,
+                        tool_calls: [],
+                    },
+                    logprobs: logprobs.clone(),
+                    finish_reason: Some(f.reason),
+                    stop_reason: f.stop_reason.clone(),
+                    token_ids: with_ids.then_some(o.tokens.as_slice()),
+                })
+                .collect();
+            to_json(&ctx.envelope(false, choices, Some(u)))
+        }
+    };
+    json_response(body)
 }
 
 fn json_response(body: String) -> Response {
@@ -639,93 +1120,103 @@ struct StreamState {
     rx: mpsc::UnboundedReceiver<TokenOutput>,
     guard: AbortGuard,
     include_usage: bool,
-    /// Output so far, decoded a few tokens at a time.
-    detok: IncrementalDecoder,
-    /// Tokens generated so far.
-    generated: usize,
+    choices: Vec<ChoiceState>,
+    unfinished: usize,
     sent_role: bool,
-    finished: Option<(usize, usize)>,
     queue: std::collections::VecDeque<Bytes>,
     ended: bool,
 }
 
+fn sse_str(s: String) -> Bytes {
+    Bytes::from(format!("data: {s}\n\n"))
+}
+
 fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
+    sse_str(v.to_string())
 }
 
 impl StreamState {
-    fn chunk(&self, delta_text: &str, ids: &[u32], finish: Option<&str>, role: bool) -> Value {
-        let object = match self.ctx.kind {
-            Kind::Completion => "text_completion",
-            Kind::Chat => "chat.completion.chunk",
+    fn chunk(&self, index: usize, delta: &Delta, ids: &[u32], role: bool) -> Bytes {
+        let finish_reason = delta.finish.as_ref().map(|f| f.reason);
+        let stop_reason = delta
+            .finish
+            .as_ref()
+            .map_or(Value::Null, |f| f.stop_reason.clone());
+        let token_ids = self.ctx.with_ids().then_some(ids);
+        let body = match self.ctx.kind {
+            Kind::Completion => to_json(&self.ctx.envelope(
+                true,
+                vec![CompletionChoice {
+                    index,
+                    text: &delta.text,
+                    logprobs: delta.logprobs.clone(),
+                    finish_reason,
+                    stop_reason,
+                    token_ids,
+                }],
+                None,
+            )),
+            Kind::Chat => to_json(&self.ctx.envelope(
+                true,
+                vec![ChatChunkChoice {
+                    index,
+                    delta: ChatDelta {
+                        role: role.then_some("assistant"),
+                        content: &delta.text,
+                    },
+                    logprobs: delta.logprobs.clone(),
+                    finish_reason,
+                    stop_reason,
+                    token_ids,
+                }],
+                None,
+            )),
         };
-        let mut choice = match self.ctx.kind {
-            Kind::Completion => json!({
-                "index": 0, "text": delta_text, "logprobs": null,
-                "finish_reason": finish, "stop_reason": null,
-            }),
-            Kind::Chat => {
-                let delta = if role {
-                    json!({"role": "assistant", "content": delta_text})
-                } else {
-                    json!({"content": delta_text})
-                };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish, "stop_reason": null})
-            }
-        };
-        if self.ctx.with_ids() {
-            choice["token_ids"] = json!(ids);
-        }
-        json!({
-            "id": self.ctx.id, "object": object, "created": self.ctx.created,
-            "model": self.ctx.state.model_name, "choices": [choice],
-        })
-    }
-
-    /// Text newly decodable after `token` (held back while it ends mid-character; all of it
-    /// on the last token). O(new tokens): only a window since the last boundary is decoded.
-    fn new_text(&mut self, token: u32, last: bool) -> String {
-        let Some(p) = &self.ctx.state.preprocessor else {
-            return String::new();
-        };
-        let mut text = self.detok.push(p, &[token]).unwrap_or_default();
-        if last {
-            text.push_str(&self.detok.finish(p).unwrap_or_default());
-        }
-        text
+        sse_str(body)
     }
 
     fn on_token(&mut self, t: TokenOutput) {
-        self.generated += 1;
-        let text = self.new_text(t.token, t.finished);
-        let finish = t.finished.then_some("length");
-        let role = self.ctx.kind == Kind::Chat && !self.sent_role;
-        if role {
-            // vLLM's first chat chunk carries only the role.
-            let first = self.chunk("", &[], None, true);
-            self.queue.push_back(sse(&first));
+        let Some(i) = self.guard.ids.iter().position(|&id| id == t.id) else {
+            return;
+        };
+        if self.choices[i].finish.is_some() {
+            return; // stopped here before the engine saw it: its late tokens are dropped
+        }
+        if self.ctx.kind == Kind::Chat && !self.sent_role {
+            // vLLM's first chat chunk of each choice carries only the role.
+            for c in 0..self.choices.len() {
+                let first = self.chunk(c, &Delta::default(), &[], true);
+                self.queue.push_back(first);
+            }
             self.sent_role = true;
         }
-        let c = self.chunk(&text, &[t.token], finish, false);
-        self.queue.push_back(sse(&c));
-        if t.finished {
-            self.finished = Some((t.prompt_tokens, t.cached_tokens));
-            self.guard.done = true;
-            if self.include_usage {
-                let object = match self.ctx.kind {
-                    Kind::Completion => "text_completion",
-                    Kind::Chat => "chat.completion.chunk",
-                };
-                let u = json!({
-                    "id": self.ctx.id, "object": object, "created": self.ctx.created,
-                    "model": self.ctx.state.model_name, "choices": [],
-                    "usage": self.ctx.usage(t.prompt_tokens, self.generated, t.cached_tokens),
-                });
-                self.queue.push_back(sse(&u));
-            }
-            self.queue
-                .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        let delta = self.choices[i].push(&t);
+        let c = self.chunk(i, &delta, &[t.token], false);
+        self.queue.push_back(c);
+        if delta.finish.is_none() {
+            return;
         }
+        if !t.finished {
+            // A stop string the engine had not reached: stop it now.
+            self.guard.worker.send(Command::Abort(t.id));
+        }
+        self.unfinished -= 1;
+        if self.unfinished > 0 {
+            return;
+        }
+        self.guard.done = true;
+        if self.include_usage {
+            let completion = self.choices.iter().map(|c| c.generated).sum();
+            let (prompt, cached) = self.choices[0].usage;
+            let body = to_json(&self.ctx.envelope::<CompletionChoice>(
+                true,
+                Vec::new(),
+                Some(usage(prompt, completion, cached)),
+            ));
+            self.queue.push_back(sse_str(body));
+        }
+        self.queue
+            .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
     }
 }
 
@@ -734,16 +1225,20 @@ fn stream_response(
     rx: mpsc::UnboundedReceiver<TokenOutput>,
     guard: AbortGuard,
     include_usage: bool,
+    seeds: Vec<u64>,
 ) -> Response {
+    let choices: Vec<ChoiceState> = seeds
+        .iter()
+        .map(|&seed| ChoiceState::new(ctx.spec.clone(), ctx.state.preprocessor.clone(), seed))
+        .collect();
     let st = StreamState {
+        unfinished: choices.len(),
+        choices,
         ctx,
         rx,
         guard,
         include_usage,
-        detok: IncrementalDecoder::new(true),
-        generated: 0,
         sent_role: false,
-        finished: None,
         queue: Default::default(),
         ended: false,
     };
@@ -752,7 +1247,7 @@ fn stream_response(
             if let Some(b) = st.queue.pop_front() {
                 return Some((Ok::<Bytes, Infallible>(b), st));
             }
-            if st.ended || st.finished.is_some() {
+            if st.ended || st.unfinished == 0 {
                 return None;
             }
             match st.rx.recv().await {

@@ -11,7 +11,10 @@
 //! * [`events`] — the events it emits and the [`events::EventSink`] they go to
 //!   ([`WireSink`] publishes them over ZMQ with `kvrouter-wire`);
 //! * [`metrics`] — `vllm:*` Prometheus metrics;
-//! * [`worker`] — the live driver task; [`http`] — the axum API; [`cli`] — `kvrouter mocker`.
+//! * [`worker`] — the live driver task; [`http`] — the axum API; [`cli`] — `kvrouter mocker`;
+//! * what the output says: [`params`] (request fields), [`sampling`] (seeds, seeded tokens,
+//!   stop conditions, logprobs), [`choice`] (text deltas, finish reasons, logprobs shapes),
+//!   [`structured`] (JSON Schema → value), [`tools`] (Hermes tool calls, reasoning blocks).
 //!
 //! Start engines in-process with [`spawn_workers`]:
 //!
@@ -34,14 +37,19 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+pub mod choice;
 pub mod cli;
 pub mod engine;
 pub mod events;
 pub mod http;
 pub mod kv_pool;
 pub mod metrics;
+pub mod params;
+pub mod sampling;
 pub mod scheduler;
+pub mod structured;
 pub mod timing;
+pub mod tools;
 pub mod worker;
 
 use engine::{Engine, EngineConfig};
@@ -95,6 +103,20 @@ pub struct MockerConfig {
     pub default_max_tokens: usize,
     /// Engine hash seed; None = a per-process random seed (see [`kv_pool`]).
     pub hash_seed: Option<u64>,
+    /// Answer prompts that offer tools with a Hermes tool call (`--tool-calls`, auto).
+    pub tool_calls: ToolCalls,
+    /// Open answers with a `<think>` reasoning block (`--reasoning`, off).
+    pub reasoning: bool,
+}
+
+/// Whether the mock answers tool-offering prompts with a tool call (`--tool-calls`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ToolCalls {
+    /// When the prompt offers tools and its last turn is not a tool response.
+    #[default]
+    Auto,
+    /// Never: tools are ignored.
+    Never,
 }
 
 impl Default for MockerConfig {
@@ -120,6 +142,8 @@ impl Default for MockerConfig {
             vocab_size: 151_936,
             default_max_tokens: 16,
             hash_seed: None,
+            tool_calls: ToolCalls::Auto,
+            reasoning: false,
         }
     }
 }
@@ -411,6 +435,9 @@ pub async fn spawn_workers_with_sinks(
         None => None,
     };
     let model_name = config.served_name();
+    let tool_call_token = pre
+        .as_ref()
+        .and_then(|p| p.tokenizer().token_to_id("<tool_call>"));
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let ecfg = config.engine_config(pre.as_deref());
@@ -445,6 +472,9 @@ pub async fn spawn_workers_with_sinks(
                     capitalized(config.enable_prefix_caching),
                 ),
             ],
+            tool_calls: config.tool_calls,
+            reasoning: config.reasoning,
+            tool_call_token,
         });
         let (stop_http, stop_http_rx) = oneshot::channel::<()>();
         let app = http::router(state);

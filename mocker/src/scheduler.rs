@@ -62,6 +62,8 @@ pub struct Sequence {
     pub last_token_at: f64,
     /// Seed of the deterministic output tokens.
     pub output_seed: u64,
+    /// Where the output tokens come from instead, when set.
+    pub output: Option<Box<dyn crate::engine::OutputSource>>,
 }
 
 impl Sequence {
@@ -88,6 +90,7 @@ impl Sequence {
             arrival,
             last_token_at: arrival,
             output_seed,
+            output: None,
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{Engine, StepOutput, TokenOutput};
+use crate::engine::{Engine, OutputSource, StepOutput, StopReason, TokenOutput};
 use crate::events::{EventSink, KvEvent};
 use crate::metrics::Metrics;
 use crate::scheduler::SeqId;
@@ -34,6 +34,8 @@ pub struct FinalOutput {
     pub prompt_tokens: usize,
     /// Prefix-cache hit in tokens.
     pub cached_tokens: usize,
+    /// Why the request stopped before `max_tokens` (None: it reached `max_tokens`).
+    pub stop: Option<StopReason>,
 }
 
 /// A copy of an engine's state, for tests and tools.
@@ -64,6 +66,8 @@ pub enum Command {
         prompt: Vec<u32>,
         /// Output tokens.
         max_tokens: usize,
+        /// Chooses the output tokens (None: the default prompt-seeded ones).
+        output: Option<Box<dyn OutputSource>>,
         /// Where tokens go.
         reply: Reply,
     },
@@ -232,10 +236,14 @@ impl Loop {
                 id,
                 prompt,
                 max_tokens,
+                output,
                 reply,
             } => {
                 let now = self.start.elapsed().as_secs_f64();
-                match self.engine.add_request(id, prompt, max_tokens, now) {
+                match self
+                    .engine
+                    .add_request_with(id, prompt, max_tokens, now, output)
+                {
                     Ok(()) => {
                         self.pending.insert(
                             id,
@@ -312,6 +320,7 @@ impl Loop {
                         tokens,
                         prompt_tokens: t.prompt_tokens,
                         cached_tokens: t.cached_tokens,
+                        stop: t.stop,
                     });
                 }
             }
