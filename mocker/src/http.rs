@@ -360,6 +360,8 @@ struct SamplingFields {
     guided_regex: Option<Value>,
     #[serde(default)]
     guided_grammar: Option<Value>,
+    #[serde(default)]
+    structural_tag: Option<Value>,
 }
 
 impl SamplingFields {
@@ -383,6 +385,7 @@ impl SamplingFields {
             guided_choice: self.guided_choice.as_ref(),
             guided_regex: self.guided_regex.as_ref(),
             guided_grammar: self.guided_grammar.as_ref(),
+            structural_tag: self.structural_tag.as_ref(),
         })
         .map_err(|e| ApiError::bad_request(e.message).with_param(e.param))
     }

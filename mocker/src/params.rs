@@ -2,8 +2,8 @@
 //! `CompletionRequest` / `ChatCompletionRequest` read them: `n`, `seed`, `stop`,
 //! `stop_token_ids`, `include_stop_str_in_output`, `logprobs` / `top_logprobs`, and the
 //! structured-output constraints (`response_format`, `structured_outputs`, `guided_json`,
-//! `guided_choice`; `guided_regex` / `guided_grammar` and the other constraint kinds are
-//! refused, never silently ignored).
+//! `guided_choice`; `guided_regex`, `guided_grammar`, `structural_tag` and the other
+//! constraint kinds are refused, never silently ignored).
 use serde_json::Value;
 
 use crate::sampling::{Rng, StopSpec, MAX_LOGPROBS};
@@ -61,6 +61,8 @@ pub struct RawSampling<'a> {
     pub guided_regex: Option<&'a Value>,
     /// `guided_grammar`.
     pub guided_grammar: Option<&'a Value>,
+    /// `structural_tag` (older vLLM's top-level field).
+    pub structural_tag: Option<&'a Value>,
 }
 
 /// A structured-output constraint.
@@ -363,6 +365,9 @@ fn structured_constraint(
     if present(raw.guided_grammar).is_some() {
         return unsupported("guided_grammar", "`guided_grammar`");
     }
+    if present(raw.structural_tag).is_some() {
+        return unsupported("structural_tag", "`structural_tag`");
+    }
     if found.len() > 1 {
         return bad(
             found[1].1,
@@ -434,14 +439,14 @@ mod tests {
 
     #[test]
     fn structured_kinds() {
-        let rf = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "email"}}});
+        let rf = json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a+$"}}});
         let e = parse_sampling(RawSampling {
             response_format: Some(&rf),
             ..raw(false)
         })
         .unwrap_err();
         assert_eq!(e.param, "response_format");
-        assert!(e.message.contains("format"), "{}", e.message);
+        assert!(e.message.contains("pattern"), "{}", e.message);
         let gj = json!("{\"type\": \"integer\"}");
         let s = parse_sampling(RawSampling {
             guided_json: Some(&gj),
@@ -472,6 +477,12 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.param, "guided_regex");
+        let e = parse_sampling(RawSampling {
+            structural_tag: Some(&re),
+            ..raw(false)
+        })
+        .unwrap_err();
+        assert_eq!(e.param, "structural_tag");
         let jo = json!({"type": "json_object"});
         let e = parse_sampling(RawSampling {
             response_format: Some(&jo),

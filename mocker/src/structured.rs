@@ -3,7 +3,8 @@
 //!
 //! Supported schema keywords: `type` (one or a list of `object`, `array`, `string`,
 //! `integer`, `number`, `boolean`, `null`), `properties`, `required`, `additionalProperties`,
-//! `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `minimum`, `maximum`,
+//! `items`, `minItems`, `maxItems`, `minLength`, `maxLength`, `format` (the [`FORMATS`]),
+//! `minimum`, `maximum`,
 //! `exclusiveMinimum`, `exclusiveMaximum`, `enum`, `const`, `anyOf`, `oneOf`, a one-element
 //! `allOf`, and `$ref` to `#`, `#/$defs/…` or `#/definitions/…`; annotations (`title`,
 //! `description`, `default`, `examples`, `$schema`, `$id`, `$comment`, …) are ignored.
@@ -76,6 +77,7 @@ const KEYWORDS: &[&str] = &[
     "maxItems",
     "minLength",
     "maxLength",
+    "format",
     "minimum",
     "maximum",
     "exclusiveMinimum",
@@ -86,6 +88,19 @@ const KEYWORDS: &[&str] = &[
     "oneOf",
     "allOf",
     "$ref",
+];
+
+/// String `format`s the generator can honour.
+pub const FORMATS: &[&str] = &[
+    "date-time",
+    "date",
+    "time",
+    "email",
+    "uri",
+    "url",
+    "uuid",
+    "ipv4",
+    "hostname",
 ];
 
 const TYPES: &[&str] = &[
@@ -166,6 +181,15 @@ fn check_at(root: &Value, s: &Value, path: &str, depth: usize) -> Result<(), Sch
             }
             "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum" if !v.is_number() => {
                 return err(&here, "must be a number");
+            }
+            "format" if !v.as_str().is_some_and(|f| FORMATS.contains(&f)) => {
+                return err(
+                    &here,
+                    format!(
+                        "the string format {v} is not supported (supported: {})",
+                        FORMATS.join(", ")
+                    ),
+                );
             }
             "enum" if v.as_array().is_none_or(|a| a.is_empty()) => {
                 return err(&here, "must be a non-empty list");
@@ -532,6 +556,16 @@ impl Gen<'_> {
             return err(path, "maxLength is below minLength");
         }
         let max = max.unwrap_or(u64::MAX);
+        if let Some(f) = o.get("format").and_then(Value::as_str) {
+            if let Some(v) = self.formatted(f) {
+                let n = v.chars().count() as u64;
+                if n < min || n > max {
+                    return err(path, format!("no {f} string fits minLength/maxLength"));
+                }
+                self.text += v.len();
+                return Ok(Value::String(v));
+            }
+        }
         let target = self.rng.range(min.max(3).min(max), min.max(20).min(max)) as usize;
         self.text += target;
         if self.text > MAX_TEXT {
@@ -555,6 +589,46 @@ impl Gen<'_> {
             s.push('x');
         }
         Ok(Value::String(s))
+    }
+
+    /// A string in one of the [`FORMATS`] (None for others, left unconstrained in lenient use).
+    fn formatted(&mut self, f: &str) -> Option<String> {
+        let r = &mut *self.rng;
+        let word = |r: &mut Rng| *r.pick(WORDS);
+        Some(match f {
+            "date-time" => format!(
+                "20{:02}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                r.range(10, 35),
+                r.range(1, 12),
+                r.range(1, 28),
+                r.below(24),
+                r.below(60),
+                r.below(60)
+            ),
+            "date" => format!(
+                "20{:02}-{:02}-{:02}",
+                r.range(10, 35),
+                r.range(1, 12),
+                r.range(1, 28)
+            ),
+            "time" => format!("{:02}:{:02}:{:02}", r.below(24), r.below(60), r.below(60)),
+            "email" => format!("{}.{}@{}.com", word(r), word(r), word(r)),
+            "uri" | "url" => format!("https://{}.example/{}", word(r), word(r)),
+            "uuid" => {
+                let (a, b) = (r.next_u64(), r.next_u64());
+                format!(
+                    "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+                    a >> 32,
+                    (a >> 16) & 0xffff,
+                    a & 0xfff,
+                    0x8000 | ((b >> 48) & 0x3fff),
+                    b & 0xffff_ffff_ffff
+                )
+            }
+            "ipv4" => format!("10.{}.{}.{}", r.below(256), r.below(256), r.range(1, 254)),
+            "hostname" => format!("{}.{}.example", word(r), word(r)),
+            _ => return None,
+        })
     }
 
     fn bounds(o: &Map<String, Value>) -> (Option<f64>, bool, Option<f64>, bool) {
@@ -717,6 +791,10 @@ mod tests {
             .unwrap();
             let n = v.as_str().unwrap().chars().count();
             assert!((7..=9).contains(&n), "{v}");
+            let v = generate(&json!({"type": "string", "format": "uuid"}), r).unwrap();
+            assert_eq!(v.as_str().unwrap().len(), 36);
+            let v = generate(&json!({"type": "string", "format": "date-time"}), r).unwrap();
+            assert_eq!(v.as_str().unwrap().len(), 20, "{v}");
             let v = generate(&json!({"type": "array", "items": {"enum": [1, "a"]}, "minItems": 2, "maxItems": 2}), r).unwrap();
             assert_eq!(v.as_array().unwrap().len(), 2);
         }
@@ -725,6 +803,23 @@ mod tests {
             &mut Rng::new(0)
         )
         .is_err());
+    }
+
+    #[test]
+    fn vllm_tool_choice_required_schema() {
+        // What vLLM (and kvrouter's frontend) send for `tool_choice: "required"`.
+        let s = json!({"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
+            {"properties": {"name": {"type": "string", "enum": ["get_weather"]},
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "title": "City"}}, "required": ["city"]}},
+             "required": ["name", "parameters"]}]}});
+        check(&s).unwrap();
+        for seed in 0..20 {
+            let v = generate(&s, &mut Rng::new(seed)).unwrap();
+            let calls = v.as_array().unwrap();
+            assert!(!calls.is_empty());
+            assert_eq!(calls[0]["name"], "get_weather");
+            assert!(calls[0]["parameters"]["city"].is_string());
+        }
     }
 
     #[test]
