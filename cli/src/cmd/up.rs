@@ -4,7 +4,8 @@
 use kvrouter_server::up::{EmbeddedStack, UpConfig};
 use kvrouter_server::FrontendConfig;
 
-/// `kvrouter up` flags.
+/// `kvrouter up` flags. With `--reasoning-parser` the mock workers open their answers with a
+/// `<think>` block; they answer tool-offering prompts with Hermes tool calls.
 #[derive(clap::Args)]
 pub struct Args {
     /// In-process mock workers.
@@ -38,6 +39,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model_path: cfg.frontend.model_path.clone(),
         ..args.frontend
     };
+    // A frontend that expects a reasoning model gets mock workers that think.
+    cfg.mocker.reasoning = cfg.frontend.reasoning_parser.is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

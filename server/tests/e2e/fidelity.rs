@@ -410,3 +410,41 @@ async fn tool_choice_required_and_named_hold_the_worker_to_a_schema() {
     assert_eq!(v["choices"][1]["text"], "Hello there");
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_gets_every_feature_from_mock_workers() {
+    // The openai SDK, field by field, streamed and not, against mock workers that think, call
+    // tools, follow schemas, stop, seed and report logprobs (server/tests/openai_fidelity.py).
+    let Ok(python) = std::env::var("KVROUTER_PYTHON") else {
+        panic!("KVROUTER_PYTHON is not set: run the suite through scripts/test, which creates the venv with the openai SDK");
+    };
+    let s = stack(RouterMode::Kv, 2, |c| {
+        c.mocker.reasoning = true;
+        c.frontend.tool_call_parser = Some(ToolCallParser::Hermes);
+        c.frontend.reasoning_parser = Some(ReasoningParser::Qwen3);
+    })
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_fidelity.py");
+    let url = format!("{}/v1", s.url());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(&url)
+            .arg(MODEL)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK fidelity script failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("openai fidelity: all checks passed"),
+        "{stdout}"
+    );
+    s.stop().await;
+}
