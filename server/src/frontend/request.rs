@@ -279,6 +279,10 @@ pub fn parse_request(
         Some(_) => return Err(ApiError::bad_request("`cache_salt` must be a string")),
     };
     let mut sampling = contract::forwarded(endpoint, &obj);
+    // The engine salts its own prefix cache with it, as the router salts its hashes.
+    if let Some(salt) = &cache_salt {
+        sampling.insert("cache_salt".into(), salt.as_str().into());
+    }
     if n > 1 {
         sampling.insert("n".into(), n.into());
     }
@@ -611,6 +615,85 @@ mod tests {
 
     fn pre() -> Preprocessor {
         Preprocessor::from_model_dir(crate::vendored_model_dir()).expect("vendored tokenizer")
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            context_length: 40_000,
+            max_tokens: 1000,
+            client_routing: true,
+            tool_parser: None,
+            reasoning_parser: None,
+        }
+    }
+
+    fn chat(extra: Value) -> Result<ParsedRequest, ApiError> {
+        let mut body =
+            serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let bytes = serde_json::to_vec(&body).unwrap();
+        parse_request(
+            Endpoint::ChatCompletions,
+            &bytes,
+            "m",
+            &pre(),
+            None,
+            limits(),
+        )
+    }
+
+    #[test]
+    fn the_frontend_fields_of_the_contract_take_effect() {
+        // max_completion_tokens is chat's max_tokens.
+        assert_eq!(
+            chat(serde_json::json!({"max_completion_tokens": 7}))
+                .unwrap()
+                .max_tokens,
+            7
+        );
+        // add_generation_prompt: the assistant header is appended, or not.
+        let with = chat(serde_json::json!({})).unwrap().tokens;
+        let without = chat(serde_json::json!({"add_generation_prompt": false}))
+            .unwrap()
+            .tokens;
+        assert!(with.len() > without.len() && with.starts_with(&without));
+        // chat_template_kwargs reach the template (Qwen3 closes the think block itself).
+        let no_think =
+            chat(serde_json::json!({"chat_template_kwargs": {"enable_thinking": false}}))
+                .unwrap()
+                .tokens;
+        assert!(no_think.len() > with.len());
+        // reasoning_effort is a template variable with vLLM's values.
+        assert!(chat(serde_json::json!({"reasoning_effort": "high"})).is_ok());
+        let e = chat(serde_json::json!({"reasoning_effort": "extreme"})).unwrap_err();
+        assert_eq!(e.param, Some("reasoning_effort"));
+        // add_special_tokens must be a boolean; cache_salt is kept for hashing and forwarded.
+        assert!(chat(serde_json::json!({"add_special_tokens": true})).is_ok());
+        assert!(chat(serde_json::json!({"add_special_tokens": "yes"})).is_err());
+        let r = chat(serde_json::json!({"cache_salt": "tenant-a"})).unwrap();
+        assert_eq!(r.cache_salt.as_deref(), Some("tenant-a"));
+        assert_eq!(r.sampling["cache_salt"], "tenant-a");
+        // stream_options needs stream; unknown keys in it are named.
+        assert!(chat(serde_json::json!({"stream_options": {"include_usage": true}})).is_err());
+        let e =
+            chat(serde_json::json!({"stream": true, "stream_options": {"foo": 1}})).unwrap_err();
+        assert!(e.message.contains("stream_options.foo"), "{}", e.message);
+        // n and logprobs bounds.
+        assert_eq!(chat(serde_json::json!({"n": 3})).unwrap().output.n, 3);
+        assert_eq!(
+            chat(serde_json::json!({"n": 17})).unwrap_err().param,
+            Some("n")
+        );
+        let r = chat(serde_json::json!({"logprobs": true, "top_logprobs": 4})).unwrap();
+        assert_eq!(r.sampling["logprobs"], 4);
+        assert_eq!(
+            chat(serde_json::json!({"top_logprobs": 2}))
+                .unwrap_err()
+                .param,
+            Some("top_logprobs")
+        );
     }
 
     #[test]
