@@ -70,14 +70,16 @@ async fn bad_requests_get_openai_errors() {
     )
     .await;
     assert_eq!(st, 400, "{v}");
-    let (st, _) = post_raw(
+    // n is bounded (1..=16; n > 1 is served, see fidelity.rs).
+    let (st, v) = post_raw(
         &c,
         &url,
         "/v1/completions",
-        serde_json::to_vec(&json!({"model": MODEL, "prompt": "x", "n": 3})).unwrap(),
+        serde_json::to_vec(&json!({"model": MODEL, "prompt": "x", "n": 17})).unwrap(),
     )
     .await;
     assert_eq!(st, 400);
+    assert_eq!(v["error"]["param"], "n", "{v}");
     // Over the context length, before routing.
     let (st, _, v) = complete(&c, &url, completion_body(&prompt(1, 3000), 4)).await;
     assert_eq!(st, 400, "{v}");
