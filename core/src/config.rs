@@ -118,6 +118,11 @@ pub struct KvRouterConfig {
     pub router_predicted_ttl_secs: Option<f64>,
     /// Seconds after which a booked request is force-freed.
     pub router_active_request_expiry_secs: f64,
+    /// Which score `kv` mode minimises (see [`crate::policy`]).
+    pub router_selection_policy: crate::policy::SelectionPolicy,
+    /// `affinity` policy: a rank is overloaded past this multiple of the fleet's mean load
+    /// (plus the request's blocks), and then loses its prefix affinity.
+    pub router_affinity_load_factor: f64,
 }
 
 impl Default for KvRouterConfig {
@@ -140,6 +145,8 @@ impl Default for KvRouterConfig {
             router_prune_target_ratio: 0.8,
             router_predicted_ttl_secs: None,
             router_active_request_expiry_secs: 300.0,
+            router_selection_policy: crate::policy::SelectionPolicy::Default,
+            router_affinity_load_factor: 1.5,
         }
     }
 }
@@ -174,6 +181,9 @@ impl KvRouterConfig {
         }
         if let Some(v) = o.track_prefill_tokens {
             c.router_track_prefill_tokens = v;
+        }
+        if let Some(v) = o.router_selection_policy {
+            c.router_selection_policy = v;
         }
         c
     }
@@ -210,6 +220,10 @@ impl KvRouterConfig {
                 "router_active_request_expiry_secs",
                 Some(self.router_active_request_expiry_secs),
             ),
+            (
+                "router_affinity_load_factor",
+                Some(self.router_affinity_load_factor),
+            ),
         ];
         for (name, v) in checks {
             if let Some(v) = v {
@@ -242,6 +256,7 @@ pub struct RouterConfigOverride {
     pub router_temperature: Option<f64>,
     pub assume_kv_reuse: Option<bool>,
     pub track_prefill_tokens: Option<bool>,
+    pub router_selection_policy: Option<crate::policy::SelectionPolicy>,
 }
 
 impl RouterConfigOverride {

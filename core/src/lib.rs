@@ -16,12 +16,14 @@ pub mod config;
 pub mod event;
 pub mod hash;
 pub mod index;
+pub mod policy;
 pub mod router;
 pub mod selection;
 pub mod sequences;
 
 pub use config::{KvRouterConfig, LoadThresholds, RouterConfig, RouterConfigOverride, RouterMode};
 pub use event::{RouterEvent, WorkerId, WorkerWithDpRank};
+pub use policy::SelectionPolicy;
 pub use router::{RequestHashes, RouteError, RouteRequest, Router, Scheduler};
 pub use selection::{
     Candidate, DeviceType, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,

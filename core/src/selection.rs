@@ -11,6 +11,8 @@
 //!                    + potential_decode_blocks + decode_active_request_weight * active_requests
 //! ```
 //!
+//! `--router-selection-policy` may replace this cost ([`crate::policy`]).
+//!
 //! Temperature 0 picks the argmin with uniform random tie-breaking; temperature T > 0 samples
 //! `p_i ∝ exp(-(c_i - min) / ((max - min) * T))` (spec §6.4).
 
@@ -20,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ConfigError, KvRouterConfig, RouterConfig, RouterConfigOverride, RouterMode};
 use crate::event::{DpRank, WorkerId, WorkerWithDpRank};
 use crate::index::TierOverlap;
+use crate::policy::{affinity, lmetric_score, SelectionPolicy};
 use crate::sequences::PotentialLoad;
 
 /// What a worker runs on, for device-aware-weighted routing.
@@ -68,6 +71,8 @@ pub struct SelectionRequest {
     /// Force this data-parallel rank.
     pub dp_rank: Option<DpRank>,
     pub overrides: Option<RouterConfigOverride>,
+    /// The request's first block hash (the `affinity` policy hashes new prefixes by it).
+    pub affinity_key: Option<u64>,
 }
 
 /// The chosen rank and what the router predicted about it.
@@ -305,8 +310,22 @@ impl Selector {
             .iter()
             .map(|c| kv_cost(c, req.isl, req.block_size, cfg, min_prefill))
             .collect();
-        let costs: Vec<f64> = scored.iter().map(|(cost, _)| *cost).collect();
-        let i = pick_by_cost(&costs, cfg.router_temperature, rng);
+        let i = match cfg.router_selection_policy {
+            SelectionPolicy::Default => {
+                let costs: Vec<f64> = scored.iter().map(|(cost, _)| *cost).collect();
+                pick_by_cost(&costs, cfg.router_temperature, rng)
+            }
+            SelectionPolicy::Lmetric => {
+                let scores: Vec<f64> = eligible
+                    .iter()
+                    .map(|c| lmetric_score(c, req.isl, req.block_size, cfg, min_prefill))
+                    .collect();
+                argmin_random_ties(&scores, rng)
+            }
+            SelectionPolicy::Affinity => {
+                affinity(eligible, req.isl, req.block_size, cfg, req.affinity_key).index()
+            }
+        };
         (i, scored[i])
     }
 

@@ -76,6 +76,25 @@ pub struct FrontendConfig {
         default_value_t = 1.0
     )]
     pub router_kv_overlap_score_credit: f64,
+    /// Credit decay with a worker's excess active prefill (spec §6.2; 0 = off).
+    #[arg(
+        long,
+        env = "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT_DECAY",
+        default_value_t = 0.0
+    )]
+    pub router_kv_overlap_score_credit_decay: f64,
+    /// What `kv` mode minimises: `default` (the reference cost), `lmetric` (prefill × decode),
+    /// or `affinity` (a prefix stays with the worker caching it unless that worker is
+    /// overloaded; see the core's `policy` module).
+    #[arg(long, env = "DYN_ROUTER_SELECTION_POLICY", default_value = "default")]
+    pub router_selection_policy: kvrouter_core::SelectionPolicy,
+    /// `affinity`: a worker is overloaded past this multiple of the fleet's mean load.
+    #[arg(
+        long,
+        env = "KVROUTER_ROUTER_AFFINITY_LOAD_FACTOR",
+        default_value_t = 1.5
+    )]
+    pub router_affinity_load_factor: f64,
     /// Scale of prefill blocks in the cost.
     #[arg(long, env = "DYN_ROUTER_PREFILL_LOAD_SCALE", default_value_t = 1.0)]
     pub router_prefill_load_scale: f64,
@@ -292,6 +311,9 @@ impl FrontendConfig {
         let kv = KvRouterConfig {
             overlap_score_weight: self.kv_overlap_score_weight,
             overlap_score_credit: self.router_kv_overlap_score_credit,
+            overlap_score_credit_decay: self.router_kv_overlap_score_credit_decay,
+            router_selection_policy: self.router_selection_policy,
+            router_affinity_load_factor: self.router_affinity_load_factor,
             prefill_load_scale: self.router_prefill_load_scale,
             decode_active_request_weight: self.router_decode_active_request_weight,
             host_cache_hit_weight: self.router_host_cache_hit_weight,
@@ -318,7 +340,6 @@ impl FrontendConfig {
             router_prune_target_ratio: self.router_prune_target_ratio,
             router_predicted_ttl_secs: self.router_predicted_ttl_secs,
             router_active_request_expiry_secs: self.router_active_request_expiry_secs,
-            ..KvRouterConfig::default()
         };
         kv.validate()?;
         Ok(RouterConfig {
@@ -440,6 +461,43 @@ mod tests {
         assert_eq!(c.health_interval_ms, 1000);
         assert_eq!(c.http_host, "127.0.0.1", "loopback by default");
         assert_eq!(c.router_mode, RouterMode::RoundRobin);
+    }
+
+    #[test]
+    fn selection_policy_and_credit_decay_flags_reach_the_core() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            c: FrontendConfig,
+        }
+        let p = P::try_parse_from([
+            "kvrouter",
+            "--router-selection-policy",
+            "affinity",
+            "--router-kv-overlap-score-credit-decay",
+            "0.5",
+            "--router-affinity-load-factor",
+            "2",
+        ])
+        .unwrap();
+        let kv = p.c.router_config().unwrap().kv;
+        assert_eq!(
+            kv.router_selection_policy,
+            kvrouter_core::SelectionPolicy::Affinity
+        );
+        assert_eq!(kv.overlap_score_credit_decay, 0.5);
+        assert_eq!(kv.router_affinity_load_factor, 2.0);
+        assert!(P::try_parse_from(["kvrouter", "--router-selection-policy", "best"]).is_err());
+        assert_eq!(
+            FrontendConfig::default()
+                .router_config()
+                .unwrap()
+                .kv
+                .router_selection_policy,
+            kvrouter_core::SelectionPolicy::Default,
+            "the reference cost stays the default"
+        );
     }
 
     #[test]
