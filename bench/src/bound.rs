@@ -31,10 +31,11 @@ pub struct Bound {
     pub prompt_tokens: u64,
 }
 
-/// Replay `prompts` in order through a pooled LRU cache of `capacity_blocks` blocks of
+/// Replay `prompts` (anything that views as token ids: slices, or vectors made one at a time)
+/// in order through a pooled LRU cache of `capacity_blocks` blocks of
 /// `block_size` tokens and through an infinite cache. Panics if `block_size` is 0.
-pub fn bound<'a>(
-    prompts: impl IntoIterator<Item = &'a [u32]>,
+pub fn bound<P: AsRef<[u32]>>(
+    prompts: impl IntoIterator<Item = P>,
     block_size: usize,
     capacity_blocks: usize,
 ) -> Bound {
@@ -43,6 +44,7 @@ pub fn bound<'a>(
     let mut seen = HashSet::new();
     let (mut total, mut lru_hit, mut inf_hit) = (0u64, 0u64, 0u64);
     for prompt in prompts {
+        let prompt = prompt.as_ref();
         let local = compute_block_hashes(prompt, block_size, &HashOptions::default(), None);
         let seq = compute_sequence_hashes(&local);
         let max_hit = prompt.len().saturating_sub(1) / block_size;
@@ -104,6 +106,9 @@ mod tests {
         assert_eq!(big.pooled_lru_hit_rate, big.infinite_hit_rate);
         let tiny = bound(trace.iter().map(Vec::as_slice), 4, 1);
         assert!(tiny.pooled_lru_hit_rate < b.pooled_lru_hit_rate);
-        assert_eq!(bound(std::iter::empty(), 4, 3).pooled_lru_hit_rate, 0.0);
+        assert_eq!(
+            bound(std::iter::empty::<&[u32]>(), 4, 3).pooled_lru_hit_rate,
+            0.0
+        );
     }
 }

@@ -3,13 +3,15 @@
 //! What kvrouter is measured with: request workloads ([`trace`]: Mooncake traces and prompt
 //! synthesis; [`workload`]: what the HTTP benchmark sends and when), simulated worker caches
 //! that publish KV events ([`cache`]), a fleet simulation that drives the router core on a
-//! virtual clock ([`sim`]), and the HTTP benchmark behind `kvrouter bench`: one streamed request
+//! virtual clock ([`sim`]), an offline replay of a workload through the mocker's engines and the
+//! router core in virtual time ([`replay`]), and the HTTP benchmark behind `kvrouter bench`: one streamed request
 //! ([`client`]), a run against one endpoint ([`runner`]), the router's `/metrics` ([`scrape`]),
 //! the pooled-cache bound ([`bound`]), percentiles ([`stats`]) and reports with plots
 //! ([`report`]).
 pub mod bound;
 pub mod cache;
 pub mod client;
+pub mod replay;
 pub mod report;
 pub mod runner;
 pub mod scrape;

@@ -135,7 +135,12 @@ fn per_worker(w: &std::collections::BTreeMap<String, u64>) -> String {
 pub fn markdown(res: &Results) -> String {
     let mut s = String::new();
     let w = &res.workload;
-    s.push_str(&format!("# kvrouter bench: {} workload\n\n", w.kind));
+    let tool = res
+        .config
+        .get("tool")
+        .and_then(|t| t.as_str())
+        .unwrap_or("kvrouter bench");
+    s.push_str(&format!("# {tool}: {} workload\n\n", w.kind));
     if let Some(cmd) = res.config.get("command").and_then(|c| c.as_str()) {
         s.push_str(&format!("```sh\n{cmd}\n```\n\n"));
     }

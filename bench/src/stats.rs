@@ -16,12 +16,15 @@ pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     Some(sorted[lo] + (sorted[hi] - sorted[lo]) * frac)
 }
 
-/// p50, p90, p99 and mean of a set of samples (all in the samples' unit, ms in reports).
+/// p50, p90, p99, max and mean of a set of samples (all in the samples' unit, ms in reports).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
+    /// The largest sample (reports written before it existed read as 0).
+    #[serde(default)]
+    pub max: f64,
     pub mean: f64,
     /// Number of samples.
     pub count: usize,
@@ -39,6 +42,7 @@ impl Summary {
             p50: percentile(&v, 50.0)?,
             p90: percentile(&v, 90.0)?,
             p99: percentile(&v, 99.0)?,
+            max: *v.last()?,
             mean: v.iter().sum::<f64>() / v.len() as f64,
             count: v.len(),
         })
@@ -61,6 +65,7 @@ mod tests {
         // rank 9.9 → 90 + 0.9 · 10
         assert!((s.p99 - 99.0).abs() < 1e-9, "{}", s.p99);
         assert_eq!(s.mean, 50.0);
+        assert_eq!(s.max, 100.0);
         assert_eq!(s.count, 11);
 
         // Four values: rank 0.5·3 = 1.5 → (2 + 4) / 2; rank 0.9·3 = 2.7 → 4 + 0.7·(10 − 4).

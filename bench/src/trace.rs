@@ -73,6 +73,56 @@ pub fn load_trace(path: &Path, limit: Option<usize>) -> Result<Vec<TraceRequest>
     Ok(out)
 }
 
+/// A trace line that was not a request, skipped by [`load_trace_skipping`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedLine {
+    /// 1-based line number.
+    pub line: usize,
+    /// Why it is not a request.
+    pub reason: String,
+}
+
+impl std::fmt::Display for SkippedLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.reason)
+    }
+}
+
+/// [`load_trace`] that skips malformed lines instead of failing: the first `limit` good
+/// requests (all when `None`), and every bad line met before the limit was reached, with its
+/// number. Fails only when the file cannot be read.
+pub fn load_trace_skipping(
+    path: &Path,
+    limit: Option<usize>,
+) -> Result<(Vec<TraceRequest>, Vec<SkippedLine>), TraceError> {
+    let p = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| TraceError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let (mut out, mut skipped) = (Vec::new(), Vec::new());
+    for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+        if limit.is_some_and(|n| out.len() >= n) {
+            break;
+        }
+        let line = line.map_err(|source| TraceError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<TraceRequest>(&line) {
+            Ok(r) => out.push(r),
+            Err(e) => skipped.push(SkippedLine {
+                line: i + 1,
+                reason: e.to_string(),
+            }),
+        }
+    }
+    Ok((out, skipped))
+}
+
 /// First token id used for synthetic prompts: above Qwen3's low ids (bytes, punctuation).
 pub const VOCAB_START: u32 = 1_000;
 /// Size of the id range used for synthetic prompts: ids `VOCAB_START..VOCAB_START + VOCAB_SPAN`
@@ -200,6 +250,15 @@ mod tests {
         .unwrap();
         let err = load_trace(&dir, None).unwrap_err().to_string();
         assert!(err.contains(":3:"), "{err}");
+        let (ok, skipped) = load_trace_skipping(&dir, None).unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].line, 3);
+        assert!(
+            skipped[0].to_string().starts_with("line 3: "),
+            "{}",
+            skipped[0]
+        );
         std::fs::remove_file(&dir).ok();
     }
 }

@@ -66,7 +66,6 @@ impl Schedule {
 /// timestamp) / time_scale` ms. `time_scale` must be > 0 (2 = twice as fast).
 pub fn from_trace(trace: &[TraceRequest], time_scale: f64) -> (Vec<BenchRequest>, Schedule) {
     assert!(time_scale > 0.0, "time scale must be > 0");
-    let t0 = trace.iter().map(|r| r.timestamp).min().unwrap_or(0);
     let requests = trace
         .iter()
         .map(|r| BenchRequest {
@@ -74,6 +73,14 @@ pub fn from_trace(trace: &[TraceRequest], time_scale: f64) -> (Vec<BenchRequest>
             max_tokens: r.output_length.max(1),
         })
         .collect();
+    (requests, trace_schedule(trace, time_scale))
+}
+
+/// The open-loop schedule of a trace: send offsets `(timestamp − first timestamp) /
+/// time_scale` ms, made non-decreasing. `time_scale` must be > 0.
+pub fn trace_schedule(trace: &[TraceRequest], time_scale: f64) -> Schedule {
+    assert!(time_scale > 0.0, "time scale must be > 0");
+    let t0 = trace.iter().map(|r| r.timestamp).min().unwrap_or(0);
     let mut offsets_ms: Vec<f64> = trace
         .iter()
         .map(|r| (r.timestamp - t0) as f64 / time_scale)
@@ -82,7 +89,7 @@ pub fn from_trace(trace: &[TraceRequest], time_scale: f64) -> (Vec<BenchRequest>
     for i in 1..offsets_ms.len() {
         offsets_ms[i] = offsets_ms[i].max(offsets_ms[i - 1]);
     }
-    (requests, Schedule::Open { offsets_ms })
+    Schedule::Open { offsets_ms }
 }
 
 /// Shape of the shared-prefix workload. Ranges are inclusive, in tokens.
