@@ -37,6 +37,12 @@ enum Command {
     Mocker(cmd::mocker::Args),
     /// Benchmark an OpenAI-compatible endpoint (or embedded stacks per router mode) over HTTP.
     Bench(cmd::bench::Args),
+    /// Replay a trace offline through mock engines and the router core in virtual time.
+    #[command(
+        mut_arg("router_mode", |a| a.default_value("kv")),
+        mut_args(cmd::replay::hide_frontend_only)
+    )]
+    Replay(Box<cmd::replay::Args>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Replay(a) => cmd::replay::run(*a),
     }
 }
 

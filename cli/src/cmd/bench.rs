@@ -31,7 +31,7 @@ pub enum WorkloadKind {
     Mooncake,
 }
 
-fn parse_range(s: &str) -> Result<(usize, usize), String> {
+pub fn parse_range(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = s.split_once(':').unwrap_or((s, s));
     let p = |x: &str| {
         x.trim()
@@ -43,6 +43,47 @@ fn parse_range(s: &str) -> Result<(usize, usize), String> {
         return Err(format!("{s}: MIN is above MAX"));
     }
     Ok((a, b))
+}
+
+/// What is sent and when: the workload flags `kvrouter bench` and `kvrouter replay` share.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct WorkloadArgs {
+    /// What to send.
+    #[arg(long, value_enum, default_value = "mooncake")]
+    pub workload: WorkloadKind,
+    /// Mooncake-format JSONL trace (`--workload mooncake`).
+    #[arg(long, default_value = "../shared/data/traces/synthetic_trace.jsonl")]
+    pub trace: PathBuf,
+    /// Requests to send (mooncake: the trace's first N, default bench 1000, replay all;
+    /// prefix: default 800).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Closed loop at this many requests in flight (prefix default: 16; mooncake: replaces the
+    /// trace's timestamps).
+    #[arg(long, conflicts_with = "rate")]
+    pub concurrency: Option<usize>,
+    /// Open loop, Poisson arrivals at this many requests/s (mooncake: replaces the trace's
+    /// timestamps).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Divide the trace's timestamps by this (4 = four times as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Shared system prompts (prefix workload).
+    #[arg(long, default_value_t = 64)]
+    pub prefixes: usize,
+    /// System prompt length range, tokens (prefix workload).
+    #[arg(long, value_parser = parse_range, default_value = "2048:4096")]
+    pub prefix_len: (usize, usize),
+    /// User suffix length range, tokens (prefix workload).
+    #[arg(long, value_parser = parse_range, default_value = "32:256")]
+    pub suffix_len: (usize, usize),
+    /// Output length range, tokens (prefix workload).
+    #[arg(long, value_parser = parse_range, default_value = "32:128")]
+    pub osl: (usize, usize),
+    /// Seed of the prefix workload, Poisson arrivals and the replay's random choices.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
 }
 
 /// The flags of `kvrouter bench` (also serialised into `results.json` as `config`).
@@ -66,38 +107,9 @@ pub struct Args {
     /// Router modes to compare with `--embedded`, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "kv,round-robin,random")]
     compare: Vec<RouterMode>,
-    /// What to send.
-    #[arg(long, value_enum)]
-    workload: WorkloadKind,
-    /// Mooncake-format JSONL trace (`--workload mooncake`).
-    #[arg(long, default_value = "../shared/data/traces/synthetic_trace.jsonl")]
-    trace: PathBuf,
-    /// Requests to send (mooncake: the trace's first N; default 1000 / prefix: 800).
-    #[arg(long)]
-    requests: Option<usize>,
-    /// Closed loop at this many requests in flight (prefix default: 16; mooncake: replaces the
-    /// trace's timestamps).
-    #[arg(long, conflicts_with = "rate")]
-    concurrency: Option<usize>,
-    /// Open loop, Poisson arrivals at this many requests/s (mooncake: replaces the trace's
-    /// timestamps).
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Divide the trace's timestamps by this (4 = four times as fast).
-    #[arg(long, default_value_t = 1.0)]
-    time_scale: f64,
-    /// Shared system prompts (prefix workload).
-    #[arg(long, default_value_t = 64)]
-    prefixes: usize,
-    /// System prompt length range, tokens (prefix workload).
-    #[arg(long, value_parser = parse_range, default_value = "2048:4096")]
-    prefix_len: (usize, usize),
-    /// User suffix length range, tokens (prefix workload).
-    #[arg(long, value_parser = parse_range, default_value = "32:256")]
-    suffix_len: (usize, usize),
-    /// Output length range, tokens (prefix workload).
-    #[arg(long, value_parser = parse_range, default_value = "32:128")]
-    osl: (usize, usize),
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub workload: WorkloadArgs,
     /// Workers in the fleet (embedded stack; and the bound's capacity).
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -123,9 +135,6 @@ pub struct Args {
     /// model (default: models/qwen3, else ../shared/data/tokenizers/qwen3).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Seed of the prefix workload and Poisson arrivals.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
     /// Per-request limit, seconds (connect to end of stream).
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
@@ -160,18 +169,7 @@ impl Args {
             self.workers > 0 && self.block_size > 0 && self.num_gpu_blocks > 0,
             "--workers, --block-size and --num-gpu-blocks must be at least 1"
         );
-        anyhow::ensure!(
-            self.time_scale > 0.0 && self.time_scale.is_finite(),
-            "--time-scale must be > 0"
-        );
-        anyhow::ensure!(
-            self.concurrency != Some(0),
-            "--concurrency must be at least 1"
-        );
-        if let Some(r) = self.rate {
-            anyhow::ensure!(r > 0.0 && r.is_finite(), "--rate must be > 0");
-        }
-        anyhow::ensure!(self.prefixes > 0, "--prefixes must be at least 1");
+        self.workload.validate()?;
         anyhow::ensure!(self.timeout > 0.0, "--timeout must be > 0");
         anyhow::ensure!(self.max_duration > 0.0, "--max-duration must be > 0");
         anyhow::ensure!(
@@ -186,39 +184,68 @@ impl Args {
     }
 }
 
+impl WorkloadArgs {
+    /// Checks the workload flags.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.time_scale > 0.0 && self.time_scale.is_finite(),
+            "--time-scale must be > 0"
+        );
+        anyhow::ensure!(
+            self.concurrency != Some(0),
+            "--concurrency must be at least 1"
+        );
+        if let Some(r) = self.rate {
+            anyhow::ensure!(r > 0.0 && r.is_finite(), "--rate must be > 0");
+        }
+        anyhow::ensure!(self.prefixes > 0, "--prefixes must be at least 1");
+        Ok(())
+    }
+
+    /// The prefix workload's shape (`--requests`, default 800).
+    pub fn prefix_spec(&self) -> PrefixSpec {
+        PrefixSpec {
+            requests: self.requests.unwrap_or(800),
+            prefixes: self.prefixes,
+            prefix_len: self.prefix_len,
+            suffix_len: self.suffix_len,
+            osl: self.osl,
+            seed: self.seed,
+        }
+    }
+
+    /// The prefix workload's default schedule: closed loop at 16.
+    pub const PREFIX_SCHEDULE: Schedule = Schedule::Closed { concurrency: 16 };
+
+    /// `default` unless `--concurrency` or `--rate` replace it, for `n` requests.
+    pub fn schedule(&self, n: usize, default: Schedule) -> Schedule {
+        match (self.concurrency, self.rate) {
+            (Some(c), _) => Schedule::Closed { concurrency: c },
+            (None, Some(r)) => Schedule::Open {
+                offsets_ms: poisson_offsets(n, r, self.seed),
+            },
+            (None, None) => default,
+        }
+    }
+}
+
 /// The workload's requests and schedule.
 fn build_workload(args: &Args) -> anyhow::Result<(Vec<BenchRequest>, Schedule)> {
-    let (requests, default_schedule) = match args.workload {
+    let w = &args.workload;
+    let (requests, default_schedule) = match w.workload {
         WorkloadKind::Mooncake => {
-            let n = args.requests.unwrap_or(1000);
-            let trace = load_trace(&args.trace, Some(n))?;
-            anyhow::ensure!(
-                !trace.is_empty(),
-                "{} has no requests",
-                args.trace.display()
-            );
-            from_trace(&trace, args.time_scale)
+            let n = w.requests.unwrap_or(1000);
+            let trace = load_trace(&w.trace, Some(n))?;
+            anyhow::ensure!(!trace.is_empty(), "{} has no requests", w.trace.display());
+            from_trace(&trace, w.time_scale)
         }
-        WorkloadKind::Prefix => {
-            let spec = PrefixSpec {
-                requests: args.requests.unwrap_or(800),
-                prefixes: args.prefixes,
-                prefix_len: args.prefix_len,
-                suffix_len: args.suffix_len,
-                osl: args.osl,
-                seed: args.seed,
-            };
-            (prefix_workload(&spec), Schedule::Closed { concurrency: 16 })
-        }
+        WorkloadKind::Prefix => (
+            prefix_workload(&w.prefix_spec()),
+            WorkloadArgs::PREFIX_SCHEDULE,
+        ),
     };
     anyhow::ensure!(!requests.is_empty(), "the workload has no requests");
-    let schedule = match (args.concurrency, args.rate) {
-        (Some(c), _) => Schedule::Closed { concurrency: c },
-        (None, Some(r)) => Schedule::Open {
-            offsets_ms: poisson_offsets(requests.len(), r, args.seed),
-        },
-        (None, None) => default_schedule,
-    };
+    let schedule = w.schedule(requests.len(), default_schedule);
     Ok((requests, schedule))
 }
 
@@ -253,7 +280,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let workload = WorkloadInfo {
-        kind: match args.workload {
+        kind: match args.workload.workload {
             WorkloadKind::Prefix => "prefix".into(),
             WorkloadKind::Mooncake => "mooncake".into(),
         },
@@ -355,7 +382,8 @@ fn display_paths(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
-fn command_line() -> String {
+/// The command line as typed, shell-quoted where needed.
+pub fn command_line() -> String {
     let mut words = vec!["kvrouter".to_string()];
     for a in std::env::args().skip(1) {
         if a.chars()

@@ -3,6 +3,7 @@ pub mod events;
 pub mod frontend;
 pub mod hash;
 pub mod mocker;
+pub mod replay;
 pub mod simulate;
 pub mod up;
 
