@@ -5,6 +5,11 @@
 //! [`SimWorkerCache`] adds what the engine publishes: one `Stored` per request for the blocks it
 //! did not hold, and one `Removed` per evicted block, with engine hashes that are *not* the
 //! router's (a per-worker salt), so whoever consumes the events must treat them as opaque.
+//!
+//! This is not an engine model: no batching, no timing, no concurrency. It generates event
+//! streams for the index benchmarks ([`crate::stream`], `bench/dynamo-compare`) and is the
+//! pooled cache of the bound ([`crate::bound`]). Routing figures come from the mocker's own
+//! engine, in [`crate::replay`] or live.
 
 use std::collections::BTreeMap;
 

@@ -29,16 +29,16 @@ enum Command {
     Frontend(cmd::frontend::Args),
     /// Print the router's block hashes for token ids read as a JSON array on stdin.
     Hash(cmd::hash::Args),
-    /// Route a Mooncake trace through the core against simulated workers; print overlap and load.
-    Simulate(cmd::simulate::Args),
     /// Print a worker's KV event stream (vLLM/SGLang ZMQ) as canonical JSON lines.
     Events(cmd::events::Args),
     /// Run CPU-only mock inference engines (vLLM-compatible HTTP API and KV events).
     Mocker(cmd::mocker::Args),
     /// Benchmark an OpenAI-compatible endpoint (or embedded stacks per router mode) over HTTP.
     Bench(cmd::bench::Args),
-    /// Replay a trace offline through mock engines and the router core in virtual time.
+    /// Replay a trace offline through mock engines and the router core in virtual time
+    /// (`simulate` is its old name).
     #[command(
+        alias = "simulate",
         mut_arg("router_mode", |a| a.default_value("kv")),
         mut_args(cmd::replay::hide_frontend_only)
     )]
@@ -51,7 +51,6 @@ fn main() -> anyhow::Result<()> {
         Command::Up(a) => cmd::up::run(a),
         Command::Frontend(a) => cmd::frontend::run(a),
         Command::Hash(a) => cmd::hash::run(a),
-        Command::Simulate(a) => cmd::simulate::run(a),
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),
         Command::Bench(a) => cmd::bench::run(a),

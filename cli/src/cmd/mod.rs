@@ -4,7 +4,6 @@ pub mod frontend;
 pub mod hash;
 pub mod mocker;
 pub mod replay;
-pub mod simulate;
 pub mod up;
 
 /// Log to stderr; `RUST_LOG` filters (default `info`).
