@@ -431,6 +431,40 @@ mod tests {
         assert!(std::fs::read_to_string(out.join("report.md"))
             .unwrap()
             .starts_with("# kvrouter replay: mooncake workload"));
+        // What --json prints per entry.
+        let base = parse(&[]).frontend.router_config().unwrap();
+        let w = build_workload(&parse(&["--trace", trace.to_str().unwrap()]).workload).unwrap();
+        let cfg = ReplayConfig {
+            router: Entry {
+                mode: RouterMode::Kv,
+                policy: Some(SelectionPolicy::Lmetric),
+            }
+            .router(&base),
+            ..ReplayConfig::fleet(2, 64, 64, base.clone())
+        };
+        let mut o = replay::replay(&w, &cfg).unwrap();
+        o.report.mode = label(&cfg.router);
+        let v = json_entry(&cfg.router, &o, &replay::bound(&w, &cfg)).unwrap();
+        assert_eq!(
+            (v["mode"].as_str(), v["policy"].as_str()),
+            (Some("kv"), Some("lmetric"))
+        );
+        assert_eq!(v["label"], "kv:lmetric");
+        for k in [
+            "hit_rate",
+            "predicted_hit_rate",
+            "throughput_rps",
+            "pooled_lru_hit_rate",
+        ] {
+            assert!(v[k].is_number(), "{k}: {v}");
+        }
+        for k in ["ttft_ms", "e2e_ms"] {
+            for q in ["p50", "p90", "p99", "max"] {
+                assert!(v[k][q].is_number(), "{k}.{q}: {v}");
+            }
+        }
+        assert_eq!(v["requests_per_worker"].as_object().unwrap().len(), 2);
+        assert!(v["bound"]["infinite_hit_rate"].is_number());
         std::fs::remove_dir_all(&dir).ok();
     }
 }
