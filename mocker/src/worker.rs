@@ -141,6 +141,9 @@ pub fn spawn_engine(
     (handle, task)
 }
 
+/// Largest lag behind the modelled step cadence that the next step absorbs.
+const MAX_STEP_LAG: std::time::Duration = std::time::Duration::from_millis(5);
+
 struct Pending {
     reply: Reply,
     tokens: Vec<u32>,
@@ -174,8 +177,11 @@ async fn run(
     };
     let mut out = StepOutput::default();
     let mut aborted = Vec::new();
+    // When the previous step is modelled to end; None after an idle wait.
+    let mut planned_end: Option<Instant> = None;
     loop {
         if !l.engine.has_work() {
+            planned_end = None;
             tokio::select! {
                 _ = &mut shutdown => return,
                 cmd = rx.recv() => match cmd {
@@ -190,11 +196,21 @@ async fn run(
         if !l.engine.has_work() {
             continue;
         }
-        let step_start = Instant::now();
+        // Back-to-back steps follow the model's clock: a step starts where the previous one
+        // was modelled to end, not when the timer (1 ms granularity) woke us, or sub-ms
+        // steps would each last a whole tick. Only a small lag is absorbed; a driver that
+        // fell further behind (CPU starved) starts from now.
+        let woke = Instant::now();
+        let step_start = match planned_end {
+            Some(end) if woke >= end && woke - end < MAX_STEP_LAG => end,
+            _ => woke,
+        };
         let now = (step_start - l.start).as_secs_f64();
         l.engine.step(now, &mut out);
+        planned_end = None;
         if out.duration > 0.0 {
             let until = step_start + std::time::Duration::from_secs_f64(out.duration);
+            planned_end = Some(until);
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep_until(until.into()) => {},
