@@ -102,11 +102,12 @@ async fn replayed_hits_are_the_live_engines_request_by_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_ttft_is_the_live_engines_within_ten_percent() {
-    // Uncached suffixes of 3,000–5,000 tokens: prefills of 65–130 ms modelled.
-    let s = spec(30, (3000, 5000), (2, 4));
+    // Uncached suffixes of 8,000–12,000 tokens: prefills of 150–250 ms modelled, so that what
+    // live adds per request — HTTP, JSON of the prompt, task wake-ups: 4–9 ms in a debug build
+    // on a busy machine — stays well inside the 10 %.
+    let s = spec(20, (8000, 12000), (2, 4));
     let ((live, live_ttft), (virt, virt_ttft)) = both(&s, mocker(1.0, 16384)).await;
     assert_eq!(live, virt);
-    // Live adds HTTP, JSON and timer wake-ups (a few ms in a debug build) to the model's time.
     eprintln!("TTFT p50: live {live_ttft:.2} ms, replayed {virt_ttft:.2} ms");
     assert!(
         (live_ttft - virt_ttft).abs() <= 0.1 * virt_ttft,
