@@ -186,11 +186,17 @@ pub fn markdown(res: &Results) -> String {
         "| *bound: infinite cache* | {:.3} | | | | | | | | |\n\n",
         b.infinite_hit_rate
     ));
-    s.push_str(
+    s.push_str(if tool == "kvrouter replay" {
+        "Replayed in virtual time through the mocker's engines and the router core: hit rate = \
+         Σ engine-reported cached tokens / Σ prompt tokens; predicted hit = Σ cached tokens the \
+         router expected / Σ routed prompt tokens; routing µs = mean wall time of the core's \
+         route call. Latencies and rates are in virtual time; ITL is every gap between \
+         successive tokens.\n\n"
+    } else {
         "Hit rate = Σ `usage.prompt_tokens_details.cached_tokens` / Σ `usage.prompt_tokens`; \
          predicted hit and routing µs (mean, stage `total`) from the router's `/metrics` when \
-         it has them. ITL is every gap between successive streamed token chunks.\n\n",
-    );
+         it has them. ITL is every gap between successive streamed token chunks.\n\n"
+    });
     for r in &res.runs {
         if let Some(w) = &r.requests_per_worker {
             s.push_str(&format!(
