@@ -5,9 +5,11 @@
 //! * **Engines** ([`engine`]): the mocker's own [`kvrouter_mocker::engine::Engine`] — vLLM
 //!   v1 scheduler, paged KV pool with prefix caching, Dynamo's polynomial timing model — each
 //!   stepped when idle with work, its step's results due when the modelled duration has passed.
-//! * **Router**: [`kvrouter_core::Router`], called as the frontend calls it
-//!   (`server/src/routing.rs`): route (hashes, exact index, load, selection) and book at
-//!   arrival, `mark_prefill_complete` at the first token, `free` at the last.
+//! * **Router**: the core's [`Scheduler`] and exact [`TieredIndex`], called as the frontend
+//!   calls them (`server/src/routing.rs`): hashes, the index's overlaps, then
+//!   [`Scheduler::schedule`] (load, selection, booking) at arrival, `mark_prefill_complete` at
+//!   the first token, `free` at the last, and lost bookings expired every
+//!   [`EXPIRY_INTERVAL_S`] as the frontend's health loop does.
 //! * **KV events**: each engine's events, converted as the live subscriber converts them, are
 //!   applied to the router's index when the step that produced them ends, or
 //!   `kv_event_delay_s` later.
@@ -28,7 +30,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
-use kvrouter_core::router::{RouteRequest, Router};
+use kvrouter_core::hash::HashOptions;
+use kvrouter_core::index::TieredIndex;
+use kvrouter_core::router::{RequestHashes, RouteRequest, Scheduler};
 use kvrouter_core::selection::WorkerInfo;
 use kvrouter_core::RouterConfig;
 use kvrouter_mocker::MockerConfig;
@@ -177,6 +181,9 @@ fn refusal(
         .map(|e| e.to_string())
 }
 
+/// Seconds between two expiries of lost bookings (the frontend's default health interval).
+pub const EXPIRY_INTERVAL_S: f64 = 1.0;
+
 /// Something due at a virtual time.
 enum Due {
     /// Request `i` is sent.
@@ -202,7 +209,9 @@ struct Req {
 
 struct Replay<'a> {
     w: &'a ReplayWorkload,
-    router: Router,
+    router: Scheduler,
+    index: TieredIndex,
+    last_expiry: f64,
     engines: Vec<VirtualEngine>,
     rng: StdRng,
     clock: Timeline<Due>,
@@ -227,7 +236,7 @@ fn request_id(i: usize) -> String {
 impl<'a> Replay<'a> {
     fn new(w: &'a ReplayWorkload, cfg: &ReplayConfig) -> Self {
         let ecfg = cfg.engine_config();
-        let mut router = Router::new(cfg.router.clone(), cfg.mocker.block_size);
+        let mut router = Scheduler::new(cfg.router.clone(), cfg.mocker.block_size);
         let engines = (0..cfg.workers)
             .map(|i| {
                 let worker = WorkerWithDpRank::new(i as u64, 0);
@@ -258,6 +267,8 @@ impl<'a> Replay<'a> {
         Self {
             w,
             router,
+            index: TieredIndex::new(),
+            last_expiry: 0.0,
             engines,
             rng: StdRng::seed_from_u64(cfg.seed),
             clock,
@@ -312,16 +323,31 @@ impl<'a> Replay<'a> {
         }
         let prompt = self.w.prompt(i).into_owned();
         let id = request_id(i);
+        let now = Duration::from_secs_f64(t);
+        if t - self.last_expiry >= EXPIRY_INTERVAL_S {
+            self.router.expire(now);
+            self.last_expiry = t;
+        }
+        // As `RouterState::route` does: hashes and overlaps first, then the scheduler.
         let t0 = Instant::now();
-        let sel = self.router.route(
-            &RouteRequest {
-                request_id: Some(&id),
-                tokens: &prompt,
-                ..Default::default()
-            },
-            Duration::from_secs_f64(t),
-            &mut self.rng,
-        );
+        let hashes = if self.router.needs_hashes() {
+            RequestHashes::compute(&prompt, self.router.block_size(), &HashOptions::default())
+        } else {
+            RequestHashes::default()
+        };
+        let exact = if self.router.uses_exact_index() && !hashes.local.is_empty() {
+            self.index.find_tier_matches(&hashes.local)
+        } else {
+            Vec::new()
+        };
+        let req = RouteRequest {
+            request_id: Some(&id),
+            tokens: &prompt,
+            ..Default::default()
+        };
+        let sel = self
+            .router
+            .schedule(&req, &hashes, exact, now, &mut self.rng);
         self.route_time += t0.elapsed();
         self.routes += 1;
         let sel = match sel {
@@ -348,7 +374,7 @@ impl<'a> Replay<'a> {
     fn apply(&mut self, events: &[RouterEvent]) {
         for ev in events {
             self.router_events += 1;
-            if self.router.apply_event(ev).is_err() {
+            if self.index.apply(ev).is_err() {
                 self.index_errors += 1;
             }
         }
@@ -591,6 +617,12 @@ mod tests {
         for (k, s) in starts.iter().enumerate().skip(3) {
             assert!(*s >= ends[k - 3] - 1e-9, "request {k} started at {s}");
         }
+        // Bookings expired under running requests (as the frontend's health loop does): their
+        // late frees are unknown requests, harmless.
+        let mut short = cfg.clone();
+        short.router.kv.router_active_request_expiry_secs = 0.001;
+        let o = replay(&ReplayWorkload::from_trace(conversations(), 1.0), &short).unwrap();
+        assert_eq!((o.report.succeeded, o.report.errors), (42, 0));
         assert!(replay(
             &ReplayWorkload::from_trace(conversations(), 1.0)
                 .with_schedule(Schedule::Closed { concurrency: 0 }),
