@@ -146,7 +146,7 @@ impl Default for KvRouterConfig {
             router_predicted_ttl_secs: None,
             router_active_request_expiry_secs: 300.0,
             router_selection_policy: crate::policy::SelectionPolicy::Default,
-            router_affinity_load_factor: 1.5,
+            router_affinity_load_factor: 2.0,
         }
     }
 }

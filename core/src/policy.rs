@@ -11,13 +11,17 @@
 //!   SGLang gateway's `cache_aware`) keeps one copy but loses the tail when a hot prefix lands on
 //!   a busy worker. Here:
 //!   1. a rank is *overloaded* when its load (active prefill + decode blocks) exceeds
-//!      `affinity_load_factor ×` the fleet's mean plus the request's own blocks — consistent
-//!      hashing with bounded loads (Mirrokni et al., SODA 2018); at least one rank never is;
-//!   2. among the others, the ranks holding the longest cached prefix compete on the reference
-//!      cost — a prefix is copied to a second worker only when its holders are overloaded;
-//!   3. a prefix nobody holds goes to the rank its first block hashes to (rendezvous hashing
-//!      over the non-overloaded ranks), so requests that share a prefix converge on one worker
-//!      before any KV event has told the router where it went.
+//!      `affinity_load_factor ×` the fleet's mean plus the request's own blocks — the bound of
+//!      consistent hashing with bounded loads (Mirrokni et al., SODA 2018); the least-loaded
+//!      rank never is;
+//!   2. among the others, the ranks holding the longest cached prefix compete on the LMetric
+//!      score — a prefix is copied to a second worker only when its holders are overloaded;
+//!   3. a prefix nobody (not overloaded) holds goes to the lowest LMetric score.
+//!
+//!   Measured with `kvrouter replay` on the Mooncake traces (docs/benchmarks.md): hit rate
+//!   0.181 / 0.374 against the reference cost's 0.135 / 0.309 (pooled-LRU bound 0.189 / 0.391).
+//!   Hashing new prefixes to a rank (rendezvous) was tried first: a system prompt shared by
+//!   most conversations then left one worker idle.
 
 use std::str::FromStr;
 
@@ -89,42 +93,29 @@ fn load_blocks(c: &Candidate, block_size: usize) -> f64 {
         + c.load.active_decode_blocks as f64
 }
 
-/// 64-bit mix of a prefix key and a worker (rendezvous hashing weight).
-fn rendezvous(key: u64, worker: u64, dp_rank: u32) -> u64 {
-    let mut x =
-        key ^ worker.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(dp_rank).rotate_left(32);
-    // splitmix64 finaliser
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
 /// What the affinity policy chose and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AffinityChoice {
     /// A holder of the longest cached prefix (index into the candidates).
     Holder(usize),
-    /// Nobody (not overloaded) holds a prefix: the rank the first block hashes to.
-    Hashed(usize),
-    /// No key (a prompt shorter than a block) and nothing cached: the lowest reference cost.
-    Cost(usize),
+    /// Nobody (not overloaded) holds a prefix: the lowest LMetric score.
+    Score(usize),
 }
 
 impl AffinityChoice {
     pub fn index(self) -> usize {
         match self {
-            Self::Holder(i) | Self::Hashed(i) | Self::Cost(i) => i,
+            Self::Holder(i) | Self::Score(i) => i,
         }
     }
 }
 
-/// The affinity policy over `eligible` (non-empty). `key`: the request's first block hash.
+/// The affinity policy over `eligible` (non-empty).
 pub fn affinity(
     eligible: &[&Candidate],
     isl: usize,
     block_size: usize,
     cfg: &KvRouterConfig,
-    key: Option<u64>,
 ) -> AffinityChoice {
     let min_prefill = eligible
         .iter()
@@ -140,7 +131,7 @@ pub fn affinity(
     let bound = cfg.router_affinity_load_factor.max(1.0) * mean + request_blocks;
     // The least-loaded rank is never over the bound (its load <= mean).
     let ok: Vec<usize> = (0..eligible.len()).filter(|&i| loads[i] <= bound).collect();
-    let cost = |i: usize| kv_cost(eligible[i], isl, block_size, cfg, min_prefill).0;
+    let lm = |i: usize| lmetric_score(eligible[i], isl, block_size, cfg, min_prefill);
     let best_overlap = ok
         .iter()
         .map(|&i| eligible[i].overlap.device)
@@ -151,25 +142,16 @@ pub fn affinity(
             .iter()
             .copied()
             .filter(|&i| eligible[i].overlap.device == best_overlap)
-            .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+            .min_by(|&a, &b| lm(a).total_cmp(&lm(b)))
             .expect("a holder");
         return AffinityChoice::Holder(i);
     }
-    match key {
-        Some(k) => {
-            let w = |i: usize| {
-                let r = eligible[i].info.worker;
-                rendezvous(k, r.worker_id, r.dp_rank)
-            };
-            AffinityChoice::Hashed(ok.iter().copied().max_by_key(|&i| w(i)).expect("non-empty"))
-        }
-        None => AffinityChoice::Cost(
-            ok.iter()
-                .copied()
-                .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
-                .expect("non-empty"),
-        ),
-    }
+    AffinityChoice::Score(
+        ok.iter()
+            .copied()
+            .min_by(|&a, &b| lm(a).total_cmp(&lm(b)))
+            .expect("non-empty"),
+    )
 }
 
 #[cfg(test)]
@@ -203,9 +185,9 @@ mod tests {
         }
     }
 
-    fn pick(c: &[Candidate], key: Option<u64>) -> AffinityChoice {
+    fn pick(c: &[Candidate]) -> AffinityChoice {
         let refs: Vec<&Candidate> = c.iter().collect();
-        affinity(&refs, 256, 64, &KvRouterConfig::default(), key)
+        affinity(&refs, 256, 64, &KvRouterConfig::default())
     }
 
     #[test]
@@ -220,42 +202,37 @@ mod tests {
             .map(|x| kv_cost(x, 256, 64, &cfg, 0).0)
             .collect();
         assert!(costs[0] < costs[1], "{costs:?}");
-        assert_eq!(pick(&c, Some(7)), AffinityChoice::Holder(1));
+        assert_eq!(pick(&c), AffinityChoice::Holder(1));
     }
 
     #[test]
-    fn an_overloaded_holder_spills_to_the_hashed_rank() {
-        // Mean load (0 + 40 + 2) / 3 = 14; bound 1.5 * 14 + 4 = 25: worker 1 at 40 is over.
-        let c = [cand(0, 0, 0, 0), cand(1, 3, 0, 40), cand(2, 0, 0, 2)];
-        let AffinityChoice::Hashed(i) = pick(&c, Some(7)) else {
-            panic!("not hashed")
-        };
-        assert_ne!(i, 1);
-        // The same key always spills to the same rank: one extra copy, not one per worker.
-        for _ in 0..10 {
-            assert_eq!(pick(&c, Some(7)), AffinityChoice::Hashed(i));
-        }
+    fn an_overloaded_holder_spills_to_the_best_score() {
+        // Mean load (0 + 60 + 2) / 3 = 20.7; bound 2 * 20.7 + 4 = 45.3: worker 1 at 60 is over.
+        let c = [cand(0, 0, 0, 0), cand(1, 3, 0, 60), cand(2, 0, 0, 2)];
+        assert_eq!(pick(&c), AffinityChoice::Score(0));
+        // A holder within the bound keeps it, six times as busy as the next: mean 14 / 3,
+        // bound 2 * 14 / 3 + 4 = 13.3.
+        let c = [cand(0, 0, 0, 0), cand(1, 3, 0, 12), cand(2, 0, 0, 2)];
+        assert_eq!(pick(&c), AffinityChoice::Holder(1));
     }
 
     #[test]
-    fn new_prefixes_spread_by_hash_and_ties_among_holders_go_by_cost() {
+    fn the_least_loaded_rank_is_never_overloaded_and_holders_tie_on_score() {
+        // Three equally busy ranks and an idle one: the idle one is eligible and, with nothing
+        // cached anywhere, wins (rendezvous hashing of a shared first block once starved it).
         let c = [
-            cand(0, 0, 0, 0),
+            cand(0, 0, 0, 30),
             cand(1, 0, 0, 0),
-            cand(2, 0, 0, 0),
-            cand(3, 0, 0, 0),
+            cand(2, 0, 0, 30),
+            cand(3, 0, 0, 30),
         ];
-        let mut seen = [0; 4];
-        for k in 0..400u64 {
-            seen[pick(&c, Some(k.wrapping_mul(0x1234_5678_9abc))).index()] += 1;
-        }
-        assert!(seen.iter().all(|&n| n > 60), "{seen:?}");
+        assert_eq!(pick(&c), AffinityChoice::Score(1));
         // Two holders of the same prefix: the less loaded one.
         let c = [cand(0, 2, 0, 6), cand(1, 2, 0, 1), cand(2, 0, 0, 0)];
-        assert_eq!(pick(&c, Some(1)), AffinityChoice::Holder(1));
-        // No key and nothing cached: the lowest cost.
-        let c = [cand(0, 0, 128, 3), cand(1, 0, 0, 1)];
-        assert_eq!(pick(&c, None), AffinityChoice::Cost(1));
+        assert_eq!(pick(&c), AffinityChoice::Holder(1));
+        // A longer prefix wins over a shorter one on a less loaded rank.
+        let c = [cand(0, 1, 0, 0), cand(1, 3, 0, 8)];
+        assert_eq!(pick(&c), AffinityChoice::Holder(1));
     }
 
     #[test]

@@ -173,7 +173,6 @@ impl Scheduler {
             pinned_worker: req.pinned_worker,
             dp_rank: req.dp_rank,
             overrides: req.overrides.clone(),
-            affinity_key: hashes.local.first().map(|h| h.0),
         };
         let sel = self.selector.select(&candidates, &sreq, rng)?;
         if let Some(id) = req.request_id {

@@ -71,8 +71,6 @@ pub struct SelectionRequest {
     /// Force this data-parallel rank.
     pub dp_rank: Option<DpRank>,
     pub overrides: Option<RouterConfigOverride>,
-    /// The request's first block hash (the `affinity` policy hashes new prefixes by it).
-    pub affinity_key: Option<u64>,
 }
 
 /// The chosen rank and what the router predicted about it.
@@ -322,9 +320,7 @@ impl Selector {
                     .collect();
                 argmin_random_ties(&scores, rng)
             }
-            SelectionPolicy::Affinity => {
-                affinity(eligible, req.isl, req.block_size, cfg, req.affinity_key).index()
-            }
+            SelectionPolicy::Affinity => affinity(eligible, req.isl, req.block_size, cfg).index(),
         };
         (i, scored[i])
     }

@@ -92,7 +92,7 @@ pub struct FrontendConfig {
     #[arg(
         long,
         env = "KVROUTER_ROUTER_AFFINITY_LOAD_FACTOR",
-        default_value_t = 1.5
+        default_value_t = 2.0
     )]
     pub router_affinity_load_factor: f64,
     /// Scale of prefill blocks in the cost.
