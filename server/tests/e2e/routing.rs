@@ -80,3 +80,53 @@ async fn approximate_mode_routes_repeats_without_events() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_selection_policy_routes_repeats_to_their_cache_and_requests_may_choose_one() {
+    // The affinity policy from the command line; lmetric and default per request.
+    let s = stack(RouterMode::Kv, 3, |c| {
+        c.frontend.router_selection_policy = kvrouter_core::SelectionPolicy::Affinity;
+    })
+    .await;
+    let c = client();
+    let url = s.url();
+    let index = s.frontend.fleet.router.index().clone();
+    for (i, policy) in [None, Some("lmetric"), Some("default")]
+        .into_iter()
+        .enumerate()
+    {
+        let tokens = prompt(10 + i as u32, 640); // 10 blocks of 64
+        let body = |t: &[u32]| {
+            let mut b = completion_body(t, 2);
+            if let Some(p) = policy {
+                b["nvext"] =
+                    serde_json::json!({"router_config_override": {"router_selection_policy": p}});
+            }
+            b
+        };
+        let before = index.current_size();
+        let (st, first, v) = complete(&c, &url, body(&tokens)).await;
+        assert_eq!(st, 200, "{policy:?}: {v}");
+        assert!(
+            eventually(10.0, || index.current_size() >= before + 10).await,
+            "events never arrived"
+        );
+        let (st, again, v) = complete(&c, &url, body(&tokens)).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(again, first, "{policy:?}: the repeat went elsewhere");
+        assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() >= Some(576));
+    }
+    // An unknown policy is a clear 400.
+    let mut b = completion_body(&prompt(1, 64), 2);
+    b["nvext"] = serde_json::json!({"router_config_override": {"router_selection_policy": "best"}});
+    let (st, _, v) = complete(&c, &url, b).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("router_config_override"),
+        "{v}"
+    );
+    s.stop().await;
+}
