@@ -139,6 +139,8 @@ pub struct ToolCallReader {
     held: String,
     /// At the start of the output (nothing but whitespace seen yet).
     at_start: bool,
+    /// Nothing but whitespace since the last call (whitespace between calls is not content).
+    after_call: bool,
     /// Calls emitted so far.
     pub calls: usize,
 }
@@ -161,6 +163,7 @@ impl ToolCallReader {
             state,
             held: String::new(),
             at_start: true,
+            after_call: false,
             calls: 0,
         }
     }
@@ -214,7 +217,10 @@ impl ToolCallReader {
                     if let Some(i) = self.held.find(tag) {
                         let before = &self.held[..i];
                         // Whitespace between calls is not content.
-                        if self.calls == 0 || !before.trim().is_empty() {
+                        if !before.trim().is_empty() {
+                            self.after_call = false;
+                        }
+                        if !self.after_call {
                             out.content.push_str(before);
                         }
                         self.held.drain(..i + tag.len());
@@ -225,9 +231,15 @@ impl ToolCallReader {
                     } else {
                         let keep = partial_tag_len(&self.held, tag);
                         let emit = self.held.len() - keep;
-                        if self.calls == 0 || !self.held[..emit].trim().is_empty() {
-                            out.content.push_str(&self.held[..emit]);
+                        if self.after_call && self.held[..emit].trim().is_empty() {
+                            // Whitespace after a call: content if text follows, dropped if
+                            // another call or the end does; held until we know.
+                            return out;
                         }
+                        if emit > 0 {
+                            self.after_call = false;
+                        }
+                        out.content.push_str(&self.held[..emit]);
                         self.held.drain(..emit);
                         return out;
                     }
@@ -245,9 +257,11 @@ impl ToolCallReader {
         {
             Some(c) => {
                 self.calls += 1;
+                self.after_call = true;
                 out.calls.push(c);
             }
             None => {
+                self.after_call = false;
                 out.content.push_str(HERMES_OPEN);
                 out.content.push_str(body);
                 if closed {
@@ -264,7 +278,7 @@ impl ToolCallReader {
         match (&self.state, &self.mode) {
             (State::InCall, _) => self.hermes_call(&held, false, &mut out),
             (State::Content, _) => {
-                if self.calls == 0 || !held.trim().is_empty() {
+                if !self.after_call || !held.trim().is_empty() {
                     out.content = held;
                 }
             }
@@ -383,6 +397,25 @@ mod tests {
                 assert_eq!(p.calls, calls, "{mode:?} {text:?} step {step}");
             }
         }
+    }
+
+    #[test]
+    fn whitespace_after_a_call_is_kept_when_text_follows_in_any_chunking() {
+        // Found by the chunking property (tests/parsers.rs): a whitespace-only chunk after a
+        // call was dropped, so " x" streamed in two chunks came out as "x".
+        let t = "<tool_call>{\"name\":\"f\",\"arguments\":{}}</tool_call> x";
+        for step in [1, 2, 3, 1000] {
+            assert_eq!(
+                run(ToolMode::Auto(ToolCallParser::Hermes), t, step).content,
+                " x",
+                "step {step}"
+            );
+        }
+        let t = "<tool_call>{\"name\":\"f\",\"arguments\":{}}</tool_call>\n \n";
+        assert_eq!(
+            run(ToolMode::Auto(ToolCallParser::Hermes), t, 1).content,
+            ""
+        );
     }
 
     #[test]
