@@ -91,7 +91,9 @@ impl AppState {
             fleet,
             client,
             metrics,
-            next_id: AtomicU64::new(1),
+            // A random start: response, request and tool-call ids differ between processes
+            // (frontend replicas, restarts), so logs and clients never see one id twice.
+            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
         }
     }
 }

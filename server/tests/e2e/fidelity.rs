@@ -448,3 +448,19 @@ async fn the_openai_sdk_gets_every_feature_from_mock_workers() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_frontends_never_hand_out_the_same_ids() {
+    // Response ids (and the tool-call ids built from them) start at a random point per
+    // process: replicas and restarts do not repeat `chatcmpl-0000000000000001`.
+    let c = client();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (f, _) = scripted(|_| {}).await;
+        let (st, v) = post(&c, &f.url(), "/v1/chat/completions", &chat(json!({}))).await;
+        assert_eq!(st, 200, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+        f.stop().await;
+    }
+    assert_ne!(ids[0], ids[1]);
+}
