@@ -268,40 +268,11 @@ pub fn random_object(rng: &mut Rng) -> Value {
 /// tend to write JSON.
 pub fn to_text(value: &Value) -> String {
     let mut buf = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut buf, PyFormatter);
+    let mut ser =
+        serde_json::Serializer::with_formatter(&mut buf, kvrouter_preprocess::PyCompactFormatter);
     // Serialising a Value into memory cannot fail.
     let _ = serde::Serialize::serialize(value, &mut ser);
     String::from_utf8(buf).unwrap_or_default()
-}
-
-struct PyFormatter;
-
-impl serde_json::ser::Formatter for PyFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
-        }
-    }
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            w.write_all(b", ")
-        }
-    }
-    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
-        w.write_all(b": ")
-    }
 }
 
 /// Words the mock's made-up strings are built from.

@@ -494,8 +494,9 @@ fn tojson(
     Ok(Value::from_safe_string(s))
 }
 
-/// Python `json.dumps` default separators: `", "` between items, `": "` after keys.
-struct PyCompactFormatter;
+/// Python `json.dumps` default separators: `", "` between items, `": "` after keys (what the
+/// chat templates' `tojson` writes, and how models tend to write JSON).
+pub struct PyCompactFormatter;
 
 impl serde_json::ser::Formatter for PyCompactFormatter {
     fn begin_array_value<W: ?Sized + std::io::Write>(

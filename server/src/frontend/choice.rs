@@ -59,7 +59,6 @@ pub struct Choice {
     pub index: u32,
     reasoning: Option<ReasoningSplit>,
     tools: Option<ToolCallReader>,
-    tool_mode: Option<ToolMode>,
     parallel: bool,
     logprobs: Option<LogprobsOut>,
     /// The role was sent (first chat chunk).
@@ -81,7 +80,6 @@ impl Choice {
             index,
             reasoning: o.reasoning.map(ReasoningSplit::new),
             tools: o.tools.clone().map(ToolCallReader::new),
-            tool_mode: o.tools.clone(),
             parallel: o.parallel_tool_calls,
             logprobs: o.logprobs,
             role_sent: false,
@@ -148,7 +146,10 @@ impl Choice {
     /// stopped (auto and `required`, as vLLM; a named function keeps `stop`).
     pub fn finish_reason(&self) -> Option<String> {
         let f = self.finish.clone()?;
-        let tool_finish = matches!(self.tool_mode, Some(ToolMode::Auto(_) | ToolMode::Required));
+        let tool_finish = matches!(
+            self.tools.as_ref().map(ToolCallReader::mode),
+            Some(ToolMode::Auto(_) | ToolMode::Required)
+        );
         Some(if f == "stop" && tool_finish && !self.calls.is_empty() {
             "tool_calls".to_string()
         } else {

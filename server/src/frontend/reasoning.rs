@@ -59,8 +59,9 @@ pub struct Split {
     pub content: String,
 }
 
-/// The length of the longest suffix of `s` that is a proper prefix of `tag`.
-fn partial_tag_len(s: &str, tag: &str) -> usize {
+/// The length of the longest suffix of `s` that is a proper prefix of `tag`: text to hold
+/// back because a marker may be starting (also used by the tool-call reader).
+pub(super) fn partial_tag_len(s: &str, tag: &str) -> usize {
     (1..tag.len().min(s.len() + 1))
         .rev()
         .find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))

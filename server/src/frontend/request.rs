@@ -290,7 +290,8 @@ pub fn parse_request(
     if let Some(k) = logprobs.1 {
         sampling.insert("logprobs".into(), k.into());
     }
-    let tools = tool_mode(endpoint, &obj, limits.tool_parser)?;
+    let parallel_tool_calls = get_bool(&obj, "parallel_tool_calls")?.unwrap_or(true);
+    let tools = tool_mode(endpoint, &obj, limits.tool_parser, parallel_tool_calls)?;
     if let Some((mode, schema)) = &tools {
         if let Some(s) = schema {
             if obj
@@ -314,7 +315,6 @@ pub fn parse_request(
                 .or_insert(Value::Bool(false));
         }
     }
-    let parallel_tool_calls = get_bool(&obj, "parallel_tool_calls")?.unwrap_or(true);
     let output = OutputOptions {
         n,
         include_usage,
@@ -408,6 +408,7 @@ fn tool_mode(
     endpoint: Endpoint,
     obj: &Map<String, Value>,
     parser: Option<ToolCallParser>,
+    parallel: bool,
 ) -> Result<Option<(ToolMode, Option<Value>)>, ApiError> {
     if endpoint != Endpoint::ChatCompletions {
         return Ok(None);
@@ -438,7 +439,6 @@ fn tool_mode(
             }
         };
     }
-    let parallel = get_bool(obj, "parallel_tool_calls")?.unwrap_or(true);
     match choice {
         Some(Value::String(c)) if c == "none" => Ok(None),
         None => Ok(parser.map(|p| (ToolMode::Auto(p), None))),

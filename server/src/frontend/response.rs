@@ -30,6 +30,14 @@ pub fn usage(worker: Option<&Value>, prompt_tokens: usize, completion_tokens: us
     })
 }
 
+/// The `object` of a streamed chunk.
+fn chunk_object(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Completions => "text_completion",
+        Endpoint::ChatCompletions => "chat.completion.chunk",
+    }
+}
+
 /// Response ids and shapes for one request.
 pub struct Shape {
     pub endpoint: Endpoint,
@@ -57,10 +65,7 @@ impl Shape {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let id = format!("{prefix}-{n:016x}");
-        let object = match endpoint {
-            Endpoint::Completions => "text_completion",
-            Endpoint::ChatCompletions => "chat.completion.chunk",
-        };
+        let object = chunk_object(endpoint);
         let mut head = BytesMut::with_capacity(128 + model.len());
         head.put_slice(b"data: {\"id\":\"");
         head.put_slice(id.as_bytes());
@@ -137,10 +142,7 @@ impl Shape {
         role: bool,
         usage: Option<Value>,
     ) {
-        let object = match self.endpoint {
-            Endpoint::Completions => "text_completion",
-            Endpoint::ChatCompletions => "chat.completion.chunk",
-        };
+        let object = chunk_object(self.endpoint);
         let mut choice = Map::new();
         choice.insert("index".into(), index.into());
         match self.endpoint {
@@ -205,10 +207,7 @@ impl Shape {
 
     /// The final usage chunk of a stream (`choices: []`).
     pub fn usage_chunk(&self, usage: Value) -> Value {
-        let object = match self.endpoint {
-            Endpoint::Completions => "text_completion",
-            Endpoint::ChatCompletions => "chat.completion.chunk",
-        };
+        let object = chunk_object(self.endpoint);
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [], "usage": usage})
     }
 

@@ -91,7 +91,6 @@ impl Drop for Tracker {
 pub struct Flow {
     state: Arc<AppState>,
     shape: Shape,
-    include_usage: bool,
     prompt_tokens: usize,
     booking: Booking,
     tracker: Tracker,
@@ -125,7 +124,6 @@ impl Flow {
         Self {
             state,
             shape,
-            include_usage: opts.include_usage,
             prompt_tokens,
             booking,
             tracker,
@@ -288,7 +286,7 @@ impl Flow {
         self.flush_unfinished(false);
         let u = self.succeed();
         self.done = true;
-        if self.include_usage {
+        if self.opts.include_usage {
             let chunk = self.shape.usage_chunk(u);
             self.write_event(&chunk);
         }

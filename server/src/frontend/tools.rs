@@ -18,6 +18,8 @@ use std::str::FromStr;
 
 use serde_json::{json, Value};
 
+use super::reasoning::partial_tag_len;
+
 /// Which tool-call format the model writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ToolCallParser {
@@ -108,14 +110,6 @@ fn call_from(v: &Value) -> Option<ToolCall> {
     Some(ToolCall { name, arguments })
 }
 
-/// The length of the longest suffix of `s` that is a proper prefix of `tag`.
-fn partial_tag_len(s: &str, tag: &str) -> usize {
-    (1..tag.len().min(s.len() + 1))
-        .rev()
-        .find(|&n| s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
-        .unwrap_or(0)
-}
-
 const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 const MISTRAL_TOKEN: &str = "[TOOL_CALLS]";
@@ -166,6 +160,11 @@ impl ToolCallReader {
             after_call: false,
             calls: 0,
         }
+    }
+
+    /// How this reader reads the output.
+    pub fn mode(&self) -> &ToolMode {
+        &self.mode
     }
 
     /// Feed the next chunk of output.
