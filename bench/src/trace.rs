@@ -35,42 +35,26 @@ pub enum TraceError {
         source: std::io::Error,
     },
     /// A line is not a trace request (`line` is 1-based).
-    #[error("{path}:{line}: {source}")]
+    #[error("{path}:{line}: {reason}")]
     Parse {
         path: String,
         line: usize,
-        source: serde_json::Error,
+        reason: String,
     },
 }
 
 /// Read the first `limit` requests of a Mooncake JSONL trace (all when `None`). Blank lines are
 /// skipped; a malformed line is an error naming it.
 pub fn load_trace(path: &Path, limit: Option<usize>) -> Result<Vec<TraceRequest>, TraceError> {
-    let p = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| TraceError::Io {
-        path: p.clone(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        if limit.is_some_and(|n| out.len() >= n) {
-            break;
-        }
-        let line = line.map_err(|source| TraceError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let r = serde_json::from_str(&line).map_err(|source| TraceError::Parse {
-            path: p.clone(),
-            line: i + 1,
-            source,
-        })?;
-        out.push(r);
+    let (out, skipped) = load_trace_skipping(path, limit)?;
+    match skipped.into_iter().next() {
+        None => Ok(out),
+        Some(bad) => Err(TraceError::Parse {
+            path: path.display().to_string(),
+            line: bad.line,
+            reason: bad.reason,
+        }),
     }
-    Ok(out)
 }
 
 /// A trace line that was not a request, skipped by [`load_trace_skipping`].
