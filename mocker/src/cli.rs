@@ -3,6 +3,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use crate::disagg::{
+    DisaggregationMode, DEFAULT_BOOTSTRAP_PORT, DEFAULT_KV_BYTES_PER_TOKEN,
+    DEFAULT_KV_TRANSFER_BANDWIDTH_GBPS,
+};
 use crate::{spawn_workers, MockerConfig, ToolCalls};
 
 /// Flags of `kvrouter mocker`.
@@ -83,6 +87,28 @@ pub struct MockerArgs {
     /// empty one, Qwen3's `enable_thinking: false`); needs --model-path.
     #[arg(long)]
     pub reasoning: bool,
+    /// Role in disaggregated serving: agg (whole requests; also `aggregated`, `none`),
+    /// prefill (compute prompts, hold their KV for decode workers: vLLM `kv_transfer_params`
+    /// or SGLang `bootstrap_room`), or decode (pull the prompt's KV, then decode).
+    #[arg(long, value_enum, default_value_t = DisaggregationMode::Agg)]
+    pub disaggregation_mode: DisaggregationMode,
+    /// Prefill role: port of worker 0's KV-transfer side channel (worker i: base + i; 0 = free
+    /// ports), SGLang's bootstrap port and vLLM's `remote_port`.
+    #[arg(long, alias = "bootstrap-ports", default_value_t = DEFAULT_BOOTSTRAP_PORT)]
+    pub disaggregation_bootstrap_port: u16,
+    /// Prefill role: seconds held KV blocks wait for a decode worker's pull before they are
+    /// released, and a pull by bootstrap room waits for its prefill (vLLM's
+    /// VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    #[arg(long, default_value_t = 480.0)]
+    pub kv_transfer_timeout: f64,
+    /// Decode role: GB/s of KV transfers (divided by --speedup-ratio like every modelled time);
+    /// 0 = instantaneous.
+    #[arg(long, default_value_t = DEFAULT_KV_TRANSFER_BANDWIDTH_GBPS)]
+    pub kv_transfer_bandwidth: f64,
+    /// KV bytes per token: 2 (K, V) x layers x KV heads x head dim x dtype bytes; the default
+    /// is Qwen3-0.6B in bf16 (2 x 28 x 8 x 128 x 2).
+    #[arg(long, default_value_t = DEFAULT_KV_BYTES_PER_TOKEN)]
+    pub kv_bytes_per_token: usize,
 }
 
 impl MockerArgs {
@@ -111,6 +137,12 @@ impl MockerArgs {
             hash_seed: None,
             tool_calls: self.tool_calls,
             reasoning: self.reasoning,
+            disaggregation_mode: self.disaggregation_mode,
+            disaggregation_bootstrap_port: self.disaggregation_bootstrap_port,
+            kv_transfer_timeout: self.kv_transfer_timeout,
+            kv_transfer_bandwidth: self.kv_transfer_bandwidth,
+            kv_bytes_per_token: self.kv_bytes_per_token,
+            ..MockerConfig::default()
         }
     }
 }
@@ -156,4 +188,67 @@ pub fn run(args: MockerArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        mocker: MockerArgs,
+    }
+
+    fn config(args: &[&str]) -> MockerConfig {
+        let mut argv = vec!["mocker"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().mocker.to_config()
+    }
+
+    #[test]
+    fn disaggregation_flags() {
+        let c = config(&[]);
+        assert_eq!(c.disaggregation_mode, DisaggregationMode::Agg);
+        assert_eq!(c.disaggregation_bootstrap_port, 8998);
+        assert_eq!(c.kv_transfer_timeout, 480.0);
+        assert_eq!(c.kv_transfer_bandwidth, 25.0);
+        assert_eq!(c.kv_bytes_per_token, 114_688);
+        assert_eq!(c, MockerConfig::default());
+        for (v, want) in [
+            ("agg", DisaggregationMode::Agg),
+            ("aggregated", DisaggregationMode::Agg),
+            ("none", DisaggregationMode::Agg),
+            ("prefill", DisaggregationMode::Prefill),
+            ("decode", DisaggregationMode::Decode),
+        ] {
+            assert_eq!(
+                config(&["--disaggregation-mode", v]).disaggregation_mode,
+                want
+            );
+        }
+        let c = config(&[
+            "--disaggregation-mode",
+            "prefill",
+            "--bootstrap-ports",
+            "9000",
+            "--kv-transfer-timeout",
+            "2.5",
+            "--kv-transfer-bandwidth",
+            "0",
+            "--kv-bytes-per-token",
+            "4096",
+        ]);
+        assert_eq!(
+            (
+                c.disaggregation_bootstrap_port,
+                c.kv_transfer_timeout,
+                c.kv_transfer_bandwidth,
+                c.kv_bytes_per_token
+            ),
+            (9000, 2.5, 0.0, 4096)
+        );
+        assert!(Cli::try_parse_from(["mocker", "--disaggregation-mode", "both"]).is_err());
+    }
 }

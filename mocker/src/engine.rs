@@ -9,10 +9,15 @@
 //! the prompt, never an EOS id, so the request ends by length. A request added with an
 //! [`OutputSource`] (see [`crate::sampling::OutputPlan`]) gets its tokens from it instead and
 //! ends early when the source says so ([`StopReason`]).
+//!
+//! In disaggregated serving ([`KvTransfer`]), a prefill worker's engine holds a finished
+//! request's blocks until [`Engine::release_held`], and a decode worker's engine admits a
+//! request whose prompt KV it received without computing the prompt.
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::events::KvEvent;
-use crate::kv_pool::KvPool;
+use crate::kv_pool::{BlockId, KvPool};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId, Sequence};
 use crate::timing::TimingModel;
 
@@ -147,6 +152,22 @@ pub trait OutputSource: Send + fmt::Debug {
     fn next_token(&mut self, index: usize) -> (u32, Option<StopReason>);
 }
 
+/// A request's part in a KV transfer between a prefill and a decode worker (disaggregated
+/// serving, see [`crate::disagg`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvTransfer {
+    /// Aggregated: computed here, freed here when the request ends.
+    #[default]
+    None,
+    /// Prefill worker: computed here, then held (referenced, never evicted) when the request
+    /// ends, until [`Engine::release_held`].
+    Send,
+    /// Decode worker: the prompt's KV was pulled from a prefill worker. Admission allocates
+    /// and caches the prompt's blocks without computing them; only the last prompt token is
+    /// recomputed (for its logits, as vLLM does), in a decode-sized step.
+    Receive,
+}
+
 /// One output token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenOutput {
@@ -218,6 +239,8 @@ pub struct Engine {
     sched: Scheduler,
     sched_out: SchedulerOutput,
     done: Vec<Sequence>,
+    /// Block tables of finished [`KvTransfer::Send`] requests, until released.
+    held: HashMap<SeqId, Vec<BlockId>>,
 }
 
 impl Engine {
@@ -236,6 +259,7 @@ impl Engine {
             sched,
             sched_out: SchedulerOutput::default(),
             done: Vec::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -291,13 +315,64 @@ impl Engine {
         now: f64,
         output: Option<Box<dyn OutputSource>>,
     ) -> Result<(), RequestError> {
+        self.add_request_kv(id, prompt, max_tokens, now, output, KvTransfer::None)
+    }
+
+    /// [`Engine::add_request_with`] for a request that takes part in a KV transfer
+    /// (see [`KvTransfer`]).
+    pub fn add_request_kv(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        now: f64,
+        output: Option<Box<dyn OutputSource>>,
+        kv: KvTransfer,
+    ) -> Result<(), RequestError> {
         self.cfg
             .validate(prompt.len(), prompt.iter().copied().max(), max_tokens)?;
         let seed = output_seed(&prompt);
         let mut seq = Sequence::new(id, prompt, max_tokens, now, seed);
         seq.output = output;
+        seq.hold_on_finish = kv == KvTransfer::Send;
+        seq.kv_received = kv == KvTransfer::Receive;
         self.sched.add(seq, &mut self.pool);
         Ok(())
+    }
+
+    /// The block table a finished [`KvTransfer::Send`] request still holds (its
+    /// `remote_block_ids`), if it was not released yet.
+    pub fn held_blocks(&self, id: SeqId) -> Option<&[BlockId]> {
+        self.held.get(&id).map(Vec::as_slice)
+    }
+
+    /// Finished requests whose blocks are held.
+    pub fn num_held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Drops a held request's references (tail first, like a finished request): its cached
+    /// blocks become evictable, the others free. False if `id` holds nothing.
+    pub fn release_held(&mut self, id: SeqId) -> bool {
+        let Some(blocks) = self.held.remove(&id) else {
+            return false;
+        };
+        for b in blocks.into_iter().rev() {
+            self.pool.release(b);
+        }
+        true
+    }
+
+    /// Leading full blocks of `prompt` this engine has cached, at most `(len - 1) / block_size`
+    /// (what admission could reuse): a decode worker pulls only the blocks after them.
+    pub fn prefix_hit_blocks(&mut self, prompt: &[u32]) -> usize {
+        if prompt.is_empty() || !self.pool.prefix_caching() {
+            return 0;
+        }
+        let bs = self.cfg.block_size.max(1);
+        let n = (prompt.len() - 1) / bs;
+        let hashes = crate::kv_pool::engine_block_hashes(self.pool.seed(), &prompt[..n * bs], bs);
+        self.pool.match_prefix(&hashes)
     }
 
     /// Drops a request (client gone) and frees its blocks. False if it was not live.
@@ -375,6 +450,14 @@ impl Engine {
             });
             if finished {
                 out.finished.push(s.id);
+            }
+        }
+        for id in &out.finished {
+            // A prefill worker keeps a finished transfer's blocks referenced for the decode
+            // worker: taking the table leaves nothing for `finish_running` to free.
+            if let Some(seq) = self.sched.get_mut(*id).filter(|s| s.hold_on_finish) {
+                let blocks = std::mem::take(&mut seq.blocks);
+                self.held.insert(*id, blocks);
             }
         }
         self.done.clear();

@@ -17,6 +17,11 @@
 //! prefix hit). Choices carry `token_ids` when asked for or when no tokenizer is loaded (text
 //! is then empty, as vLLM with `skip_tokenizer_init`), and `finish_reason` / `stop_reason` as
 //! vLLM sets them. Errors are OpenAI-shaped: `{"error":{"message","type","param","code"}}`.
+//!
+//! Disaggregated serving ([`crate::disagg`]): `kv_transfer_params` (vLLM) and
+//! `bootstrap_host` / `bootstrap_port` / `bootstrap_room` (SGLang) on both endpoints, a prefill
+//! response's top-level `kv_transfer_params`, `POST /v1/kv_transfer/pull` (a prefill worker's
+//! side channel, also on its own port) and `GET /server_info` (the worker's `role`).
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
@@ -34,6 +39,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::choice::{self, ChoiceSpec, ChoiceState, Delta, Finish, Logprobs};
+use crate::disagg::{self, DisaggFields, DisaggState, KvTransferParams, TransferAsk};
 use crate::engine::{EngineConfig, OutputSource, StopReason, TokenOutput};
 use crate::params::{self, RawSampling, Sampling, Structured};
 use crate::sampling::{self, AfterForced, OutputPlan, Rng};
@@ -63,6 +69,8 @@ pub struct HttpState {
     /// Id of the `<tool_call>` token, when the tokenizer has one: only token prompts that
     /// contain it are decoded to look for tools.
     pub tool_call_token: Option<u32>,
+    /// Its role in disaggregated serving and the KV-transfer settings.
+    pub disagg: DisaggState,
 }
 
 /// The worker's router.
@@ -74,6 +82,9 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route(disagg::PULL_PATH, post(disagg::pull))
+        .route("/server_info", get(disagg::server_info))
+        .route("/get_server_info", get(disagg::server_info))
         .fallback(not_found)
         .with_state(state)
 }
@@ -87,14 +98,17 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn bad_request(message: impl fmt::Display) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl fmt::Display) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.to_string(),
             param: None,
         }
     }
-    fn with_param(mut self, p: &'static str) -> Self {
+    pub(crate) fn bad_request(message: impl fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub(crate) fn with_param(mut self, p: &'static str) -> Self {
         self.param = Some(p);
         self
     }
@@ -106,6 +120,7 @@ impl IntoResponse for ApiError {
             StatusCode::BAD_REQUEST => "BadRequestError",
             StatusCode::NOT_FOUND => "NotFoundError",
             StatusCode::CONFLICT => "ConflictError",
+            StatusCode::BAD_GATEWAY => "BadGatewayError",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
             _ => "InternalServerError",
         };
@@ -181,7 +196,7 @@ async fn reset_prefix_cache(State(s): State<Arc<HttpState>>) -> Response {
     }
 }
 
-fn engine_gone() -> ApiError {
+pub(crate) fn engine_gone() -> ApiError {
     ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         message: "The engine has stopped.".into(),
@@ -329,6 +344,8 @@ struct CompletionRequest {
     return_token_ids: Option<bool>,
     #[serde(flatten)]
     sampling: SamplingFields,
+    #[serde(flatten)]
+    disagg: DisaggFields,
 }
 
 /// The output-shaping fields both APIs share (see [`crate::params`]); values are read there.
@@ -419,6 +436,8 @@ struct ChatRequest {
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(flatten)]
     sampling: SamplingFields,
+    #[serde(flatten)]
+    disagg: DisaggFields,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -477,6 +496,7 @@ struct Job {
     return_token_ids: bool,
     spec: Arc<ChoiceSpec>,
     choices: Vec<ChoicePlan>,
+    transfer: TransferAsk,
 }
 
 /// What the answer must be, beyond random tokens.
@@ -524,11 +544,14 @@ fn prepare_completion(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
             ids
         }
     };
-    let max_tokens = max_tokens(s, req.max_tokens)?;
+    let stream = req.stream.unwrap_or(false);
+    let transfer = req.disagg.parse(s.disagg.mode)?;
+    transfer.check(sampling.n, stream)?;
+    let max_tokens = transfer.max_tokens(max_tokens(s, req.max_tokens)?);
     validate(s, &prompt, max_tokens)?;
     let ask = completion_ask(s, sampling, &prompt, text_prompt.as_deref())?;
-    let stream = req.stream.unwrap_or(false);
     Ok(Job {
+        transfer,
         kind: Kind::Completion,
         spec: choice_spec(s, &ask, false, stream),
         choices: plan_choices(s, &ask, &prompt)?,
@@ -640,7 +663,11 @@ fn prepare_chat(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
         })
         .map_err(|e| ApiError::bad_request(e).with_param("messages"))?;
     let prompt = p.encode(&text).map_err(ApiError::bad_request)?;
-    let max_tokens = max_tokens(s, req.max_completion_tokens.or(req.max_tokens))?;
+    let stream = req.stream.unwrap_or(false);
+    let transfer = req.disagg.parse(s.disagg.mode)?;
+    transfer.check(sampling.n, stream)?;
+    let max_tokens =
+        transfer.max_tokens(max_tokens(s, req.max_completion_tokens.or(req.max_tokens))?);
     validate(s, &prompt, max_tokens)?;
     let mut answer = structured_answer(s, &sampling)?;
     let last_is_tool = messages
@@ -661,8 +688,8 @@ fn prepare_chat(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
         answer,
         reasoning: s.reasoning && !tools::ends_with_empty_think(&text),
     };
-    let stream = req.stream.unwrap_or(false);
     Ok(Job {
+        transfer,
         kind: Kind::Chat,
         spec: choice_spec(s, &ask, true, stream),
         choices: plan_choices(s, &ask, &prompt)?,
@@ -818,6 +845,8 @@ struct Ctx {
     created: u64,
     return_token_ids: bool,
     spec: Arc<ChoiceSpec>,
+    /// The final response carries `kv_transfer_params` (vLLM prefill).
+    answers_params: bool,
 }
 
 impl Ctx {
@@ -853,6 +882,7 @@ impl Ctx {
             model: &self.state.model_name,
             choices,
             usage,
+            kv_transfer_params: None,
         }
     }
 }
@@ -868,6 +898,8 @@ struct Envelope<'a, C> {
     choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_transfer_params: Option<KvTransferParams>,
 }
 
 #[derive(Serialize)]
@@ -946,6 +978,12 @@ fn to_json<T: Serialize>(v: &T) -> String {
 }
 
 async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
+    if job.transfer.is_receive() {
+        // Decode worker: the prompt's KV comes from the prefill worker first.
+        if let Err(e) = disagg::receive(&s, &job.prompt, &job.transfer).await {
+            return e.into_response();
+        }
+    }
     let worker = s.worker.clone();
     let ids: Vec<SeqId> = job.choices.iter().map(|_| worker.next_id()).collect();
     let first = ids[0];
@@ -958,8 +996,10 @@ async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
         created: unix_secs(),
         return_token_ids: job.return_token_ids,
         spec: job.spec,
+        answers_params: job.transfer.answers_params(),
         state: s,
     };
+    let kv = job.transfer.kv_mode(&ctx.id);
     let mut guard = AbortGuard {
         worker: worker.clone(),
         ids: ids.clone(),
@@ -984,6 +1024,7 @@ async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
                 max_tokens: job.max_tokens,
                 output: c.output,
                 reply: Reply::Stream(tx.clone()),
+                kv: kv.clone(),
             }) {
                 return engine_gone().into_response();
             }
@@ -1000,6 +1041,7 @@ async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
                 max_tokens: job.max_tokens,
                 output: c.output,
                 reply: Reply::Final(tx),
+                kv: kv.clone(),
             }) {
                 return engine_gone().into_response();
             }
@@ -1067,6 +1109,11 @@ fn final_response(ctx: &Ctx, outs: Vec<FinalOutput>, seeds: &[u64]) -> Response 
     let completion: usize = outs.iter().map(|o| o.tokens.len()).sum();
     let u = usage(outs[0].prompt_tokens, completion, outs[0].cached_tokens);
     let with_ids = ctx.with_ids();
+    let params = outs[0]
+        .kv_blocks
+        .clone()
+        .filter(|_| ctx.answers_params)
+        .map(|b| KvTransferParams::new(&ctx.state.disagg, b, &ctx.id));
     let body = match ctx.kind {
         Kind::Completion => {
             let choices = results
@@ -1082,7 +1129,9 @@ fn final_response(ctx: &Ctx, outs: Vec<FinalOutput>, seeds: &[u64]) -> Response 
                     token_ids: with_ids.then_some(o.tokens.as_slice()),
                 })
                 .collect();
-            to_json(&ctx.envelope(false, choices, Some(u)))
+            let mut e = ctx.envelope(false, choices, Some(u));
+            e.kv_transfer_params = params;
+            to_json(&e)
         }
         Kind::Chat => {
             let choices = results
@@ -1102,7 +1151,9 @@ fn final_response(ctx: &Ctx, outs: Vec<FinalOutput>, seeds: &[u64]) -> Response 
                     token_ids: with_ids.then_some(o.tokens.as_slice()),
                 })
                 .collect();
-            to_json(&ctx.envelope(false, choices, Some(u)))
+            let mut e = ctx.envelope(false, choices, Some(u));
+            e.kv_transfer_params = params;
+            to_json(&e)
         }
     };
     json_response(body)

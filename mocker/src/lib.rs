@@ -12,6 +12,9 @@
 //!   ([`WireSink`] publishes them over ZMQ with `kvrouter-wire`);
 //! * [`metrics`] — `vllm:*` Prometheus metrics;
 //! * [`worker`] — the live driver task; [`http`] — the axum API; [`cli`] — `kvrouter mocker`;
+//! * disaggregated prefill/decode: [`disagg`] (roles, vLLM `kv_transfer_params` and SGLang
+//!   bootstrap protocols, the pull side channel, transfer time) and [`transfer`] (the KV
+//!   transfers a prefill worker holds);
 //! * what the output says: [`params`] (request fields), [`sampling`] (seeds, seeded tokens,
 //!   stop conditions, logprobs), [`choice`] (text deltas, finish reasons, logprobs shapes),
 //!   [`structured`] (JSON Schema → value), [`tools`] (Hermes tool calls, reasoning blocks).
@@ -39,6 +42,7 @@ use tokio::sync::oneshot;
 
 pub mod choice;
 pub mod cli;
+pub mod disagg;
 pub mod engine;
 pub mod events;
 pub mod http;
@@ -50,6 +54,7 @@ pub mod scheduler;
 pub mod structured;
 pub mod timing;
 pub mod tools;
+pub mod transfer;
 pub mod worker;
 
 use engine::{Engine, EngineConfig};
@@ -58,6 +63,8 @@ use kvrouter_preprocess::Preprocessor;
 use scheduler::SchedulerConfig;
 use timing::TimingModel;
 use worker::WorkerHandle;
+
+pub use disagg::{DisaggregationMode, Role};
 
 /// Every `kvrouter mocker` flag (Dynamo mocker names, §15.3), for in-process use too.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,6 +114,22 @@ pub struct MockerConfig {
     pub tool_calls: ToolCalls,
     /// Open answers with a `<think>` reasoning block (`--reasoning`, off).
     pub reasoning: bool,
+    /// Role in disaggregated serving (`--disaggregation-mode`, agg); see [`disagg`].
+    pub disaggregation_mode: DisaggregationMode,
+    /// Side-channel port of prefill worker 0, base + i; 0 = any free port
+    /// (`--disaggregation-bootstrap-port`, 8998).
+    pub disaggregation_bootstrap_port: u16,
+    /// Seconds a prefill worker holds unpulled blocks, and a pull by room waits for its
+    /// prefill (`--kv-transfer-timeout`, 480: vLLM's `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`).
+    pub kv_transfer_timeout: f64,
+    /// GB/s of a KV transfer into a decode worker; 0 = instantaneous
+    /// (`--kv-transfer-bandwidth`, 25).
+    pub kv_transfer_bandwidth: f64,
+    /// KV bytes per token (`--kv-bytes-per-token`, 114688: Qwen3-0.6B in bf16).
+    pub kv_bytes_per_token: usize,
+    /// KV transfers a prefill worker holds at most; beyond, the oldest is released
+    /// (also the bound on pulls waiting for a room).
+    pub kv_transfer_max_held: usize,
 }
 
 /// Whether the mock answers tool-offering prompts with a tool call (`--tool-calls`).
@@ -144,6 +167,12 @@ impl Default for MockerConfig {
             hash_seed: None,
             tool_calls: ToolCalls::Auto,
             reasoning: false,
+            disaggregation_mode: DisaggregationMode::Agg,
+            disaggregation_bootstrap_port: disagg::DEFAULT_BOOTSTRAP_PORT,
+            kv_transfer_timeout: worker::DEFAULT_KV_TRANSFER_TIMEOUT.as_secs_f64(),
+            kv_transfer_bandwidth: disagg::DEFAULT_KV_TRANSFER_BANDWIDTH_GBPS,
+            kv_bytes_per_token: disagg::DEFAULT_KV_BYTES_PER_TOKEN,
+            kv_transfer_max_held: transfer::DEFAULT_MAX_HELD,
         }
     }
 }
@@ -196,6 +225,18 @@ impl MockerConfig {
         }
         if self.vocab_size == 0 {
             return bad("--vocab-size must be at least 1");
+        }
+        if !(self.kv_transfer_timeout > 0.0 && self.kv_transfer_timeout < 1e9) {
+            return bad("--kv-transfer-timeout must be a number of seconds > 0");
+        }
+        if !(self.kv_transfer_bandwidth >= 0.0 && self.kv_transfer_bandwidth.is_finite()) {
+            return bad("--kv-transfer-bandwidth must be a finite number >= 0");
+        }
+        if self.kv_bytes_per_token == 0 {
+            return bad("--kv-bytes-per-token must be at least 1");
+        }
+        if self.kv_transfer_max_held == 0 {
+            return bad("the held KV transfers' cap must be at least 1");
         }
         Ok(())
     }
@@ -266,6 +307,12 @@ pub struct WorkerInfo {
     pub max_num_seqs: usize,
     /// Tokens per step.
     pub max_num_batched_tokens: usize,
+    /// Its role in disaggregated serving: `both` (aggregated), `prefill` or `decode`.
+    pub role: Role,
+    /// A prefill worker's side channel for KV pulls (SGLang's `bootstrap_port`, vLLM's
+    /// `remote_port`); absent for other roles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_port: Option<u16>,
 }
 
 /// One started worker: its addresses, a handle to its engine, and its tasks.
@@ -277,6 +324,7 @@ pub struct RunningWorker {
     /// Commands to its engine (snapshots, resets).
     pub handle: WorkerHandle,
     stop_http: Option<oneshot::Sender<()>>,
+    stop_side: Option<oneshot::Sender<()>>,
     stop_engine: Option<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -292,6 +340,9 @@ impl RunningWorker {
 
     fn signal_stop(&mut self) {
         if let Some(tx) = self.stop_http.take() {
+            let _ = tx.send(());
+        }
+        if let Some(tx) = self.stop_side.take() {
             let _ = tx.send(());
         }
         if let Some(tx) = self.stop_engine.take() {
@@ -438,6 +489,18 @@ pub async fn spawn_workers_with_sinks(
     let tool_call_token = pre
         .as_ref()
         .and_then(|p| p.tokenizer().token_to_id("<tool_call>"));
+    let mode = config.disaggregation_mode;
+    let client = match mode {
+        DisaggregationMode::Decode => Some(
+            reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .map_err(|e| MockerError::Config(format!("KV-transfer client: {e}")))?,
+        ),
+        _ => None,
+    };
+    let transfer_timeout = std::time::Duration::from_secs_f64(config.kv_transfer_timeout);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let ecfg = config.engine_config(pre.as_deref());
@@ -454,10 +517,40 @@ pub async fn spawn_workers_with_sinks(
             addr: addr.clone(),
             source,
         })?;
+        let host = if http_addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            http_addr.ip().to_string()
+        };
+        // A prefill worker's side channel: where decode workers pull its held KV.
+        let side = match mode {
+            DisaggregationMode::Prefill => {
+                let addr = format!(
+                    "{}:{}",
+                    config.host,
+                    port_plus(config.disaggregation_bootstrap_port, i)?
+                );
+                let bind_err = |source| MockerError::Bind {
+                    what: "KV-transfer side channel",
+                    addr: addr.clone(),
+                    source,
+                };
+                let l = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(bind_err)?;
+                let port = l.local_addr().map_err(bind_err)?.port();
+                Some((l, port))
+            }
+            _ => None,
+        };
         let (sink, kv_ep, replay_ep) = make_sink(i)?;
         let (stop_engine, stop_engine_rx) = oneshot::channel();
+        let transfers = transfer::HeldTransfers::new(config.kv_transfer_max_held, transfer_timeout);
         let (handle, engine_task) =
-            worker::spawn_engine(Engine::new(ecfg.clone()), sink, stop_engine_rx);
+            worker::spawn_engine_with(Engine::new(ecfg.clone()), sink, stop_engine_rx, transfers);
+        if let Ok(mut m) = handle.metrics().lock() {
+            m.role = mode.role().as_str();
+        }
         let state = Arc::new(http::HttpState {
             worker: handle.clone(),
             engine: ecfg.clone(),
@@ -475,25 +568,31 @@ pub async fn spawn_workers_with_sinks(
             tool_calls: config.tool_calls,
             reasoning: config.reasoning,
             tool_call_token,
+            disagg: disagg::DisaggState {
+                mode,
+                engine_id: disagg::new_engine_id(),
+                side_host: host.clone(),
+                side_port: side.as_ref().map(|(_, p)| *p),
+                timeout: transfer_timeout,
+                bandwidth_gbps: config.kv_transfer_bandwidth,
+                bytes_per_token: config.kv_bytes_per_token,
+                speedup_ratio: config.speedup_ratio,
+                client: client.clone(),
+            },
+        });
+        let mut tasks = vec![engine_task];
+        let bootstrap_port = side.as_ref().map(|(_, p)| *p);
+        let stop_side = side.map(|(listener, _)| {
+            let (tx, rx) = oneshot::channel::<()>();
+            tasks.push(serve(
+                listener,
+                disagg::side_channel_router(state.clone()),
+                rx,
+            ));
+            tx
         });
         let (stop_http, stop_http_rx) = oneshot::channel::<()>();
-        let app = http::router(state);
-        let http_task = tokio::spawn(async move {
-            use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|s| {
-                let _ = s.set_nodelay(true);
-            });
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_http_rx.await;
-                })
-                .await;
-        });
-        let host = if http_addr.ip().is_unspecified() {
-            "127.0.0.1".to_string()
-        } else {
-            http_addr.ip().to_string()
-        };
+        tasks.push(serve(listener, http::router(state), stop_http_rx));
         let url = if http_addr.is_ipv6() {
             format!("http://[{host}]:{}", http_addr.port())
         } else {
@@ -511,15 +610,37 @@ pub async fn spawn_workers_with_sinks(
                 total_kv_blocks: config.num_gpu_blocks,
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens: config.max_num_batched_tokens,
+                role: mode.role(),
+                bootstrap_port,
             },
             http_addr,
             handle,
             stop_http: Some(stop_http),
+            stop_side,
             stop_engine: Some(stop_engine),
-            tasks: vec![http_task, engine_task],
+            tasks,
         });
     }
     Ok(out)
+}
+
+/// Serves `app` on `listener` (TCP_NODELAY) until `stop` fires.
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|s| {
+            let _ = s.set_nodelay(true);
+        });
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.await;
+            })
+            .await;
+    })
 }
 
 fn capitalized(b: bool) -> String {

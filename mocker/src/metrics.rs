@@ -2,6 +2,10 @@
 //! (the `:` in vLLM's names is legal Prometheus but not every client library accepts it).
 //!
 //! Updated once per engine step under one lock; read by `GET /metrics`.
+//!
+//! Beside vLLM's names, a few `kvrouter_mocker_*` series describe what vLLM has no standard
+//! metric for: the worker's role (`kvrouter_mocker_info{role="both|prefill|decode"}`), KV
+//! transfers of disaggregated serving, and the prefill tokens actually computed.
 use std::fmt::Write;
 
 use crate::engine::StepOutput;
@@ -90,6 +94,27 @@ pub struct Metrics {
     pub ttft: Histogram,
     /// `vllm:inter_token_latency_seconds`.
     pub itl: Histogram,
+    /// `kvrouter_mocker_computed_prefill_tokens_total`: prompt tokens computed (not found in
+    /// the prefix cache, not received from a prefill worker).
+    pub computed_prefill_tokens: u64,
+    /// `kvrouter_mocker_info{role=…}`: `both` (aggregated), `prefill` or `decode`.
+    pub role: &'static str,
+    /// `kvrouter_mocker_kv_transfer_held_requests`: transfers a prefill worker holds.
+    pub kv_transfer_held: usize,
+    /// `kvrouter_mocker_kv_transfer_held_blocks`: blocks those transfers hold, summed.
+    pub kv_transfer_held_blocks: usize,
+    /// `kvrouter_mocker_kv_transfers_total{side="prefill",outcome="pulled"}`.
+    pub kv_transfers_pulled: u64,
+    /// `kvrouter_mocker_kv_transfers_total{side="prefill",outcome="expired"}`: released
+    /// unpulled (timeout, or over the cap).
+    pub kv_transfers_expired: u64,
+    /// `kvrouter_mocker_kv_transfers_total{side="decode",outcome="received"}`.
+    pub kv_transfers_received: u64,
+    /// `kvrouter_mocker_kv_transfers_total{side="decode",outcome="failed"}`.
+    pub kv_transfers_failed: u64,
+    /// `kvrouter_mocker_kv_transfer_blocks_total`: blocks a decode worker pulled (beyond its
+    /// own prefix hit).
+    pub kv_transfer_blocks_received: u64,
 }
 
 impl Default for Metrics {
@@ -106,6 +131,15 @@ impl Default for Metrics {
             preemptions: 0,
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
+            computed_prefill_tokens: 0,
+            role: "both",
+            kv_transfer_held: 0,
+            kv_transfer_held_blocks: 0,
+            kv_transfers_pulled: 0,
+            kv_transfers_expired: 0,
+            kv_transfers_received: 0,
+            kv_transfers_failed: 0,
+            kv_transfer_blocks_received: 0,
         }
     }
 }
@@ -120,6 +154,7 @@ impl Metrics {
         self.prefix_hits += out.prefix_hits as u64;
         self.preemptions += out.num_preempted as u64;
         self.generation_tokens += out.tokens.len() as u64;
+        self.computed_prefill_tokens += out.prefill_tokens as u64;
         for t in &out.tokens {
             if t.index == 0 {
                 self.prompt_tokens += t.prompt_tokens as u64;
@@ -218,6 +253,53 @@ impl Metrics {
             "vllm:inter_token_latency_seconds",
             "Histogram of inter-token latency in seconds.",
             &labels,
+        );
+        counter(
+            &mut o,
+            "kvrouter_mocker_computed_prefill_tokens_total",
+            "Prompt tokens computed: neither prefix-cache hits nor received by KV transfer.",
+            self.computed_prefill_tokens,
+        );
+        let _ = writeln!(
+            o,
+            "# HELP kvrouter_mocker_info The worker's role in disaggregated serving.\n\
+             # TYPE kvrouter_mocker_info gauge\n\
+             kvrouter_mocker_info{{{labels},role=\"{}\"}} 1.0",
+            self.role
+        );
+        gauge(
+            &mut o,
+            "kvrouter_mocker_kv_transfer_held_requests",
+            "KV transfers a prefill worker holds for decode workers.",
+            self.kv_transfer_held as f64,
+        );
+        gauge(
+            &mut o,
+            "kvrouter_mocker_kv_transfer_held_blocks",
+            "KV blocks held for decode workers, summed over transfers.",
+            self.kv_transfer_held_blocks as f64,
+        );
+        let _ = writeln!(
+            o,
+            "# HELP kvrouter_mocker_kv_transfers_total KV transfers by side and outcome.\n\
+             # TYPE kvrouter_mocker_kv_transfers_total counter"
+        );
+        for (side, outcome, v) in [
+            ("prefill", "pulled", self.kv_transfers_pulled),
+            ("prefill", "expired", self.kv_transfers_expired),
+            ("decode", "received", self.kv_transfers_received),
+            ("decode", "failed", self.kv_transfers_failed),
+        ] {
+            let _ = writeln!(
+                o,
+                "kvrouter_mocker_kv_transfers_total{{{labels},side=\"{side}\",outcome=\"{outcome}\"}} {v}"
+            );
+        }
+        counter(
+            &mut o,
+            "kvrouter_mocker_kv_transfer_blocks_total",
+            "KV blocks a decode worker pulled from prefill workers.",
+            self.kv_transfer_blocks_received,
         );
         let info: Vec<String> = info.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         let _ = writeln!(

@@ -11,6 +11,10 @@
 //!    while fewer than `max_num_seqs` run: the prefix already cached is reused (at least one
 //!    token is always computed), and the rest of the prompt is scheduled, chunked to the
 //!    remaining budget when chunked prefill is on, or only if it fits whole when it is off.
+//!    A sequence whose prompt KV was pulled from a prefill worker (`kv_received`) is
+//!    admitted with every prompt token but the last already computed: its transferred full
+//!    blocks are cached at once (one `Stored` event), and its one token is a decode, not a
+//!    prefill, in the step's timing.
 //!
 //! After the step ran, [`Scheduler::commit`] advances each scheduled sequence and caches the
 //! blocks it filled, emitting one `Stored` event per sequence (a contiguous chain).
@@ -64,6 +68,12 @@ pub struct Sequence {
     pub output_seed: u64,
     /// Where the output tokens come from instead, when set.
     pub output: Option<Box<dyn crate::engine::OutputSource>>,
+    /// Prefill worker: keep the blocks referenced when the sequence finishes, for a decode
+    /// worker to pull (see [`crate::engine::Engine::release_held`]).
+    pub hold_on_finish: bool,
+    /// Decode worker: the prompt's KV arrived from a prefill worker, so admission computes only
+    /// the last prompt token. Cleared by preemption (the KV is gone; it is recomputed).
+    pub kv_received: bool,
 }
 
 impl Sequence {
@@ -91,6 +101,8 @@ impl Sequence {
             last_token_at: arrival,
             output_seed,
             output: None,
+            hold_on_finish: false,
+            kv_received: false,
         }
     }
 
@@ -257,6 +269,7 @@ impl Scheduler {
                 v.num_computed = 0;
                 v.num_registered = 0;
                 v.num_preemptions += 1;
+                v.kv_received = false;
                 self.waiting.push_front(victim);
                 out.preempted.push(victim);
                 if victim == id {
@@ -292,7 +305,10 @@ impl Scheduler {
             let max_hit_blocks = (n - 1) / bs;
             ensure_hashes(seq, pool, max_hit_blocks);
             let hit = pool.match_prefix(&seq.hashes[..max_hit_blocks]);
-            let computed = hit * bs;
+            // KV pulled from a prefill worker covers the prompt; like vLLM, the last prompt
+            // token is recomputed for its logits, in a decode-sized step.
+            let received = seq.kv_received && seq.num_generated() == 0;
+            let computed = if received { n - 1 } else { hit * bs };
             let want = n - computed;
             if !self.cfg.chunked_prefill && want > budget {
                 break;
@@ -317,17 +333,21 @@ impl Scheduler {
             }
             seq.num_computed = computed;
             seq.num_registered = hit;
+            if received {
+                // The transferred blocks join this worker's prefix cache (Stored events).
+                register_full_blocks(pool, seq);
+            }
             if seq.cached_tokens.is_none() {
                 seq.cached_tokens = Some(computed);
                 out.prefix_queries += n;
-                out.prefix_hits += computed;
+                out.prefix_hits += hit * bs;
             }
             self.waiting.pop_front();
             self.running.push(id);
             out.scheduled.push(Scheduled {
                 id,
                 num_new,
-                is_prefill: true,
+                is_prefill: !received,
             });
             budget -= num_new;
         }
@@ -339,36 +359,42 @@ impl Scheduler {
         let Some(seq) = self.seqs.get_mut(&s.id) else {
             return;
         };
-        let bs = pool.block_size();
         seq.num_computed = (seq.num_computed + s.num_new).min(seq.tokens.len());
-        let full = seq.num_computed / bs;
-        if !pool.prefix_caching() {
-            seq.num_registered = full;
-            return;
-        }
-        ensure_hashes(seq, pool, full);
-        let mut first_new: Option<usize> = None;
-        for k in seq.num_registered..full {
-            let parent = k.checked_sub(1).map(|p| seq.blocks[p]);
-            match pool.register(seq.blocks[k], seq.hashes[k], parent) {
-                Registered::New => {
-                    first_new.get_or_insert(k);
-                }
-                Registered::Existing(other) => {
-                    seq.blocks[k] = other;
-                    // Cannot follow a new block (the cache is prefix-closed); flush if it did.
-                    if let Some(f) = first_new.take() {
-                        emit_stored(pool, seq, f, k);
-                    }
-                }
-                Registered::Disabled => {}
-            }
-        }
-        if let Some(f) = first_new {
-            emit_stored(pool, seq, f, full);
-        }
-        seq.num_registered = full;
+        register_full_blocks(pool, seq);
     }
+}
+
+/// Caches the full blocks of `seq.num_computed` tokens not cached yet, emitting one `Stored`
+/// event per new contiguous chain.
+fn register_full_blocks(pool: &mut KvPool, seq: &mut Sequence) {
+    let bs = pool.block_size();
+    let full = seq.num_computed / bs;
+    if !pool.prefix_caching() {
+        seq.num_registered = full;
+        return;
+    }
+    ensure_hashes(seq, pool, full);
+    let mut first_new: Option<usize> = None;
+    for k in seq.num_registered..full {
+        let parent = k.checked_sub(1).map(|p| seq.blocks[p]);
+        match pool.register(seq.blocks[k], seq.hashes[k], parent) {
+            Registered::New => {
+                first_new.get_or_insert(k);
+            }
+            Registered::Existing(other) => {
+                seq.blocks[k] = other;
+                // Cannot follow a new block (the cache is prefix-closed); flush if it did.
+                if let Some(f) = first_new.take() {
+                    emit_stored(pool, seq, f, k);
+                }
+            }
+            Registered::Disabled => {}
+        }
+    }
+    if let Some(f) = first_new {
+        emit_stored(pool, seq, f, full);
+    }
+    seq.num_registered = full;
 }
 
 fn emit_stored(pool: &mut KvPool, seq: &Sequence, from: usize, to: usize) {

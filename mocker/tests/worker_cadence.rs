@@ -57,6 +57,7 @@ async fn sub_millisecond_steps_are_not_stretched_to_the_timer_tick() {
         max_tokens,
         output: None,
         reply: Reply::Final(tx),
+        kv: Default::default(),
     }));
     let done = tokio::time::timeout(Duration::from_secs(10), rx)
         .await
