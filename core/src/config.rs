@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::prefill_time::{PrefillCoefficients, PrefillLoadModel};
+use crate::queue::QueuePolicy;
 use crate::sequences::BookingOptions;
 
 /// How a worker is chosen (`--router-mode`, `DYN_ROUTER_MODE`; spec §8).
@@ -123,7 +125,26 @@ pub struct KvRouterConfig {
     /// `affinity` policy: a rank is overloaded past this multiple of the fleet's mean load
     /// (plus the request's blocks), and then loses its prefix affinity.
     pub router_affinity_load_factor: f64,
+    /// How active prefill tokens count: in full until the first token, or decaying over a
+    /// predicted prefill time (`aic`; see [`crate::prefill_time`]).
+    pub router_prefill_load_model: PrefillLoadModel,
+    /// `aic`: the per-step prefill time polynomial (None: fitted online from observed TTFTs).
+    pub router_prefill_time_coefficients: Option<PrefillCoefficients>,
+    /// Queue in the router while every worker's active prefill tokens exceed this multiple of
+    /// its `max_num_batched_tokens` (None: no queue; spec §7.2).
+    pub router_queue_threshold: Option<f64>,
+    /// Order of the router queue.
+    pub router_queue_policy: QueuePolicy,
+    /// Requests the router queue holds at most; more are refused (overloaded).
+    pub router_queue_limit: usize,
+    /// A request that waited longer than this (seconds) has its overlaps looked up again before
+    /// dispatch (`DYN_ROUTER_OVERLAP_REFRESH_AFTER_SECS`; 0: never).
+    pub router_overlap_refresh_after_secs: f64,
 }
+
+/// `max_num_batched_tokens` assumed for a worker that did not advertise one (vLLM's and the
+/// mock engine's default step budget).
+pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: u64 = 8192;
 
 impl Default for KvRouterConfig {
     fn default() -> Self {
@@ -147,6 +168,12 @@ impl Default for KvRouterConfig {
             router_active_request_expiry_secs: 300.0,
             router_selection_policy: crate::policy::SelectionPolicy::Default,
             router_affinity_load_factor: 2.0,
+            router_prefill_load_model: PrefillLoadModel::None,
+            router_prefill_time_coefficients: None,
+            router_queue_threshold: None,
+            router_queue_policy: QueuePolicy::Fcfs,
+            router_queue_limit: 4096,
+            router_overlap_refresh_after_secs: 10.0,
         }
     }
 }
@@ -223,6 +250,11 @@ impl KvRouterConfig {
             (
                 "router_affinity_load_factor",
                 Some(self.router_affinity_load_factor),
+            ),
+            ("router_queue_threshold", self.router_queue_threshold),
+            (
+                "router_overlap_refresh_after_secs",
+                Some(self.router_overlap_refresh_after_secs),
             ),
         ];
         for (name, v) in checks {

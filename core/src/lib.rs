@@ -9,7 +9,10 @@
 //! 2. [`index`] — which `(worker, dp_rank)` holds how many leading blocks (exact index fed by KV
 //!    [`event`]s, approximate index fed by the router's own decisions, predicted side index).
 //! 3. [`sequences`] — active requests and the load they put on each worker.
-//! 4. [`selection`] — cost function, temperature, busy thresholds and every router mode.
+//!    [`prefill_time`] predicts how long a prefill takes, for the `aic` load model.
+//! 4. [`selection`] — cost function, temperature, busy thresholds and every router mode
+//!    ([`policy`]: the `kv` mode's selection policies).
+//! 5. [`queue`] — requests waiting in the router while every worker is past the threshold.
 //!
 //! [`router::Router`] composes the four for single-threaded callers (simulations, bindings).
 pub mod config;
@@ -17,6 +20,8 @@ pub mod event;
 pub mod hash;
 pub mod index;
 pub mod policy;
+pub mod prefill_time;
+pub mod queue;
 pub mod router;
 pub mod selection;
 pub mod sequences;
@@ -24,7 +29,7 @@ pub mod sequences;
 pub use config::{KvRouterConfig, LoadThresholds, RouterConfig, RouterConfigOverride, RouterMode};
 pub use event::{RouterEvent, WorkerId, WorkerWithDpRank};
 pub use policy::SelectionPolicy;
-pub use router::{RequestHashes, RouteError, RouteRequest, Router, Scheduler};
+pub use router::{RequestHashes, RouteError, RouteRequest, Router, ScheduleRequest, Scheduler};
 pub use selection::{
     Candidate, DeviceType, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
 };

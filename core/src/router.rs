@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::config::DEFAULT_MAX_NUM_BATCHED_TOKENS;
 use crate::config::{RouterConfig, RouterConfigOverride};
 use crate::event::{DpRank, RouterEvent, WorkerId, WorkerWithDpRank};
 use crate::hash::{
     compute_block_hashes, compute_sequence_hashes, HashOptions, LocalBlockHash, SequenceHash,
 };
 use crate::index::{ApproxConfig, ApproxIndex, FastMap, IndexError, TierOverlap, TieredIndex};
-use crate::selection::{Candidate, SelectError, Selection, SelectionRequest, Selector, WorkerInfo};
+use crate::prefill_time::{PrefillCoefficients, PrefillLoadModel, PrefillTimeModel};
+use crate::selection::{
+    is_busy, Candidate, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
+};
 use crate::sequences::{ActiveSequences, PotentialLoad, SequenceError};
 
 /// A prompt's block hashes, computed once per request.
@@ -42,6 +46,32 @@ pub struct RouteRequest<'a> {
     pub overrides: Option<RouterConfigOverride>,
 }
 
+impl RouteRequest<'_> {
+    /// What the scheduler needs of this request.
+    pub fn schedule_request(&self) -> ScheduleRequest<'_> {
+        ScheduleRequest {
+            request_id: self.request_id,
+            isl: self.tokens.len(),
+            pinned_worker: self.pinned_worker,
+            dp_rank: self.dp_rank,
+            overrides: self.overrides.as_ref(),
+        }
+    }
+}
+
+/// One request as the [`Scheduler`] sees it: its hashes are computed, its tokens no longer
+/// needed (a request waiting in the router queue holds this much, not its prompt).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScheduleRequest<'a> {
+    /// When given, the request is booked on the chosen rank until [`Scheduler::free`].
+    pub request_id: Option<&'a str>,
+    /// Prompt tokens.
+    pub isl: usize,
+    pub pinned_worker: Option<WorkerId>,
+    pub dp_rank: Option<DpRank>,
+    pub overrides: Option<&'a RouterConfigOverride>,
+}
+
 /// Why a request could not be routed or booked.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum RouteError {
@@ -49,6 +79,8 @@ pub enum RouteError {
     Select(#[from] SelectError),
     #[error(transparent)]
     Booking(#[from] SequenceError),
+    #[error(transparent)]
+    QueueFull(#[from] crate::queue::QueueFull),
 }
 
 /// Everything of routing except the exact index: worker registry, approximate and predicted
@@ -63,6 +95,8 @@ pub struct Scheduler {
     approx: Option<ApproxIndex>,
     predicted: Option<ApproxIndex>,
     active: ActiveSequences,
+    /// Some with `--router-prefill-load-model aic`.
+    prefill_time: Option<PrefillTimeModel>,
 }
 
 impl Scheduler {
@@ -89,6 +123,8 @@ impl Scheduler {
         let active = ActiveSequences::new(Duration::from_secs_f64(
             kv.router_active_request_expiry_secs,
         ));
+        let prefill_time = (kv.router_prefill_load_model == PrefillLoadModel::Aic)
+            .then(|| PrefillTimeModel::new(kv.router_prefill_time_coefficients));
         Self {
             selector: Selector::new(config),
             block_size,
@@ -96,6 +132,7 @@ impl Scheduler {
             approx,
             predicted,
             active,
+            prefill_time,
         }
     }
 
@@ -160,34 +197,42 @@ impl Scheduler {
     /// it in the approximate and predicted indexes.
     pub fn schedule<R: Rng + ?Sized>(
         &mut self,
-        req: &RouteRequest<'_>,
+        req: &ScheduleRequest<'_>,
         hashes: &RequestHashes,
         exact: Vec<(WorkerWithDpRank, TierOverlap)>,
         now: Duration,
         rng: &mut R,
     ) -> Result<Selection, RouteError> {
-        let candidates = self.candidates(hashes, exact, req.tokens.len(), now);
+        let candidates = self.candidates(hashes, exact, req.isl, now);
         let sreq = SelectionRequest {
-            isl: req.tokens.len(),
+            isl: req.isl,
             block_size: self.block_size,
             pinned_worker: req.pinned_worker,
             dp_rank: req.dp_rank,
-            overrides: req.overrides.clone(),
+            overrides: req.overrides.cloned(),
         };
         let sel = self.selector.select(&candidates, &sreq, rng)?;
         if let Some(id) = req.request_id {
-            let opts = match &req.overrides {
+            let opts = match req.overrides {
                 Some(o) => self.config().kv.with_override(o).booking(),
                 None => self.config().kv.booking(),
+            };
+            let predicted = match &self.prefill_time {
+                Some(m) if opts.track_prefill_tokens => m.predict(
+                    req.isl.saturating_sub(sel.cached_tokens) as u64,
+                    self.chunk_of(sel.worker),
+                ),
+                _ => None,
             };
             self.active.add_request(
                 id.to_string(),
                 sel.worker,
                 &hashes.sequence,
-                req.tokens.len(),
+                req.isl,
                 sel.cached_tokens,
                 self.block_size,
                 opts,
+                predicted,
                 now,
             )?;
         }
@@ -202,14 +247,83 @@ impl Scheduler {
         Ok(sel)
     }
 
-    /// The request produced its first token.
-    pub fn mark_prefill_complete(&mut self, request_id: &str) -> Result<(), SequenceError> {
-        self.active.mark_prefill_complete(request_id)
+    /// The request produced its first token at `now` (a sample for a fitted prefill model).
+    pub fn mark_prefill_complete(
+        &mut self,
+        request_id: &str,
+        now: Duration,
+    ) -> Result<(), SequenceError> {
+        let sample = self.active.mark_prefill_complete(request_id, now)?;
+        if let (Some(s), Some(_)) = (sample, &self.prefill_time) {
+            let chunk = self.chunk_of(s.worker);
+            if let Some(m) = &mut self.prefill_time {
+                m.observe(s.tokens, chunk, s.elapsed);
+            }
+        }
+        Ok(())
     }
 
-    /// The request ended (completed, failed, cancelled).
-    pub fn free(&mut self, request_id: &str) -> Result<WorkerWithDpRank, SequenceError> {
-        self.active.free(request_id)
+    /// The request ended at `now` (completed, failed, cancelled).
+    pub fn free(
+        &mut self,
+        request_id: &str,
+        now: Duration,
+    ) -> Result<WorkerWithDpRank, SequenceError> {
+        self.active.free(request_id, now)
+    }
+
+    /// The `aic` model's prefill-time coefficients in use (None: model off, or still fitting).
+    pub fn prefill_coefficients(&self) -> Option<PrefillCoefficients> {
+        self.prefill_time
+            .as_ref()
+            .and_then(PrefillTimeModel::coefficients)
+    }
+
+    /// A rank's step budget (its advertised `max_num_batched_tokens`).
+    fn chunk_of(&self, worker: WorkerWithDpRank) -> Option<u64> {
+        self.workers
+            .iter()
+            .find(|w| w.worker == worker)
+            .and_then(|w| w.max_num_batched_tokens)
+    }
+
+    /// Whether a new request may be scheduled at `now` rather than wait in the router queue:
+    /// always without `--router-queue-threshold T`; with it, while some routable rank is not
+    /// busy (spec §7.1) and has at most `T × max_num_batched_tokens` active prefill tokens
+    /// ([`DEFAULT_MAX_NUM_BATCHED_TOKENS`] for a rank that did not advertise its budget).
+    /// With no ranks at all the request is not queued (it fails: no workers).
+    pub fn admits(&self, now: Duration) -> bool {
+        let Some(t) = self.config().kv.router_queue_threshold else {
+            return true;
+        };
+        if self.workers.is_empty() {
+            return true;
+        }
+        let opts = self.config().kv.booking();
+        self.workers.iter().any(|info| {
+            let c = Candidate {
+                info: *info,
+                overlap: TierOverlap::default(),
+                load: self
+                    .active
+                    .potential_load(info.worker, &[], 0, self.block_size, opts, now),
+            };
+            let budget = info
+                .max_num_batched_tokens
+                .unwrap_or(DEFAULT_MAX_NUM_BATCHED_TOKENS) as f64;
+            !is_busy(&c, self.config()) && c.load.active_prefill_tokens as f64 <= t * budget
+        })
+    }
+
+    /// Prompt tokens of a request with these overlaps not cached on its best rank (the router
+    /// queue's `wspt` key).
+    pub fn uncached_tokens(
+        &self,
+        isl: usize,
+        overlaps: &[(WorkerWithDpRank, TierOverlap)],
+    ) -> usize {
+        let best = overlaps.iter().map(|(_, o)| o.device).max().unwrap_or(0) as usize;
+        isl.saturating_sub(best * self.block_size)
     }
 
     /// Drop requests booked longer ago than the expiry (spec §5: lost frees). Returns how many.
@@ -258,15 +372,20 @@ impl Scheduler {
         exact
     }
 
-    /// Per registered rank: its load if a request with these sequence hashes and `isl` tokens
-    /// were added (Dynamo `get_potential_loads`).
-    pub fn potential_loads(&self, sequence: &[SequenceHash], isl: usize) -> Vec<PotentialLoad> {
+    /// Per registered rank: its load at `now` if a request with these sequence hashes and
+    /// `isl` tokens were added (Dynamo `get_potential_loads`).
+    pub fn potential_loads(
+        &self,
+        sequence: &[SequenceHash],
+        isl: usize,
+        now: Duration,
+    ) -> Vec<PotentialLoad> {
         let opts = self.config().kv.booking();
         self.workers
             .iter()
             .map(|w| {
                 self.active
-                    .potential_load(w.worker, sequence, isl, self.block_size, opts)
+                    .potential_load(w.worker, sequence, isl, self.block_size, opts, now)
             })
             .collect()
     }
@@ -296,6 +415,7 @@ impl Scheduler {
                     isl,
                     self.block_size,
                     opts,
+                    now,
                 ),
             })
             .collect()
@@ -374,17 +494,36 @@ impl Router {
         } else {
             Vec::new()
         };
-        self.sched.schedule(req, &hashes, exact, now, rng)
+        self.sched
+            .schedule(&req.schedule_request(), &hashes, exact, now, rng)
     }
 
-    /// The request produced its first token.
-    pub fn mark_prefill_complete(&mut self, request_id: &str) -> Result<(), SequenceError> {
-        self.sched.mark_prefill_complete(request_id)
+    /// The request produced its first token at `now`.
+    pub fn mark_prefill_complete(
+        &mut self,
+        request_id: &str,
+        now: Duration,
+    ) -> Result<(), SequenceError> {
+        self.sched.mark_prefill_complete(request_id, now)
     }
 
-    /// The request ended (completed, failed, cancelled).
-    pub fn free(&mut self, request_id: &str) -> Result<WorkerWithDpRank, SequenceError> {
-        self.sched.free(request_id)
+    /// The request ended at `now` (completed, failed, cancelled).
+    pub fn free(
+        &mut self,
+        request_id: &str,
+        now: Duration,
+    ) -> Result<WorkerWithDpRank, SequenceError> {
+        self.sched.free(request_id, now)
+    }
+
+    /// Whether a new request may be routed now rather than queued ([`Scheduler::admits`]).
+    pub fn admits(&self, now: Duration) -> bool {
+        self.sched.admits(now)
+    }
+
+    /// The `aic` model's coefficients in use ([`Scheduler::prefill_coefficients`]).
+    pub fn prefill_coefficients(&self) -> Option<PrefillCoefficients> {
+        self.sched.prefill_coefficients()
     }
 
     /// Per rank: overlap blocks by tier for these hashes (exact ∪ predicted, or approximate).
@@ -401,9 +540,15 @@ impl Router {
         self.sched.overlaps(local, exact, now)
     }
 
-    /// Per registered rank: its load if this request were added (Dynamo `get_potential_loads`).
-    pub fn potential_loads(&self, tokens: &[u32], hash: &HashOptions<'_>) -> Vec<PotentialLoad> {
+    /// Per registered rank: its load at `now` if this request were added (Dynamo
+    /// `get_potential_loads`).
+    pub fn potential_loads(
+        &self,
+        tokens: &[u32],
+        hash: &HashOptions<'_>,
+        now: Duration,
+    ) -> Vec<PotentialLoad> {
         let h = RequestHashes::compute(tokens, self.block_size(), hash);
-        self.sched.potential_loads(&h.sequence, tokens.len())
+        self.sched.potential_loads(&h.sequence, tokens.len(), now)
     }
 }

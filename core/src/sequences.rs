@@ -9,6 +9,12 @@
 //! counts keyed by sequence hash). Every request books its whole prompt chain from block 0, so
 //! a rank's active blocks are prefix-closed: how many leading blocks of a new request are
 //! already active is found by binary search, `O(log n)` lookups per rank.
+//!
+//! Prefill load model (`--router-prefill-load-model`, spec §5): each rank keeps its active
+//! prefills in booking order. A booking may carry a predicted prefill duration
+//! ([`crate::prefill_time`]); the oldest active prefill — the one the engine is computing — then
+//! counts `tokens × (1 − elapsed / predicted)`, elapsed since it became the oldest, and the
+//! others in full. Without a prediction every prefill counts in full until its first token.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -67,6 +73,15 @@ pub struct PotentialLoad {
     pub active_decode_blocks: u64,
 }
 
+/// One active prefill on a rank.
+#[derive(Debug)]
+struct Prefill {
+    /// The booking's sequence number.
+    seq: u64,
+    tokens: u64,
+    predicted: Option<Duration>,
+}
+
 #[derive(Debug, Default)]
 struct RankState {
     /// Reference counts of active shared blocks.
@@ -75,9 +90,42 @@ struct RankState {
     private_blocks: u64,
     prefill_tokens: u64,
     requests: u32,
+    /// Active prefills, oldest first (only those with tokens).
+    prefills: VecDeque<Prefill>,
+    /// When the front of `prefills` became the oldest.
+    anchor_since: Duration,
 }
 
 impl RankState {
+    /// Active prefill tokens at `now`, the oldest decayed over its predicted duration.
+    fn effective_prefill(&self, now: Duration) -> u64 {
+        let Some(Prefill {
+            tokens,
+            predicted: Some(d),
+            ..
+        }) = self.prefills.front()
+        else {
+            return self.prefill_tokens;
+        };
+        let done = if d.is_zero() {
+            1.0
+        } else {
+            (now.saturating_sub(self.anchor_since).as_secs_f64() / d.as_secs_f64()).min(1.0)
+        };
+        self.prefill_tokens - (*tokens as f64 * done).round() as u64
+    }
+
+    /// Remove booking `seq`'s prefill; the next oldest becomes the anchor at `now`.
+    fn end_prefill(&mut self, seq: u64, tokens: u64, now: Duration) {
+        self.prefill_tokens -= tokens;
+        if let Some(pos) = self.prefills.iter().position(|p| p.seq == seq) {
+            self.prefills.remove(pos);
+            if pos == 0 {
+                self.anchor_since = now;
+            }
+        }
+    }
+
     /// Leading blocks of `seq` already active here.
     fn active_prefix(&self, seq: &[SequenceHash]) -> usize {
         if self.blocks.is_empty() {
@@ -94,6 +142,20 @@ struct Booking {
     private_blocks: u64,
     prefill_tokens: u64,
     booked_at: Duration,
+    seq: u64,
+    /// No other prefill was active on the rank when booked: its TTFT is its prefill time.
+    alone: bool,
+}
+
+/// A finished prefill that had its rank to itself: a sample of prefill time
+/// ([`crate::prefill_time::PrefillTimeModel::observe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillSample {
+    pub worker: WorkerWithDpRank,
+    /// Uncached prompt tokens.
+    pub tokens: u64,
+    /// From booking to first token.
+    pub elapsed: Duration,
 }
 
 /// Why a booking call did nothing.
@@ -113,6 +175,7 @@ pub struct ActiveSequences {
     /// Booking order, for expiry; entries of freed requests are skipped lazily.
     order: VecDeque<(Duration, RequestId)>,
     expiry: Duration,
+    next_seq: u64,
 }
 
 impl Default for ActiveSequences {
@@ -130,13 +193,16 @@ impl ActiveSequences {
             requests: FastMap::default(),
             order: VecDeque::new(),
             expiry,
+            next_seq: 0,
         }
     }
 
     /// Book a routed request on `worker`.
     ///
     /// `seq`: the prompt's sequence hashes (full blocks); `isl`: prompt tokens; `cached_tokens`:
-    /// tokens the chosen rank already holds (not prefilled again); `block_size` in tokens.
+    /// tokens the chosen rank already holds (not prefilled again); `block_size` in tokens;
+    /// `predicted_prefill`: how long its prefill should take once it is the rank's oldest (the
+    /// `aic` load model; `None` counts it in full until its first token).
     #[allow(clippy::too_many_arguments)]
     pub fn add_request(
         &mut self,
@@ -147,6 +213,7 @@ impl ActiveSequences {
         cached_tokens: usize,
         block_size: usize,
         opts: BookingOptions,
+        predicted_prefill: Option<Duration>,
         now: Duration,
     ) -> Result<(), SequenceError> {
         if self.requests.contains_key(&id) {
@@ -174,6 +241,18 @@ impl ActiveSequences {
         rank.private_blocks += private_blocks;
         rank.prefill_tokens += prefill_tokens;
         rank.requests += 1;
+        self.next_seq += 1;
+        let alone = rank.prefills.is_empty();
+        if prefill_tokens > 0 {
+            if alone {
+                rank.anchor_since = now;
+            }
+            rank.prefills.push_back(Prefill {
+                seq: self.next_seq,
+                tokens: prefill_tokens,
+                predicted: predicted_prefill,
+            });
+        }
         self.order.push_back((now, id.clone()));
         self.requests.insert(
             id,
@@ -183,32 +262,49 @@ impl ActiveSequences {
                 private_blocks,
                 prefill_tokens,
                 booked_at: now,
+                seq: self.next_seq,
+                alone,
             },
         );
         Ok(())
     }
 
-    /// The request produced its first token: its prompt is no longer being prefilled.
-    pub fn mark_prefill_complete(&mut self, id: &str) -> Result<(), SequenceError> {
+    /// The request produced its first token at `now`: its prompt is no longer being
+    /// prefilled. Returns a prefill-time sample when the request had its rank's prefill to
+    /// itself (the first call only).
+    pub fn mark_prefill_complete(
+        &mut self,
+        id: &str,
+        now: Duration,
+    ) -> Result<Option<PrefillSample>, SequenceError> {
         let b = self
             .requests
             .get_mut(id)
             .ok_or_else(|| SequenceError::UnknownRequest(id.to_string()))?;
-        if let Some(rank) = self.ranks.get_mut(&b.worker) {
-            rank.prefill_tokens -= b.prefill_tokens;
+        if b.prefill_tokens == 0 {
+            return Ok(None);
         }
+        if let Some(rank) = self.ranks.get_mut(&b.worker) {
+            rank.end_prefill(b.seq, b.prefill_tokens, now);
+        }
+        let sample = b.alone.then(|| PrefillSample {
+            worker: b.worker,
+            tokens: b.prefill_tokens,
+            elapsed: now.saturating_sub(b.booked_at),
+        });
         b.prefill_tokens = 0;
-        Ok(())
+        Ok(sample)
     }
 
-    /// The request ended (completed, failed or cancelled): release everything it booked.
-    pub fn free(&mut self, id: &str) -> Result<WorkerWithDpRank, SequenceError> {
+    /// The request ended at `now` (completed, failed or cancelled): release everything it
+    /// booked.
+    pub fn free(&mut self, id: &str, now: Duration) -> Result<WorkerWithDpRank, SequenceError> {
         let b = self
             .requests
             .remove(id)
             .ok_or_else(|| SequenceError::UnknownRequest(id.to_string()))?;
         if let Some(rank) = self.ranks.get_mut(&b.worker) {
-            rank.prefill_tokens -= b.prefill_tokens;
+            rank.end_prefill(b.seq, b.prefill_tokens, now);
             rank.private_blocks -= b.private_blocks;
             rank.requests -= 1;
             for s in &b.shared {
@@ -234,7 +330,9 @@ impl ActiveSequences {
                 break;
             }
             let (t, id) = self.order.pop_front().unwrap_or_default();
-            if self.requests.get(&id).is_some_and(|b| b.booked_at == t) && self.free(&id).is_ok() {
+            if self.requests.get(&id).is_some_and(|b| b.booked_at == t)
+                && self.free(&id, now).is_ok()
+            {
                 n += 1;
             }
         }
@@ -251,18 +349,18 @@ impl ActiveSequences {
         self.requests.retain(|_, b| b.worker.worker_id != worker_id);
     }
 
-    /// Current load of one rank (zero if unknown).
-    pub fn load(&self, worker: WorkerWithDpRank) -> WorkerLoad {
+    /// Load of one rank at `now` (zero if unknown); `now` only matters for decaying prefills.
+    pub fn load(&self, worker: WorkerWithDpRank, now: Duration) -> WorkerLoad {
         self.ranks
             .get(&worker)
             .map_or_else(WorkerLoad::default, |r| WorkerLoad {
-                active_prefill_tokens: r.prefill_tokens,
+                active_prefill_tokens: r.effective_prefill(now),
                 active_decode_blocks: r.blocks.len() as u64 + r.private_blocks,
                 active_requests: r.requests,
             })
     }
 
-    /// `worker`'s load with a request of `isl` tokens and sequence hashes `seq` added.
+    /// `worker`'s load at `now` with a request of `isl` tokens and sequence hashes `seq` added.
     pub fn potential_load(
         &self,
         worker: WorkerWithDpRank,
@@ -270,9 +368,10 @@ impl ActiveSequences {
         isl: usize,
         block_size: usize,
         opts: BookingOptions,
+        now: Duration,
     ) -> PotentialLoad {
         let total = crate::hash::request_blocks(isl, block_size) as u64;
-        let load = self.load(worker);
+        let load = self.load(worker, now);
         let new_blocks = match (opts.track_active_blocks, opts.assume_kv_reuse) {
             (false, _) => 0,
             (true, false) => total,
@@ -331,10 +430,10 @@ mod tests {
         let mut p2: Vec<u32> = (0..8).collect(); // shares 2 blocks with p1
         p2.extend(100..108);
         let o = BookingOptions::default();
-        a.add_request("a".into(), W, &seq(&p1), 18, 0, 4, o, T0)
+        a.add_request("a".into(), W, &seq(&p1), 18, 0, 4, o, None, T0)
             .unwrap();
         assert_eq!(
-            a.load(W),
+            a.load(W, T0),
             WorkerLoad {
                 active_prefill_tokens: 18,
                 active_decode_blocks: 5,
@@ -342,15 +441,15 @@ mod tests {
             }
         );
         // Potential: 4 blocks, 2 already active.
-        let pl = a.potential_load(W, &seq(&p2), 16, 4, o);
+        let pl = a.potential_load(W, &seq(&p2), 16, 4, o, T0);
         assert_eq!(
             (pl.potential_decode_blocks, pl.potential_prefill_tokens),
             (5 + 2, 18 + 16)
         );
-        a.add_request("b".into(), W, &seq(&p2), 16, 8, 4, o, T0)
+        a.add_request("b".into(), W, &seq(&p2), 16, 8, 4, o, None, T0)
             .unwrap();
         assert_eq!(
-            a.load(W),
+            a.load(W, T0),
             WorkerLoad {
                 active_prefill_tokens: 18 + 8,
                 active_decode_blocks: 7,
@@ -358,24 +457,24 @@ mod tests {
             }
         );
         assert!(matches!(
-            a.add_request("b".into(), W, &[], 1, 0, 4, o, T0),
+            a.add_request("b".into(), W, &[], 1, 0, 4, o, None, T0),
             Err(SequenceError::DuplicateRequest(_))
         ));
-        a.mark_prefill_complete("a").unwrap();
-        assert_eq!(a.load(W).active_prefill_tokens, 8);
-        a.free("a").unwrap();
+        a.mark_prefill_complete("a", T0).unwrap();
+        assert_eq!(a.load(W, T0).active_prefill_tokens, 8);
+        a.free("a", T0).unwrap();
         assert_eq!(
-            a.load(W),
+            a.load(W, T0),
             WorkerLoad {
                 active_prefill_tokens: 8,
                 active_decode_blocks: 4,
                 active_requests: 1
             }
         );
-        a.free("b").unwrap();
-        assert_eq!(a.load(W), WorkerLoad::default());
-        assert!(a.free("b").is_err());
-        assert!(a.mark_prefill_complete("zz").is_err());
+        a.free("b", T0).unwrap();
+        assert_eq!(a.load(W, T0), WorkerLoad::default());
+        assert!(a.free("b", T0).is_err());
+        assert!(a.mark_prefill_complete("zz", T0).is_err());
     }
 
     #[test]
@@ -387,12 +486,12 @@ mod tests {
             assume_kv_reuse: false,
             ..Default::default()
         };
-        a.add_request("a".into(), W, &s, 16, 0, 4, no_reuse, T0)
+        a.add_request("a".into(), W, &s, 16, 0, 4, no_reuse, None, T0)
             .unwrap();
-        a.add_request("b".into(), W, &s, 16, 0, 4, no_reuse, T0)
+        a.add_request("b".into(), W, &s, 16, 0, 4, no_reuse, None, T0)
             .unwrap();
         assert_eq!(
-            a.load(W).active_decode_blocks,
+            a.load(W, T0).active_decode_blocks,
             8,
             "nothing dedups without KV reuse"
         );
@@ -401,17 +500,17 @@ mod tests {
             track_prefill_tokens: false,
             ..Default::default()
         };
-        a.add_request("c".into(), W, &s, 16, 0, 4, no_blocks, T0)
+        a.add_request("c".into(), W, &s, 16, 0, 4, no_blocks, None, T0)
             .unwrap();
         assert_eq!(
-            a.load(W),
+            a.load(W, T0),
             WorkerLoad {
                 active_prefill_tokens: 32,
                 active_decode_blocks: 8,
                 active_requests: 3
             }
         );
-        let pl = a.potential_load(W, &s, 16, 4, no_blocks);
+        let pl = a.potential_load(W, &s, 16, 4, no_blocks, T0);
         assert_eq!(
             (pl.potential_decode_blocks, pl.potential_prefill_tokens),
             (8, 16)
@@ -423,16 +522,80 @@ mod tests {
         let mut a = ActiveSequences::new(Duration::from_secs(300));
         let s = seq(&(0..16).collect::<Vec<_>>());
         let o = BookingOptions::default();
-        a.add_request("old".into(), W, &s, 16, 0, 4, o, T0).unwrap();
-        a.add_request("new".into(), W, &s, 16, 0, 4, o, Duration::from_secs(200))
+        a.add_request("old".into(), W, &s, 16, 0, 4, o, None, T0)
             .unwrap();
+        a.add_request(
+            "new".into(),
+            W,
+            &s,
+            16,
+            0,
+            4,
+            o,
+            None,
+            Duration::from_secs(200),
+        )
+        .unwrap();
         assert_eq!(a.expire(Duration::from_secs(299)), 0);
         assert_eq!(a.expire(Duration::from_secs(300)), 1);
-        assert_eq!(a.load(W).active_requests, 1);
+        assert_eq!(a.load(W, T0).active_requests, 1);
         assert_eq!(a.worker_of("new"), Some(W));
         a.remove_worker(1);
-        assert_eq!(a.load(W), WorkerLoad::default());
+        assert_eq!(a.load(W, T0), WorkerLoad::default());
         assert_eq!(a.num_active(), 0);
-        assert!(a.free("new").is_err());
+        assert!(a.free("new", T0).is_err());
+    }
+
+    #[test]
+    fn only_the_oldest_prefill_decays_over_its_predicted_time() {
+        let mut a = ActiveSequences::default();
+        let o = BookingOptions::default();
+        let ms = Duration::from_millis;
+        let s = |base: u32| seq(&(base..base + 16).collect::<Vec<_>>());
+        // 1000 uncached tokens predicted to take 100 ms, then 400 tokens (200 ms).
+        a.add_request("a".into(), W, &s(0), 1000, 0, 4, o, Some(ms(100)), ms(0))
+            .unwrap();
+        a.add_request("b".into(), W, &s(100), 400, 0, 4, o, Some(ms(200)), ms(10))
+            .unwrap();
+        assert_eq!(a.load(W, ms(0)).active_prefill_tokens, 1400);
+        assert_eq!(a.load(W, ms(25)).active_prefill_tokens, 750 + 400);
+        assert_eq!(
+            a.load(W, ms(500)).active_prefill_tokens,
+            400,
+            "past its prediction the oldest counts 0, the next in full"
+        );
+        // a's first token at 120 ms: b becomes the anchor and decays from then.
+        let sample = a.mark_prefill_complete("a", ms(120)).unwrap();
+        assert_eq!(
+            sample,
+            Some(PrefillSample {
+                worker: W,
+                tokens: 1000,
+                elapsed: ms(120)
+            }),
+            "a had the rank to itself: a clean sample"
+        );
+        assert_eq!(a.load(W, ms(220)).active_prefill_tokens, 200);
+        assert_eq!(a.mark_prefill_complete("a", ms(130)).unwrap(), None);
+        assert_eq!(
+            a.mark_prefill_complete("b", ms(300)).unwrap(),
+            None,
+            "b was booked behind a: not a sample"
+        );
+        // A request freed before its first token (failed) hands the anchor on too.
+        a.add_request("c".into(), W, &s(200), 800, 0, 4, o, Some(ms(100)), ms(300))
+            .unwrap();
+        a.add_request("d".into(), W, &s(300), 800, 0, 4, o, None, ms(300))
+            .unwrap();
+        a.free("c", ms(350)).unwrap();
+        assert_eq!(
+            a.load(W, ms(1000)).active_prefill_tokens,
+            800,
+            "without a prediction a prefill counts in full"
+        );
+        a.free("d", ms(400)).unwrap();
+        a.free("a", ms(400)).unwrap();
+        a.free("b", ms(400)).unwrap();
+        assert_eq!(a.load(W, ms(400)), WorkerLoad::default());
     }
 }

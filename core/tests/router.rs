@@ -1,6 +1,8 @@
 //! The composed router: events in, decisions out, load booked and released.
 use std::time::Duration;
 
+const T0: Duration = Duration::ZERO;
+
 use kvrouter_core::config::{KvRouterConfig, RouterConfig, RouterMode};
 use kvrouter_core::event::WorkerWithDpRank;
 use kvrouter_core::hash::{ExternalHash, HashOptions};
@@ -65,7 +67,7 @@ fn kv_mode_follows_engine_events_and_load_returns_to_zero() {
         (sel.worker.worker_id, sel.overlap_blocks, sel.cached_tokens),
         (2, 12, 192)
     );
-    let load = r.active().load(sel.worker);
+    let load = r.active().load(sel.worker, T0);
     assert_eq!(
         load,
         WorkerLoad {
@@ -88,11 +90,11 @@ fn kv_mode_follows_engine_events_and_load_returns_to_zero() {
         )
         .unwrap();
     assert_ne!(sel2.worker.worker_id, 2);
-    r.mark_prefill_complete("a").unwrap();
-    r.free("a").unwrap();
-    r.free("b").unwrap();
+    r.mark_prefill_complete("a", T0).unwrap();
+    r.free("a", T0).unwrap();
+    r.free("b", T0).unwrap();
     for w in r.workers().to_vec() {
-        assert_eq!(r.active().load(w.worker), WorkerLoad::default());
+        assert_eq!(r.active().load(w.worker, T0), WorkerLoad::default());
     }
     // Removing a worker drops its blocks and bookings.
     r.route(
@@ -107,7 +109,7 @@ fn kv_mode_follows_engine_events_and_load_returns_to_zero() {
     .unwrap();
     r.remove_worker(2);
     assert_eq!(r.index().current_size(), 0);
-    assert!(r.free("c").is_err(), "booking went with the worker");
+    assert!(r.free("c", T0).is_err(), "booking went with the worker");
 }
 
 #[test]
@@ -183,7 +185,7 @@ fn predicted_index_groups_siblings_before_events_arrive() {
     // While the first is still in prefill its booked prefill tokens cancel the predicted credit
     // exactly (a tie with an idle worker). Once its first token is out — before the engine's
     // Stored events arrive — siblings see the predicted 40 blocks and follow it.
-    r.mark_prefill_complete(ids[0]).unwrap();
+    r.mark_prefill_complete(ids[0], T0).unwrap();
     for id in &ids[1..] {
         let s = r
             .route(
@@ -239,7 +241,7 @@ fn potential_loads_cover_every_worker() {
             &mut rng,
         )
         .unwrap();
-    let loads = r.potential_loads(&p, &HashOptions::default());
+    let loads = r.potential_loads(&p, &HashOptions::default(), T0);
     assert_eq!(loads.len(), 3);
     for l in loads {
         if l.worker == s.worker {
@@ -263,4 +265,114 @@ fn potential_loads_cover_every_worker() {
             );
         }
     }
+}
+
+fn route(r: &mut Router, id: &str, p: &[u32], now: Duration) -> WorkerWithDpRank {
+    r.route(
+        &RouteRequest {
+            request_id: Some(id),
+            tokens: p,
+            ..Default::default()
+        },
+        now,
+        &mut StdRng::seed_from_u64(7),
+    )
+    .unwrap()
+    .worker
+}
+
+#[test]
+fn the_aic_model_lets_a_prefill_past_its_predicted_time_stop_counting() {
+    use kvrouter_core::prefill_time::{PrefillCoefficients, PrefillLoadModel};
+    let ms = Duration::from_millis;
+    // 1 ms per token: a 1,600-token prefill is predicted to take 1.6 s.
+    let coeffs = PrefillCoefficients {
+        base_ms: 0.0,
+        per_token_ms: 1.0,
+        per_token2_ms: 0.0,
+    };
+    for (model, want) in [(PrefillLoadModel::None, 1), (PrefillLoadModel::Aic, 0)] {
+        let mut r = router(
+            KvRouterConfig {
+                router_prefill_load_model: model,
+                router_prefill_time_coefficients: Some(coeffs),
+                // Prefill dominates the cost (the long request's decode blocks stay booked).
+                prefill_load_scale: 10.0,
+                ..Default::default()
+            },
+            2,
+        );
+        // Worker 0 takes a long prefill at t=0; at t=1.5 s worker 1 takes a short one.
+        let w0 = route(&mut r, "long", &prompt(1, 1600), T0);
+        let w1 = route(&mut r, "short", &prompt(2, 400), ms(1500));
+        assert_ne!(w0, w1);
+        let load = |r: &Router, w, t| r.active().load(w, t).active_prefill_tokens;
+        // Without the model the long prefill weighs 1,600 tokens until its first token; with
+        // it, 1,600 × (1 − 1.5/1.6) = 100 at 1.5 s and nothing from 1.6 s.
+        match model {
+            PrefillLoadModel::None => assert_eq!(load(&r, w0, ms(1700)), 1600),
+            PrefillLoadModel::Aic => {
+                assert_eq!(load(&r, w0, ms(1500)), 100);
+                assert_eq!(load(&r, w0, ms(1700)), 0);
+            }
+        }
+        // At 1.7 s a third request goes to the worker the model says is free.
+        let w = route(&mut r, "next", &prompt(3, 400), ms(1700));
+        assert_eq!(w.worker_id, [w0, w1][want].worker_id, "{model}");
+    }
+}
+
+#[test]
+fn admits_is_false_only_while_every_worker_is_past_the_queue_threshold() {
+    let mut r = router(
+        KvRouterConfig {
+            router_queue_threshold: Some(0.5),
+            ..Default::default()
+        },
+        2,
+    );
+    for id in 0..2 {
+        r.add_worker(WorkerInfo {
+            worker: WorkerWithDpRank::new(id, 0),
+            max_num_batched_tokens: Some(1000),
+            ..Default::default()
+        });
+    }
+    assert!(r.admits(T0), "an idle fleet admits");
+    route(&mut r, "a", &prompt(1, 600), T0);
+    assert!(r.admits(T0), "one worker still at 0 tokens");
+    route(&mut r, "b", &prompt(2, 400), T0);
+    assert!(r.admits(T0), "400 ≤ 0.5 × 1000 on one worker");
+    route(&mut r, "c", &prompt(3, 400), T0);
+    assert!(!r.admits(T0), "600 and 800 both past 500");
+    r.mark_prefill_complete("a", T0).unwrap();
+    assert!(r.admits(T0), "a's first token frees its worker");
+    let unlimited = router(KvRouterConfig::default(), 0);
+    assert!(unlimited.admits(T0), "no threshold: never queue");
+}
+
+#[test]
+fn without_coefficients_the_aic_model_learns_from_first_tokens() {
+    use kvrouter_core::prefill_time::{PrefillLoadModel, MIN_SAMPLES};
+    let mut r = router(
+        KvRouterConfig {
+            router_prefill_load_model: PrefillLoadModel::Aic,
+            ..Default::default()
+        },
+        1,
+    );
+    let mut t = T0;
+    for i in 0..MIN_SAMPLES {
+        let id = format!("r{i}");
+        let len = 160 * (i + 1);
+        route(&mut r, &id, &prompt(i, len), t);
+        assert!(r.prefill_coefficients().is_none(), "still learning");
+        // Observed: 2 ms per token, each request alone on the worker.
+        t += Duration::from_millis(2 * u64::from(len));
+        r.mark_prefill_complete(&id, t).unwrap();
+        r.free(&id, t).unwrap();
+    }
+    let c = r.prefill_coefficients().expect("fitted after MIN_SAMPLES");
+    let predicted = c.prefill_ms(1000, None);
+    assert!((predicted - 2000.0).abs() < 1.0, "{c:?} → {predicted}");
 }

@@ -95,6 +95,32 @@ pub struct FrontendConfig {
         default_value_t = 2.0
     )]
     pub router_affinity_load_factor: f64,
+    /// How a worker's active prefill tokens count: `none` (in full until the first token) or
+    /// `aic` (`ais` accepted: the oldest prefill decays over its predicted prefill time).
+    #[arg(long, env = "DYN_ROUTER_PREFILL_LOAD_MODEL", default_value = "none")]
+    pub router_prefill_load_model: kvrouter_core::prefill_time::PrefillLoadModel,
+    /// `aic`: per-step prefill time `A + B·T + C·T²` ms (T tokens in the step), as `A,B,C`; the
+    /// mock engine's is `16.50142,0.01518344,4.209989e-7`. Unset: fitted online from TTFTs.
+    #[arg(long, env = "DYN_ROUTER_PREFILL_TIME_COEFFICIENTS")]
+    pub router_prefill_time_coefficients: Option<kvrouter_core::prefill_time::PrefillCoefficients>,
+    /// Queue requests in the router while every worker's active prefill tokens exceed this
+    /// multiple of its `max_num_batched_tokens` (unset: no queue).
+    #[arg(long, env = "DYN_ROUTER_QUEUE_THRESHOLD")]
+    pub router_queue_threshold: Option<f64>,
+    /// Router queue order: `fcfs` (tail TTFT) or `wspt` (shortest uncached prefill first; mean
+    /// TTFT).
+    #[arg(long, env = "DYN_ROUTER_QUEUE_POLICY", default_value = "fcfs")]
+    pub router_queue_policy: kvrouter_core::queue::QueuePolicy,
+    /// Requests the router queue holds; more are refused with 503.
+    #[arg(long, env = "KVROUTER_ROUTER_QUEUE_LIMIT", default_value_t = 4096)]
+    pub router_queue_limit: usize,
+    /// Seconds in the queue after which a request's overlaps are looked up again (0: never).
+    #[arg(
+        long,
+        env = "DYN_ROUTER_OVERLAP_REFRESH_AFTER_SECS",
+        default_value_t = 10.0
+    )]
+    pub router_overlap_refresh_after_secs: f64,
     /// Scale of prefill blocks in the cost.
     #[arg(long, env = "DYN_ROUTER_PREFILL_LOAD_SCALE", default_value_t = 1.0)]
     pub router_prefill_load_scale: f64,
@@ -340,6 +366,12 @@ impl FrontendConfig {
             router_prune_target_ratio: self.router_prune_target_ratio,
             router_predicted_ttl_secs: self.router_predicted_ttl_secs,
             router_active_request_expiry_secs: self.router_active_request_expiry_secs,
+            router_prefill_load_model: self.router_prefill_load_model,
+            router_prefill_time_coefficients: self.router_prefill_time_coefficients,
+            router_queue_threshold: self.router_queue_threshold,
+            router_queue_policy: self.router_queue_policy,
+            router_queue_limit: self.router_queue_limit,
+            router_overlap_refresh_after_secs: self.router_overlap_refresh_after_secs,
         };
         kv.validate()?;
         Ok(RouterConfig {
@@ -489,6 +521,43 @@ mod tests {
         assert_eq!(kv.overlap_score_credit_decay, 0.5);
         assert_eq!(kv.router_affinity_load_factor, 2.0);
         assert!(P::try_parse_from(["kvrouter", "--router-selection-policy", "best"]).is_err());
+        let p = P::try_parse_from([
+            "kvrouter",
+            "--router-prefill-load-model",
+            "ais",
+            "--router-prefill-time-coefficients",
+            "16.5,0.015,4.2e-7",
+            "--router-queue-threshold",
+            "1.5",
+            "--router-queue-policy",
+            "wspt",
+        ])
+        .unwrap();
+        let kv = p.c.router_config().unwrap().kv;
+        assert_eq!(
+            kv.router_prefill_load_model,
+            kvrouter_core::prefill_time::PrefillLoadModel::Aic
+        );
+        assert_eq!(
+            kv.router_prefill_time_coefficients.map(|c| c.per_token_ms),
+            Some(0.015)
+        );
+        assert_eq!(kv.router_queue_threshold, Some(1.5));
+        assert_eq!(
+            kv.router_queue_policy,
+            kvrouter_core::queue::QueuePolicy::Wspt
+        );
+        let p = P::try_parse_from(["kvrouter", "--router-queue-threshold=-1"]).unwrap();
+        assert!(
+            p.c.router_config().is_err(),
+            "a negative threshold is refused"
+        );
+        for bad in [
+            ["--router-queue-policy", "lifo"],
+            ["--router-prefill-time-coefficients", "1,2"],
+        ] {
+            assert!(P::try_parse_from(["kvrouter", bad[0], bad[1]]).is_err());
+        }
         assert_eq!(
             FrontendConfig::default()
                 .router_config()

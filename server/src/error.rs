@@ -120,6 +120,9 @@ pub fn route_error(e: RouteError) -> ApiError {
         RouteError::Select(e @ SelectError::NoWorkerWithRank(_)) => {
             ApiError::unavailable(e.to_string())
         }
+        RouteError::QueueFull(e) => {
+            ApiError::unavailable(format!("{e}: every worker is past the queue threshold; retry later"))
+        }
         RouteError::Booking(e) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",

@@ -94,6 +94,11 @@ struct StateLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TermLabels {
+    term: &'static str,
+}
+
 /// Which listener a connection metric is about: `api` or `admin`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -108,6 +113,8 @@ pub struct Snapshot {
     pub index_entries: u64,
     /// The prompt-prefix cache's counters, when it is on.
     pub prompt_cache: Option<kvrouter_preprocess::PromptCacheStats>,
+    /// The `aic` prefill load model's coefficients in use (given or fitted), when known.
+    pub prefill_coefficients: Option<kvrouter_core::prefill_time::PrefillCoefficients>,
 }
 
 /// `(worker_id, dp_rank, kind)` of rejected KV events.
@@ -232,6 +239,21 @@ impl Collector for ScrapeCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(snap.index_entries as i64).encode(f)?;
+        if let Some(c) = snap.prefill_coefficients {
+            let mut f = enc.encode_descriptor(
+                "router_prefill_time_coefficient",
+                "The aic prefill load model's per-step time A + B*T + C*T^2 ms (term: base_ms, per_token_ms, per_token2_ms), given or fitted from observed TTFTs",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (term, v) in [
+                ("base_ms", c.base_ms),
+                ("per_token_ms", c.per_token_ms),
+                ("per_token2_ms", c.per_token2_ms),
+            ] {
+                ConstGauge::new(v).encode(f.encode_family(&TermLabels { term })?)?;
+            }
+        }
         if let Some(pc) = snap.prompt_cache {
             for (name, help, v) in [
                 (
@@ -282,6 +304,12 @@ pub struct Metrics {
     pub open_connections: Family<ListenerLabels, Gauge>,
     pub refused_connections: Family<ListenerLabels, Counter>,
     pub accept_errors: Family<ListenerLabels, Counter>,
+    /// Requests waiting in the router queue (`--router-queue-threshold`).
+    pub queue_pending: Gauge,
+    /// Time requests spent in the router queue before dispatch.
+    pub queue_wait: Histogram,
+    /// Requests refused because the router queue was full.
+    pub queue_rejected: Counter,
     scrape: std::sync::Arc<ScrapeCollector>,
 }
 
@@ -313,6 +341,9 @@ impl Metrics {
             open_connections: Family::default(),
             refused_connections: Family::default(),
             accept_errors: Family::default(),
+            queue_pending: Gauge::default(),
+            queue_wait: seconds_buckets(),
+            queue_rejected: Counter::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -405,6 +436,21 @@ impl Metrics {
             "frontend_accept_errors",
             "Failed accepts (e.g. out of file descriptors) per listener",
             m.accept_errors.clone(),
+        );
+        registry.register(
+            "router_queue_pending_requests",
+            "Requests waiting in the router queue until a worker falls below the queue threshold",
+            m.queue_pending.clone(),
+        );
+        registry.register(
+            "router_queue_wait_seconds",
+            "Time a request waited in the router queue before it was routed",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "router_queue_rejected",
+            "Requests refused because the router queue was full",
+            m.queue_rejected.clone(),
         );
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }

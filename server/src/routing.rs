@@ -3,6 +3,11 @@
 //! booking is a [`Booking`] guard that frees the load when dropped, so a request that ends in
 //! any way — completed, failed, client gone — releases what it booked.
 //!
+//! With `--router-queue-threshold`, a request arriving while every worker is past the threshold
+//! (or behind others already waiting) waits in the router queue ([`kvrouter_core::queue`]); each
+//! first token, end of request, new worker and a 20 ms tick dispatch waiting requests while a
+//! worker has room. A waiting request whose client leaves is dropped unrouted.
+//!
 //! KV events from every worker's subscriber, and the clears of removed workers, arrive on one
 //! bounded channel in order; a dedicated thread applies them to the shared index in batches
 //! and publishes each batch to readers. A full channel makes senders wait (subscribers count
@@ -10,18 +15,20 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use kvrouter_core::event::{
     KvCacheEventData, RouterEvent, StorageTier, WorkerId, WorkerWithDpRank,
 };
 use kvrouter_core::hash::HashOptions;
-use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter};
+use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter, TierOverlap};
+use kvrouter_core::queue::{QueueMeta, RouterQueue};
 use kvrouter_core::{
-    RequestHashes, RouteError, RouteRequest, RouterConfig, RouterConfigOverride, Scheduler,
+    RequestHashes, RouteError, RouterConfig, RouterConfigOverride, ScheduleRequest, Scheduler,
     SelectError, Selection, WorkerInfo,
 };
+use tokio::sync::oneshot;
 
 use crate::metrics::{Metrics, RankLabels, StageLabels};
 
@@ -29,6 +36,9 @@ use crate::metrics::{Metrics, RankLabels, StageLabels};
 const EVENT_QUEUE: usize = 65_536;
 /// Events applied per publish at most, so readers see progress under a flood.
 const MAX_BATCH: usize = 4096;
+/// How often the router queue is looked at without a load change (prefill loads decay with
+/// time under the `aic` model; workers come back from suspect).
+const QUEUE_TICK: Duration = Duration::from_millis(20);
 
 /// What the frontend asks of the router for one request.
 #[derive(Debug, Default)]
@@ -44,6 +54,23 @@ pub struct RouteInput<'a> {
     pub lora_name: Option<&'a str>,
     /// `cache_salt` (changes block hashes).
     pub cache_salt: Option<&'a str>,
+    /// `nvext.agent_hints.priority`: a head start in the router queue (seconds under fcfs, a
+    /// weight under wspt).
+    pub priority: f64,
+    /// `nvext.agent_hints.strict_priority`: a higher tier always leaves the queue first.
+    pub strict_priority: i32,
+}
+
+/// A request waiting in the router queue: what scheduling it needs, not its prompt.
+struct Waiter {
+    id: String,
+    isl: usize,
+    hashes: RequestHashes,
+    exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+    dp_rank: Option<u32>,
+    overrides: Option<RouterConfigOverride>,
+    since: Instant,
+    tx: oneshot::Sender<Result<Booking, RouteError>>,
 }
 
 /// Why a worker registration was refused.
@@ -66,6 +93,8 @@ pub struct RouterState {
     metrics: Arc<Metrics>,
     epoch: Instant,
     next_request: AtomicU64,
+    /// Locked after `sched` when both are held.
+    queue: Mutex<RouterQueue<Waiter>>,
 }
 
 impl RouterState {
@@ -98,7 +127,8 @@ impl RouterState {
             .name("kv-index".into())
             .spawn(move || index_loop(writer, rx))
             .expect("spawning the index thread");
-        Arc::new(Self {
+        let queue = RouterQueue::new(config.kv.router_queue_policy, config.kv.router_queue_limit);
+        let state = Arc::new(Self {
             sched: Mutex::new(Scheduler::new(config.clone(), block_size.unwrap_or(0))),
             config,
             default_block_size: block_size,
@@ -108,7 +138,34 @@ impl RouterState {
             metrics,
             epoch: Instant::now(),
             next_request: AtomicU64::new(1),
-        })
+            queue: Mutex::new(queue),
+        });
+        if state.queue_enabled() {
+            let weak = Arc::downgrade(&state);
+            std::thread::Builder::new()
+                .name("router-queue".into())
+                .spawn(move || queue_tick(weak))
+                .expect("spawning the router queue thread");
+        }
+        state
+    }
+
+    fn queue_enabled(&self) -> bool {
+        self.config.kv.router_queue_threshold.is_some()
+    }
+
+    fn queue(&self) -> MutexGuard<'_, RouterQueue<Waiter>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `aic` prefill load model's coefficients in use (None: model off or still fitting).
+    pub fn prefill_coefficients(&self) -> Option<kvrouter_core::prefill_time::PrefillCoefficients> {
+        self.sched().prefill_coefficients()
+    }
+
+    /// Requests waiting in the router queue.
+    pub fn queued(&self) -> usize {
+        self.queue().len()
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -168,12 +225,15 @@ impl RouterState {
         Ok(current)
     }
 
-    /// Put a worker's ranks into the routing set.
-    pub fn add_ranks(&self, ranks: impl IntoIterator<Item = WorkerInfo>) {
-        let mut s = self.sched();
-        for r in ranks {
-            s.add_worker(r);
+    /// Put a worker's ranks into the routing set (and dispatch waiting requests to them).
+    pub fn add_ranks(self: &Arc<Self>, ranks: impl IntoIterator<Item = WorkerInfo>) {
+        {
+            let mut s = self.sched();
+            for r in ranks {
+                s.add_worker(r);
+            }
         }
+        self.dispatch_queued();
     }
 
     /// Take a worker out of the routing set, keeping its index entries and bookings (it is
@@ -209,10 +269,11 @@ impl RouterState {
 
     /// Ranks in the routing set, with their current load.
     pub fn ranks(&self) -> Vec<(WorkerInfo, kvrouter_core::sequences::WorkerLoad)> {
+        let now = self.now();
         let s = self.sched();
         s.workers()
             .iter()
-            .map(|w| (*w, s.active().load(w.worker)))
+            .map(|w| (*w, s.active().load(w.worker, now)))
             .collect()
     }
 
@@ -222,15 +283,37 @@ impl RouterState {
         &self,
         ranks: impl IntoIterator<Item = WorkerWithDpRank>,
     ) -> Vec<kvrouter_core::sequences::WorkerLoad> {
+        let now = self.now();
         let s = self.sched();
-        ranks.into_iter().map(|r| s.active().load(r)).collect()
+        ranks.into_iter().map(|r| s.active().load(r, now)).collect()
     }
 
-    /// Choose a rank and book the request on it.
+    /// Choose a rank and book the request on it, waiting in the router queue first when every
+    /// worker is past `--router-queue-threshold` (a request naming its worker never waits).
     ///
-    /// Errors: [`SelectError`] (no workers, all busy, unknown pinned worker, …) and booking
-    /// errors, as [`RouteError`].
-    pub fn route(self: &Arc<Self>, input: &RouteInput<'_>) -> Result<Booking, RouteError> {
+    /// Errors: [`SelectError`] (no workers, all busy, unknown pinned worker, …), a full queue
+    /// and booking errors, as [`RouteError`].
+    pub async fn route(self: &Arc<Self>, input: &RouteInput<'_>) -> Result<Booking, RouteError> {
+        match self.route_or_wait(input, true)? {
+            Routed::Booked(b) => Ok(b),
+            // Dropped unanswered only when the router itself is going away.
+            Routed::Waiting(rx) => rx.await.unwrap_or(Err(SelectError::NoWorkers.into())),
+        }
+    }
+
+    /// [`route`](Self::route) without the queue: route now or fail.
+    pub fn try_route(self: &Arc<Self>, input: &RouteInput<'_>) -> Result<Booking, RouteError> {
+        match self.route_or_wait(input, false)? {
+            Routed::Booked(b) => Ok(b),
+            Routed::Waiting(_) => unreachable!("queueing was not allowed"),
+        }
+    }
+
+    fn route_or_wait(
+        self: &Arc<Self>,
+        input: &RouteInput<'_>,
+        may_wait: bool,
+    ) -> Result<Routed, RouteError> {
         let t0 = Instant::now();
         let id = format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed));
         let opts = HashOptions {
@@ -254,13 +337,12 @@ impl RouterState {
             Vec::new()
         };
         let t2 = Instant::now();
-        let req = RouteRequest {
+        let req = ScheduleRequest {
             request_id: Some(&id),
-            tokens: input.tokens,
-            hash: opts,
+            isl: input.tokens.len(),
             pinned_worker: input.pinned_worker,
             dp_rank: input.dp_rank,
-            overrides: input.overrides.clone(),
+            overrides: input.overrides.as_ref(),
         };
         let now = self.now();
         let sel = {
@@ -268,23 +350,61 @@ impl RouterState {
             if s.block_size() != block_size {
                 // The block size changed under us (first registration): nothing was cached.
                 Err(RouteError::Select(SelectError::NoWorkers))
+            } else if may_wait && self.queue_enabled() && input.pinned_worker.is_none() {
+                let mut q = self.queue();
+                // Behind a backlog even when a worker has room: no overtaking.
+                if !q.is_empty() || !s.admits(now) {
+                    let meta = QueueMeta {
+                        tier: input.strict_priority,
+                        priority: input.priority,
+                        arrival: now,
+                        uncached_tokens: s.uncached_tokens(req.isl, &exact),
+                    };
+                    let (tx, rx) = oneshot::channel();
+                    let waiter = Waiter {
+                        id: id.clone(),
+                        isl: req.isl,
+                        hashes,
+                        exact,
+                        dp_rank: input.dp_rank,
+                        overrides: input.overrides.clone(),
+                        since: Instant::now(),
+                        tx,
+                    };
+                    if q.len() >= self.config.kv.router_queue_limit {
+                        q.retain(|w| !w.tx.is_closed()); // make room of the abandoned first
+                    }
+                    if let Err(e) = q.push(meta, waiter) {
+                        self.metrics.queue_rejected.inc();
+                        return Err(e.into());
+                    }
+                    self.metrics.queue_pending.set(q.len() as i64);
+                    return Ok(Routed::Waiting(rx));
+                }
+                s.schedule(&req, &hashes, exact, now, &mut rand::rng())
             } else {
                 s.schedule(&req, &hashes, exact, now, &mut rand::rng())
             }
         }?;
         let t3 = Instant::now();
-        let m = &self.metrics;
         for (stage, d) in [
             ("hashing", t1 - t0),
             ("find_matches", t2 - t1),
             ("selection", t3 - t2),
             ("total", t3 - t0),
         ] {
-            m.overhead
+            self.metrics
+                .overhead
                 .get_or_create(&StageLabels { stage })
                 .observe(d.as_secs_f64());
         }
-        m.routed_input_tokens.inc_by(input.tokens.len() as u64);
+        Ok(Routed::Booked(self.booked(id, sel, input.tokens.len())))
+    }
+
+    /// Count a decision and make its booking.
+    fn booked(self: &Arc<Self>, id: String, sel: Selection, isl: usize) -> Booking {
+        let m = &self.metrics;
+        m.routed_input_tokens.inc_by(isl as u64);
         m.predicted_cached_tokens.inc_by(sel.cached_tokens as u64);
         m.decisions
             .get_or_create(&RankLabels {
@@ -292,13 +412,62 @@ impl RouterState {
                 dp_rank: sel.worker.dp_rank.to_string(),
             })
             .inc();
-        Ok(Booking {
+        Booking {
             state: self.clone(),
             id,
             selection: sel,
             prefill_done: false,
             freed: false,
-        })
+        }
+    }
+
+    /// Route waiting requests, in queue order, while a worker has room. Called on every load
+    /// change and on a tick; takes the locks itself, so call it holding neither.
+    pub fn dispatch_queued(self: &Arc<Self>) {
+        if !self.queue_enabled() {
+            return;
+        }
+        let refresh = Duration::from_secs_f64(self.config.kv.router_overlap_refresh_after_secs);
+        loop {
+            let (waiter, result) = {
+                let mut s = self.sched();
+                let mut q = self.queue();
+                let now = self.now();
+                if q.is_empty() || !s.admits(now) {
+                    self.metrics.queue_pending.set(q.len() as i64);
+                    return;
+                }
+                let Some((_, mut w)) = q.pop() else { return };
+                self.metrics.queue_pending.set(q.len() as i64);
+                if w.tx.is_closed() {
+                    continue; // the client left while waiting
+                }
+                // Waited long: the caches moved meanwhile (DYN_ROUTER_OVERLAP_REFRESH_AFTER_SECS).
+                if !refresh.is_zero()
+                    && w.since.elapsed() > refresh
+                    && !w.hashes.local.is_empty()
+                    && self.config.uses_exact_index()
+                {
+                    w.exact = self.index.find_tier_matches(&w.hashes.local);
+                }
+                let req = ScheduleRequest {
+                    request_id: Some(&w.id),
+                    isl: w.isl,
+                    pinned_worker: None,
+                    dp_rank: w.dp_rank,
+                    overrides: w.overrides.as_ref(),
+                };
+                let exact = std::mem::take(&mut w.exact);
+                let result = s.schedule(&req, &w.hashes, exact, now, &mut rand::rng());
+                (w, result)
+            };
+            // Locks released: a booking dropped below (client gone) frees itself.
+            self.metrics
+                .queue_wait
+                .observe(waiter.since.elapsed().as_secs_f64());
+            let Waiter { id, isl, tx, .. } = waiter;
+            let _ = tx.send(result.map(|sel| self.booked(id, sel, isl)));
+        }
     }
 
     /// Drop bookings older than the expiry (lost frees); returns how many.
@@ -330,15 +499,19 @@ impl Booking {
     /// The first token arrived: the prompt's tokens leave the prefill load.
     pub fn first_token(&mut self) {
         if !std::mem::replace(&mut self.prefill_done, true) {
-            let _ = self.state.sched().mark_prefill_complete(&self.id);
+            let now = self.state.now();
+            let _ = self.state.sched().mark_prefill_complete(&self.id, now);
+            self.state.dispatch_queued();
         }
     }
 
     /// Release the load now (also done on drop).
     pub fn free(&mut self) {
         if !std::mem::replace(&mut self.freed, true) {
+            let now = self.state.now();
             // Unknown when the worker was removed meanwhile: its load is already gone.
-            let _ = self.state.sched().free(&self.id);
+            let _ = self.state.sched().free(&self.id, now);
+            self.state.dispatch_queued();
         }
     }
 }
@@ -346,6 +519,25 @@ impl Booking {
 impl Drop for Booking {
     fn drop(&mut self) {
         self.free();
+    }
+}
+
+/// What routing did with a request.
+enum Routed {
+    Booked(Booking),
+    /// In the router queue; the booking comes when a worker has room.
+    Waiting(oneshot::Receiver<Result<Booking, RouteError>>),
+}
+
+/// Dispatch the router queue every [`QUEUE_TICK`] until the router is dropped.
+fn queue_tick(state: Weak<RouterState>) {
+    loop {
+        std::thread::sleep(QUEUE_TICK);
+        let Some(s) = state.upgrade() else { return };
+        if s.queued() > 0 {
+            s.queue().retain(|w| !w.tx.is_closed());
+            s.dispatch_queued();
+        }
     }
 }
 
@@ -378,7 +570,7 @@ mod tests {
         RouterState::new(cfg, flag, Arc::new(Metrics::new()))
     }
 
-    fn add(s: &RouterState, id: u64) {
+    fn add(s: &Arc<RouterState>, id: u64) {
         s.add_ranks([WorkerInfo {
             worker: WorkerWithDpRank::new(id, 0),
             ..Default::default()
@@ -439,7 +631,7 @@ mod tests {
         add(&s, 1);
         let tokens: Vec<u32> = (0..40).collect();
         let b = s
-            .route(&RouteInput {
+            .try_route(&RouteInput {
                 tokens: &tokens,
                 ..Default::default()
             })
@@ -448,7 +640,7 @@ mod tests {
         let w = WorkerWithDpRank::new(1, 0);
         assert_eq!(s.loads([w])[0].active_requests, 1, "suspect: still booked");
         assert!(s
-            .route(&RouteInput {
+            .try_route(&RouteInput {
                 tokens: &tokens,
                 ..Default::default()
             })
@@ -592,7 +784,7 @@ mod tests {
         add(&s, 1);
         let tokens: Vec<u32> = (0..40).collect();
         let b = s
-            .route(&RouteInput {
+            .try_route(&RouteInput {
                 tokens: &tokens,
                 ..Default::default()
             })
@@ -609,5 +801,96 @@ mod tests {
             ),
             (0, 0, 0)
         );
+    }
+
+    /// Route `tokens` on a task (as a handler would) with a queue tier; the handle yields the
+    /// booked rank, holding the booking until `release` fires.
+    fn spawn_route(
+        s: &Arc<RouterState>,
+        tokens: Vec<u32>,
+        strict_priority: i32,
+    ) -> tokio::task::JoinHandle<Result<Booking, RouteError>> {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.route(&RouteInput {
+                tokens: &tokens,
+                strict_priority,
+                ..Default::default()
+            })
+            .await
+        })
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        for _ in 0..2000 {
+            if what() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("condition not reached in 2 s");
+    }
+
+    #[tokio::test]
+    async fn the_router_queue_holds_requests_until_a_worker_has_room() {
+        let mut cfg = RouterConfig {
+            mode: RouterMode::Kv,
+            ..Default::default()
+        };
+        // T = 0: queue as soon as every worker has any prefill in flight.
+        cfg.kv.router_queue_threshold = Some(0.0);
+        let s = RouterState::new(cfg, Some(4), Arc::new(Metrics::new()));
+        add(&s, 1);
+        let prompt = |b: u32| (b..b + 40).collect::<Vec<u32>>();
+        let mut a = spawn_route(&s, prompt(0), 0).await.unwrap().unwrap();
+        let b = spawn_route(&s, prompt(100), 0);
+        until(|| s.queued() == 1).await;
+        let gone = spawn_route(&s, prompt(200), 0);
+        until(|| s.queued() == 2).await;
+        gone.abort(); // its client leaves while waiting
+        let vip = spawn_route(&s, prompt(300), 1);
+        until(|| s.queued() == 3).await;
+        // A request naming its worker never waits.
+        let pinned = s
+            .route(&RouteInput {
+                tokens: &prompt(400),
+                pinned_worker: Some(1),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        drop(pinned);
+        let w = WorkerWithDpRank::new(1, 0);
+        assert_eq!(s.loads([w])[0].active_requests, 1, "only a is booked");
+        // a's first token: room for one; the higher tier goes first.
+        a.first_token();
+        let mut vip = vip.await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!b.is_finished(), "b still waits behind vip's prefill");
+        assert_eq!(s.loads([w])[0].active_prefill_tokens, 40);
+        vip.first_token();
+        let b = b.await.unwrap().unwrap();
+        assert_eq!(
+            s.queued(),
+            0,
+            "the abandoned request was dropped, not routed"
+        );
+        assert_eq!(s.loads([w])[0].active_requests, 3);
+        drop((a, b, vip));
+        assert_eq!(s.loads([w])[0], Default::default(), "nothing left booked");
+    }
+
+    #[tokio::test]
+    async fn a_full_router_queue_refuses() {
+        let mut cfg = RouterConfig::default();
+        cfg.kv.router_queue_threshold = Some(0.0);
+        cfg.kv.router_queue_limit = 1;
+        let s = RouterState::new(cfg, Some(4), Arc::new(Metrics::new()));
+        add(&s, 1);
+        let _a = spawn_route(&s, vec![1; 40], 0).await.unwrap().unwrap();
+        let _b = spawn_route(&s, vec![2; 40], 0);
+        until(|| s.queued() == 1).await;
+        let c = spawn_route(&s, vec![3; 40], 0).await.unwrap();
+        assert!(matches!(c, Err(RouteError::QueueFull(_))));
     }
 }

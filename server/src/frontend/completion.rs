@@ -184,7 +184,10 @@ async fn dispatch(
                 overrides: req.overrides.clone(),
                 lora_name: None,
                 cache_salt: req.cache_salt.as_deref(),
+                priority: req.priority,
+                strict_priority: req.strict_priority,
             })
+            .await
             .map_err(route_error)?;
         let rank = booking.worker();
         let Some(worker) = s.fleet.registry.get(rank.worker_id) else {

@@ -123,6 +123,7 @@ pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 19] {
 pub fn snapshot(fleet: &Fleet) -> Snapshot {
     let mut snap = Snapshot {
         index_entries: fleet.router.index().current_size() as u64,
+        prefill_coefficients: fleet.router.prefill_coefficients(),
         ..Default::default()
     };
     for w in fleet.registry.all() {

@@ -47,12 +47,46 @@ pub struct ParsedRequest {
     pub dp_rank: Option<u32>,
     /// `nvext.router_config_override`.
     pub overrides: Option<RouterConfigOverride>,
+    /// `nvext.agent_hints.priority` (0 when absent): head start in the router queue.
+    pub priority: f64,
+    /// `nvext.agent_hints.strict_priority` (0 when absent): router queue tier.
+    pub strict_priority: i32,
     pub cache_salt: Option<String>,
     /// How the output is parsed and shaped: reasoning, tool calls, logprobs, usage per chunk.
     pub output: OutputOptions,
     /// Fields sent to the worker besides the prompt (the contract's forwarded ones, `n`,
     /// `logprobs`, and a tool-call schema).
     pub sampling: Map<String, Value>,
+}
+
+/// `nvext.agent_hints` → `(priority, strict_priority)` for the router queue (spec §7.2). Other
+/// hints (e.g. `osl`) are accepted and unused.
+fn agent_hints(v: Option<&Value>) -> Result<(f64, i32), ApiError> {
+    let hints = match v {
+        None | Some(Value::Null) => return Ok((0.0, 0)),
+        Some(Value::Object(h)) => h,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`nvext.agent_hints` must be an object",
+            ))
+        }
+    };
+    let priority = match hints.get("priority") {
+        None | Some(Value::Null) => 0.0,
+        Some(v) => v.as_f64().filter(|p| p.is_finite()).ok_or_else(|| {
+            ApiError::bad_request("`nvext.agent_hints.priority` must be a number")
+        })?,
+    };
+    let strict = match hints.get("strict_priority") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("`nvext.agent_hints.strict_priority` must be an integer")
+            })?,
+    };
+    Ok((priority, strict))
 }
 
 /// The JSON body of a worker request.
@@ -231,12 +265,18 @@ pub fn parse_request(
     let mut backend_instance_id = None;
     let mut dp_rank = None;
     let mut overrides = None;
+    let (mut priority, mut strict_priority) = (0.0, 0);
     match obj.get("nvext") {
         None | Some(Value::Null) => {}
         Some(Value::Object(nv)) if !limits.client_routing => {
-            if let Some(k) = ["backend_instance_id", "dp_rank", "router_config_override"]
-                .into_iter()
-                .find(|k| nv.get(*k).is_some_and(|v| !v.is_null()))
+            if let Some(k) = [
+                "backend_instance_id",
+                "dp_rank",
+                "router_config_override",
+                "agent_hints",
+            ]
+            .into_iter()
+            .find(|k| nv.get(*k).is_some_and(|v| !v.is_null()))
             {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
@@ -270,6 +310,7 @@ pub fn parse_request(
                 })?;
                 overrides = Some(o);
             }
+            (priority, strict_priority) = agent_hints(nv.get("agent_hints"))?;
         }
         Some(_) => return Err(ApiError::bad_request("`nvext` must be an object")),
     }
@@ -336,6 +377,8 @@ pub fn parse_request(
         backend_instance_id,
         dp_rank,
         overrides,
+        priority,
+        strict_priority,
         cache_salt,
         output,
         sampling,

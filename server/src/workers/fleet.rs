@@ -333,7 +333,7 @@ mod tests {
         let tokens: Vec<u32> = (0..40).collect();
         let booking = f
             .router
-            .route(&RouteInput {
+            .try_route(&RouteInput {
                 tokens: &tokens,
                 ..Default::default()
             })

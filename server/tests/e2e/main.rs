@@ -8,5 +8,6 @@ mod fidelity;
 mod lifecycle;
 mod limits;
 mod probes;
+mod queue;
 mod routing;
 mod stall;
