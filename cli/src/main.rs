@@ -21,9 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the embedded default: frontend on 127.0.0.1:8000 (KV mode) with in-process mock
-    /// workers and the vendored Qwen3 tokenizer.
-    #[command(mut_arg("router_mode", |a| a.default_value("kv")))]
+    /// Start the embedded default: frontend on 127.0.0.1:8000 (KV mode, `affinity` policy) with
+    /// in-process mock workers and the vendored Qwen3 tokenizer.
+    #[command(
+        mut_arg("router_mode", |a| a.default_value("kv")),
+        // kvrouter's best measured policy (docs/benchmarks.md "Selection policies");
+        // `kvrouter frontend` keeps the reference cost so Dynamo's flags mean what they meant.
+        mut_arg("router_selection_policy", |a| a.default_value("affinity"))
+    )]
     Up(cmd::up::Args),
     /// Run the OpenAI-compatible frontend with its embedded router in front of workers.
     Frontend(cmd::frontend::Args),
@@ -65,5 +70,22 @@ mod tests {
         use clap::CommandFactory;
         // Duplicate ids, conflicting defaults, bad aliases: clap checks them all here.
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn up_routes_with_affinity_and_the_frontend_with_the_reference_cost() {
+        use clap::Parser;
+        use kvrouter_core::SelectionPolicy;
+        let policy = |args: &[&str]| match super::Cli::try_parse_from(args).unwrap().command {
+            super::Command::Up(a) => a.frontend.router_selection_policy,
+            super::Command::Frontend(a) => a.frontend.router_selection_policy,
+            _ => unreachable!(),
+        };
+        assert_eq!(policy(&["kvrouter", "up"]), SelectionPolicy::Affinity);
+        assert_eq!(
+            policy(&["kvrouter", "up", "--router-selection-policy", "default"]),
+            SelectionPolicy::Default
+        );
+        assert_eq!(policy(&["kvrouter", "frontend"]), SelectionPolicy::Default);
     }
 }

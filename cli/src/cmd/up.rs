@@ -35,6 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.frontend.model_path.as_deref(),
     );
     let mode = args.frontend.router_mode;
+    let policy = args.frontend.router_selection_policy;
     cfg.frontend = FrontendConfig {
         model_path: cfg.frontend.model_path.clone(),
         ..args.frontend
@@ -48,7 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let stack = EmbeddedStack::start(cfg).await?;
         let url = stack.url();
         eprintln!(
-            "kvrouter up: {} mock workers, router mode {mode}, model {}",
+            "kvrouter up: {} mock workers, router mode {mode} (selection policy {policy}), model {}",
             stack.workers.len(),
             stack.frontend.model_name
         );
