@@ -209,6 +209,9 @@ impl KvRouterConfig {
         if let Some(v) = o.track_prefill_tokens {
             c.router_track_prefill_tokens = v;
         }
+        if let Some(v) = o.track_active_blocks {
+            c.router_track_active_blocks = v;
+        }
         if let Some(v) = o.router_selection_policy {
             c.router_selection_policy = v;
         }
@@ -288,6 +291,9 @@ pub struct RouterConfigOverride {
     pub router_temperature: Option<f64>,
     pub assume_kv_reuse: Option<bool>,
     pub track_prefill_tokens: Option<bool>,
+    /// Book the request's blocks as active decode blocks (off for a prefill-only request:
+    /// its blocks leave the worker when the decode worker pulls them).
+    pub track_active_blocks: Option<bool>,
     pub router_selection_policy: Option<crate::policy::SelectionPolicy>,
 }
 

@@ -31,5 +31,6 @@ pub use event::{RouterEvent, WorkerId, WorkerWithDpRank};
 pub use policy::SelectionPolicy;
 pub use router::{RequestHashes, RouteError, RouteRequest, Router, ScheduleRequest, Scheduler};
 pub use selection::{
-    Candidate, DeviceType, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
+    Candidate, DeviceType, RolePool, SelectError, Selection, SelectionRequest, Selector,
+    WorkerInfo, WorkerRole,
 };

@@ -163,6 +163,11 @@ impl<T> RouterQueue<T> {
         self.heap.pop().map(|e| (e.meta, e.item))
     }
 
+    /// The request [`pop`](Self::pop) would return next.
+    pub fn peek(&self) -> Option<(&QueueMeta, &T)> {
+        self.heap.peek().map(|e| (&e.meta, &e.item))
+    }
+
     /// Drop every waiting request for which `keep` is false (e.g. its client is gone).
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         self.heap.retain(|e| keep(&e.item));

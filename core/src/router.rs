@@ -15,7 +15,7 @@ use crate::hash::{
 use crate::index::{ApproxConfig, ApproxIndex, FastMap, IndexError, TierOverlap, TieredIndex};
 use crate::prefill_time::{PrefillCoefficients, PrefillLoadModel, PrefillTimeModel};
 use crate::selection::{
-    is_busy, Candidate, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
+    is_busy, Candidate, RolePool, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
 };
 use crate::sequences::{ActiveSequences, PotentialLoad, SequenceError};
 
@@ -55,6 +55,7 @@ impl RouteRequest<'_> {
             pinned_worker: self.pinned_worker,
             dp_rank: self.dp_rank,
             overrides: self.overrides.as_ref(),
+            pool: RolePool::Any,
         }
     }
 }
@@ -70,6 +71,8 @@ pub struct ScheduleRequest<'a> {
     pub pinned_worker: Option<WorkerId>,
     pub dp_rank: Option<DpRank>,
     pub overrides: Option<&'a RouterConfigOverride>,
+    /// Which ranks may take it (disaggregation); every rank by default.
+    pub pool: RolePool,
 }
 
 /// Why a request could not be routed or booked.
@@ -203,7 +206,7 @@ impl Scheduler {
         now: Duration,
         rng: &mut R,
     ) -> Result<Selection, RouteError> {
-        let candidates = self.candidates(hashes, exact, req.isl, now);
+        let candidates = self.candidates(hashes, exact, req.isl, req.pool, now);
         let sreq = SelectionRequest {
             isl: req.isl,
             block_size: self.block_size,
@@ -291,16 +294,22 @@ impl Scheduler {
     /// always without `--router-queue-threshold T`; with it, while some routable rank is not
     /// busy (spec §7.1) and has at most `T × max_num_batched_tokens` active prefill tokens
     /// ([`DEFAULT_MAX_NUM_BATCHED_TOKENS`] for a rank that did not advertise its budget).
-    /// With no ranks at all the request is not queued (it fails: no workers).
-    pub fn admits(&self, now: Duration) -> bool {
+    /// With no ranks at all the request is not queued (it fails: no workers). Only ranks in
+    /// `pool` count.
+    pub fn admits(&self, pool: RolePool, now: Duration) -> bool {
         let Some(t) = self.config().kv.router_queue_threshold else {
             return true;
         };
-        if self.workers.is_empty() {
+        let mut ranks = self
+            .workers
+            .iter()
+            .filter(|w| pool.admits(w.role))
+            .peekable();
+        if ranks.peek().is_none() {
             return true;
         }
         let opts = self.config().kv.booking();
-        self.workers.iter().any(|info| {
+        ranks.any(|info| {
             let c = Candidate {
                 info: *info,
                 overlap: TierOverlap::default(),
@@ -395,6 +404,7 @@ impl Scheduler {
         hashes: &RequestHashes,
         exact: Vec<(WorkerWithDpRank, TierOverlap)>,
         isl: usize,
+        pool: RolePool,
         now: Duration,
     ) -> Vec<Candidate> {
         let overlaps = if hashes.local.is_empty() {
@@ -406,6 +416,7 @@ impl Scheduler {
         let opts = self.config().kv.booking();
         self.workers
             .iter()
+            .filter(|info| pool.admits(info.role))
             .map(|info| Candidate {
                 info: *info,
                 overlap: map.get(&info.worker).copied().unwrap_or_default(),
@@ -518,7 +529,7 @@ impl Router {
 
     /// Whether a new request may be routed now rather than queued ([`Scheduler::admits`]).
     pub fn admits(&self, now: Duration) -> bool {
-        self.sched.admits(now)
+        self.sched.admits(RolePool::Any, now)
     }
 
     /// The `aic` model's coefficients in use ([`Scheduler::prefill_coefficients`]).

@@ -35,6 +35,67 @@ pub enum DeviceType {
     Cpu,
 }
 
+/// What a worker does in prefill/decode disaggregation (spec §13).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerRole {
+    /// Aggregated: prefill and decode of a request on the same worker.
+    #[default]
+    Both,
+    /// Computes prompts and hands their KV blocks to a decode worker.
+    Prefill,
+    /// Receives KV blocks and generates.
+    Decode,
+}
+
+impl WorkerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Both => "both",
+            Self::Prefill => "prefill",
+            Self::Decode => "decode",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "both" | "agg" | "aggregated" => Ok(Self::Both),
+            "prefill" => Ok(Self::Prefill),
+            "decode" => Ok(Self::Decode),
+            _ => Err(format!(
+                "unknown worker role {s:?}: expected both, prefill or decode"
+            )),
+        }
+    }
+}
+
+/// Which ranks a request may be routed to, by role.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RolePool {
+    /// Every rank (a fleet without disaggregation).
+    #[default]
+    Any,
+    /// Only ranks of this role.
+    Only(WorkerRole),
+    /// Decode and aggregated ranks: a request that skips the prefill pool (conditional
+    /// disaggregation) runs whole on one of them.
+    Aggregated,
+}
+
+impl RolePool {
+    /// Whether a rank of `role` is in the pool.
+    pub fn admits(self, role: WorkerRole) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(r) => r == role,
+            Self::Aggregated => role != WorkerRole::Prefill,
+        }
+    }
+}
+
 /// Static facts about a worker rank, from its registration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorkerInfo {
@@ -47,6 +108,9 @@ pub struct WorkerInfo {
     /// Per-step token budget, if advertised (for `--active-prefill-tokens-threshold-frac`).
     #[serde(default)]
     pub max_num_batched_tokens: Option<u64>,
+    /// Prefill, decode or both (disaggregation).
+    #[serde(default)]
+    pub role: WorkerRole,
 }
 
 /// One rank as the selector sees it for one request.

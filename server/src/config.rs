@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::Args;
 use kvrouter_core::config::{ConfigError, KvRouterConfig, LoadThresholds};
-use kvrouter_core::{RouterConfig, RouterMode};
+use kvrouter_core::{RouterConfig, RouterMode, WorkerRole};
 
 use crate::listener::{default_max_connections, ListenerLimits};
 use crate::workers::fleet::HealthPolicy;
@@ -203,6 +203,20 @@ pub struct FrontendConfig {
     /// from `--worker-kv-events` if given. For full descriptions use `--workers-file`.
     #[arg(long = "worker", value_name = "URL")]
     pub workers: Vec<String>,
+    /// A prefill worker's base URL (repeatable): with decode workers, requests are
+    /// disaggregated (vLLM's `kv_transfer_params` protocol; use a workers file for SGLang's).
+    #[arg(long = "prefill-worker", value_name = "URL")]
+    pub prefill_workers: Vec<String>,
+    /// A decode worker's base URL (repeatable).
+    #[arg(long = "decode-worker", value_name = "URL")]
+    pub decode_workers: Vec<String>,
+    /// Conditional disaggregation: a request whose prompt, less the best prefill worker's
+    /// cached prefix, is under `--disagg-isl-threshold` tokens runs whole on a decode worker.
+    #[arg(long, env = "KVROUTER_CONDITIONAL_DISAGG")]
+    pub conditional_disagg: bool,
+    /// Uncached prompt tokens below which `--conditional-disagg` skips the prefill worker.
+    #[arg(long, env = "KVROUTER_DISAGG_ISL_THRESHOLD", default_value_t = 2048)]
+    pub disagg_isl_threshold: usize,
     /// Workers file: JSON lines or a JSON array of worker descriptions
     /// (`url`, `kv_events_endpoint`, `replay_endpoint`, `block_size`, `dp_size`, `device`,
     /// `total_kv_blocks`, `max_num_batched_tokens`, `model`, `id`). `kvrouter mocker` prints
@@ -449,11 +463,17 @@ impl FrontendConfig {
 
     /// Workers from `--worker` and `--workers-file`. Errors: unreadable or malformed file.
     pub fn static_workers(&self) -> anyhow::Result<Vec<WorkerSpec>> {
-        let mut out: Vec<WorkerSpec> = self
-            .workers
-            .iter()
-            .map(|u| WorkerSpec::from_url(u))
-            .collect();
+        let with_role = |urls: &[String], role| {
+            urls.iter()
+                .map(move |u| WorkerSpec {
+                    role,
+                    ..WorkerSpec::from_url(u)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = with_role(&self.workers, WorkerRole::Both);
+        out.extend(with_role(&self.prefill_workers, WorkerRole::Prefill));
+        out.extend(with_role(&self.decode_workers, WorkerRole::Decode));
         if let Some(p) = &self.workers_file {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("reading workers file {}: {e}", p.display()))?;

@@ -46,6 +46,19 @@ impl ApiError {
         )
     }
 
+    /// 502 `worker_error`.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "worker_error", message)
+    }
+
+    /// The same error with `prefix` before its message.
+    pub fn with_prefix(&self, prefix: &str) -> Self {
+        Self {
+            message: format!("{prefix}{}", self.message),
+            ..self.clone()
+        }
+    }
+
     /// 404 `NotFoundError`.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "NotFoundError", message)

@@ -138,7 +138,7 @@ impl Frontend {
             inline_bytes: cfg.inline_parse_bytes,
             slots: Arc::new(tokio::sync::Semaphore::new(cfg.preprocess_threads())),
         };
-        let state = Arc::new(AppState::new(
+        let mut app = AppState::new(
             model_name.clone(),
             preprocessing,
             limits,
@@ -147,7 +147,12 @@ impl Frontend {
             fleet.clone(),
             client,
             metrics.clone(),
-        ));
+        );
+        app.disagg = frontend::disagg::DisaggConfig {
+            conditional: cfg.conditional_disagg,
+            isl_threshold: cfg.disagg_isl_threshold,
+        };
+        let state = Arc::new(app);
         let mut shutdown = Vec::new();
         let mut tasks = Vec::new();
         let api = listener::serve(

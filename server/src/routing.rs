@@ -25,8 +25,8 @@ use kvrouter_core::hash::HashOptions;
 use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter, TierOverlap};
 use kvrouter_core::queue::{QueueMeta, RouterQueue};
 use kvrouter_core::{
-    RequestHashes, RouteError, RouterConfig, RouterConfigOverride, ScheduleRequest, Scheduler,
-    SelectError, Selection, WorkerInfo,
+    RequestHashes, RolePool, RouteError, RouterConfig, RouterConfigOverride, ScheduleRequest,
+    Scheduler, SelectError, Selection, WorkerInfo, WorkerRole,
 };
 use tokio::sync::oneshot;
 
@@ -59,6 +59,8 @@ pub struct RouteInput<'a> {
     pub priority: f64,
     /// `nvext.agent_hints.strict_priority`: a higher tier always leaves the queue first.
     pub strict_priority: i32,
+    /// Which ranks may take it: every rank, or one pool of a disaggregated fleet.
+    pub pool: RolePool,
 }
 
 /// A request waiting in the router queue: what scheduling it needs, not its prompt.
@@ -69,6 +71,7 @@ struct Waiter {
     exact: Vec<(WorkerWithDpRank, TierOverlap)>,
     dp_rank: Option<u32>,
     overrides: Option<RouterConfigOverride>,
+    pool: RolePool,
     since: Instant,
     tx: oneshot::Sender<Result<Booking, RouteError>>,
 }
@@ -277,6 +280,44 @@ impl RouterState {
             .collect()
     }
 
+    /// Whether the routing set has prefill ranks and decode ranks: `(prefill, decode)`.
+    pub fn has_roles(&self) -> (bool, bool) {
+        let s = self.sched();
+        let has = |r| s.workers().iter().any(|w| w.role == r);
+        (has(WorkerRole::Prefill), has(WorkerRole::Decode))
+    }
+
+    /// Prompt tokens of `tokens` the best rank of `pool` holds (0 outside KV mode with events).
+    pub fn best_cached_tokens(
+        &self,
+        tokens: &[u32],
+        pool: RolePool,
+        cache_salt: Option<&str>,
+    ) -> usize {
+        let block_size = self.block_size();
+        if !self.config.uses_exact_index() || block_size == 0 {
+            return 0;
+        }
+        let opts = HashOptions {
+            cache_salt,
+            ..Default::default()
+        };
+        let hashes = RequestHashes::compute(tokens, block_size, &opts);
+        let overlaps = self.index.find_tier_matches(&hashes.local);
+        let s = self.sched();
+        let best = overlaps
+            .iter()
+            .filter(|(w, _)| {
+                s.workers()
+                    .iter()
+                    .any(|i| i.worker == *w && pool.admits(i.role))
+            })
+            .map(|(_, o)| o.device as usize)
+            .max()
+            .unwrap_or(0);
+        (best * block_size).min(tokens.len())
+    }
+
     /// The booked load of each of `ranks` (zero for a rank with nothing booked), under one
     /// short lock.
     pub fn loads(
@@ -343,6 +384,7 @@ impl RouterState {
             pinned_worker: input.pinned_worker,
             dp_rank: input.dp_rank,
             overrides: input.overrides.as_ref(),
+            pool: input.pool,
         };
         let now = self.now();
         let sel = {
@@ -353,7 +395,7 @@ impl RouterState {
             } else if may_wait && self.queue_enabled() && input.pinned_worker.is_none() {
                 let mut q = self.queue();
                 // Behind a backlog even when a worker has room: no overtaking.
-                if !q.is_empty() || !s.admits(now) {
+                if !q.is_empty() || !s.admits(input.pool, now) {
                     let meta = QueueMeta {
                         tier: input.strict_priority,
                         priority: input.priority,
@@ -368,6 +410,7 @@ impl RouterState {
                         exact,
                         dp_rank: input.dp_rank,
                         overrides: input.overrides.clone(),
+                        pool: input.pool,
                         since: Instant::now(),
                         tx,
                     };
@@ -433,7 +476,8 @@ impl RouterState {
                 let mut s = self.sched();
                 let mut q = self.queue();
                 let now = self.now();
-                if q.is_empty() || !s.admits(now) {
+                // The head waits for room in its own pool; nothing overtakes it.
+                if !q.peek().is_some_and(|(_, w)| s.admits(w.pool, now)) {
                     self.metrics.queue_pending.set(q.len() as i64);
                     return;
                 }
@@ -456,6 +500,7 @@ impl RouterState {
                     pinned_worker: None,
                     dp_rank: w.dp_rank,
                     overrides: w.overrides.as_ref(),
+                    pool: w.pool,
                 };
                 let exact = std::mem::take(&mut w.exact);
                 let result = s.schedule(&req, &w.hashes, exact, now, &mut rand::rng());

@@ -3,6 +3,7 @@
 //! tokenizer. Also what `kvrouter bench --embedded` and the end-to-end tests start.
 
 use kvrouter_core::RouterMode;
+use kvrouter_mocker::disagg::DisaggregationMode;
 use kvrouter_mocker::{spawn_workers, MockerConfig, RunningWorker};
 
 use crate::{vendored_model_dir, Frontend, FrontendConfig, WorkerSpec};
@@ -10,8 +11,14 @@ use crate::{vendored_model_dir, Frontend, FrontendConfig, WorkerSpec};
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct UpConfig {
-    /// Mock workers (default 4).
+    /// Mock workers (default 4), aggregated.
     pub workers: usize,
+    /// Mock prefill workers and decode workers for disaggregated serving (default 0 each;
+    /// `kvrouter up --prefill 2 --decode 2`). They use [`UpConfig::mocker`] with the role set.
+    pub prefill: usize,
+    pub decode: usize,
+    /// How the prefill workers hand over their KV (`vllm` by default, or `sglang`).
+    pub disagg_protocol: crate::workers::spec::DisaggProtocol,
     /// Their settings (blocks, block size, speedup, …); `model_path` defaults to the vendored
     /// tokenizer so they return text.
     pub mocker: MockerConfig,
@@ -27,6 +34,9 @@ impl Default for UpConfig {
         };
         Self {
             workers: 4,
+            prefill: 0,
+            decode: 0,
+            disagg_protocol: Default::default(),
             mocker: MockerConfig {
                 model_path: Some(vendored_model_dir()),
                 ..MockerConfig::default()
@@ -73,8 +83,47 @@ impl EmbeddedStack {
     ///
     /// Errors: invalid mocker settings, ports in use, tokenizer not found.
     pub async fn start(cfg: UpConfig) -> anyhow::Result<Self> {
-        let workers = spawn_workers(&cfg.mocker, cfg.workers).await?;
-        let specs = workers.iter().map(worker_spec).collect();
+        let mut workers = if cfg.workers > 0 {
+            spawn_workers(&cfg.mocker, cfg.workers).await?
+        } else {
+            Vec::new()
+        };
+        for (mode, n) in [
+            (DisaggregationMode::Prefill, cfg.prefill),
+            (DisaggregationMode::Decode, cfg.decode),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            // Each group on its own ports: free ones (the defaults' base + i would collide).
+            let m = MockerConfig {
+                disaggregation_mode: mode,
+                http_port: 0,
+                zmq_kv_events_port: 0,
+                zmq_replay_port: 0,
+                disaggregation_bootstrap_port: 0,
+                ..cfg.mocker.clone()
+            };
+            match spawn_workers(&m, n).await {
+                Ok(w) => workers.extend(w),
+                Err(e) => {
+                    for w in workers {
+                        w.stop().await;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        let specs = workers
+            .iter()
+            .map(|w| {
+                let mut spec = worker_spec(w);
+                if spec.role == kvrouter_core::WorkerRole::Prefill {
+                    spec.disaggregation_protocol = cfg.disagg_protocol;
+                }
+                spec
+            })
+            .collect();
         let frontend = match Frontend::start(cfg.frontend, specs).await {
             Ok(f) => f,
             Err(e) => {
@@ -116,5 +165,8 @@ pub fn worker_spec(w: &RunningWorker) -> WorkerSpec {
         device: Default::default(),
         total_kv_blocks: Some(i.total_kv_blocks as u64),
         max_num_batched_tokens: Some(i.max_num_batched_tokens as u64),
+        role: i.role.as_str().parse().unwrap_or_default(),
+        disaggregation_protocol: Default::default(),
+        bootstrap_port: i.bootstrap_port,
     }
 }

@@ -38,6 +38,7 @@ use kvrouter_core::hash::HashOptions;
 use kvrouter_core::index::TieredIndex;
 use kvrouter_core::queue::{QueueMeta, RouterQueue};
 use kvrouter_core::router::{RequestHashes, ScheduleRequest, Scheduler};
+use kvrouter_core::selection::RolePool;
 use kvrouter_core::selection::WorkerInfo;
 use kvrouter_core::RouterConfig;
 use kvrouter_mocker::MockerConfig;
@@ -336,7 +337,7 @@ impl<'a> Replay<'a> {
             self.last_expiry = t;
         }
         if self.router.config().kv.router_queue_threshold.is_some()
-            && (!self.queue.is_empty() || !self.router.admits(now))
+            && (!self.queue.is_empty() || !self.router.admits(RolePool::Any, now))
         {
             let prompt = self.w.prompt(i);
             let (_, exact) = self.lookup(&prompt);
@@ -411,7 +412,7 @@ impl<'a> Replay<'a> {
     /// Route waiting requests, in queue order, while a worker has room.
     fn dispatch_queued(&mut self, t: f64) {
         let now = Duration::from_secs_f64(t);
-        while !self.queue.is_empty() && self.router.admits(now) {
+        while !self.queue.is_empty() && self.router.admits(RolePool::Any, now) {
             if let Some((_, i)) = self.queue.pop() {
                 self.dispatch(i, t);
             }

@@ -8,9 +8,16 @@ use kvrouter_server::FrontendConfig;
 /// `<think>` block; they answer tool-offering prompts with Hermes tool calls.
 #[derive(clap::Args)]
 pub struct Args {
-    /// In-process mock workers.
-    #[arg(long = "workers", default_value_t = 4)]
-    pub mock_workers: usize,
+    /// In-process mock workers, aggregated (prefill and decode on one worker). Default: 4, or
+    /// 0 with `--prefill`/`--decode`.
+    #[arg(long = "workers")]
+    pub mock_workers: Option<usize>,
+    /// Mock prefill workers: with `--decode`, requests are disaggregated (vLLM's protocol).
+    #[arg(long, default_value_t = 0)]
+    pub prefill: usize,
+    /// Mock decode workers.
+    #[arg(long, default_value_t = 0)]
+    pub decode: usize,
     /// KV blocks per mock worker.
     #[arg(long, default_value_t = 16384)]
     pub num_gpu_blocks: usize,
@@ -27,13 +34,18 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     super::init_tracing();
+    let disaggregated = args.prefill + args.decode > 0;
     let mut cfg = UpConfig::fleet(
-        args.mock_workers,
+        args.mock_workers
+            .unwrap_or(if disaggregated { 0 } else { 4 }),
         args.num_gpu_blocks,
         args.block_size,
         args.speedup_ratio,
         args.frontend.model_path.as_deref(),
     );
+    cfg.prefill = args.prefill;
+    cfg.decode = args.decode;
+    let (args_prefill, args_decode) = (args.prefill, args.decode);
     let mode = args.frontend.router_mode;
     let policy = args.frontend.router_selection_policy;
     cfg.frontend = FrontendConfig {
@@ -49,8 +61,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let stack = EmbeddedStack::start(cfg).await?;
         let url = stack.url();
         eprintln!(
-            "kvrouter up: {} mock workers, router mode {mode} (selection policy {policy}), model {}",
+            "kvrouter up: {} mock workers ({} prefill, {} decode), router mode {mode} (selection policy {policy}), model {}",
             stack.workers.len(),
+            args_prefill,
+            args_decode,
             stack.frontend.model_name
         );
         eprintln!("  OpenAI API  {url}/v1   (try: curl {url}/v1/models)");

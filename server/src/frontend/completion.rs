@@ -10,10 +10,11 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::disagg::{self, Plan};
 use super::request::{parse_request, Endpoint, ParsedRequest};
 use super::response::Shape;
 use super::stream::{Flow, Tracker};
-use super::{AppState, DP_RANK_HEADER, REQUEST_ID_HEADER, WORKER_HEADER};
+use super::{AppState, DP_RANK_HEADER, PREFILL_WORKER_HEADER, REQUEST_ID_HEADER, WORKER_HEADER};
 use crate::error::{route_error, worker_error, ApiError};
 use crate::routing::{Booking, RouteInput};
 use crate::workers::client::WorkerStream;
@@ -83,7 +84,7 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                 tracker.fail(&e);
                 e.into_response()
             }
-            Ok((booking, chunks)) => {
+            Ok((booking, chunks, prefill_worker)) => {
                 let rank = booking.worker();
                 let flow = Flow::new(
                     s.clone(),
@@ -108,6 +109,9 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                 let h = resp.headers_mut();
                 h.insert(WORKER_HEADER, HeaderValue::from(rank.worker_id));
                 h.insert(DP_RANK_HEADER, HeaderValue::from(rank.dp_rank));
+                if let Some(p) = prefill_worker {
+                    h.insert(PREFILL_WORKER_HEADER, HeaderValue::from(p));
+                }
                 resp
             }
         },
@@ -165,13 +169,22 @@ async fn parse(
     })
 }
 
-/// Route the request and start it on the chosen worker; a worker found unreachable becomes
-/// suspect (no new requests) and the request is routed again.
+/// Route the request and start it on the chosen worker — or, in a disaggregated fleet, on a
+/// prefill worker and then a decode worker ([`disagg`]); the third value is the prefill
+/// worker. A worker found unreachable becomes suspect (no new requests) and the request is
+/// routed again.
 async fn dispatch(
     s: &Arc<AppState>,
     req: &ParsedRequest,
     request_id: &str,
-) -> Result<(Booking, WorkerStream), ApiError> {
+) -> Result<(Booking, WorkerStream, Option<u64>), ApiError> {
+    let pool = match disagg::plan(s, req) {
+        Plan::Split => {
+            let split = disagg::dispatch(s, req, request_id).await?;
+            return Ok((split.booking, split.stream, Some(split.prefill_worker)));
+        }
+        Plan::Whole(pool) => pool,
+    };
     let mut tried = 0;
     for _ in 0..MAX_ATTEMPTS {
         let booking = s
@@ -186,6 +199,7 @@ async fn dispatch(
                 cache_salt: req.cache_salt.as_deref(),
                 priority: req.priority,
                 strict_priority: req.strict_priority,
+                pool,
             })
             .await
             .map_err(route_error)?;
@@ -200,7 +214,7 @@ async fn dispatch(
             .generate(&worker.spec.url, rank.dp_rank, req.worker_body(model))
             .await
         {
-            Ok(stream) => return Ok((booking, stream)),
+            Ok(stream) => return Ok((booking, stream, None)),
             Err(e) if e.worker_gone() => {
                 tracing::warn!(
                     request_id,

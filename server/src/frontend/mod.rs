@@ -11,6 +11,7 @@
 pub mod choice;
 pub mod completion;
 pub mod contract;
+pub mod disagg;
 pub mod logprobs;
 pub mod probes;
 pub mod reasoning;
@@ -38,6 +39,8 @@ use request::Limits;
 pub const WORKER_HEADER: &str = "x-kvrouter-worker-id";
 /// Response header naming the data-parallel rank that served the request.
 pub const DP_RANK_HEADER: &str = "x-kvrouter-dp-rank";
+/// Response header: the prefill worker of a disaggregated request.
+pub const PREFILL_WORKER_HEADER: &str = "x-kvrouter-prefill-worker-id";
 /// Response header with the request's id (also in every log line about it).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -66,6 +69,8 @@ pub struct AppState {
     pub client: WorkerClient,
     pub metrics: Arc<Metrics>,
     pub(crate) next_id: AtomicU64,
+    /// `--conditional-disagg` and its threshold.
+    pub disagg: disagg::DisaggConfig,
 }
 
 impl AppState {
@@ -94,6 +99,7 @@ impl AppState {
             // A random start: response, request and tool-call ids differ between processes
             // (frontend replicas, restarts), so logs and clients never see one id twice.
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            disagg: disagg::DisaggConfig::default(),
         }
     }
 }

@@ -205,6 +205,9 @@ impl WorkerError {
 const FINISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest error or health-check body read, bytes.
 const MAX_SMALL_BODY: usize = 64 * 1024;
+/// Largest non-streamed completion read, bytes (a prefill's `kv_transfer_params` list one
+/// block id per block: ~10 bytes each).
+pub const MAX_COMPLETION_BODY: usize = 4 << 20;
 
 /// Every request to a worker goes through this: keep-alive connections per worker
 /// ([`Pool`]), `TCP_NODELAY`, a connect timeout and a response-head timeout.
@@ -331,24 +334,7 @@ impl WorkerClient {
             .exchange(url, "POST", "/v1/completions", &headers, &body)
             .await?;
         if !(200..300).contains(&head.status) {
-            let text = tokio::time::timeout(self.timeout, conn.read_body(&head, MAX_SMALL_BODY))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(|m| m.as_str().map(String::from))
-                })
-                .unwrap_or(text);
-            return Err(WorkerError::Status {
-                url: url.into(),
-                status: head.status,
-                message,
-            });
+            return Err(self.status_error(url, &mut conn, &head).await);
         }
         Ok(WorkerStream {
             url: url.to_string(),
@@ -361,6 +347,65 @@ impl WorkerClient {
             done: false,
             body_done: false,
         })
+    }
+
+    /// A non-streamed completion on `url` for rank `dp_rank` (a disaggregated prefill): the
+    /// worker's JSON response, at most [`MAX_COMPLETION_BODY`] bytes, read within the response
+    /// timeout. Errors: as [`generate`](Self::generate), or a body too large or not JSON.
+    pub async fn complete(
+        &self,
+        url: &str,
+        dp_rank: u32,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, WorkerError> {
+        let mut headers = String::from("Content-Type: application/json\r\n");
+        if dp_rank > 0 {
+            headers.push_str(&format!("X-data-parallel-rank: {dp_rank}\r\n"));
+        }
+        let (mut conn, head) = self
+            .exchange(url, "POST", "/v1/completions", &headers, &body)
+            .await?;
+        if !(200..300).contains(&head.status) {
+            return Err(self.status_error(url, &mut conn, &head).await);
+        }
+        let protocol = |message: String| WorkerError::Protocol {
+            url: url.into(),
+            message,
+        };
+        let bytes = tokio::time::timeout(self.timeout, conn.read_body(&head, MAX_COMPLETION_BODY))
+            .await
+            .map_err(|_| WorkerError::Timeout {
+                url: url.into(),
+                secs: self.timeout.as_secs_f64(),
+            })?
+            .map_err(|e| protocol(e.to_string()))?;
+        if head.keep_alive && conn.buffer().is_empty() {
+            self.pool.put(&with_port(authority(url)), conn);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| protocol(format!("response is not JSON: {e}")))
+    }
+
+    /// The error of a non-2xx response: the worker's OpenAI-style `error.message` when it
+    /// gives one, else its body's text.
+    async fn status_error(&self, url: &str, conn: &mut Conn, head: &ResponseHead) -> WorkerError {
+        let text = tokio::time::timeout(self.timeout, conn.read_body(head, MAX_SMALL_BODY))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| {
+                v.pointer("/error/message")
+                    .and_then(|m| m.as_str().map(String::from))
+            })
+            .unwrap_or(text);
+        WorkerError::Status {
+            url: url.into(),
+            status: head.status,
+            message,
+        }
     }
 
     /// `GET {url}/health` answered 2xx within `timeout`.

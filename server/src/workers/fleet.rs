@@ -293,6 +293,7 @@ fn rank_infos(w: &Worker) -> Vec<WorkerInfo> {
             device: w.spec.device,
             total_kv_blocks: w.spec.total_kv_blocks,
             max_num_batched_tokens: w.spec.max_num_batched_tokens,
+            role: w.spec.role,
         })
         .collect()
 }

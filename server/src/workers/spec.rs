@@ -2,7 +2,7 @@
 //! API; and what a description must satisfy before anything is started for it.
 
 use kvrouter_core::event::{WorkerId, WorkerWithDpRank};
-use kvrouter_core::DeviceType;
+use kvrouter_core::{DeviceType, WorkerRole};
 use kvrouter_wire::subscriber::dp_endpoint;
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +51,30 @@ pub struct WorkerSpec {
     /// Tokens per engine step (busy threshold as a fraction).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_num_batched_tokens: Option<u64>,
+    /// `prefill`, `decode` or `both` (default): its part in prefill/decode disaggregation.
+    #[serde(default)]
+    pub role: WorkerRole,
+    /// How a prefill worker hands its KV blocks to a decode worker: `vllm` (default; the
+    /// `kv_transfer_params` of vLLM's NIXL connector) or `sglang` (bootstrap rooms).
+    #[serde(default)]
+    pub disaggregation_protocol: DisaggProtocol,
+    /// SGLang: the prefill worker's bootstrap port (its `disaggregation_bootstrap_port`,
+    /// default 8998).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_port: Option<u16>,
+}
+
+/// How KV blocks move from a prefill worker to a decode worker (spec §13.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisaggProtocol {
+    /// Prefill first (`max_tokens: 1`, `kv_transfer_params.do_remote_decode`), then decode
+    /// with the `kv_transfer_params` the prefill worker returned.
+    #[default]
+    Vllm,
+    /// The same request to both at once with `bootstrap_host`, `bootstrap_port` and
+    /// `bootstrap_room`.
+    Sglang,
 }
 
 fn one() -> u32 {

@@ -3,6 +3,7 @@
 mod admin;
 mod api;
 mod common;
+mod disagg;
 mod errors;
 mod fidelity;
 mod lifecycle;

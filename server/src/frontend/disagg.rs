@@ -1,0 +1,338 @@
+//! Prefill/decode disaggregation in the frontend (spec §13), with stock engines' protocols.
+//!
+//! When the routing set holds prefill and decode workers, a request is:
+//!
+//! 1. routed among prefill workers — KV-aware, its prefill tokens booked, its blocks not (they
+//!    leave the worker when the decode worker pulls them): `track_active_blocks: false`;
+//! 2. prefilled there, by the prefill worker's protocol ([`DisaggProtocol`]):
+//!    * `vllm` — a non-streamed copy of the request with `max_tokens: 1` and
+//!      `kv_transfer_params: {do_remote_decode: true, …}`, exactly as vLLM's NIXL-connector proxy
+//!      sends it; the response's `kv_transfer_params` go with the original request to decode;
+//!    * `sglang` — the same request to both workers at once with `bootstrap_host`,
+//!      `bootstrap_port` and `bootstrap_room`;
+//! 3. routed among decode workers with the reference's decode overrides (overlap credit 0, no
+//!    KV reuse assumed, no prefill tokens booked), and its stream given to the client.
+//!
+//! A failed prefill is the client's error, never a silent fallback to aggregated serving.
+//! With `--conditional-disagg`, a request whose prompt less the best prefill worker's cached
+//! prefix is under `--disagg-isl-threshold` tokens runs whole on a decode worker instead.
+
+use std::sync::Arc;
+
+use kvrouter_core::{RolePool, RouterConfigOverride, WorkerRole};
+use serde_json::{json, Map, Value};
+
+use super::request::ParsedRequest;
+use super::AppState;
+use crate::error::{route_error, worker_error, ApiError};
+use crate::routing::{Booking, RouteInput};
+use crate::workers::client::{WorkerError, WorkerStream};
+use crate::workers::spec::{DisaggProtocol, WorkerSpec};
+
+/// `--conditional-disagg` and its threshold.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DisaggConfig {
+    pub conditional: bool,
+    /// Uncached prompt tokens below which a request skips the prefill pool.
+    pub isl_threshold: usize,
+}
+
+/// Where a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// One worker does all of it, chosen in this pool.
+    Whole(RolePool),
+    /// A prefill worker, then a decode worker.
+    Split,
+}
+
+/// The plan for `req`: split when the routing set has both prefill and decode workers (and the
+/// prompt is not short and uncached enough to skip prefill under `--conditional-disagg`);
+/// otherwise whole on a worker that is not prefill-only — a prefill worker never serves a
+/// whole request, so a fleet whose decode workers are all down answers 503 rather than
+/// silently serving aggregated. A request naming its worker goes there.
+pub fn plan(s: &AppState, req: &ParsedRequest) -> Plan {
+    if req.backend_instance_id.is_some() {
+        return Plan::Whole(RolePool::Any);
+    }
+    let router = &s.fleet.router;
+    let (prefill, decode) = router.has_roles();
+    if !(prefill && decode) {
+        return Plan::Whole(RolePool::Aggregated);
+    }
+    if s.disagg.conditional {
+        let cached = router.best_cached_tokens(
+            &req.tokens,
+            RolePool::Only(WorkerRole::Prefill),
+            req.cache_salt.as_deref(),
+        );
+        if req.tokens.len().saturating_sub(cached) < s.disagg.isl_threshold {
+            return Plan::Whole(RolePool::Aggregated);
+        }
+    }
+    Plan::Split
+}
+
+/// The prefill worker's booking leaves no blocks behind; the decode worker's, per the
+/// reference: no overlap credit, no KV reuse assumed, no prefill tokens (spec §13).
+fn overrides(client: &Option<RouterConfigOverride>, role: WorkerRole) -> RouterConfigOverride {
+    let mut o = client.clone().unwrap_or_default();
+    match role {
+        WorkerRole::Prefill => o.track_active_blocks = Some(false),
+        _ => {
+            o.overlap_score_credit = Some(0.0);
+            o.overlap_score_weight = None;
+            o.assume_kv_reuse = Some(false);
+            o.track_prefill_tokens = Some(false);
+        }
+    }
+    o
+}
+
+fn route_input<'a>(req: &'a ParsedRequest, role: WorkerRole) -> RouteInput<'a> {
+    RouteInput {
+        tokens: &req.tokens,
+        pinned_worker: None,
+        dp_rank: req.dp_rank,
+        overrides: Some(overrides(&req.overrides, role)),
+        lora_name: None,
+        cache_salt: req.cache_salt.as_deref(),
+        priority: req.priority,
+        strict_priority: req.strict_priority,
+        pool: RolePool::Only(role),
+    }
+}
+
+/// The worker request body with `edit` applied.
+fn body(req: &ParsedRequest, model: &str, edit: impl FnOnce(&mut Map<String, Value>)) -> Vec<u8> {
+    let mut m: Map<String, Value> =
+        serde_json::from_slice(&req.worker_body(model)).unwrap_or_default();
+    edit(&mut m);
+    serde_json::to_vec(&m).unwrap_or_default()
+}
+
+/// What a split request's dispatch hands back: the decode booking and stream, and the prefill
+/// worker that computed the prompt.
+pub struct Split {
+    pub booking: Booking,
+    pub stream: WorkerStream,
+    pub prefill_worker: u64,
+}
+
+/// Attempts per phase when the chosen worker turns out unreachable (it becomes suspect and the
+/// phase is routed again; nothing was processed).
+const MAX_ATTEMPTS: usize = 3;
+
+/// Prefill on a prefill worker, then start decode on a decode worker.
+pub async fn dispatch(
+    s: &Arc<AppState>,
+    req: &ParsedRequest,
+    request_id: &str,
+) -> Result<Split, ApiError> {
+    let mut last = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let prefill = s
+            .fleet
+            .router
+            .route(&route_input(req, WorkerRole::Prefill))
+            .await
+            .map_err(|e| prefill_failed(&route_error(e)))?;
+        let rank = prefill.worker();
+        let Some(worker) = s.fleet.registry.get(rank.worker_id) else {
+            continue; // deregistered meanwhile
+        };
+        let result = match worker.spec.disaggregation_protocol {
+            DisaggProtocol::Vllm => vllm(s, req, request_id, prefill, &worker.spec).await,
+            DisaggProtocol::Sglang => sglang(s, req, request_id, prefill, &worker.spec).await,
+        };
+        match result {
+            Err(Failure::PrefillGone(e)) => {
+                tracing::warn!(
+                    request_id,
+                    worker_id = rank.worker_id,
+                    "prefill worker unreachable, routing again: {e}"
+                );
+                s.fleet.suspect(rank.worker_id, &e.to_string());
+                last = Some(worker_error(&e, request_id, rank.worker_id));
+            }
+            Err(Failure::Api(e)) => return Err(e),
+            Ok(split) => return Ok(split),
+        }
+    }
+    Err(prefill_failed(&last.unwrap_or_else(|| {
+        ApiError::unavailable("no prefill worker could take the request")
+    })))
+}
+
+/// Why a split dispatch stopped.
+enum Failure {
+    /// The prefill worker could not be reached: try another.
+    PrefillGone(WorkerError),
+    /// Anything else: the client's answer.
+    Api(ApiError),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+/// vLLM: prefill with `max_tokens: 1` and `do_remote_decode`, then decode with the returned
+/// `kv_transfer_params`.
+async fn vllm(
+    s: &Arc<AppState>,
+    req: &ParsedRequest,
+    request_id: &str,
+    mut prefill: Booking,
+    spec: &WorkerSpec,
+) -> Result<Split, Failure> {
+    let p_rank = prefill.worker();
+    let model = spec.model.as_deref().unwrap_or(&s.model_name);
+    let prefill_body = body(req, model, |m| {
+        m.insert("stream".into(), false.into());
+        m.remove("stream_options");
+        m.remove("min_tokens");
+        m.insert("max_tokens".into(), 1.into());
+        m.insert(
+            "kv_transfer_params".into(),
+            json!({"do_remote_decode": true, "do_remote_prefill": false,
+                   "remote_engine_id": null, "remote_block_ids": null,
+                   "remote_host": null, "remote_port": null}),
+        );
+    });
+    let resp = match s
+        .client
+        .complete(&spec.url, p_rank.dp_rank, prefill_body)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.worker_gone() => return Err(Failure::PrefillGone(e)),
+        Err(e) => {
+            return Err(prefill_failed(&worker_error(&e, request_id, p_rank.worker_id)).into())
+        }
+    };
+    prefill.first_token();
+    drop(prefill);
+    let params = match resp.get("kv_transfer_params") {
+        Some(p @ Value::Object(_)) => p.clone(),
+        _ => {
+            tracing::warn!(
+                request_id,
+                worker_id = p_rank.worker_id,
+                "prefill response without kv_transfer_params"
+            );
+            return Err(ApiError::bad_gateway(format!(
+                "prefill failed: the prefill worker returned no kv_transfer_params (request {request_id})"
+            ))
+            .into());
+        }
+    };
+    let (booking, stream) = decode(s, req, request_id, |m| {
+        m.insert("kv_transfer_params".into(), params.clone());
+    })
+    .await?;
+    Ok(Split {
+        booking,
+        stream,
+        prefill_worker: p_rank.worker_id,
+    })
+}
+
+/// SGLang: the same request to both workers at once with one bootstrap room.
+async fn sglang(
+    s: &Arc<AppState>,
+    req: &ParsedRequest,
+    request_id: &str,
+    mut prefill: Booking,
+    spec: &WorkerSpec,
+) -> Result<Split, Failure> {
+    let p_rank = prefill.worker();
+    let model = spec.model.as_deref().unwrap_or(&s.model_name);
+    let host = crate::workers::client::authority(&spec.url);
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let mut fields = Map::new();
+    fields.insert(
+        "bootstrap_host".into(),
+        host.trim_start_matches('[').trim_end_matches(']').into(),
+    );
+    fields.insert(
+        "bootstrap_port".into(),
+        spec.bootstrap_port.unwrap_or(8998).into(),
+    );
+    fields.insert("bootstrap_room".into(), (rand::random::<u64>() >> 1).into());
+    let prefill_body = body(req, model, |m| {
+        m.extend(fields.clone());
+        m.insert("stream".into(), false.into());
+        m.remove("stream_options");
+    });
+    let (client, url, rid) = (s.client.clone(), spec.url.clone(), request_id.to_string());
+    // Both at once (the decode worker waits for the room); the prefill's answer is discarded,
+    // its booking ends with it.
+    let prefill_call = tokio::spawn(async move {
+        let r = client.complete(&url, p_rank.dp_rank, prefill_body).await;
+        prefill.first_token();
+        drop(prefill);
+        r.map(|_| ())
+            .map_err(|e| worker_error(&e, &rid, p_rank.worker_id))
+    });
+    let (booking, stream) = decode(s, req, request_id, |m| m.extend(fields.clone())).await?;
+    // A prefill that failed already fails the request; one that fails later leaves the decode
+    // worker's room empty, and the decode stream ends with its error.
+    if prefill_call.is_finished() {
+        if let Ok(Err(e)) = prefill_call.await {
+            return Err(prefill_failed(&e).into());
+        }
+    }
+    Ok(Split {
+        booking,
+        stream,
+        prefill_worker: p_rank.worker_id,
+    })
+}
+
+/// Route the decode phase and start its stream; an unreachable decode worker becomes suspect
+/// and another is tried (its transfer has not been pulled).
+async fn decode(
+    s: &Arc<AppState>,
+    req: &ParsedRequest,
+    request_id: &str,
+    edit: impl Fn(&mut Map<String, Value>),
+) -> Result<(Booking, WorkerStream), ApiError> {
+    let mut last = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let booking = s
+            .fleet
+            .router
+            .try_route(&route_input(req, WorkerRole::Decode))
+            .map_err(route_error)?;
+        let rank = booking.worker();
+        let Some(w) = s.fleet.registry.get(rank.worker_id) else {
+            continue;
+        };
+        let model = w.spec.model.as_deref().unwrap_or(&s.model_name);
+        match s
+            .client
+            .generate(&w.spec.url, rank.dp_rank, body(req, model, &edit))
+            .await
+        {
+            Ok(stream) => return Ok((booking, stream)),
+            Err(e) if e.worker_gone() => {
+                tracing::warn!(
+                    request_id,
+                    worker_id = rank.worker_id,
+                    "decode worker unreachable, routing again: {e}"
+                );
+                s.fleet.suspect(rank.worker_id, &e.to_string());
+                last = Some(worker_error(&e, request_id, rank.worker_id));
+            }
+            Err(e) => return Err(worker_error(&e, request_id, rank.worker_id)),
+        }
+    }
+    Err(last.unwrap_or_else(|| ApiError::unavailable("no decode worker could take the request")))
+}
+
+/// A prefill failure as the client sees it: the worker error, said to be the prefill's.
+fn prefill_failed(e: &ApiError) -> ApiError {
+    e.with_prefix("prefill failed: ")
+}
