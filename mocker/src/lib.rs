@@ -470,6 +470,23 @@ pub async fn spawn_workers(
     .await
 }
 
+/// The tokenizer of `dir`, loaded once per process: every worker and every group of workers
+/// a process starts shares it (a load of the Qwen3 tokenizer costs seconds unoptimised, and
+/// tests start many stacks).
+fn shared_preprocessor(dir: &std::path::Path) -> Result<Arc<Preprocessor>, MockerError> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static LOADED: Mutex<Option<HashMap<std::path::PathBuf, Arc<Preprocessor>>>> = Mutex::new(None);
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let map = loaded.get_or_insert_with(HashMap::new);
+    if let Some(p) = map.get(dir) {
+        return Ok(p.clone());
+    }
+    let p = Arc::new(Preprocessor::from_model_dir(dir)?);
+    map.insert(dir.to_path_buf(), p.clone());
+    Ok(p)
+}
+
 /// A worker's event sink and the endpoints to advertise for it.
 pub type SinkParts = (Box<dyn EventSink>, Option<String>, Option<String>);
 
@@ -482,7 +499,7 @@ pub async fn spawn_workers_with_sinks(
 ) -> Result<Vec<RunningWorker>, MockerError> {
     config.validate()?;
     let pre = match &config.model_path {
-        Some(p) => Some(Arc::new(Preprocessor::from_model_dir(p)?)),
+        Some(p) => Some(shared_preprocessor(p)?),
         None => None,
     };
     let model_name = config.served_name();
