@@ -10,6 +10,7 @@
 //! * [`json`] — canonical JSON lines of [`RouterEvent`]s.
 //! * [`subscriber`] — ZMQ SUB per worker rank with gap detection and bounded replay.
 //! * [`publisher`] — ZMQ PUB + replay ROUTER with a ring buffer.
+//! * [`relay`] — an engine's events normalised and republished on a [`KvEventPublisher`].
 
 pub mod convert;
 pub mod engine;
@@ -19,6 +20,7 @@ pub mod fuzz;
 pub mod json;
 pub mod msgpack;
 pub mod publisher;
+pub mod relay;
 pub mod subscriber;
 
 pub use convert::{ConvertStats, Converter};
@@ -30,6 +32,7 @@ pub use frame::FrameError;
 pub use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
 pub use msgpack::MsgpackError;
 pub use publisher::{KvEventPublisher, PublisherConfig};
+pub use relay::{KvEventRelay, RelayConfig, RelayStats};
 pub use subscriber::{
     KvEventSubscriber, ReplayLimits, SubscriberConfig, SubscriberState, SubscriberStats,
 };
