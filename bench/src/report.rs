@@ -116,6 +116,15 @@ pub fn table(res: &Results) -> String {
         }
     }
     for r in &res.runs {
+        if let Some(h) = r.engine_hit_rate {
+            s.push_str(&format!(
+                "- {} engine hit rate (1 − computed / prompt tokens, every worker): {h:.3}; KV blocks transferred to decode workers: {}\n",
+                r.mode,
+                r.transferred_blocks.unwrap_or(0)
+            ));
+        }
+    }
+    for r in &res.runs {
         for e in &r.error_samples {
             s.push_str(&format!("{} error: {e}\n", r.mode));
         }

@@ -99,6 +99,14 @@ pub struct RunReport {
     pub router_overhead_us: Option<std::collections::BTreeMap<String, f64>>,
     /// Requests the router sent to each worker over the run (from `/metrics`), when exposed.
     pub requests_per_worker: Option<std::collections::BTreeMap<String, u64>>,
+    /// 1 − Σ prompt tokens the engines computed / Σ prompt tokens, from the mock workers'
+    /// `kvrouter_mocker_computed_prefill_tokens_total` (embedded stacks): the hit rate of a
+    /// disaggregated fleet, whose decode workers report transferred tokens as cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_hit_rate: Option<f64>,
+    /// KV blocks the decode workers pulled from prefill workers over the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transferred_blocks: Option<u64>,
     /// Up to five distinct error messages.
     pub error_samples: Vec<String>,
     /// Where the requests went.
@@ -150,7 +158,29 @@ pub async fn discover_model(client: &reqwest::Client, base: &str) -> Result<Stri
         .ok_or_else(|| err("no model listed".into()))
 }
 
-async fn scrape(client: &reqwest::Client, base: &str) -> Option<Samples> {
+/// The HTTP client runs share.
+pub type HttpClient = reqwest::Client;
+
+/// `(Σ prompt tokens computed, Σ KV blocks pulled by decode workers)` over mock workers at
+/// `urls` now (`kvrouter_mocker_computed_prefill_tokens_total`,
+/// `kvrouter_mocker_kv_transfer_blocks_total`); unreachable workers count 0.
+pub async fn mock_engine_counters(client: &reqwest::Client, urls: &[String]) -> (f64, f64) {
+    let mut out = (0.0, 0.0);
+    for u in urls {
+        if let Some(m) = scrape(client, u).await {
+            out.0 += m
+                .sum("kvrouter_mocker_computed_prefill_tokens_total", &[])
+                .unwrap_or(0.0);
+            out.1 += m
+                .sum("kvrouter_mocker_kv_transfer_blocks_total", &[])
+                .unwrap_or(0.0);
+        }
+    }
+    out
+}
+
+/// `GET {base}/metrics`, parsed; None when unreachable or not 2xx.
+pub async fn scrape(client: &reqwest::Client, base: &str) -> Option<Samples> {
     let resp = client
         .get(format!("{base}/metrics"))
         .timeout(Duration::from_secs(10))

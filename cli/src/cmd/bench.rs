@@ -107,6 +107,11 @@ pub struct Args {
     /// Router modes to compare with `--embedded`, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "kv,round-robin,random")]
     compare: Vec<RouterMode>,
+    /// Instead of router modes, compare ways of serving on the same `--workers` (kv mode):
+    /// `agg` (all aggregated), `disagg` (half prefill, half decode), `conditional` (the same,
+    /// `--conditional-disagg`). Comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "url")]
+    serving: Vec<Serving>,
     #[command(flatten)]
     #[serde(flatten)]
     pub workload: WorkloadArgs,
@@ -309,14 +314,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             progress: !args.no_progress,
         };
         if args.embedded {
-            for &mode in &args.compare {
-                let stack = embedded::start(&args, mode)
+            let entries: Vec<(RouterMode, Option<Serving>)> = if args.serving.is_empty() {
+                args.compare.iter().map(|&m| (m, None)).collect()
+            } else {
+                args.serving
+                    .iter()
+                    .map(|&s| (RouterMode::Kv, Some(s)))
+                    .collect()
+            };
+            for (mode, serving) in entries {
+                let label = serving.map_or(mode.as_str(), Serving::as_str);
+                let stack = embedded::start(&args, mode, serving)
                     .await
-                    .with_context(|| format!("starting the embedded stack ({})", mode.as_str()))?;
-                let o = opts(mode.as_str().to_string(), stack.url());
+                    .with_context(|| format!("starting the embedded stack ({label})"))?;
+                let o = opts(label.to_string(), stack.url());
+                let engines = embedded::engine_counters(&client, &stack).await;
                 let result = runner::run(&client, &o, requests.clone(), &schedule).await;
+                let engines_after = embedded::engine_counters(&client, &stack).await;
                 stack.stop().await;
-                let outcome = result?;
+                let mut outcome = result?;
+                let r = &mut outcome.report;
+                let computed = engines_after.0 - engines.0;
+                if r.prompt_tokens > 0 {
+                    r.engine_hit_rate = Some(1.0 - computed / r.prompt_tokens as f64);
+                }
+                r.transferred_blocks = Some((engines_after.1 - engines.1).max(0.0) as u64);
                 eprintln!("{}", one_line(&outcome.report));
                 outcomes.push(outcome);
             }
@@ -398,17 +420,44 @@ pub fn command_line() -> String {
     words.join(" ")
 }
 
+/// How an embedded fleet serves (`--serving`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Serving {
+    /// Every worker aggregated.
+    Agg,
+    /// Half prefill, half decode.
+    Disagg,
+    /// Half prefill, half decode, short uncached prompts whole on decode.
+    Conditional,
+}
+
+impl Serving {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agg => "agg",
+            Self::Disagg => "disagg",
+            Self::Conditional => "conditional",
+        }
+    }
+}
+
 /// The embedded stack: frontend + mock workers in this process, one per mode, cold caches.
 mod embedded {
-    use super::Args;
+    use super::{Args, Serving};
     use kvrouter_core::config::RouterMode;
     use kvrouter_server::up::{EmbeddedStack, UpConfig};
 
     /// Start a stack for `mode` with the flags' worker parameters (count, blocks, block size,
-    /// speedup; the tokenizer when `--tokenizer` is given).
-    pub async fn start(args: &Args, mode: RouterMode) -> anyhow::Result<EmbeddedStack> {
+    /// speedup; the tokenizer when `--tokenizer` is given), its workers split by `serving`.
+    pub async fn start(
+        args: &Args,
+        mode: RouterMode,
+        serving: Option<Serving>,
+    ) -> anyhow::Result<EmbeddedStack> {
+        let split = !matches!(serving, None | Some(Serving::Agg));
         let mut cfg = UpConfig::fleet(
-            args.workers,
+            if split { 0 } else { args.workers },
             args.num_gpu_blocks,
             args.block_size,
             args.speedup_ratio,
@@ -420,7 +469,21 @@ mod embedded {
         cfg.frontend.http_host = "127.0.0.1".into();
         cfg.frontend.http_port = 0;
         cfg.frontend.no_admin = true;
+        if split {
+            cfg.prefill = (args.workers / 2).max(1);
+            cfg.decode = args.workers.saturating_sub(cfg.prefill).max(1);
+            cfg.frontend.conditional_disagg = serving == Some(Serving::Conditional);
+        }
         EmbeddedStack::start(cfg).await
+    }
+
+    /// `(Σ computed prompt tokens, Σ KV blocks pulled)` over the stack's mock workers now.
+    pub async fn engine_counters(
+        client: &kvrouter_bench::runner::HttpClient,
+        stack: &EmbeddedStack,
+    ) -> (f64, f64) {
+        let urls: Vec<String> = stack.workers.iter().map(|w| w.info.url.clone()).collect();
+        kvrouter_bench::runner::mock_engine_counters(client, &urls).await
     }
 }
 
@@ -484,6 +547,15 @@ mod tests {
 
         // One of --url / --embedded, not both; --concurrency and --rate exclude each other.
         assert!(parse(&["--workload", "prefix"]).is_err());
+        let a = parse(&["--embedded", "--serving", "agg,disagg,conditional"]).unwrap();
+        assert_eq!(
+            a.serving,
+            [Serving::Agg, Serving::Disagg, Serving::Conditional]
+        );
+        assert!(
+            parse(&["--url", "u", "--serving", "disagg"]).is_err(),
+            "--serving starts embedded stacks"
+        );
         assert!(parse(&["--url", "u", "--embedded", "--workload", "prefix"]).is_err());
         assert!(parse(&[
             "--url",
