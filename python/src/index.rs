@@ -12,7 +12,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 
-use kvrouter_core::event::{KvCacheEvent, RouterEvent, WorkerId, WorkerWithDpRank};
+use kvrouter_core::event::{RouterEvent, WorkerId, WorkerWithDpRank};
 use kvrouter_core::hash::{compute_sequence_hashes, LocalBlockHash};
 use kvrouter_core::index::{ApproxConfig, ApproxIndex, KvIndex, OverlapScores as CoreScores};
 
@@ -105,7 +105,7 @@ fn event_text<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<EventText<'a>> {
 /// Parses a `KvCacheEvent` (`{"event_id", "data", "dp_rank"}`) or a whole `RouterEvent`
 /// (`{"worker_id", "event": {...}, ...}`, as `dump_tree_as_events` gives) for `worker_id`.
 fn parse_event(worker_id: WorkerId, json: &[u8]) -> Result<RouterEvent, String> {
-    let event_err = match serde_json::from_slice::<KvCacheEvent>(json) {
+    let event_err = match kvrouter_wire::json::parse_kv_cache_event(json) {
         Ok(event) => {
             return Ok(RouterEvent {
                 worker_id,

@@ -332,10 +332,11 @@ fn direct_list<T>(
 ) -> PyResult<()> {
     let long_type = std::ptr::addr_of_mut!(ffi::PyLong_Type);
     let max = range.max();
-    // The head of a positive one-digit int (token ids below 2**30: nearly every item).
-    let one_digit: isize = match lay {
-        Layout::Tagged => 1 << 3,
-        _ => 1,
+    // The heads of positive one-digit ints (token ids below 2**30: nearly every token) and
+    // three-digit ones (most 64-bit hashes).
+    let (one_digit, three_digits): (isize, isize) = match lay {
+        Layout::Tagged => (1 << 3, 3 << 3),
+        _ => (1, 3),
     };
     let mut i = 0;
     loop {
@@ -367,8 +368,13 @@ fn direct_list<T>(
                         break;
                     }
                     let head = item.cast::<u8>().add(INT_HEAD).cast::<isize>().read();
+                    let digits = item.cast::<u8>().add(INT_DIGITS).cast::<u32>();
                     let v = if head == one_digit {
-                        u64::from(item.cast::<u8>().add(INT_DIGITS).cast::<u32>().read())
+                        u64::from(digits.read())
+                    } else if head == three_digits && digits.add(2).read() < 16 && max == u64::MAX {
+                        u64::from(digits.read())
+                            | u64::from(digits.add(1).read()) << DIGIT_BITS
+                            | u64::from(digits.add(2).read()) << (2 * DIGIT_BITS)
                     } else {
                         match read_int(item, lay) {
                             Some(v) if v <= max => v,

@@ -101,3 +101,14 @@ def test_classes_are_final(name: str) -> None:
     cls = getattr(kvrouter, name)
     with pytest.raises(TypeError):
         type("Sub", (cls,), {})
+
+
+def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's Python example, on free ports."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Python\n"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")]
+    code = code.replace(":5557", ":0").replace(":5558", ":0")
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "{(1, 0): 4}"
