@@ -467,6 +467,7 @@ class KvEventPublisher:
         num_block_tokens: Union[int, Sequence[int]],
         block_hashes: Sequence[int],
         parent_hash: Optional[int] = None,
+        *,
         lora_name: Optional[str] = None,
         cache_salt: Optional[str] = None,
         block_mm_infos: Optional[Sequence[_BlockMmInfo]] = None,
@@ -477,7 +478,9 @@ class KvEventPublisher:
         first (None at the sequence start), ``token_ids`` all their tokens
         (``len(block_hashes) * kv_block_size``, one more with ``is_eagle``),
         ``num_block_tokens`` the tokens per block (one int, or one per block: each must be
-        ``kv_block_size``). Returns the batch's sequence number.
+        ``kv_block_size``). The arguments after ``parent_hash`` are keyword-only: Dynamo's
+        order of them differs, and a positional call must not pass one for another. Returns
+        the batch's sequence number.
 
         Raises ``ValueError`` (counts that do not match, a repeated hash, a parent among the
         blocks), ``TypeError`` (not ints) or ``OverflowError`` (out of range) before

@@ -282,7 +282,7 @@ impl KvEventPublisher {
     /// Publishes newly cached full blocks: `block_hashes[i]` is block i's engine hash (signed
     /// or unsigned 64-bit), `parent_hash` the block before the first (None at the sequence
     /// start), `token_ids` all their tokens. Returns the batch's sequence number.
-    #[pyo3(signature = (token_ids, num_block_tokens, block_hashes, parent_hash=None, lora_name=None, cache_salt=None, block_mm_infos=None, is_eagle=None))]
+    #[pyo3(signature = (token_ids, num_block_tokens, block_hashes, parent_hash=None, *, lora_name=None, cache_salt=None, block_mm_infos=None, is_eagle=None))]
     #[allow(clippy::too_many_arguments)]
     fn publish_stored(
         &self,
