@@ -5,8 +5,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use kvrouter_core::event::BlockMmInfo;
+use kvrouter_core::hash::LocalBlockHash;
 use kvrouter_core::hash::{compute_block_hashes, compute_sequence_hashes, HashOptions};
-use kvrouter_core::hash::{LocalBlockHash, SequenceHash};
 
 use crate::ints::{extract_u32s_into, extract_u64s, u64_list, Range};
 
@@ -88,9 +88,7 @@ pub fn compute_block_hash_for_seq<'py>(
         is_eagle,
         cache_namespace,
     )?;
-    // LocalBlockHash is a transparent u64.
-    let values: Vec<u64> = hashes.into_iter().map(|h| h.0).collect();
-    u64_list(py, &values)
+    u64_list(py, hashes.iter().map(|h| h.0))
 }
 
 /// Sequence hashes (`seq[0] = local[0]`, `seq[i] = XXH3(LE(seq[i-1]) ‖ LE(local[i]), 1337)`)
@@ -104,9 +102,5 @@ pub fn compute_seq_hash_for_block<'py>(
         .into_iter()
         .map(LocalBlockHash)
         .collect();
-    let values: Vec<u64> = compute_sequence_hashes(&local)
-        .into_iter()
-        .map(|SequenceHash(h)| h)
-        .collect();
-    u64_list(py, &values)
+    u64_list(py, compute_sequence_hashes(&local).iter().map(|h| h.0))
 }

@@ -95,8 +95,7 @@ const DIGIT_BITS: u32 = 30;
 /// [`init`] verified for this interpreter.
 #[inline]
 unsafe fn read_int(obj: *mut ffi::PyObject, layout: Layout) -> Option<u64> {
-    let base = obj.cast::<u8>();
-    let head = base.add(INT_HEAD).cast::<isize>().read();
+    let head = head_of(obj);
     let ndigits = match layout {
         Layout::Legacy if head >= 0 => head as usize,
         Layout::Tagged => {
@@ -109,7 +108,7 @@ unsafe fn read_int(obj: *mut ffi::PyObject, layout: Layout) -> Option<u64> {
         }
         _ => return None,
     };
-    let d = base.add(INT_DIGITS).cast::<u32>();
+    let d = digits_of(obj);
     let mask = (1u64 << DIGIT_BITS) - 1;
     let digit = |i: usize| u64::from(d.add(i).read()) & mask;
     // Branches in order of frequency (token ids have one digit, 64-bit hashes three), not a
@@ -128,21 +127,23 @@ unsafe fn read_int(obj: *mut ffi::PyObject, layout: Layout) -> Option<u64> {
     }
 }
 
-/// Hints the CPU to start loading the object `p` points to (a no-op off x86-64).
+/// The digit count / tag of an int.
+///
+/// # Safety
+/// `obj` must point to a live exact `int` of a verified layout.
 #[inline(always)]
-fn prefetch(p: *const ffi::PyObject) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+unsafe fn head_of(obj: *mut ffi::PyObject) -> isize {
+    obj.cast::<u8>().add(INT_HEAD).cast::<isize>().read()
 }
 
-/// How many items ahead the direct path prefetches the int objects (they are separate
-/// allocations; a long list's do not fit in cache).
-const PREFETCH_AHEAD: usize = 64;
+/// The digits of an int.
+///
+/// # Safety
+/// As [`head_of`]; read only as many digits as the head says.
+#[inline(always)]
+unsafe fn digits_of(obj: *mut ffi::PyObject) -> *const u32 {
+    obj.cast::<u8>().add(INT_DIGITS).cast::<u32>()
+}
 
 /// The item array and length of a list.
 ///
@@ -349,26 +350,45 @@ fn direct_list<T>(
             out.reserve(len.saturating_sub(i));
             let dst = out.as_mut_ptr();
             let mut n = out.len();
-            while i < len {
-                // Prefetching runs ahead of the reads; its own bound check is hoisted out of
-                // the inner loop (`chunk` items need no check).
-                let chunk_end = if i + PREFETCH_AHEAD < len {
-                    (len - PREFETCH_AHEAD).min(i + 256)
-                } else {
-                    len
-                };
-                let prefetching = chunk_end + PREFETCH_AHEAD <= len;
-                let start = i;
-                while i < chunk_end {
-                    if prefetching {
-                        prefetch(items.add(i + PREFETCH_AHEAD).read());
+            'items: while i < len {
+                // Four at a time while all four are exact one-digit ints (token ids): their
+                // checks are combined into one branch.
+                while i + 4 <= len {
+                    let p = [
+                        items.add(i).read(),
+                        items.add(i + 1).read(),
+                        items.add(i + 2).read(),
+                        items.add(i + 3).read(),
+                    ];
+                    // (Types first: only an int may be read past its object header.)
+                    let mut odd = 0usize;
+                    for &q in &p {
+                        odd |= (ffi::Py_TYPE(q) as usize) ^ (long_type as usize);
                     }
-                    let item = items.add(i).read();
-                    if ffi::Py_TYPE(item) != long_type {
+                    if odd != 0 {
                         break;
                     }
-                    let head = item.cast::<u8>().add(INT_HEAD).cast::<isize>().read();
-                    let digits = item.cast::<u8>().add(INT_DIGITS).cast::<u32>();
+                    for &q in &p {
+                        odd |= (head_of(q) ^ one_digit) as usize;
+                    }
+                    if odd != 0 {
+                        break;
+                    }
+                    for (k, &q) in p.iter().enumerate() {
+                        dst.add(n + k).write(conv(u64::from(digits_of(q).read())));
+                    }
+                    n += 4;
+                    i += 4;
+                }
+                // Then one by one, up to four items or the end: any readable int.
+                let stop = (i + 4).min(len);
+                while i < stop {
+                    let item = items.add(i).read();
+                    if ffi::Py_TYPE(item) != long_type {
+                        break 'items;
+                    }
+                    let head = head_of(item);
+                    let digits = digits_of(item);
                     let v = if head == one_digit {
                         u64::from(digits.read())
                     } else if head == three_digits && digits.add(2).read() < 16 && max == u64::MAX {
@@ -378,15 +398,12 @@ fn direct_list<T>(
                     } else {
                         match read_int(item, lay) {
                             Some(v) if v <= max => v,
-                            _ => break,
+                            _ => break 'items,
                         }
                     };
-                    dst.add(n + (i - start)).write(conv(v));
+                    dst.add(n).write(conv(v));
+                    n += 1;
                     i += 1;
-                }
-                n += i - start;
-                if i < chunk_end {
-                    break;
                 }
             }
             out.set_len(n);
@@ -491,7 +508,10 @@ pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// A new Python list of ints from `values`. Items are written straight into the new list's
 /// item array when the list layout was verified (what `PyList_SET_ITEM` does), otherwise
 /// through `PyList_SetItem`.
-pub fn u64_list<'py>(py: Python<'py>, values: &[u64]) -> PyResult<Bound<'py, PyList>> {
+pub fn u64_list<'py>(
+    py: Python<'py>,
+    values: impl ExactSizeIterator<Item = u64>,
+) -> PyResult<Bound<'py, PyList>> {
     let n = values.len() as ffi::Py_ssize_t;
     // SAFETY: PyList_New returns a new reference to a list of `n` NULL items, or NULL with an
     // exception set. Each item gets a new reference from PyLong_FromUnsignedLongLong, whose
@@ -502,7 +522,7 @@ pub fn u64_list<'py>(py: Python<'py>, values: &[u64]) -> PyResult<Bound<'py, PyL
             Bound::from_owned_ptr_or_err(py, ffi::PyList_New(n))?.cast_into_unchecked::<PyList>();
         let direct = layout() != Layout::Off;
         let items = list_items(list.as_ptr()).0.cast_mut();
-        for (i, &v) in values.iter().enumerate() {
+        for (i, v) in values.enumerate().take(n as usize) {
             let obj = ffi::PyLong_FromUnsignedLongLong(v);
             if obj.is_null() {
                 return Err(PyErr::fetch(py));

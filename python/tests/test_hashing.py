@@ -129,6 +129,9 @@ class Index:
     def __index__(self) -> int:
         return self.v
 
+    def __int__(self) -> int:
+        return self.v
+
 
 def test_every_input_path_hashes_the_same() -> None:
     rng = random.Random(7)
@@ -151,6 +154,21 @@ def test_every_input_path_hashes_the_same() -> None:
     assert compute_seq_hash_for_block(Seq(hashes)) == want_seq  # type: ignore[arg-type]
     with pytest.raises(OverflowError, match=r"block_hashes\[1\]"):
         compute_seq_hash_for_block([1, 2**64])
+
+
+def test_odd_items_at_every_offset() -> None:
+    # Token ids below 2**30 go four at a time; an item of another kind (two digits, a bool, an
+    # __index__ object) at any offset must give the same hashes as the item-by-item path.
+    rng = random.Random(11)
+    base = [rng.randrange(150_000) for _ in range(16 * 8)]
+    odd: List[Any] = [2**30 + 7, 2**32 - 1, True, Index(5)]
+    for pos in range(12):
+        for o in odd:
+            tokens: List[Any] = list(base)
+            for k in range(pos, len(tokens), 37):
+                tokens[k] = o
+            want = compute_block_hash_for_seq(tuple(int(t) if isinstance(t, Index) else t for t in tokens), 16)
+            assert compute_block_hash_for_seq(tokens, 16) == want, (pos, o)
 
 
 def test_a_list_changed_by_index_keeps_its_new_contents() -> None:
