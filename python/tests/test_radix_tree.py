@@ -212,14 +212,18 @@ def test_threads_apply_and_find_concurrently() -> None:
     """One writer applies a growing chain while readers look it up: every answer a reader
     gets is a state the writer went through (scores only grow), and the end state is the
     sequential one."""
-    n = 400
-    local = [random.Random(3).getrandbits(64) for _ in range(n)]
+    n = 3000
+    rng = random.Random(3)
+    local = [rng.getrandbits(64) for _ in range(n)]
     t = RadixTree()
     errors: List[BaseException] = []
     done = threading.Event()
+    start = threading.Barrier(3)
+    reads = [0, 0]
 
     def writer() -> None:
         try:
+            start.wait()
             t.apply_event(1, stored(0, [(1, local[0])]))
             for i in range(1, n):
                 t.apply_event(1, stored(i, [(i + 1, local[i])], parent=i))
@@ -228,22 +232,25 @@ def test_threads_apply_and_find_concurrently() -> None:
         finally:
             done.set()
 
-    def reader() -> None:
+    def reader(r: int) -> None:
         try:
+            start.wait()
             last = 0
-            while not done.is_set() or last < n:
+            while not done.is_set():
                 got = t.find_matches(local).scores.get((1, 0), 0)
                 assert got >= last, (got, last)
                 last = got
+                reads[r] += 1
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(r,)) for r in range(2)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(timeout=60)
     assert not errors, errors
+    assert all(reads), reads
     assert t.find_matches(local).scores == {(1, 0): n}
 
 
