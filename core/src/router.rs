@@ -12,7 +12,9 @@ use crate::event::{DpRank, RouterEvent, WorkerId, WorkerWithDpRank};
 use crate::hash::{
     compute_block_hashes, compute_sequence_hashes, HashOptions, LocalBlockHash, SequenceHash,
 };
-use crate::index::{ApproxConfig, ApproxIndex, FastMap, IndexError, TierOverlap, TieredIndex};
+use crate::index::{
+    ApproxConfig, ApproxIndex, FastMap, IndexError, OverlapScores, TierOverlap, TieredIndex,
+};
 use crate::prefill_time::{PrefillCoefficients, PrefillLoadModel, PrefillTimeModel};
 use crate::selection::{
     is_busy, Candidate, RolePool, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
@@ -206,15 +208,15 @@ impl Scheduler {
         now: Duration,
         rng: &mut R,
     ) -> Result<Selection, RouteError> {
-        let candidates = self.candidates(hashes, exact, req.isl, req.pool, now);
-        let sreq = SelectionRequest {
-            isl: req.isl,
-            block_size: self.block_size,
-            pinned_worker: req.pinned_worker,
-            dp_rank: req.dp_rank,
-            overrides: req.overrides.cloned(),
+        let overlaps = if hashes.local.is_empty() {
+            Vec::new()
+        } else {
+            self.overlaps(&hashes.local, exact, now)
         };
-        let sel = self.selector.select(&candidates, &sreq, rng)?;
+        let candidates = self.candidates(overlaps, &hashes.sequence, req.isl, req.pool, now);
+        let sel = self
+            .selector
+            .select(&candidates, &self.selection_request(req), rng)?;
         if let Some(id) = req.request_id {
             let opts = match req.overrides {
                 Some(o) => self.config().kv.with_override(o).booking(),
@@ -248,6 +250,38 @@ impl Scheduler {
             }
         }
         Ok(sel)
+    }
+
+    /// What [`schedule`](Self::schedule) would choose at `now`, changing nothing: no booking
+    /// (`req.request_id` is ignored), nothing recorded in the approximate or predicted
+    /// indexes, none of their blocks expired, the round-robin cursor left where it is. The
+    /// same choice as `schedule` given the same random draws.
+    pub fn peek<R: Rng + ?Sized>(
+        &self,
+        req: &ScheduleRequest<'_>,
+        hashes: &RequestHashes,
+        exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+        now: Duration,
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
+        let overlaps = if hashes.local.is_empty() {
+            Vec::new()
+        } else {
+            self.overlaps_at(hashes, exact, now)
+        };
+        let candidates = self.candidates(overlaps, &hashes.sequence, req.isl, req.pool, now);
+        self.selector
+            .peek(&candidates, &self.selection_request(req), rng)
+    }
+
+    fn selection_request(&self, req: &ScheduleRequest<'_>) -> SelectionRequest {
+        SelectionRequest {
+            isl: req.isl,
+            block_size: self.block_size,
+            pinned_worker: req.pinned_worker,
+            dp_rank: req.dp_rank,
+            overrides: req.overrides.cloned(),
+        }
     }
 
     /// The request produced its first token at `now` (a sample for a fitted prefill model).
@@ -341,44 +375,37 @@ impl Scheduler {
     }
 
     /// Per rank: overlap blocks by tier, merging `exact` with the predicted index, or from the
-    /// approximate index when there are no events.
+    /// approximate index when there are no events. Expires their blocks due at `now`.
     pub fn overlaps(
         &mut self,
         local: &[LocalBlockHash],
-        mut exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+        exact: Vec<(WorkerWithDpRank, TierOverlap)>,
         now: Duration,
     ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
         if let Some(a) = &mut self.approx {
-            return a
-                .find_matches(local, now)
-                .scores
-                .into_iter()
-                .map(|(w, d)| {
-                    (
-                        w,
-                        TierOverlap {
-                            device: d,
-                            ..Default::default()
-                        },
-                    )
-                })
-                .collect();
+            return device_only(a.find_matches(local, now));
         }
-        if let Some(p) = &mut self.predicted {
-            for (w, d) in p.find_matches(local, now).scores {
-                match exact.iter_mut().find(|(x, _)| *x == w) {
-                    Some((_, t)) => t.device = t.device.max(d),
-                    None => exact.push((
-                        w,
-                        TierOverlap {
-                            device: d,
-                            ..Default::default()
-                        },
-                    )),
-                }
-            }
+        match &mut self.predicted {
+            Some(p) => merge_predicted(exact, p.find_matches(local, now)),
+            None => exact,
         }
-        exact
+    }
+
+    /// [`overlaps`](Self::overlaps) changing nothing (`&self`): the same answer at `now`.
+    pub fn overlaps_at(
+        &self,
+        hashes: &RequestHashes,
+        exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+        now: Duration,
+    ) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+        let (local, seq) = (&hashes.local, &hashes.sequence);
+        if let Some(a) = &self.approx {
+            return device_only(a.find_matches_at(local, seq, now));
+        }
+        match &self.predicted {
+            Some(p) => merge_predicted(exact, p.find_matches_at(local, seq, now)),
+            None => exact,
+        }
     }
 
     /// Per registered rank: its load at `now` if a request with these sequence hashes and
@@ -399,19 +426,15 @@ impl Scheduler {
             .collect()
     }
 
+    /// Every registered rank with its overlap and its load with the request added.
     fn candidates(
-        &mut self,
-        hashes: &RequestHashes,
-        exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+        &self,
+        overlaps: Vec<(WorkerWithDpRank, TierOverlap)>,
+        sequence: &[SequenceHash],
         isl: usize,
         pool: RolePool,
         now: Duration,
     ) -> Vec<Candidate> {
-        let overlaps = if hashes.local.is_empty() {
-            Vec::new()
-        } else {
-            self.overlaps(&hashes.local, exact, now)
-        };
         let map: FastMap<WorkerWithDpRank, TierOverlap> = overlaps.into_iter().collect();
         let opts = self.config().kv.booking();
         self.workers
@@ -422,7 +445,7 @@ impl Scheduler {
                 overlap: map.get(&info.worker).copied().unwrap_or_default(),
                 load: self.active.potential_load(
                     info.worker,
-                    &hashes.sequence,
+                    sequence,
                     isl,
                     self.block_size,
                     opts,
@@ -431,6 +454,41 @@ impl Scheduler {
             })
             .collect()
     }
+}
+
+/// Approximate-index scores as device-tier overlaps.
+fn device_only(scores: OverlapScores) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+    scores
+        .scores
+        .into_iter()
+        .map(|(w, device)| {
+            let t = TierOverlap {
+                device,
+                ..Default::default()
+            };
+            (w, t)
+        })
+        .collect()
+}
+
+/// `exact` with the predicted index's device overlaps merged in by per-rank maximum.
+fn merge_predicted(
+    mut exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+    predicted: OverlapScores,
+) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+    for (w, d) in predicted.scores {
+        match exact.iter_mut().find(|(x, _)| *x == w) {
+            Some((_, t)) => t.device = t.device.max(d),
+            None => exact.push((
+                w,
+                TierOverlap {
+                    device: d,
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+    exact
 }
 
 /// The single-threaded router: a [`Scheduler`] with its own exact [`TieredIndex`].
@@ -495,6 +553,29 @@ impl Router {
         now: Duration,
         rng: &mut R,
     ) -> Result<Selection, RouteError> {
+        let (hashes, exact) = self.lookup(req);
+        self.sched
+            .schedule(&req.schedule_request(), &hashes, exact, now, rng)
+    }
+
+    /// What [`route`](Self::route) would choose at `now`, changing nothing
+    /// ([`Scheduler::peek`]).
+    pub fn peek<R: Rng + ?Sized>(
+        &self,
+        req: &RouteRequest<'_>,
+        now: Duration,
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
+        let (hashes, exact) = self.lookup(req);
+        self.sched
+            .peek(&req.schedule_request(), &hashes, exact, now, rng)
+    }
+
+    /// A request's hashes (KV mode) and its exact-index overlaps (with events).
+    fn lookup(
+        &self,
+        req: &RouteRequest<'_>,
+    ) -> (RequestHashes, Vec<(WorkerWithDpRank, TierOverlap)>) {
         let hashes = if self.sched.needs_hashes() {
             RequestHashes::compute(req.tokens, self.block_size(), &req.hash)
         } else {
@@ -505,8 +586,7 @@ impl Router {
         } else {
             Vec::new()
         };
-        self.sched
-            .schedule(&req.schedule_request(), &hashes, exact, now, rng)
+        (hashes, exact)
     }
 
     /// The request produced its first token at `now`.

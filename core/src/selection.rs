@@ -256,6 +256,31 @@ impl Selector {
         req: &SelectionRequest,
         rng: &mut R,
     ) -> Result<Selection, SelectError> {
+        let (sel, used_cursor) = self.choose(candidates, req, rng)?;
+        if used_cursor {
+            self.rr_next = self.rr_next.wrapping_add(1);
+        }
+        Ok(sel)
+    }
+
+    /// What [`select`](Self::select) would pick now, without moving the round-robin cursor: a
+    /// query changes nothing (random tie-breaks still draw from `rng`).
+    pub fn peek<R: Rng + ?Sized>(
+        &self,
+        candidates: &[Candidate],
+        req: &SelectionRequest,
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
+        self.choose(candidates, req, rng).map(|(sel, _)| sel)
+    }
+
+    /// The choice, and whether it took the round-robin cursor's turn (the caller advances it).
+    fn choose<R: Rng + ?Sized>(
+        &self,
+        candidates: &[Candidate],
+        req: &SelectionRequest,
+        rng: &mut R,
+    ) -> Result<(Selection, bool), SelectError> {
         if candidates.is_empty() {
             return Err(SelectError::NoWorkers);
         }
@@ -293,7 +318,7 @@ impl Selector {
             } else {
                 (least_loaded(&free, rng), None)
             };
-            return Ok(self.selection(free[i], &free, req, kv));
+            return Ok((self.selection(free[i], &free, req, kv), false));
         }
 
         let ranked: Vec<&Candidate> = match req.dp_rank {
@@ -319,11 +344,7 @@ impl Selector {
         }
 
         let (i, kv) = match mode {
-            RouterMode::RoundRobin => {
-                let i = self.rr_next % eligible.len();
-                self.rr_next = self.rr_next.wrapping_add(1);
-                (i, None)
-            }
+            RouterMode::RoundRobin => (self.rr_next % eligible.len(), None),
             RouterMode::Random => (rng.random_range(0..eligible.len()), None),
             RouterMode::PowerOfTwo => (power_of_two(&eligible, rng), None),
             RouterMode::LeastLoaded => (least_loaded(&eligible, rng), None),
@@ -333,7 +354,8 @@ impl Selector {
                 (i, Some(kv))
             }
         };
-        Ok(self.selection(eligible[i], &eligible, req, kv))
+        let used_cursor = mode == RouterMode::RoundRobin;
+        Ok((self.selection(eligible[i], &eligible, req, kv), used_cursor))
     }
 
     /// `kv`: `(cost, credit)` of the chosen rank when it was picked by KV cost.

@@ -176,6 +176,8 @@ pub struct ActiveSequences {
     order: VecDeque<(Duration, RequestId)>,
     expiry: Duration,
     next_seq: u64,
+    /// Requests force-freed by expiry so far.
+    expired: u64,
 }
 
 impl Default for ActiveSequences {
@@ -194,6 +196,7 @@ impl ActiveSequences {
             order: VecDeque::new(),
             expiry,
             next_seq: 0,
+            expired: 0,
         }
     }
 
@@ -340,7 +343,14 @@ impl ActiveSequences {
             self.order
                 .retain(|(t, id)| self.requests.get(id).is_some_and(|b| b.booked_at == *t));
         }
+        self.expired += n as u64;
         n
+    }
+
+    /// Requests force-freed by expiry since creation, by any call (a booking expires the
+    /// stale ones first): what a metric counts.
+    pub fn expired_total(&self) -> u64 {
+        self.expired
     }
 
     /// Forget a worker: all its ranks and every request booked on them.
@@ -538,6 +548,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.expire(Duration::from_secs(299)), 0);
         assert_eq!(a.expire(Duration::from_secs(300)), 1);
+        assert_eq!(a.expired_total(), 1);
         assert_eq!(a.load(W, T0).active_requests, 1);
         assert_eq!(a.worker_of("new"), Some(W));
         a.remove_worker(1);

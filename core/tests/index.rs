@@ -462,6 +462,33 @@ fn approx_index_records_expires_and_prunes() {
 }
 
 #[test]
+fn an_approx_query_at_a_time_answers_what_expiring_would_without_expiring() {
+    // Two identical indexes: one answers queries in place (`&self`), the other expires first.
+    let tokens: Vec<u32> = (0..640).collect();
+    let local = compute_block_hashes(&tokens, 64, &HashOptions::default(), None);
+    let seq = compute_sequence_hashes(&local);
+    let cfg = ApproxConfig {
+        ttl: Duration::from_secs(10),
+        max_tree_size: 1 << 20,
+        prune_target_ratio: 0.8,
+    };
+    let (mut pure, mut expiring) = (ApproxIndex::new(cfg), ApproxIndex::new(cfg));
+    let s = Duration::from_secs;
+    for ax in [&mut pure, &mut expiring] {
+        ax.record(w(1, 0), &local[..4], &seq[..4], s(0));
+        ax.record(w(1, 0), &local, &seq, s(5));
+        ax.record(w(2, 0), &local[..7], &seq[..7], s(3));
+        ax.record(w(1, 0), &local[..2], &seq[..2], s(8));
+    }
+    let size = pure.current_size();
+    for t in [0, 9, 12, 13, 14, 15, 17, 18, 19, 30] {
+        let at = pure.find_matches_at(&local, &seq, s(t)).sorted();
+        assert_eq!(at, expiring.find_matches(&local, s(t)).sorted(), "t = {t}");
+        assert_eq!(pure.current_size(), size, "nothing expired in place");
+    }
+}
+
+#[test]
 fn tiered_index_credits_lower_tiers_beyond_device() {
     let mut t = TieredIndex::new();
     let mut dev = stored_event(
@@ -490,7 +517,31 @@ fn tiered_index_credits_lower_tiers_beyond_device() {
     dev.storage_tier = StorageTier::External;
     dev.worker_id = 5;
     t.apply(&dev).unwrap();
-    let mut m = t.find_tier_matches(&lh(&[1, 2, 3, 4, 5, 6]));
+    // The dump carries every tier's blocks with their tier, and rebuilds the same index.
+    let dump = t.dump_events();
+    let tiers: Vec<StorageTier> = dump.iter().map(|e| e.storage_tier).collect();
+    assert_eq!(
+        tiers,
+        [
+            StorageTier::Device,
+            StorageTier::HostPinned,
+            StorageTier::Disk
+        ]
+    );
+    let mut rebuilt = TieredIndex::new();
+    for ev in &dump {
+        rebuilt.apply(ev).unwrap();
+    }
+    let q = lh(&[1, 2, 3, 4, 5, 6]);
+    let sorted = |mut v: Vec<(WorkerWithDpRank, TierOverlap)>| {
+        v.sort_by_key(|(w, _)| *w);
+        v
+    };
+    assert_eq!(
+        sorted(rebuilt.find_tier_matches(&q)),
+        sorted(t.find_tier_matches(&q))
+    );
+    let mut m = t.find_tier_matches(&q);
     m.sort_by_key(|(w, _)| *w);
     assert_eq!(
         m,

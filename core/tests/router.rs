@@ -376,3 +376,155 @@ fn without_coefficients_the_aic_model_learns_from_first_tokens() {
     let predicted = c.prefill_ms(1000, None);
     assert!((predicted - 2000.0).abs() < 1.0, "{c:?} → {predicted}");
 }
+
+/// A fleet with state everywhere a query could leave a trace: engine events in the exact
+/// index, booked requests, routed prompts in the approximate or predicted index (TTL 1 s).
+fn busy_router(mode: RouterMode, use_kv_events: bool) -> Router {
+    let kv = KvRouterConfig {
+        use_kv_events,
+        router_ttl_secs: 1.0,
+        router_predicted_ttl_secs: use_kv_events.then_some(1.0),
+        ..Default::default()
+    };
+    let mut r = Router::new(
+        RouterConfig {
+            mode,
+            kv,
+            ..Default::default()
+        },
+        BS,
+    );
+    for id in 0..4 {
+        r.add_worker(WorkerInfo {
+            worker: WorkerWithDpRank::new(id, 0),
+            ..Default::default()
+        });
+    }
+    let cached = RequestHashes::compute(&prompt(1, 160), BS, &HashOptions::default());
+    let blocks = cached
+        .local
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (ExternalHash(500 + i as u64), l));
+    r.apply_event(&stored_event(WorkerWithDpRank::new(3, 0), 0, None, blocks))
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        let p = prompt(10 + i as u32, 100 + 40 * i as u32);
+        r.route(
+            &RouteRequest {
+                request_id: Some(id),
+                tokens: &p,
+                ..Default::default()
+            },
+            Duration::from_millis(100 * i as u64),
+            &mut rng,
+        )
+        .unwrap();
+    }
+    r
+}
+
+#[test]
+fn a_thousand_queries_leave_loads_indexes_and_the_cursor_unchanged() {
+    for (mode, events) in [
+        (RouterMode::Kv, true),
+        (RouterMode::Kv, false),
+        (RouterMode::RoundRobin, true),
+    ] {
+        let r = busy_router(mode, events);
+        let state = |r: &Router| (format!("{r:?}"), r.index().dump_events());
+        let before = state(&r);
+        let mut rng = StdRng::seed_from_u64(3);
+        for i in 0..1000u32 {
+            // Cached, routed and unknown prompts, before and after the approximate and
+            // predicted blocks' TTL (a lookup that expires them would change the indexes).
+            let p = match i % 4 {
+                0 => prompt(1, 160),
+                1 => prompt(10 + i % 3, 100 + 40 * (i % 3)),
+                2 => prompt(1000 + i, 64),
+                _ => prompt(11, 20),
+            };
+            let now = Duration::from_millis(u64::from(i) * 3);
+            let sel = r
+                .peek(
+                    &RouteRequest {
+                        request_id: Some("ignored"),
+                        tokens: &p,
+                        ..Default::default()
+                    },
+                    now,
+                    &mut rng,
+                )
+                .unwrap();
+            assert!(sel.worker.worker_id < 4);
+        }
+        assert!(
+            before == state(&r),
+            "{mode} events={events}: a query changed state"
+        );
+        assert_eq!(r.active().num_active(), 3);
+    }
+}
+
+#[test]
+fn a_query_chooses_what_routing_would() {
+    for (mode, events) in [
+        (RouterMode::Kv, true),
+        (RouterMode::Kv, false),
+        (RouterMode::RoundRobin, true),
+    ] {
+        let mut r = busy_router(mode, events);
+        for (i, now_ms) in [(0u32, 350u64), (1, 900), (2, 2500)] {
+            let p = match i {
+                0 => prompt(1, 160),
+                1 => prompt(10, 100),
+                _ => prompt(12, 180),
+            };
+            let req = RouteRequest {
+                tokens: &p,
+                ..Default::default()
+            };
+            let now = Duration::from_millis(now_ms);
+            let peeked = r.peek(&req, now, &mut StdRng::seed_from_u64(9)).unwrap();
+            let again = r.peek(&req, now, &mut StdRng::seed_from_u64(9)).unwrap();
+            assert_eq!(peeked, again, "a second query answers the same");
+            let routed = r.route(&req, now, &mut StdRng::seed_from_u64(9)).unwrap();
+            assert_eq!(peeked, routed, "{mode} events={events} at {now_ms} ms");
+        }
+    }
+    // A routed prompt is predicted cached until its TTL, then no more, for queries as for
+    // routing (nothing booked here, so the holder wins on its credit).
+    for events in [true, false] {
+        let mut r = router(
+            KvRouterConfig {
+                use_kv_events: events,
+                router_ttl_secs: 1.0,
+                router_predicted_ttl_secs: events.then_some(1.0),
+                ..Default::default()
+            },
+            4,
+        );
+        let p = prompt(10, 100);
+        let req = RouteRequest {
+            tokens: &p,
+            ..Default::default()
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let first = r.route(&req, T0, &mut rng).unwrap().worker;
+        let at = |ms: u64| {
+            r.peek(
+                &req,
+                Duration::from_millis(ms),
+                &mut StdRng::seed_from_u64(1),
+            )
+        };
+        let held = at(500).unwrap();
+        assert_eq!(
+            (held.worker, held.overlap_blocks),
+            (first, 6),
+            "6 full blocks"
+        );
+        assert_eq!(at(1000).unwrap().overlap_blocks, 0, "expired at its TTL");
+    }
+}

@@ -118,6 +118,29 @@ impl ApproxIndex {
         self.index.find_matches(query, false)
     }
 
+    /// What [`find_matches`](Self::find_matches) would answer at `now`, changing nothing: a
+    /// block whose TTL has passed ends its rank's prefix instead of being removed. `seq` are
+    /// the sequence hashes of `local` (same length). Same answer because a block never
+    /// outlives its parent here: each routing touch renews a whole prefix at once.
+    pub fn find_matches_at(
+        &self,
+        local: &[LocalBlockHash],
+        seq: &[SequenceHash],
+        now: Duration,
+    ) -> OverlapScores {
+        let mut found = self.index.find_matches(local, false);
+        for (worker, n) in &mut found.scores {
+            let held = &seq[..(*n as usize).min(seq.len())];
+            let live = held
+                .iter()
+                .take_while(|s| self.expiry.get(&(*worker, **s)).is_some_and(|t| *t > now))
+                .count();
+            *n = live as u32;
+        }
+        found.scores.retain(|(_, n)| *n > 0);
+        found
+    }
+
     /// `(block, worker)` pairs held.
     pub fn current_size(&self) -> usize {
         self.index.current_size()

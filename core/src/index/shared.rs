@@ -195,8 +195,9 @@ impl IndexReader {
         self.with(|i| i.current_size()).unwrap_or(0)
     }
 
-    /// Every block of every rank, as Stored events (device tier only).
+    /// Every block of every rank on every tier, as Stored events
+    /// ([`TieredIndex::dump_events`]).
     pub fn dump_events(&self) -> Vec<RouterEvent> {
-        self.with(|i| i.device.dump_events()).unwrap_or_default()
+        self.with(TieredIndex::dump_events).unwrap_or_default()
     }
 }

@@ -107,6 +107,23 @@ impl TieredIndex {
         out
     }
 
+    /// Every tier as `Stored` events that rebuild an identical index when applied to an
+    /// empty one ([`KvIndex::dump_events`] per tier, each event carrying its `storage_tier`):
+    /// device first, then host, then disk.
+    pub fn dump_events(&self) -> Vec<RouterEvent> {
+        let mut out = self.device.dump_events();
+        for (tier, index) in [
+            (StorageTier::HostPinned, &self.host),
+            (StorageTier::Disk, &self.disk),
+        ] {
+            out.extend(index.dump_events().into_iter().map(|mut ev| {
+                ev.storage_tier = tier;
+                ev
+            }));
+        }
+        out
+    }
+
     /// `(block, worker)` pairs across tiers.
     pub fn current_size(&self) -> usize {
         self.device.current_size() + self.host.current_size() + self.disk.current_size()
