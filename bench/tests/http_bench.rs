@@ -314,7 +314,7 @@ async fn kvrouter_frontend_figures_are_scraped() {
     cfg.mocker.block_size = 16;
     cfg.frontend.router_mode = RouterMode::Kv;
     cfg.frontend.kv_cache_block_size = Some(16);
-    cfg.frontend.no_admin = true;
+    cfg.frontend.fleet.no_admin = true;
     let stack = EmbeddedStack::start(cfg).await.unwrap();
     let reqs = Arc::new(prefix_workload(&spec(30)));
     let o = run(

@@ -77,8 +77,8 @@ mod tests {
         use clap::Parser;
         use kvrouter_core::SelectionPolicy;
         let policy = |args: &[&str]| match super::Cli::try_parse_from(args).unwrap().command {
-            super::Command::Up(a) => a.frontend.router_selection_policy,
-            super::Command::Frontend(a) => a.frontend.router_selection_policy,
+            super::Command::Up(a) => a.frontend.router.router_selection_policy,
+            super::Command::Frontend(a) => a.frontend.router.router_selection_policy,
             _ => unreachable!(),
         };
         assert_eq!(policy(&["kvrouter", "up"]), SelectionPolicy::Affinity);

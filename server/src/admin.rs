@@ -29,6 +29,18 @@ struct Admin {
     token: Option<String>,
 }
 
+/// Serve the admin API for `fleet` on `addr` (listener label `admin`). Errors: the address
+/// cannot be bound.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    fleet: Arc<Fleet>,
+    token: Option<String>,
+    limits: crate::listener::ListenerLimits,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<crate::listener::Served> {
+    crate::listener::serve(addr, router(fleet, token), limits, "admin", metrics).await
+}
+
 /// The admin routes for `fleet`; `token`: required `Authorization: Bearer` value.
 pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
     let state = Arc::new(Admin { fleet, token });

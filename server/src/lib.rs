@@ -26,7 +26,6 @@ pub mod workers;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use kvrouter_preprocess::Preprocessor;
@@ -96,30 +95,20 @@ impl Frontend {
             .or(pre.context_length())
             .unwrap_or(DEFAULT_CONTEXT_LENGTH);
 
-        let admin_addr = cfg.admin_addr()?;
+        let admin_addr = cfg.fleet.admin_addr()?;
         let nofile = listener::raise_nofile_limit();
         let metrics = Arc::new(Metrics::new());
         let router = RouterState::new(router_config, cfg.kv_cache_block_size, metrics.clone());
-        let client = WorkerClient::new(Duration::from_secs_f64(cfg.worker_timeout_secs));
-        let events = EventSettings {
-            enabled: cfg.use_kv_events(),
-            max_frame_bytes: cfg.kv_event_max_frame_bytes,
-        };
+        let client = WorkerClient::new(cfg.fleet.worker_timeout());
         let fleet = Arc::new(Fleet::new(
             router,
             client.clone(),
-            events,
-            cfg.health_policy(),
+            EventSettings::of(&cfg.fleet, cfg.use_kv_events()),
+            cfg.fleet.health_policy(),
         ));
         let mut all = cfg.static_workers()?;
         all.extend(workers);
-        for spec in all {
-            let url = spec.url.clone();
-            let f = fleet.clone();
-            tokio::task::spawn_blocking(move || f.register(spec))
-                .await?
-                .with_context(|| format!("registering worker {url}"))?;
-        }
+        fleet.register_all(all).await?;
 
         let limits = Limits {
             context_length,
@@ -142,8 +131,8 @@ impl Frontend {
             model_name.clone(),
             preprocessing,
             limits,
-            cfg.max_body_bytes,
-            Duration::from_secs_f64(cfg.http_body_timeout_secs.max(0.001)),
+            cfg.listener.max_body_bytes,
+            cfg.listener.body_timeout(),
             fleet.clone(),
             client,
             metrics.clone(),
@@ -158,7 +147,7 @@ impl Frontend {
         let api = listener::serve(
             cfg.http_addr()?,
             frontend::router(state),
-            cfg.api_listener(nofile),
+            cfg.listener.limits(nofile),
             "api",
             metrics.clone(),
         )
@@ -168,14 +157,9 @@ impl Frontend {
         shutdown.push(api.shutdown);
         let admin_addr = match admin_addr {
             Some(a) => {
-                let served = listener::serve(
-                    a,
-                    admin::router(fleet.clone(), cfg.admin_token.clone()),
-                    cfg.admin_listener(),
-                    "admin",
-                    metrics,
-                )
-                .await?;
+                let limits = cfg.fleet.admin_listener(&cfg.listener);
+                let token = cfg.fleet.admin_token.clone();
+                let served = admin::serve(a, fleet.clone(), token, limits, metrics).await?;
                 tasks.push(served.task);
                 shutdown.push(served.shutdown);
                 Some(served.addr)

@@ -464,11 +464,11 @@ mod embedded {
             args.tokenizer.as_deref(),
         );
         cfg.frontend.router_mode = mode;
-        cfg.frontend.router_temperature = args.router_temperature;
+        cfg.frontend.router.router_temperature = args.router_temperature;
         cfg.frontend.kv_cache_block_size = Some(args.block_size);
         cfg.frontend.http_host = "127.0.0.1".into();
         cfg.frontend.http_port = 0;
-        cfg.frontend.no_admin = true;
+        cfg.frontend.fleet.no_admin = true;
         if split {
             cfg.prefill = (args.workers / 2).max(1);
             cfg.decode = args.workers.saturating_sub(cfg.prefill).max(1);

@@ -47,7 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.decode = args.decode;
     let (args_prefill, args_decode) = (args.prefill, args.decode);
     let mode = args.frontend.router_mode;
-    let policy = args.frontend.router_selection_policy;
+    let policy = args.frontend.router.router_selection_policy;
     cfg.frontend = FrontendConfig {
         model_path: cfg.frontend.model_path.clone(),
         ..args.frontend

@@ -47,6 +47,16 @@ pub struct EventSettings {
     pub max_frame_bytes: usize,
 }
 
+impl EventSettings {
+    /// The settings of these flags; `enabled`: KV events are consumed (not approximate mode).
+    pub fn of(args: &crate::config::FleetArgs, enabled: bool) -> Self {
+        Self {
+            enabled,
+            max_frame_bytes: args.kv_event_max_frame_bytes,
+        }
+    }
+}
+
 /// Workers and the router's view of them.
 pub struct Fleet {
     pub registry: Registry,
@@ -56,6 +66,8 @@ pub struct Fleet {
     policy: HealthPolicy,
     /// Registrations one at a time: block-size admission and insertion are one step.
     registering: Mutex<()>,
+    /// Only workers of this endpoint are admitted (the standalone router's `--endpoint`).
+    endpoint: Option<String>,
 }
 
 /// Why a registration failed (→ 400 on the admin API, an error at startup).
@@ -77,7 +89,22 @@ impl Fleet {
             events,
             policy,
             registering: Mutex::new(()),
+            endpoint: None,
         }
+    }
+
+    /// Admit only workers registered for `endpoint` (`namespace.component.endpoint`); others
+    /// are refused.
+    pub fn serving_endpoint(mut self, endpoint: String) -> Self {
+        self.endpoint = Some(endpoint);
+        self
+    }
+
+    /// Whether a worker of this spec belongs to this fleet's endpoint (always, without one).
+    pub fn serves(&self, spec: &WorkerSpec) -> bool {
+        self.endpoint
+            .as_deref()
+            .is_none_or(|e| e == spec.endpoint())
     }
 
     /// The health policy in force.
@@ -92,6 +119,14 @@ impl Fleet {
     pub fn register(&self, mut spec: WorkerSpec) -> Result<WorkerSpec, RegistrationError> {
         spec.url = spec.url.trim_end_matches('/').to_string();
         spec.validate().map_err(RegistrationError)?;
+        if !self.serves(&spec) {
+            return Err(RegistrationError(format!(
+                "worker {} serves endpoint {}; this router routes {}",
+                spec.url,
+                spec.endpoint(),
+                self.endpoint.as_deref().unwrap_or_default()
+            )));
+        }
         let _one_at_a_time = self.registering.lock().unwrap_or_else(|e| e.into_inner());
         let block_size = self
             .router
@@ -108,6 +143,19 @@ impl Fleet {
         self.router.add_ranks(rank_infos(&worker));
         tracing::info!(id = worker.id(), url = %worker.spec.url, "worker registered");
         Ok(worker.spec.clone())
+    }
+
+    /// Register `specs` in order (at startup), off the async threads. Errors: the first that
+    /// cannot be registered, naming its URL.
+    pub async fn register_all(self: &Arc<Self>, specs: Vec<WorkerSpec>) -> anyhow::Result<()> {
+        for spec in specs {
+            let url = spec.url.clone();
+            let f = self.clone();
+            tokio::task::spawn_blocking(move || f.register(spec))
+                .await?
+                .map_err(|e| anyhow::anyhow!("registering worker {url}: {e}"))?;
+        }
+        Ok(())
     }
 
     fn subscribe(&self, worker: &Worker, block_size: usize) -> Result<(), RegistrationError> {

@@ -14,6 +14,8 @@ pub const MAX_DP_SIZE: u32 = 256;
 pub const MAX_BLOCK_SIZE: usize = 4096;
 /// Longest model name or event topic accepted, bytes.
 pub const MAX_NAME_LEN: usize = 256;
+/// The endpoint a worker registered without one serves (Dynamo's default component).
+pub const DEFAULT_ENDPOINT: &str = "dynamo.backend.generate";
 
 /// One worker as registered. Every field but `url` is optional; unknown fields are ignored,
 /// so the JSON lines `kvrouter mocker` prints are valid specs.
@@ -62,6 +64,11 @@ pub struct WorkerSpec {
     /// default 8998).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_port: Option<u16>,
+    /// The `namespace.component.endpoint` it serves (default [`DEFAULT_ENDPOINT`]): a
+    /// standalone router (`kvrouter router --endpoint`) routes to the workers of its endpoint
+    /// only, e.g. `dynamo.prefill.generate` for a prefill pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// How KV blocks move from a prefill worker to a decode worker (spec §13.1).
@@ -140,6 +147,9 @@ impl WorkerSpec {
                 validate_zmq_endpoint(k, e, self.dp_size)?;
             }
         }
+        if let Some(e) = &self.endpoint {
+            validate_endpoint_name(e)?;
+        }
         if self.replay_endpoint.is_some() && self.kv_events_endpoint.is_none() {
             return Err("replay_endpoint needs a kv_events_endpoint".into());
         }
@@ -154,6 +164,11 @@ impl WorkerSpec {
         Ok(())
     }
 
+    /// The endpoint it serves ([`DEFAULT_ENDPOINT`] when not given).
+    pub fn endpoint(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT)
+    }
+
     /// Its ranks.
     pub fn ranks(&self) -> impl Iterator<Item = WorkerWithDpRank> + '_ {
         let id = self.id.unwrap_or(0);
@@ -165,6 +180,26 @@ impl WorkerSpec {
         self.kv_events_endpoint
             .as_deref()
             .map(|e| dp_endpoint(e, rank))
+    }
+}
+
+/// An endpoint name is `namespace.component.endpoint`: three non-empty parts of ASCII
+/// letters, digits, `_` and `-`. Errors: a message naming the rule.
+pub fn validate_endpoint_name(e: &str) -> Result<(), String> {
+    let parts: Vec<&str> = e.split('.').collect();
+    let ok = e.len() <= MAX_NAME_LEN
+        && parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "endpoint must be namespace.component.endpoint (three non-empty parts of letters, digits, `_`, `-`), got {e:?}"
+        ))
     }
 }
 
@@ -248,5 +283,34 @@ fn validate_zmq_endpoint(field: &str, e: &str, dp_size: u32) -> Result<(), Strin
         Ok(())
     } else {
         bad("transport")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_default_and_are_validated() {
+        let spec: WorkerSpec = serde_json::from_str(r#"{"url": "http://127.0.0.1:1"}"#).unwrap();
+        assert_eq!(spec.endpoint(), DEFAULT_ENDPOINT);
+        assert!(spec.validate().is_ok());
+        let spec: WorkerSpec = serde_json::from_str(
+            r#"{"url": "http://127.0.0.1:1", "endpoint": "dynamo.prefill.generate"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.endpoint(), "dynamo.prefill.generate");
+        for bad in [
+            "dynamo.prefill",
+            "a..b",
+            "a.b.c.d",
+            "a.b c.d",
+            "",
+            "ns.comp.ep!",
+        ] {
+            let e = validate_endpoint_name(bad).unwrap_err();
+            assert!(e.contains("namespace.component.endpoint"), "{bad}: {e}");
+        }
+        assert!(validate_endpoint_name("my-ns.prefill_2.generate").is_ok());
     }
 }

@@ -11,7 +11,7 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_register_and_leave_at_runtime_behind_a_token() {
     let s = stack(RouterMode::RoundRobin, 1, |c| {
-        c.frontend.admin_token = Some("s3cret".into())
+        c.frontend.fleet.admin_token = Some("s3cret".into())
     })
     .await;
     let admin = s.frontend.admin_url().expect("admin API served");

@@ -24,7 +24,7 @@ pub async fn stack(
     cfg.mocker.speedup_ratio = 0.0;
     cfg.mocker.num_gpu_blocks = 1024;
     cfg.frontend.router_mode = mode;
-    cfg.frontend.health_interval_ms = 100;
+    cfg.frontend.fleet.health_interval_ms = 100;
     tweak(&mut cfg);
     EmbeddedStack::start(cfg)
         .await

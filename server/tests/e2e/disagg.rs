@@ -122,7 +122,7 @@ async fn failed_prefill_or_decode_is_the_clients_error_and_books_nothing() {
     let s = stack(RouterMode::Kv, 1, |c| {
         c.decode = 2;
         c.mocker.kv_transfer_bandwidth = 0.0;
-        c.frontend.health_interval_ms = 60_000;
+        c.frontend.fleet.health_interval_ms = 60_000;
     })
     .await;
     let (c, url) = (client(), s.url());

@@ -33,7 +33,7 @@ fn assert_openai_error(v: &Value, kind: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_openai_errors() {
     let s = stack(RouterMode::Kv, 1, |c| {
-        c.frontend.max_body_bytes = 64 * 1024;
+        c.frontend.listener.max_body_bytes = 64 * 1024;
         c.frontend.context_length = Some(2048);
     })
     .await;
@@ -158,7 +158,7 @@ async fn all_workers_busy_is_503_with_the_reason() {
     // first request is still in prefill when the second arrives.
     let s = stack(RouterMode::Kv, 1, |c| {
         c.mocker.speedup_ratio = 0.01;
-        c.frontend.active_prefill_tokens_threshold = Some(0);
+        c.frontend.router.active_prefill_tokens_threshold = Some(0);
     })
     .await;
     let c = client();
@@ -265,13 +265,13 @@ async fn one_malformed_event_fails_the_request_not_the_worker() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let waddr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let cfg = FrontendConfig {
+    let mut cfg = FrontendConfig {
         router_mode: RouterMode::RoundRobin,
-        health_interval_ms: 50,
         kv_cache_block_size: Some(16),
-        no_admin: true,
         ..FrontendConfig::default()
     };
+    cfg.fleet.health_interval_ms = 50;
+    cfg.fleet.no_admin = true;
     let f = Frontend::start(
         cfg,
         vec![kvrouter_server::WorkerSpec::from_url(&format!(

@@ -55,11 +55,11 @@ async fn scripted(tweak: impl FnOnce(&mut FrontendConfig)) -> (Frontend, Arc<Mut
     tokio::spawn(async move { axum::serve(listener, app).await });
     let mut cfg = FrontendConfig {
         router_mode: RouterMode::RoundRobin,
-        health_interval_ms: 50,
         kv_cache_block_size: Some(16),
-        no_admin: true,
         ..FrontendConfig::default()
     };
+    cfg.fleet.health_interval_ms = 50;
+    cfg.fleet.no_admin = true;
     tweak(&mut cfg);
     let f = Frontend::start(
         cfg,

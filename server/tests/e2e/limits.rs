@@ -35,7 +35,7 @@ fn addr(url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_header_connections_are_closed() {
     let s = stack(RouterMode::Kv, 1, |c| {
-        c.frontend.http_idle_timeout_secs = 0.5
+        c.frontend.listener.http_idle_timeout_secs = 0.5
     })
     .await;
     let a = addr(&s.url());
@@ -69,7 +69,7 @@ async fn idle_and_slow_header_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_never_arrives_is_not_in_flight_and_times_out() {
     let s = stack(RouterMode::Kv, 1, |c| {
-        c.frontend.http_body_timeout_secs = 1.0
+        c.frontend.listener.http_body_timeout_secs = 1.0
     })
     .await;
     let c = client();
@@ -103,7 +103,10 @@ async fn a_body_that_never_arrives_is_not_in_flight_and_times_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_refuses_with_503_and_the_admin_api_stays_up() {
-    let s = stack(RouterMode::Kv, 1, |c| c.frontend.max_connections = Some(4)).await;
+    let s = stack(RouterMode::Kv, 1, |c| {
+        c.frontend.listener.max_connections = Some(4)
+    })
+    .await;
     let a = addr(&s.url());
     let mut held = Vec::new();
     for _ in 0..4 {

@@ -62,7 +62,7 @@ async fn tokenize_gives_the_ids_requests_are_routed_on() {
     // A small inline limit: the long prompt below is tokenized on the blocking pool.
     let s = stack(RouterMode::Kv, 1, |c| {
         c.frontend.inline_parse_bytes = 1024;
-        c.frontend.max_body_bytes = 64 * 1024;
+        c.frontend.listener.max_body_bytes = 64 * 1024;
     })
     .await;
     let c = client();

@@ -11,8 +11,8 @@ async fn requests_wait_in_the_router_while_every_worker_is_prefilling() {
     // time, so prefills overlap.
     let s = stack(RouterMode::Kv, 2, |c| {
         c.mocker.speedup_ratio = 1.0;
-        c.frontend.router_queue_threshold = Some(0.0);
-        c.frontend.router_queue_policy = kvrouter_core::queue::QueuePolicy::Wspt;
+        c.frontend.router.router_queue_threshold = Some(0.0);
+        c.frontend.router.router_queue_policy = kvrouter_core::queue::QueuePolicy::Wspt;
     })
     .await;
     let c = client();
@@ -55,8 +55,8 @@ async fn requests_wait_in_the_router_while_every_worker_is_prefilling() {
 async fn a_full_router_queue_answers_503_and_books_nothing() {
     let s = stack(RouterMode::Kv, 1, |c| {
         c.mocker.speedup_ratio = 1.0;
-        c.frontend.router_queue_threshold = Some(0.0);
-        c.frontend.router_queue_limit = 1;
+        c.frontend.router.router_queue_threshold = Some(0.0);
+        c.frontend.router.router_queue_limit = 1;
     })
     .await;
     let c = client();
@@ -88,7 +88,8 @@ async fn a_full_router_queue_answers_503_and_books_nothing() {
 async fn the_aic_model_learns_prefill_time_from_first_tokens() {
     let s = stack(RouterMode::Kv, 1, |c| {
         c.mocker.speedup_ratio = 1.0;
-        c.frontend.router_prefill_load_model = kvrouter_core::prefill_time::PrefillLoadModel::Aic;
+        c.frontend.router.router_prefill_load_model =
+            kvrouter_core::prefill_time::PrefillLoadModel::Aic;
     })
     .await;
     let c = client();

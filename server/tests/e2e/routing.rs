@@ -60,7 +60,7 @@ async fn round_robin_cycles_through_the_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approximate_mode_routes_repeats_without_events() {
-    let s = stack(RouterMode::Kv, 4, |c| c.frontend.no_kv_events = true).await;
+    let s = stack(RouterMode::Kv, 4, |c| c.frontend.router.no_kv_events = true).await;
     let c = client();
     let tokens = prompt(3, 1024);
     let (_, first, _) = complete(&c, &s.url(), completion_body(&tokens, 2)).await;
@@ -85,7 +85,7 @@ async fn approximate_mode_routes_repeats_without_events() {
 async fn every_selection_policy_routes_repeats_to_their_cache_and_requests_may_choose_one() {
     // The affinity policy from the command line; lmetric and default per request.
     let s = stack(RouterMode::Kv, 3, |c| {
-        c.frontend.router_selection_policy = kvrouter_core::SelectionPolicy::Affinity;
+        c.frontend.router.router_selection_policy = kvrouter_core::SelectionPolicy::Affinity;
     })
     .await;
     let c = client();

@@ -1,0 +1,191 @@
+//! Flags of the worker side and of HTTP serving, shared by `kvrouter frontend` and `kvrouter
+//! router`: where workers come from (`--worker`, `--workers-file`, the admin API), how they are
+//! health-checked and reached ([`FleetArgs`]), and the limits of a listener ([`ListenerArgs`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::listener::{default_max_connections, ListenerLimits};
+use crate::workers::fleet::HealthPolicy;
+use crate::workers::spec::WorkerSpec;
+
+/// Workers: static sources, the admin API, health checks, KV event and request limits.
+#[derive(Args, Clone, Debug)]
+pub struct FleetArgs {
+    /// A worker's base URL (repeatable), e.g. `http://10.0.0.5:8000`; KV events then come
+    /// from `--worker-kv-events` if given. For full descriptions use `--workers-file`.
+    #[arg(long = "worker", value_name = "URL")]
+    pub workers: Vec<String>,
+    /// Workers file: JSON lines or a JSON array of worker descriptions
+    /// (`url`, `kv_events_endpoint`, `replay_endpoint`, `block_size`, `dp_size`, `device`,
+    /// `total_kv_blocks`, `max_num_batched_tokens`, `model`, `id`, `role`, `endpoint`).
+    /// `kvrouter mocker` prints such lines.
+    #[arg(long, env = "KVROUTER_WORKERS_FILE")]
+    pub workers_file: Option<PathBuf>,
+    /// Address of the admin API (`/v1/workers`).
+    #[arg(long, env = "KVROUTER_ADMIN_HOST", default_value = "127.0.0.1")]
+    pub admin_host: String,
+    /// Port of the admin API; 0 = any free port; omit with `--no-admin`.
+    #[arg(long, env = "KVROUTER_ADMIN_PORT", default_value_t = 8001)]
+    pub admin_port: u16,
+    /// Do not serve the admin API.
+    #[arg(long)]
+    pub no_admin: bool,
+    /// Bearer token the admin API requires. Without one the admin API only starts on a
+    /// loopback address.
+    #[arg(long, env = "KVROUTER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Open connections the admin API accepts at most.
+    #[arg(long, env = "KVROUTER_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    pub admin_max_connections: usize,
+    /// Milliseconds between worker health checks.
+    #[arg(long, env = "KVROUTER_HEALTH_INTERVAL_MS", default_value_t = 1000)]
+    pub health_interval_ms: u64,
+    /// A health check not answered 2xx within this many milliseconds fails.
+    #[arg(long, env = "KVROUTER_HEALTH_TIMEOUT_MS", default_value_t = 2000)]
+    pub health_timeout_ms: u64,
+    /// A failing worker is first suspect (no new requests, index and bookings kept); it is
+    /// removed (index cleared, bookings dropped) after this many consecutive failed checks…
+    #[arg(
+        long,
+        env = "KVROUTER_HEALTH_REMOVE_AFTER_FAILURES",
+        default_value_t = 10
+    )]
+    pub health_remove_after_failures: u32,
+    /// …or after this many seconds of being suspect, whichever comes first.
+    #[arg(
+        long,
+        env = "KVROUTER_HEALTH_REMOVE_AFTER_SECS",
+        default_value_t = 30.0
+    )]
+    pub health_remove_after_secs: f64,
+    /// KV event messages larger than this many bytes are dropped and counted (the gap is
+    /// then recovered by replay or the worker's index cleared).
+    #[arg(long, env = "KVROUTER_KV_EVENT_MAX_FRAME_BYTES", default_value_t = 4 << 20)]
+    pub kv_event_max_frame_bytes: usize,
+    /// Seconds to wait for a worker to answer a request's headers.
+    #[arg(long, env = "KVROUTER_WORKER_TIMEOUT_SECS", default_value_t = 600.0)]
+    pub worker_timeout_secs: f64,
+}
+
+/// Limits of an API listener: connections, request heads and bodies.
+#[derive(Args, Clone, Debug)]
+pub struct ListenerArgs {
+    /// Largest accepted request body, bytes.
+    #[arg(long, env = "KVROUTER_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds a request body may take to arrive once its head has; then 408.
+    #[arg(long, env = "KVROUTER_HTTP_BODY_TIMEOUT_SECS", default_value_t = 60.0)]
+    pub http_body_timeout_secs: f64,
+    /// Seconds a connection may take to send a complete request head, counted from its
+    /// accept or the end of its previous response: the header timeout and the keep-alive
+    /// idle limit in one (both listeners).
+    #[arg(long, env = "KVROUTER_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 75.0)]
+    pub http_idle_timeout_secs: f64,
+    /// Open connections the OpenAI API accepts at most; past it new ones get 503 and are
+    /// closed. Default: half the descriptor limit left after a reserve of 512, 16..=32768.
+    #[arg(long, env = "KVROUTER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+}
+
+impl FleetArgs {
+    /// The admin API's socket address, unless disabled. Errors: an unparsable host, or a
+    /// non-loopback address without `--admin-token` (registration opens sockets and threads:
+    /// it is never served open to the network).
+    pub fn admin_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.no_admin {
+            return Ok(None);
+        }
+        let a: SocketAddr = format!("{}:{}", bracket(&self.admin_host), self.admin_port).parse()?;
+        if !a.ip().is_loopback() && self.admin_token.as_deref().is_none_or(str::is_empty) {
+            anyhow::bail!(
+                "the admin API on {a} would be open to the network: give --admin-token (or KVROUTER_ADMIN_TOKEN), bind it to 127.0.0.1, or pass --no-admin"
+            );
+        }
+        Ok(Some(a))
+    }
+
+    /// The health policy of these flags.
+    pub fn health_policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            interval: Duration::from_millis(self.health_interval_ms.max(10)),
+            timeout: Duration::from_millis(self.health_timeout_ms.max(1)),
+            remove_after_failures: self.health_remove_after_failures.max(1),
+            remove_after: Duration::from_secs_f64(self.health_remove_after_secs.max(0.0)),
+        }
+    }
+
+    /// Limits of the admin API's listener (its idle limit is the API's, `listener`).
+    pub fn admin_listener(&self, listener: &ListenerArgs) -> ListenerLimits {
+        ListenerLimits {
+            max_connections: self.admin_max_connections,
+            idle_timeout: listener.idle_timeout(),
+        }
+    }
+
+    /// How long a worker may take to answer a request's headers.
+    pub fn worker_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.worker_timeout_secs)
+    }
+
+    /// Workers from `--worker` and `--workers-file`, in that order. Errors: unreadable or
+    /// malformed file.
+    pub fn static_workers(&self) -> anyhow::Result<Vec<WorkerSpec>> {
+        let mut out = self.url_workers();
+        out.extend(self.file_workers()?);
+        Ok(out)
+    }
+
+    /// Workers from `--worker` (known by URL only).
+    pub fn url_workers(&self) -> Vec<WorkerSpec> {
+        self.workers
+            .iter()
+            .map(|u| WorkerSpec::from_url(u))
+            .collect()
+    }
+
+    /// Workers from `--workers-file`. Errors: unreadable or malformed file.
+    pub fn file_workers(&self) -> anyhow::Result<Vec<WorkerSpec>> {
+        let Some(p) = &self.workers_file else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading workers file {}: {e}", p.display()))?;
+        WorkerSpec::parse_list(&text)
+            .map_err(|e| anyhow::anyhow!("workers file {}: {e}", p.display()))
+    }
+}
+
+impl ListenerArgs {
+    /// Limits of the API's listener; `nofile`: the descriptor limit in force.
+    pub fn limits(&self, nofile: u64) -> ListenerLimits {
+        ListenerLimits {
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(|| default_max_connections(nofile)),
+            idle_timeout: self.idle_timeout(),
+        }
+    }
+
+    /// How long a connection may take to send a request head.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.http_idle_timeout_secs.max(0.001))
+    }
+
+    /// How long a request body may take to arrive once its head has.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.http_body_timeout_secs.max(0.001))
+    }
+}
+
+/// `host` as the host part of `host:port` (IPv6 bracketed).
+pub(crate) fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
