@@ -32,6 +32,11 @@ enum Command {
     Up(cmd::up::Args),
     /// Run the OpenAI-compatible frontend with its embedded router in front of workers.
     Frontend(cmd::frontend::Args),
+    /// Run the standalone router service (`python -m dynamo.router`'s counterpart): the
+    /// workers of one endpoint, its calls as JSON over HTTP on 127.0.0.1:8090.
+    // Its admin API beside it, so that a frontend and a router on one host do not collide.
+    #[command(mut_arg("admin_port", |a| a.default_value("8091")))]
+    Router(cmd::router::Args),
     /// Print the router's block hashes for token ids read as a JSON array on stdin.
     Hash(cmd::hash::Args),
     /// Print a worker's KV event stream (vLLM/SGLang ZMQ) as canonical JSON lines.
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(a) => cmd::up::run(a),
         Command::Frontend(a) => cmd::frontend::run(a),
+        Command::Router(a) => cmd::router::run(a),
         Command::Hash(a) => cmd::hash::run(a),
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),
@@ -87,5 +93,27 @@ mod tests {
             SelectionPolicy::Default
         );
         assert_eq!(policy(&["kvrouter", "frontend"]), SelectionPolicy::Default);
+    }
+
+    #[test]
+    fn router_takes_the_reference_command_line() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from([
+            "kvrouter",
+            "router",
+            "--endpoint",
+            "dynamo.prefill.generate",
+            "--router-block-size",
+            "64",
+            "--router-reset-states",
+            "--no-router-track-active-blocks",
+        ])
+        .unwrap();
+        let super::Command::Router(a) = cli.command else {
+            unreachable!()
+        };
+        let r = a.router;
+        assert_eq!((r.http_port, r.fleet.admin_port), (8090, 8091));
+        assert!(!r.router_config().unwrap().kv.router_track_active_blocks);
     }
 }

@@ -10,13 +10,19 @@
 //!    (healthy → suspect → removed) and KV event subscribers;
 //! 4. [`admin`] — runtime registration; [`metrics`] — Prometheus; [`config`] — the flags;
 //! 5. `up` (feature `embedded`) — the embedded default: frontend + in-process mock workers.
+//!
+//! [`router_service`] is the other server: `kvrouter router`, the standalone router (the
+//! same routing, workers and admin API, with a JSON API of the reference's router calls
+//! instead of the OpenAI one).
 
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod error;
 pub mod frontend;
 pub mod listener;
 pub mod metrics;
+pub mod router_service;
 pub mod routing;
 pub mod sse;
 #[cfg(feature = "embedded")]

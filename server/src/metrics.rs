@@ -1,5 +1,6 @@
-//! Prometheus metrics of the frontend and its router (`GET /metrics`), named after Dynamo's
-//! (`dynamo-router-spec.md` §14) under the `kvrouter_` prefix.
+//! Prometheus metrics of the frontend, the standalone router and the router inside both
+//! (`GET /metrics`), named after Dynamo's (`dynamo-router-spec.md` §14) under the `kvrouter_`
+//! prefix.
 //!
 //! Two text formats, chosen by the scraper's `Accept` header ([`Format::negotiate`]): the
 //! classic Prometheus text format 0.0.4 by default, and OpenMetrics 1.0.0 for scrapers that ask
@@ -29,6 +30,14 @@ pub struct RequestLabels {
     pub endpoint: &'static str,
     pub status: &'static str,
     pub error_type: &'static str,
+}
+
+/// A standalone router call: `endpoint` (`generate`, `best_worker_id`, …) and `status`
+/// (`success`, `client_error`, `unavailable`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub endpoint: &'static str,
+    pub status: &'static str,
 }
 
 /// Router overhead stage: `hashing`, `find_matches`, `selection`, `total`.
@@ -310,6 +319,10 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     /// Requests refused because the router queue was full.
     pub queue_rejected: Counter,
+    /// Bookings force-freed after `--router-active-request-expiry-secs` without a free.
+    pub expired_requests: Counter,
+    /// Standalone router calls by endpoint and outcome.
+    pub service_calls: Family<ServiceLabels, Counter>,
     scrape: std::sync::Arc<ScrapeCollector>,
 }
 
@@ -344,6 +357,8 @@ impl Metrics {
             queue_pending: Gauge::default(),
             queue_wait: seconds_buckets(),
             queue_rejected: Counter::default(),
+            expired_requests: Counter::default(),
+            service_calls: Family::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -451,6 +466,16 @@ impl Metrics {
             "router_queue_rejected",
             "Requests refused because the router queue was full",
             m.queue_rejected.clone(),
+        );
+        registry.register(
+            "router_expired_requests",
+            "Booked requests force-freed after the expiry (router_active_request_expiry_secs) because nothing freed them",
+            m.expired_requests.clone(),
+        );
+        registry.register(
+            "router_service_requests",
+            "Standalone router calls by endpoint (generate, best_worker_id, …) and status (success, client_error, unavailable, error)",
+            m.service_calls.clone(),
         );
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }

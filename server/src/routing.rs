@@ -24,6 +24,7 @@ use kvrouter_core::event::{
 use kvrouter_core::hash::HashOptions;
 use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter, TierOverlap};
 use kvrouter_core::queue::{QueueMeta, RouterQueue};
+use kvrouter_core::sequences::SequenceError;
 use kvrouter_core::{
     RequestHashes, RolePool, RouteError, RouterConfig, RouterConfigOverride, ScheduleRequest,
     Scheduler, SelectError, Selection, WorkerInfo, WorkerRole,
@@ -98,6 +99,35 @@ pub struct RouterState {
     next_request: AtomicU64,
     /// Locked after `sched` when both are held.
     queue: Mutex<RouterQueue<Waiter>>,
+    /// The block size is the router's own (`kvrouter router --router-block-size`): a worker
+    /// registering another one is refused, whatever the fleet.
+    fixed_block_size: bool,
+    /// Expiries already counted in the metrics (the scheduler's running total).
+    expired_counted: AtomicU64,
+}
+
+/// Bookings made under a caller's id (the standalone router's `best_worker_id` with a
+/// `request_id`) live in the scheduler under this prefix, so that a caller's id never collides
+/// with the ids generated for routed requests (`r1`, `r2`, …).
+const EXTERNAL_PREFIX: &str = "x:";
+
+/// A request's block hashes (empty outside KV mode or before a block size is known) and the
+/// block size they were computed with.
+struct Hashed {
+    hashes: RequestHashes,
+    block_size: usize,
+}
+
+/// Per rank, the device, host and disk blocks of a prompt's prefix the router believes cached
+/// there (the standalone router's `get_overlap_scores`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OverlapReport {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Full blocks of the prompt.
+    pub num_blocks: usize,
+    /// Every rank in the routing set, in registry order, with its overlap (zero when none).
+    pub ranks: Vec<(WorkerWithDpRank, TierOverlap)>,
 }
 
 impl RouterState {
@@ -110,10 +140,30 @@ impl RouterState {
         Self::with_event_queue(config, block_size, metrics, EVENT_QUEUE)
     }
 
+    /// A router whose block size is `block_size` whatever the workers say (the standalone
+    /// router's `--router-block-size`): a worker registering another one is refused.
+    pub fn with_fixed_block_size(
+        config: RouterConfig,
+        block_size: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Self::build(config, Some(block_size), true, metrics, EVENT_QUEUE)
+    }
+
     /// [`new`](Self::new) with `capacity` events buffered for the index thread.
     pub fn with_event_queue(
         config: RouterConfig,
         block_size: Option<usize>,
+        metrics: Arc<Metrics>,
+        capacity: usize,
+    ) -> Arc<Self> {
+        Self::build(config, block_size, false, metrics, capacity)
+    }
+
+    fn build(
+        config: RouterConfig,
+        block_size: Option<usize>,
+        fixed_block_size: bool,
         metrics: Arc<Metrics>,
         capacity: usize,
     ) -> Arc<Self> {
@@ -142,6 +192,8 @@ impl RouterState {
             epoch: Instant::now(),
             next_request: AtomicU64::new(1),
             queue: Mutex::new(queue),
+            fixed_block_size,
+            expired_counted: AtomicU64::new(0),
         });
         if state.queue_enabled() {
             let weak = Arc::downgrade(&state);
@@ -209,6 +261,15 @@ impl RouterState {
     ) -> Result<usize, RegisterError> {
         let mut s = self.sched();
         let current = s.block_size();
+        if self.fixed_block_size {
+            return match worker {
+                Some(w) if w != current => Err(RegisterError::BlockSizeMismatch {
+                    worker: w,
+                    router: current,
+                }),
+                _ => Ok(current),
+            };
+        }
         let want = match worker {
             Some(w) => w,
             None if current > 0 => current,
@@ -357,35 +418,11 @@ impl RouterState {
     ) -> Result<Routed, RouteError> {
         let t0 = Instant::now();
         let id = format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed));
-        let opts = HashOptions {
-            lora_name: input.lora_name,
-            cache_salt: input.cache_salt,
-            ..Default::default()
-        };
-        // Mode and event use are fixed at start; the block size is set by the first worker.
-        let needs_hashes = self.config.needs_hashes();
-        let exact_index = self.config.uses_exact_index();
-        let block_size = self.block_size.load(Ordering::Acquire);
-        let hashes = if needs_hashes && block_size > 0 {
-            RequestHashes::compute(input.tokens, block_size, &opts)
-        } else {
-            RequestHashes::default()
-        };
+        let Hashed { hashes, block_size } = self.hash(input);
         let t1 = Instant::now();
-        let exact = if exact_index && !hashes.local.is_empty() {
-            self.index.find_tier_matches(&hashes.local)
-        } else {
-            Vec::new()
-        };
+        let exact = self.exact_overlaps(&hashes);
         let t2 = Instant::now();
-        let req = ScheduleRequest {
-            request_id: Some(&id),
-            isl: input.tokens.len(),
-            pinned_worker: input.pinned_worker,
-            dp_rank: input.dp_rank,
-            overrides: input.overrides.as_ref(),
-            pool: input.pool,
-        };
+        let req = schedule_request(input, Some(&id));
         let now = self.now();
         let sel = {
             let mut s = self.sched();
@@ -429,7 +466,13 @@ impl RouterState {
                 s.schedule(&req, &hashes, exact, now, &mut rand::rng())
             }
         }?;
-        let t3 = Instant::now();
+        self.observe_overhead([t0, t1, t2, Instant::now()]);
+        Ok(Routed::Booked(self.booked(id, sel, input.tokens.len())))
+    }
+
+    /// The routing cost of one request from the instants it started, had hashed, had looked
+    /// up the exact index and had selected (`kvrouter_router_overhead_seconds`).
+    fn observe_overhead(&self, [t0, t1, t2, t3]: [Instant; 4]) {
         for (stage, d) in [
             ("hashing", t1 - t0),
             ("find_matches", t2 - t1),
@@ -441,11 +484,171 @@ impl RouterState {
                 .get_or_create(&StageLabels { stage })
                 .observe(d.as_secs_f64());
         }
-        Ok(Routed::Booked(self.booked(id, sel, input.tokens.len())))
     }
 
-    /// Count a decision and make its booking.
-    fn booked(self: &Arc<Self>, id: String, sel: Selection, isl: usize) -> Booking {
+    /// A request's block hashes. Mode and event use are fixed at start; the block size is set
+    /// by the first worker (or fixed).
+    fn hash(&self, input: &RouteInput<'_>) -> Hashed {
+        let block_size = self.block_size.load(Ordering::Acquire);
+        let hashes = if self.config.needs_hashes() && block_size > 0 {
+            let opts = HashOptions {
+                lora_name: input.lora_name,
+                cache_salt: input.cache_salt,
+                ..Default::default()
+            };
+            RequestHashes::compute(input.tokens, block_size, &opts)
+        } else {
+            RequestHashes::default()
+        };
+        Hashed { hashes, block_size }
+    }
+
+    /// The exact index's overlaps of these hashes, when routing uses it.
+    fn exact_overlaps(&self, hashes: &RequestHashes) -> Vec<(WorkerWithDpRank, TierOverlap)> {
+        if self.config.uses_exact_index() && !hashes.local.is_empty() {
+            self.index.find_tier_matches(&hashes.local)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// What routing `input` would choose now, changing nothing: no booking, nothing recorded
+    /// in the approximate or predicted index, no cursor moved (the standalone router's
+    /// query-only `best_worker_id`). Costs what routing a request costs, and is counted in
+    /// the same overhead metric. Errors: as [`route`](Self::route) (no workers, all busy, …).
+    pub fn query(&self, input: &RouteInput<'_>) -> Result<Selection, RouteError> {
+        let t0 = Instant::now();
+        let Hashed { hashes, block_size } = self.hash(input);
+        let t1 = Instant::now();
+        let exact = self.exact_overlaps(&hashes);
+        let t2 = Instant::now();
+        let now = self.now();
+        let sel = {
+            let s = self.sched();
+            if s.block_size() != block_size {
+                Err(SelectError::NoWorkers)
+            } else {
+                let req = schedule_request(input, None);
+                s.peek(&req, &hashes, exact, now, &mut rand::rng())
+            }
+        };
+        self.observe_overhead([t0, t1, t2, Instant::now()]);
+        Ok(sel?)
+    }
+
+    /// Route `input` now and book it under the caller's `request_id` until
+    /// [`free_external`](Self::free_external) or the booking expiry
+    /// (`--router-active-request-expiry-secs`). It never waits in the router queue.
+    /// Errors: as [`try_route`](Self::try_route); an id already booked is
+    /// [`SequenceError::DuplicateRequest`].
+    pub fn book_external(
+        &self,
+        input: &RouteInput<'_>,
+        request_id: &str,
+    ) -> Result<Selection, RouteError> {
+        let t0 = Instant::now();
+        let id = format!("{EXTERNAL_PREFIX}{request_id}");
+        let Hashed { hashes, block_size } = self.hash(input);
+        let t1 = Instant::now();
+        let exact = self.exact_overlaps(&hashes);
+        let t2 = Instant::now();
+        let now = self.now();
+        let sel = {
+            let mut s = self.sched();
+            if s.block_size() != block_size {
+                Err(RouteError::Select(SelectError::NoWorkers))
+            } else {
+                let req = schedule_request(input, Some(&id));
+                s.schedule(&req, &hashes, exact, now, &mut rand::rng())
+            }
+        };
+        self.observe_overhead([t0, t1, t2, Instant::now()]);
+        let sel = sel.map_err(|e| match e {
+            RouteError::Booking(e) => RouteError::Booking(external(e, request_id)),
+            e => e,
+        })?;
+        self.count_decision(&sel, input.tokens.len());
+        Ok(sel)
+    }
+
+    /// A request booked by [`book_external`](Self::book_external) produced its first token:
+    /// its prompt leaves the prefill load. Errors: the id is not booked (never, freed, or
+    /// expired).
+    pub fn external_prefill_complete(
+        self: &Arc<Self>,
+        request_id: &str,
+    ) -> Result<(), SequenceError> {
+        let now = self.now();
+        let id = format!("{EXTERNAL_PREFIX}{request_id}");
+        let r = self.sched().mark_prefill_complete(&id, now);
+        self.dispatch_queued();
+        r.map_err(|e| external(e, request_id))
+    }
+
+    /// A request booked by [`book_external`](Self::book_external) ended: release its load.
+    /// Returns the rank it was booked on. Errors: the id is not booked (never, already
+    /// freed, expired, or its worker was removed).
+    pub fn free_external(
+        self: &Arc<Self>,
+        request_id: &str,
+    ) -> Result<WorkerWithDpRank, SequenceError> {
+        let now = self.now();
+        let id = format!("{EXTERNAL_PREFIX}{request_id}");
+        let r = self.sched().free(&id, now);
+        self.dispatch_queued();
+        r.map_err(|e| external(e, request_id))
+    }
+
+    /// Per rank in the routing set: its load now if `input` were added (Dynamo
+    /// `get_potential_loads`). Changes nothing.
+    pub fn potential_loads(
+        &self,
+        input: &RouteInput<'_>,
+    ) -> Vec<kvrouter_core::sequences::PotentialLoad> {
+        let Hashed { hashes, .. } = self.hash(input);
+        let now = self.now();
+        self.sched()
+            .potential_loads(&hashes.sequence, input.tokens.len(), now)
+    }
+
+    /// Per rank in the routing set: the blocks of `input`'s prefix cached there, by tier, as
+    /// routing sees them (exact index merged with the predicted one, or the approximate
+    /// index). Changes nothing.
+    pub fn overlap_scores(&self, input: &RouteInput<'_>) -> OverlapReport {
+        let Hashed { hashes, block_size } = self.hash(input);
+        let exact = self.exact_overlaps(&hashes);
+        let now = self.now();
+        let s = self.sched();
+        let found = if hashes.local.is_empty() {
+            Vec::new()
+        } else {
+            s.overlaps_at(&hashes, exact, now)
+        };
+        let ranks = s
+            .workers()
+            .iter()
+            .map(|w| {
+                let o = found
+                    .iter()
+                    .find(|(r, _)| *r == w.worker)
+                    .map_or_else(TierOverlap::default, |(_, o)| *o);
+                (w.worker, o)
+            })
+            .collect();
+        OverlapReport {
+            block_size,
+            num_blocks: hashes.local.len(),
+            ranks,
+        }
+    }
+
+    /// The exact index as router events (every tier), e.g. to rebuild it elsewhere.
+    pub fn dump_events(&self) -> Vec<RouterEvent> {
+        self.index.dump_events()
+    }
+
+    /// Count a routing decision in the metrics.
+    fn count_decision(&self, sel: &Selection, isl: usize) {
         let m = &self.metrics;
         m.routed_input_tokens.inc_by(isl as u64);
         m.predicted_cached_tokens.inc_by(sel.cached_tokens as u64);
@@ -455,6 +658,11 @@ impl RouterState {
                 dp_rank: sel.worker.dp_rank.to_string(),
             })
             .inc();
+    }
+
+    /// Count a decision and make its booking.
+    fn booked(self: &Arc<Self>, id: String, sel: Selection, isl: usize) -> Booking {
+        self.count_decision(&sel, isl);
         Booking {
             state: self.clone(),
             id,
@@ -515,10 +723,42 @@ impl RouterState {
         }
     }
 
-    /// Drop bookings older than the expiry (lost frees); returns how many.
+    /// Drop bookings older than the expiry (lost frees); returns how many. Every expiry,
+    /// also those a new booking made on the way, is counted in
+    /// `kvrouter_router_expired_requests_total`.
     pub fn expire(&self) -> usize {
         let now = self.now();
-        self.sched().expire(now)
+        let (n, total) = {
+            let mut s = self.sched();
+            let n = s.expire(now);
+            (n, s.active().expired_total())
+        };
+        // Totals only grow: whoever saw the larger one counts the difference.
+        let counted = self.expired_counted.fetch_max(total, Ordering::AcqRel);
+        if total > counted {
+            self.metrics.expired_requests.inc_by(total - counted);
+        }
+        n
+    }
+}
+
+/// The scheduler's view of `input`, booked under `id` when given.
+fn schedule_request<'a>(input: &'a RouteInput<'_>, id: Option<&'a str>) -> ScheduleRequest<'a> {
+    ScheduleRequest {
+        request_id: id,
+        isl: input.tokens.len(),
+        pinned_worker: input.pinned_worker,
+        dp_rank: input.dp_rank,
+        overrides: input.overrides.as_ref(),
+        pool: input.pool,
+    }
+}
+
+/// A booking error about a caller's id, naming the id as the caller gave it.
+fn external(e: SequenceError, request_id: &str) -> SequenceError {
+    match e {
+        SequenceError::DuplicateRequest(_) => SequenceError::DuplicateRequest(request_id.into()),
+        SequenceError::UnknownRequest(_) => SequenceError::UnknownRequest(request_id.into()),
     }
 }
 
@@ -821,6 +1061,48 @@ mod tests {
             1,
             "only the store after the removal"
         );
+    }
+
+    #[test]
+    fn caller_ids_live_beside_generated_ones_and_a_fixed_block_size_holds() {
+        let cfg = RouterConfig {
+            mode: RouterMode::Kv,
+            ..Default::default()
+        };
+        let s = RouterState::with_fixed_block_size(cfg, 4, Arc::new(Metrics::new()));
+        assert!(matches!(
+            s.admit_block_size(Some(16), true),
+            Err(RegisterError::BlockSizeMismatch {
+                worker: 16,
+                router: 4
+            })
+        ));
+        assert_eq!(s.admit_block_size(None, true).unwrap(), 4);
+        add(&s, 1);
+        let tokens: Vec<u32> = (0..40).collect();
+        let input = RouteInput {
+            tokens: &tokens,
+            ..Default::default()
+        };
+        // The first routed request is booked as `r1`: a caller's `r1` is another request.
+        let routed = s.try_route(&input).unwrap();
+        s.book_external(&input, "r1").unwrap();
+        assert_eq!(s.ranks()[0].1.active_requests, 2);
+        assert!(matches!(
+            s.book_external(&input, "r1"),
+            Err(RouteError::Booking(SequenceError::DuplicateRequest(id))) if id == "r1"
+        ));
+        let q = s.query(&input).unwrap();
+        assert_eq!(q.worker, WorkerWithDpRank::new(1, 0));
+        assert_eq!(s.ranks()[0].1.active_requests, 2, "a query books nothing");
+        s.external_prefill_complete("r1").unwrap();
+        assert_eq!(s.free_external("r1").unwrap(), WorkerWithDpRank::new(1, 0));
+        assert!(matches!(
+            s.free_external("r1"),
+            Err(SequenceError::UnknownRequest(id)) if id == "r1"
+        ));
+        drop(routed);
+        assert_eq!(s.ranks()[0].1, Default::default());
     }
 
     #[test]

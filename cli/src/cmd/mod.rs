@@ -4,6 +4,7 @@ pub mod frontend;
 pub mod hash;
 pub mod mocker;
 pub mod replay;
+pub mod router;
 pub mod up;
 
 /// Log to stderr; `RUST_LOG` filters (default `info`).

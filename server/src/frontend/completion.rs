@@ -15,12 +15,9 @@ use super::request::{parse_request, Endpoint, ParsedRequest};
 use super::response::Shape;
 use super::stream::{Flow, Tracker};
 use super::{AppState, DP_RANK_HEADER, PREFILL_WORKER_HEADER, REQUEST_ID_HEADER, WORKER_HEADER};
-use crate::error::{route_error, worker_error, ApiError};
+use crate::error::{route_error, ApiError};
 use crate::routing::{Booking, RouteInput};
 use crate::workers::client::WorkerStream;
-
-/// Attempts per request when the chosen worker turns out unreachable before streaming.
-const MAX_ATTEMPTS: usize = 3;
 
 pub async fn completions(State(s): State<Arc<AppState>>, body: Body) -> Response {
     serve(s, Endpoint::Completions, body).await
@@ -30,32 +27,9 @@ pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Body) -> Res
     serve(s, Endpoint::ChatCompletions, body).await
 }
 
-/// The body, or 413 (too large), 408 (not received within the body timeout), 400 (broken).
+/// The body within the server's limits ([`crate::body::read_body`]).
 pub(super) async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
-    match tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, s.max_body_bytes)).await {
-        Ok(Ok(b)) => Ok(b),
-        Ok(Err(e)) => {
-            let too_big = std::error::Error::source(&e)
-                .is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
-            Err(if too_big {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    format!("request body exceeds {} bytes", s.max_body_bytes),
-                )
-            } else {
-                ApiError::bad_request(format!("reading the request body: {e}"))
-            })
-        }
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            format!(
-                "the request body did not arrive within {} s",
-                s.body_timeout.as_secs_f64()
-            ),
-        )),
-    }
+    crate::body::read_body(body, s.max_body_bytes, s.body_timeout).await
 }
 
 async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
@@ -169,10 +143,9 @@ async fn parse(
     })
 }
 
-/// Route the request and start it on the chosen worker — or, in a disaggregated fleet, on a
-/// prefill worker and then a decode worker ([`disagg`]); the third value is the prefill
-/// worker. A worker found unreachable becomes suspect (no new requests) and the request is
-/// routed again.
+/// Route the request and start it on the chosen worker ([`crate::workers::dispatch`]) — or,
+/// in a disaggregated fleet, on a prefill worker and then a decode worker ([`disagg`]); the
+/// third value is the prefill worker.
 async fn dispatch(
     s: &Arc<AppState>,
     req: &ParsedRequest,
@@ -185,51 +158,21 @@ async fn dispatch(
         }
         Plan::Whole(pool) => pool,
     };
-    let mut tried = 0;
-    for _ in 0..MAX_ATTEMPTS {
-        let booking = s
-            .fleet
-            .router
-            .route(&RouteInput {
-                tokens: &req.tokens,
-                pinned_worker: req.backend_instance_id,
-                dp_rank: req.dp_rank,
-                overrides: req.overrides.clone(),
-                lora_name: None,
-                cache_salt: req.cache_salt.as_deref(),
-                priority: req.priority,
-                strict_priority: req.strict_priority,
-                pool,
-            })
-            .await
-            .map_err(route_error)?;
-        let rank = booking.worker();
-        let Some(worker) = s.fleet.registry.get(rank.worker_id) else {
-            // Deregistered between routing and here.
-            continue;
-        };
-        let model = worker.spec.model.as_deref().unwrap_or(&s.model_name);
-        match s
-            .client
-            .generate(&worker.spec.url, rank.dp_rank, req.worker_body(model))
-            .await
-        {
-            Ok(stream) => return Ok((booking, stream, None)),
-            Err(e) if e.worker_gone() => {
-                tracing::warn!(
-                    request_id,
-                    worker_id = rank.worker_id,
-                    "worker unreachable, routing again: {e}"
-                );
-                s.fleet.suspect(rank.worker_id, &e.to_string());
-                tried += 1;
-            }
-            Err(e) => return Err(worker_error(&e, request_id, rank.worker_id)),
-        }
-    }
-    Err(ApiError::unavailable(if tried > 0 {
-        format!("no worker could take the request: {tried} unreachable (request {request_id})")
-    } else {
-        "no healthy worker is available".to_string()
-    }))
+    let input = RouteInput {
+        tokens: &req.tokens,
+        pinned_worker: req.backend_instance_id,
+        dp_rank: req.dp_rank,
+        overrides: req.overrides.clone(),
+        lora_name: None,
+        cache_salt: req.cache_salt.as_deref(),
+        priority: req.priority,
+        strict_priority: req.strict_priority,
+        pool,
+    };
+    let body = |model: Option<&str>| req.worker_body(model.unwrap_or(&s.model_name));
+    let fleet = &s.fleet;
+    let (booking, stream) =
+        crate::workers::dispatch::dispatch(fleet, &s.client, &input, body, route_error, request_id)
+            .await?;
+    Ok((booking, stream, None))
 }

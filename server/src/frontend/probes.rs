@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::metrics::{Format, RankSnapshot, Snapshot};
+use crate::metrics::{Format, Metrics, RankSnapshot, Snapshot};
 use crate::workers::fleet::Fleet;
 
 /// The served model as an OpenAI model object, with vLLM's `max_model_len`.
@@ -56,9 +56,14 @@ pub async fn version() -> Response {
     axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
-fn healthy_workers(s: &AppState) -> (usize, usize) {
-    let all = s.fleet.registry.all();
+/// `(healthy, registered)` workers of a fleet.
+pub fn fleet_health(fleet: &Fleet) -> (usize, usize) {
+    let all = fleet.registry.all();
     (all.iter().filter(|w| w.is_healthy()).count(), all.len())
+}
+
+fn healthy_workers(s: &AppState) -> (usize, usize) {
+    fleet_health(&s.fleet)
 }
 
 /// `GET /health`: the served model and its healthy and registered workers; 503 without a
@@ -153,6 +158,14 @@ pub fn snapshot(fleet: &Fleet) -> Snapshot {
 /// `GET /metrics`: classic Prometheus text 0.0.4, or OpenMetrics 1.0.0 when the `Accept`
 /// header asks for `application/openmetrics-text` ([`Format::negotiate`]).
 pub async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let mut snap = snapshot(&s.fleet);
+    snap.prompt_cache = s.preprocessing.cache.as_ref().map(|c| c.stats());
+    scrape(&s.metrics, snap, &headers)
+}
+
+/// A scrape of `metrics` with `snap` as the scrape-time state, in the format the request's
+/// `Accept` header asks for.
+pub fn scrape(metrics: &Metrics, snap: Snapshot, headers: &HeaderMap) -> Response {
     let accept = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -160,9 +173,7 @@ pub async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Resp
         .collect::<Vec<_>>()
         .join(",");
     let format = Format::negotiate(Some(accept.as_str()).filter(|a| !a.is_empty()));
-    let mut snap = snapshot(&s.fleet);
-    snap.prompt_cache = s.preprocessing.cache.as_ref().map(|c| c.stats());
-    let text = s.metrics.render_as(snap, format);
+    let text = metrics.render_as(snap, format);
     (
         [
             (

@@ -33,6 +33,8 @@ pub struct WorkerEvent<'a> {
     pub text: Cow<'a, str>,
     /// How many token ids the event carries, when the worker returns them.
     pub tokens: usize,
+    /// The token ids themselves, as the worker's JSON array (when it returns them).
+    pub token_ids: Option<&'a RawValue>,
     /// `stop`, `length`, … on the last content event.
     pub finish_reason: Option<Cow<'a, str>>,
     /// The usage object, on the usage event.
@@ -64,8 +66,8 @@ struct RawEvent<'a> {
 struct RawChoice<'a> {
     #[serde(default, borrow)]
     text: Option<Cow<'a, str>>,
-    #[serde(default, deserialize_with = "count")]
-    token_ids: usize,
+    #[serde(default, borrow)]
+    token_ids: Option<&'a RawValue>,
     #[serde(default, borrow)]
     finish_reason: Option<Cow<'a, str>>,
     #[serde(default)]
@@ -100,26 +102,15 @@ fn first_choice<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RawChoice<'de>
     d.deserialize_any(First)
 }
 
-/// The length of an array (its elements skipped), 0 for `null`.
-fn count<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    struct Count;
-    impl<'de> Visitor<'de> for Count {
-        type Value = usize;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("an array")
-        }
-        fn visit_unit<E>(self) -> Result<usize, E> {
-            Ok(0)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
-            let mut n = 0;
-            while seq.next_element::<IgnoredAny>()?.is_some() {
-                n += 1;
-            }
-            Ok(n)
-        }
+/// Elements of a JSON array of token ids (integers: its commas, plus one unless empty).
+/// Errors: not an array.
+fn token_count(raw: &RawValue) -> Result<usize, serde_json::Error> {
+    let s = raw.get().as_bytes();
+    match s {
+        [b'[', inner @ .., b']'] if inner.iter().all(u8::is_ascii_whitespace) => Ok(0),
+        [b'[', inner @ .., b']'] => Ok(memchr::memchr_iter(b',', inner).count() + 1),
+        _ => Err(serde::de::Error::custom("token_ids must be an array")),
     }
-    d.deserialize_any(Count)
 }
 
 impl<'a> WorkerEvent<'a> {
@@ -139,7 +130,8 @@ impl<'a> WorkerEvent<'a> {
         };
         if let Some(c) = raw.choices {
             ev.text = c.text.unwrap_or_default();
-            ev.tokens = c.token_ids;
+            ev.tokens = c.token_ids.map(token_count).transpose()?.unwrap_or(0);
+            ev.token_ids = c.token_ids;
             ev.finish_reason = c.finish_reason;
             ev.index = c.index;
             ev.logprobs = c.logprobs.filter(|l| l.get() != "null");
@@ -635,6 +627,15 @@ mod tests {
             (e1.tokens, e1.finish_reason.as_deref()),
             (2, Some("length"))
         );
+        assert_eq!(e1.token_ids.map(|t| t.get()), Some("[5,6]"));
+        for (ids, n) in [("[]", 0), ("[ ]", 0), ("[7]", 1), ("[1, 2,3]", 3)] {
+            let ev = format!(r#"{{"choices":[{{"text":"","token_ids":{ids}}}]}}"#);
+            assert_eq!(
+                WorkerEvent::parse(ev.as_bytes()).unwrap().unwrap().tokens,
+                n
+            );
+        }
+        assert!(WorkerEvent::parse(br#"{"choices":[{"token_ids":5}]}"#).is_err());
         let e2 = WorkerEvent::parse(&out[2]).unwrap().unwrap();
         assert_eq!(e2.usage.map(|u| u.get()), Some("{\"prompt_tokens\":3}"));
         assert!(!e2.has_output());

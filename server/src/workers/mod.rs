@@ -1,9 +1,11 @@
 //! Workers: how one is described and validated ([`spec`]), the live set with each worker's
 //! health and KV event subscribers ([`registry`]), registration and the health loop
-//! ([`fleet`]), and the HTTP client every request to a worker goes through ([`client`], over
-//! the small HTTP/1.1 client of [`http1`]).
+//! ([`fleet`]), the HTTP client every request to a worker goes through ([`client`], over the
+//! small HTTP/1.1 client of [`http1`]), and a routed request started on its worker
+//! ([`dispatch`]).
 
 pub mod client;
+pub mod dispatch;
 pub mod fleet;
 pub mod http1;
 pub mod registry;

@@ -10,5 +10,6 @@ mod lifecycle;
 mod limits;
 mod probes;
 mod queue;
+mod router_service;
 mod routing;
 mod stall;
