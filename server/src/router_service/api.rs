@@ -9,6 +9,8 @@ use kvrouter_core::{RouterConfigOverride, Selection, WorkerWithDpRank};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::token_ids::WithTokenIds;
+
 use crate::error::ApiError;
 use crate::routing::{OverlapReport, RouteInput};
 
@@ -20,6 +22,7 @@ use crate::routing::{OverlapReport, RouteInput};
 #[serde(deny_unknown_fields)]
 pub struct BestWorkerRequest {
     /// The prompt (at least one token).
+    #[serde(skip)]
     pub token_ids: Vec<u32>,
     /// Per-request cost parameters (spec §6.5).
     #[serde(default)]
@@ -33,6 +36,12 @@ pub struct BestWorkerRequest {
     /// Book the request under this id (non-empty).
     #[serde(default)]
     pub request_id: Option<String>,
+}
+
+impl WithTokenIds for BestWorkerRequest {
+    fn token_ids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.token_ids
+    }
 }
 
 impl BestWorkerRequest {
@@ -91,11 +100,18 @@ pub struct Released {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadsRequest {
+    #[serde(skip)]
     pub token_ids: Vec<u32>,
     #[serde(default)]
     pub lora_name: Option<String>,
     #[serde(default)]
     pub cache_salt: Option<String>,
+}
+
+impl WithTokenIds for LoadsRequest {
+    fn token_ids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.token_ids
+    }
 }
 
 impl LoadsRequest {
@@ -142,6 +158,7 @@ impl From<&PotentialLoad> for LoadOut {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OverlapRequest {
+    #[serde(skip)]
     pub token_ids: Vec<u32>,
     #[serde(default)]
     pub router_config_override: Option<RouterConfigOverride>,
@@ -151,6 +168,12 @@ pub struct OverlapRequest {
     pub cache_salt: Option<String>,
     #[serde(default)]
     pub include_shared: Option<bool>,
+}
+
+impl WithTokenIds for OverlapRequest {
+    fn token_ids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.token_ids
+    }
 }
 
 impl OverlapRequest {
@@ -208,8 +231,9 @@ impl From<OverlapReport> for OverlapScoresOut {
     }
 }
 
-/// A request body as `T`. Errors: 400 with serde's message (bad JSON, a missing, unknown or
-/// mistyped field, with its position).
+/// A request body without token ids as `T` (those with token ids:
+/// [`super::token_ids::parse`]). Errors: 400 with serde's message (bad JSON, a missing,
+/// unknown or mistyped field, with its position).
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
 }

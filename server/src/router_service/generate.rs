@@ -62,6 +62,7 @@ const MAX_WRITE: usize = 64 * 1024;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
+    #[serde(skip)]
     pub token_ids: Vec<u32>,
     #[serde(default)]
     pub model: Option<String>,
@@ -200,6 +201,12 @@ fn put<T: Serialize>(m: &mut Map<String, Value>, key: &str, v: &Option<T>) {
             key.to_string(),
             serde_json::to_value(v).unwrap_or(Value::Null),
         );
+    }
+}
+
+impl super::token_ids::WithTokenIds for GenerateRequest {
+    fn token_ids_mut(&mut self) -> &mut Vec<u32> {
+        &mut self.token_ids
     }
 }
 
@@ -358,7 +365,7 @@ struct StreamOptions {
 /// The handler: parse, route, start on the worker, stream back.
 pub(super) async fn generate(s: Arc<Service>, body: Body) -> Result<Response, ApiError> {
     let bytes = s.read_body(body).await?;
-    let req: GenerateRequest = super::api::parse(&bytes)?;
+    let req: GenerateRequest = super::token_ids::parse(&bytes)?;
     super::api::non_empty(&req.token_ids)?;
     let fields = req.worker_fields()?;
     let request_id = format!("gen-{:x}", s.next_id.fetch_add(1, Ordering::Relaxed));
@@ -582,7 +589,7 @@ mod tests {
     use super::*;
 
     fn req(json: &str) -> GenerateRequest {
-        serde_json::from_str(json).unwrap()
+        super::super::token_ids::parse(json.as_bytes()).unwrap()
     }
 
     #[test]
@@ -632,19 +639,18 @@ mod tests {
         ] {
             let mut v: Value = serde_json::from_str(body).unwrap();
             v["token_ids"] = serde_json::json!([1]);
-            let r: GenerateRequest = serde_json::from_value(v).unwrap();
+            let r = req(&v.to_string());
             let e = r.worker_fields().unwrap_err();
             assert!(e.message.contains(field), "{field}: {}", e.message);
         }
-        let e = serde_json::from_str::<GenerateRequest>(r#"{"token_ids": [1], "prompt": "x"}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("unknown field `prompt`"), "{e}");
-        let e = serde_json::from_str::<GenerateRequest>(
-            r#"{"token_ids": [1], "sampling_options": {"temprature": 1}}"#,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("temprature"), "{e}");
+        let parse = |b: &str| super::super::token_ids::parse::<GenerateRequest>(b.as_bytes());
+        let e = parse(r#"{"token_ids": [1], "prompt": "x"}"#).unwrap_err();
+        assert!(
+            e.message.contains("unknown field `prompt`"),
+            "{}",
+            e.message
+        );
+        let e = parse(r#"{"token_ids": [1], "sampling_options": {"temprature": 1}}"#).unwrap_err();
+        assert!(e.message.contains("temprature"), "{}", e.message);
     }
 }

@@ -18,7 +18,7 @@ use super::api::{
     self, BestWorker, BestWorkerRequest, LoadOut, LoadsRequest, OverlapRequest, OverlapScoresOut,
     Released, RequestIdBody,
 };
-use super::Service;
+use super::{token_ids, Service};
 use crate::error::{route_error, ApiError};
 use crate::frontend::probes::{fleet_health, scrape, snapshot};
 use crate::metrics::ServiceLabels;
@@ -86,7 +86,7 @@ pub async fn generate(State(s): State<Arc<Service>>, body: Body) -> Response {
 pub async fn best_worker_id(State(s): State<Arc<Service>>, body: Body) -> Response {
     let r = async {
         let bytes = s.read_body(body).await?;
-        let req: BestWorkerRequest = api::parse(&bytes)?;
+        let req: BestWorkerRequest = token_ids::parse(&bytes)?;
         api::non_empty(&req.token_ids)?;
         let input = req.route_input();
         let router = &s.fleet.router;
@@ -146,7 +146,7 @@ pub async fn free(State(s): State<Arc<Service>>, body: Body) -> Response {
 pub async fn get_potential_loads(State(s): State<Arc<Service>>, body: Body) -> Response {
     let r = async {
         let bytes = s.read_body(body).await?;
-        let req: LoadsRequest = api::parse(&bytes)?;
+        let req: LoadsRequest = token_ids::parse(&bytes)?;
         let loads = s.fleet.router.potential_loads(&req.route_input());
         let out: Vec<LoadOut> = loads.iter().map(LoadOut::from).collect();
         Ok(Json(out).into_response())
@@ -159,7 +159,7 @@ pub async fn get_potential_loads(State(s): State<Arc<Service>>, body: Body) -> R
 pub async fn get_overlap_scores(State(s): State<Arc<Service>>, body: Body) -> Response {
     let r = async {
         let bytes = s.read_body(body).await?;
-        let req: OverlapRequest = api::parse(&bytes)?;
+        let req: OverlapRequest = token_ids::parse(&bytes)?;
         if let Some(o) = &req.router_config_override {
             o.validate().map_err(|e| {
                 ApiError::bad_request(format!("invalid router_config_override: {e}"))

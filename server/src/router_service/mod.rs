@@ -27,6 +27,7 @@ pub mod api;
 mod config;
 pub mod generate;
 mod handlers;
+pub mod token_ids;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;

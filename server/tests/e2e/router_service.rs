@@ -356,7 +356,11 @@ async fn a_booked_request_holds_its_load_until_freed_and_errors_are_json() {
             r#"{"token_ids": []}"#,
             "must not be empty",
         ),
-        ("best_worker_id", r#"{"token_ids": [-1]}"#, "invalid value"),
+        (
+            "best_worker_id",
+            r#"{"token_ids": [-1]}"#,
+            "array of integers",
+        ),
         (
             "best_worker_id",
             r#"{"token_ids": [1], "router_config_override": {"router_temperature": -1}}"#,

@@ -1,0 +1,228 @@
+//! Load on one router call over HTTP: the same request (a prompt of `--tokens` token ids) sent
+//! back to back by `--concurrency` keep-alive clients for `--secs`; prints calls per second,
+//! latency percentiles, the router's own routing time per call (Δ of
+//! `kvrouter_router_overhead_seconds{stage="total"}`) and, with `--pid`, the router process's
+//! CPU time per call.
+//!
+//! ```sh
+//! cargo run --release -p kvrouter-bench --example router_load -- \
+//!     --url http://127.0.0.1:8090 --call best_worker_id --tokens 4096 --concurrency 1 --secs 10
+//! ```
+//!
+//! `--call best_worker_id` posts a query-only `/v1/router/best_worker_id` (after one
+//! `generate` of the prompt with `--prime`, so a worker caches it); `--call completions` posts
+//! the prompt to a frontend's `/v1/completions` with `max_tokens: 1` (its routing cost per
+//! request, for comparison).
+use std::time::{Duration, Instant};
+
+use kvrouter_bench::scrape::Samples;
+use kvrouter_bench::stats::percentile;
+use serde_json::json;
+
+struct Args {
+    url: String,
+    call: String,
+    tokens: usize,
+    concurrency: usize,
+    secs: f64,
+    pid: Option<u32>,
+    prime: bool,
+    model: String,
+}
+
+fn args() -> Result<Args, String> {
+    let mut a = Args {
+        url: "http://127.0.0.1:8090".into(),
+        call: "best_worker_id".into(),
+        tokens: 4096,
+        concurrency: 1,
+        secs: 10.0,
+        pid: None,
+        prime: false,
+        model: "Qwen/Qwen3-0.6B".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().ok_or(format!("{k} needs a value"));
+        match k.as_str() {
+            "--url" => a.url = v()?,
+            "--call" => a.call = v()?,
+            "--tokens" => a.tokens = v()?.parse().map_err(|e| format!("--tokens: {e}"))?,
+            "--concurrency" => {
+                a.concurrency = v()?.parse().map_err(|e| format!("--concurrency: {e}"))?
+            }
+            "--secs" => a.secs = v()?.parse().map_err(|e| format!("--secs: {e}"))?,
+            "--pid" => a.pid = Some(v()?.parse().map_err(|e| format!("--pid: {e}"))?),
+            "--model" => a.model = v()?,
+            "--prime" => a.prime = true,
+            _ => return Err(format!("unknown argument {k}")),
+        }
+    }
+    Ok(a)
+}
+
+/// CPU time of every thread of process `pid` so far (`/proc/PID/task/*/schedstat`).
+fn cpu_time(pid: u32) -> Duration {
+    let mut ns = 0u64;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    Duration::from_nanos(ns)
+}
+
+/// `(sum, count)` of the routing overhead histogram's `total` stage.
+async fn overhead(c: &reqwest::Client, url: &str) -> Option<(f64, f64)> {
+    let text = c
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let s = Samples::parse(&text);
+    let f = [("stage", "total")];
+    Some((
+        s.sum("kvrouter_router_overhead_seconds_sum", &f)?,
+        s.sum("kvrouter_router_overhead_seconds_count", &f)?,
+    ))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), String> {
+    let a = args()?;
+    // A prompt unlike the mock engine's output, the same every run.
+    let tokens: Vec<u32> = (0..a.tokens as u32)
+        .map(|i| 1000 + (i * 104_729 + 7) % 100_000)
+        .collect();
+    let c = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(a.concurrency.max(1))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (target, body) = match a.call.as_str() {
+        "best_worker_id" => (
+            format!("{}/v1/router/best_worker_id", a.url),
+            json!({"token_ids": tokens}),
+        ),
+        "completions" => (
+            format!("{}/v1/completions", a.url),
+            json!({"model": a.model, "prompt": tokens, "max_tokens": 1}),
+        ),
+        other => return Err(format!("unknown --call {other}")),
+    };
+    if a.prime {
+        let r = c
+            .post(format!("{}/v1/router/generate", a.url))
+            .json(&json!({"token_ids": tokens, "stop_conditions": {"max_tokens": 1}}))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status();
+        let _ = r.text().await;
+        if !status.is_success() {
+            return Err(format!("priming generate answered {status}"));
+        }
+        // The worker's KV events reach the router's index asynchronously.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // One copy for the whole run: each call sends it without copying.
+    let body: &'static [u8] = Vec::leak(serde_json::to_vec(&body).map_err(|e| e.to_string())?);
+    // Warm up connections and caches.
+    for _ in 0..200 {
+        let r = c
+            .post(&target)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("{target} answered {}", r.status()));
+        }
+        let _ = r.bytes().await;
+    }
+    let before = overhead(&c, &a.url).await;
+    let cpu0 = a.pid.map(cpu_time);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(a.secs);
+    let tasks: Vec<_> = (0..a.concurrency.max(1))
+        .map(|_| {
+            let (c, target) = (c.clone(), target.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let ok = match c
+                        .post(&target)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if ok {
+                        lat.push(t.elapsed().as_secs_f64() * 1e6);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| e.to_string())?;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = a.pid.zip(cpu0).map(|(p, c0)| cpu_time(p) - c0);
+    let after = overhead(&c, &a.url).await;
+    lat.sort_by(f64::total_cmp);
+    let n = lat.len();
+    let p = |q: f64| percentile(&lat, q).unwrap_or(f64::NAN);
+    println!(
+        "{} calls ({errors} errors) in {elapsed:.1} s, concurrency {}: {:.0} calls/s",
+        n,
+        a.concurrency,
+        n as f64 / elapsed
+    );
+    println!(
+        "latency µs: p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0}",
+        p(50.0),
+        p(90.0),
+        p(99.0),
+        lat.last().copied().unwrap_or(f64::NAN)
+    );
+    if let (Some((s0, n0)), Some((s1, n1))) = (before, after) {
+        if n1 > n0 {
+            println!(
+                "routing (kvrouter_router_overhead_seconds total): {:.1} µs/call over {} calls",
+                (s1 - s0) / (n1 - n0) * 1e6,
+                n1 - n0
+            );
+        }
+    }
+    if let Some(cpu) = cpu {
+        println!(
+            "router process CPU: {:.1} µs/call ({:.2} cores busy)",
+            cpu.as_secs_f64() * 1e6 / n.max(1) as f64,
+            cpu.as_secs_f64() / elapsed
+        );
+    }
+    Ok(())
+}
