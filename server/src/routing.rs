@@ -41,6 +41,9 @@ const MAX_BATCH: usize = 4096;
 /// time under the `aic` model; workers come back from suspect).
 const QUEUE_TICK: Duration = Duration::from_millis(20);
 
+const PREFILL_BIT: u8 = 1;
+const DECODE_BIT: u8 = 2;
+
 /// What the frontend asks of the router for one request.
 #[derive(Debug, Default)]
 pub struct RouteInput<'a> {
@@ -99,6 +102,8 @@ pub struct RouterState {
     next_request: AtomicU64,
     /// Locked after `sched` when both are held.
     queue: Mutex<RouterQueue<Waiter>>,
+    /// `PREFILL_BIT | DECODE_BIT` of the routing set ([`has_roles`](Self::has_roles)).
+    roles: std::sync::atomic::AtomicU8,
     /// The block size is the router's own (`kvrouter router --router-block-size`): a worker
     /// registering another one is refused, whatever the fleet.
     fixed_block_size: bool,
@@ -192,6 +197,7 @@ impl RouterState {
             epoch: Instant::now(),
             next_request: AtomicU64::new(1),
             queue: Mutex::new(queue),
+            roles: std::sync::atomic::AtomicU8::new(0),
             fixed_block_size,
             expired_counted: AtomicU64::new(0),
         });
@@ -296,6 +302,7 @@ impl RouterState {
             for r in ranks {
                 s.add_worker(r);
             }
+            self.note_roles(&s);
         }
         self.dispatch_queued();
     }
@@ -303,7 +310,9 @@ impl RouterState {
     /// Take a worker out of the routing set, keeping its index entries and bookings (it is
     /// suspect, not gone).
     pub fn withdraw(&self, worker: WorkerId) {
-        self.sched().withdraw_worker(worker);
+        let mut s = self.sched();
+        s.withdraw_worker(worker);
+        self.note_roles(&s);
     }
 
     /// Take a worker out of the routing set for good: its booked load is dropped and its index
@@ -311,7 +320,11 @@ impl RouterState {
     /// received, on the one ordered path to the index; this waits while that queue is full, so
     /// call it off the async threads.
     pub fn remove_worker(&self, worker: WorkerId, dp_size: u32) {
-        self.sched().remove_worker(worker);
+        {
+            let mut s = self.sched();
+            s.remove_worker(worker);
+            self.note_roles(&s);
+        }
         let tiers = [
             StorageTier::Device,
             StorageTier::HostPinned,
@@ -342,10 +355,27 @@ impl RouterState {
     }
 
     /// Whether the routing set has prefill ranks and decode ranks: `(prefill, decode)`.
+    /// Read on every request without the scheduler's lock: kept by `note_roles` whenever the
+    /// routing set changes.
     pub fn has_roles(&self) -> (bool, bool) {
-        let s = self.sched();
+        let bits = self.roles.load(Ordering::Acquire);
+        (bits & PREFILL_BIT != 0, bits & DECODE_BIT != 0)
+    }
+
+    /// Record which roles the routing set holds (call with the scheduler locked, after a
+    /// change).
+    fn note_roles(&self, s: &Scheduler) {
         let has = |r| s.workers().iter().any(|w| w.role == r);
-        (has(WorkerRole::Prefill), has(WorkerRole::Decode))
+        let bits = if has(WorkerRole::Prefill) {
+            PREFILL_BIT
+        } else {
+            0
+        } | if has(WorkerRole::Decode) {
+            DECODE_BIT
+        } else {
+            0
+        };
+        self.roles.store(bits, Ordering::Release);
     }
 
     /// Prompt tokens of `tokens` the best rank of `pool` holds (0 outside KV mode with events).
