@@ -43,6 +43,18 @@ pub struct Served {
     pub shutdown: oneshot::Sender<()>,
 }
 
+/// Stop listeners started by [`serve`]: signal each (open streams are cut), then wait for its
+/// task.
+pub async fn stop_all(shutdown: Vec<oneshot::Sender<()>>, tasks: Vec<JoinHandle<()>>) {
+    for s in shutdown {
+        let _ = s.send(());
+    }
+    for t in tasks {
+        t.abort();
+        let _ = t.await;
+    }
+}
+
 /// Bind `addr` and serve `app` under `limits`; `name` labels its metrics (`api`, `admin`).
 /// Errors: the address cannot be bound.
 pub async fn serve(

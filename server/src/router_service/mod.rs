@@ -204,13 +204,7 @@ impl RouterService {
 
     /// Stop serving (open streams are cut) and stop the event subscribers.
     pub async fn stop(self) {
-        for s in self.shutdown {
-            let _ = s.send(());
-        }
-        for t in self.tasks {
-            t.abort();
-            let _ = t.await;
-        }
+        listener::stop_all(self.shutdown, self.tasks).await;
         self.fleet.shutdown().await;
     }
 }
