@@ -1,8 +1,8 @@
 //! Load on one router call over HTTP: the same request (a prompt of `--tokens` token ids) sent
 //! back to back by `--concurrency` keep-alive clients for `--secs`; prints calls per second,
 //! latency percentiles, the router's own routing time per call (Δ of
-//! `kvrouter_router_overhead_seconds{stage="total"}`) and, with `--pid`, the router process's
-//! CPU time per call.
+//! `kvrouter_router_overhead_seconds{stage="total"}`) and, with `--pid` (repeatable: a
+//! frontend and the routers it asks), each process's CPU time per call and their sum.
 //!
 //! ```sh
 //! cargo run --release -p kvrouter-bench --example router_load -- \
@@ -25,7 +25,7 @@ struct Args {
     tokens: usize,
     concurrency: usize,
     secs: f64,
-    pid: Option<u32>,
+    pids: Vec<u32>,
     prime: bool,
     model: String,
 }
@@ -37,7 +37,7 @@ fn args() -> Result<Args, String> {
         tokens: 4096,
         concurrency: 1,
         secs: 10.0,
-        pid: None,
+        pids: Vec::new(),
         prime: false,
         model: "Qwen/Qwen3-0.6B".into(),
     };
@@ -52,7 +52,9 @@ fn args() -> Result<Args, String> {
                 a.concurrency = v()?.parse().map_err(|e| format!("--concurrency: {e}"))?
             }
             "--secs" => a.secs = v()?.parse().map_err(|e| format!("--secs: {e}"))?,
-            "--pid" => a.pid = Some(v()?.parse().map_err(|e| format!("--pid: {e}"))?),
+            "--pid" => a
+                .pids
+                .push(v()?.parse().map_err(|e| format!("--pid: {e}"))?),
             "--model" => a.model = v()?,
             "--prime" => a.prime = true,
             _ => return Err(format!("unknown argument {k}")),
@@ -151,7 +153,7 @@ async fn main() -> Result<(), String> {
         let _ = r.bytes().await;
     }
     let before = overhead(&c, &a.url).await;
-    let cpu0 = a.pid.map(cpu_time);
+    let cpu0: Vec<Duration> = a.pids.iter().map(|&p| cpu_time(p)).collect();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(a.secs);
     let tasks: Vec<_> = (0..a.concurrency.max(1))
@@ -190,7 +192,12 @@ async fn main() -> Result<(), String> {
         errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = a.pid.zip(cpu0).map(|(p, c0)| cpu_time(p) - c0);
+    let cpu: Vec<Duration> = a
+        .pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(&p, &c0)| cpu_time(p).saturating_sub(c0))
+        .collect();
     let after = overhead(&c, &a.url).await;
     lat.sort_by(f64::total_cmp);
     let n = lat.len();
@@ -217,12 +224,17 @@ async fn main() -> Result<(), String> {
             );
         }
     }
-    if let Some(cpu) = cpu {
+    let per_call = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1) as f64;
+    for (pid, d) in a.pids.iter().zip(&cpu) {
         println!(
-            "router process CPU: {:.1} µs/call ({:.2} cores busy)",
-            cpu.as_secs_f64() * 1e6 / n.max(1) as f64,
-            cpu.as_secs_f64() / elapsed
+            "process {pid} CPU: {:.1} µs/call ({:.2} cores busy)",
+            per_call(*d),
+            d.as_secs_f64() / elapsed
         );
+    }
+    if cpu.len() > 1 {
+        let total: Duration = cpu.iter().sum();
+        println!("all processes CPU: {:.1} µs/call", per_call(total));
     }
     Ok(())
 }

@@ -92,6 +92,12 @@ pub struct MockerArgs {
     /// or SGLang `bootstrap_room`), or decode (pull the prompt's KV, then decode).
     #[arg(long, value_enum, default_value_t = DisaggregationMode::Agg)]
     pub disaggregation_mode: DisaggregationMode,
+    /// The `namespace.component.endpoint` the workers advertise in their JSON lines (a
+    /// `kvrouter router --endpoint` routes the workers of its endpoint; `dyn://` accepted).
+    /// Default: Dynamo's, `dynamo.prefill.generate` for prefill workers, else
+    /// `dynamo.backend.generate`.
+    #[arg(long)]
+    pub endpoint: Option<String>,
     /// Prefill role: port of worker 0's KV-transfer side channel (worker i: base + i; 0 = free
     /// ports), SGLang's bootstrap port and vLLM's `remote_port`.
     #[arg(long, alias = "bootstrap-ports", default_value_t = DEFAULT_BOOTSTRAP_PORT)]
@@ -138,6 +144,7 @@ impl MockerArgs {
             tool_calls: self.tool_calls,
             reasoning: self.reasoning,
             disaggregation_mode: self.disaggregation_mode,
+            endpoint: self.endpoint.clone(),
             disaggregation_bootstrap_port: self.disaggregation_bootstrap_port,
             kv_transfer_timeout: self.kv_transfer_timeout,
             kv_transfer_bandwidth: self.kv_transfer_bandwidth,
@@ -250,5 +257,10 @@ mod tests {
             (9000, 2.5, 0.0, 4096)
         );
         assert!(Cli::try_parse_from(["mocker", "--disaggregation-mode", "both"]).is_err());
+        // Dynamo's endpoints: prefill workers serve `dynamo.prefill.generate`.
+        assert_eq!(c.endpoint(), "dynamo.prefill.generate");
+        assert_eq!(config(&[]).endpoint(), "dynamo.backend.generate");
+        let c = config(&["--endpoint", "dyn://ns.prefill.generate"]);
+        assert_eq!(c.endpoint(), "ns.prefill.generate");
     }
 }

@@ -116,6 +116,9 @@ pub struct MockerConfig {
     pub reasoning: bool,
     /// Role in disaggregated serving (`--disaggregation-mode`, agg); see [`disagg`].
     pub disaggregation_mode: DisaggregationMode,
+    /// The `namespace.component.endpoint` the workers advertise (`--endpoint`); None: Dynamo's
+    /// defaults, `dynamo.prefill.generate` for prefill workers, else `dynamo.backend.generate`.
+    pub endpoint: Option<String>,
     /// Side-channel port of prefill worker 0, base + i; 0 = any free port
     /// (`--disaggregation-bootstrap-port`, 8998).
     pub disaggregation_bootstrap_port: u16,
@@ -168,6 +171,7 @@ impl Default for MockerConfig {
             tool_calls: ToolCalls::Auto,
             reasoning: false,
             disaggregation_mode: DisaggregationMode::Agg,
+            endpoint: None,
             disaggregation_bootstrap_port: disagg::DEFAULT_BOOTSTRAP_PORT,
             kv_transfer_timeout: worker::DEFAULT_KV_TRANSFER_TIMEOUT.as_secs_f64(),
             kv_transfer_bandwidth: disagg::DEFAULT_KV_TRANSFER_BANDWIDTH_GBPS,
@@ -202,6 +206,18 @@ pub enum MockerError {
 }
 
 impl MockerConfig {
+    /// The endpoint the workers advertise: `--endpoint` without a `dyn://` prefix, else
+    /// Dynamo's default for the role (its prefill workers serve `dynamo.prefill.generate`).
+    pub fn endpoint(&self) -> String {
+        match &self.endpoint {
+            Some(e) => e.strip_prefix("dyn://").unwrap_or(e).to_string(),
+            None if self.disaggregation_mode == DisaggregationMode::Prefill => {
+                "dynamo.prefill.generate".into()
+            }
+            None => "dynamo.backend.generate".into(),
+        }
+    }
+
     /// Checks the values; see [`MockerError::Config`].
     pub fn validate(&self) -> Result<(), MockerError> {
         let bad = |m: &str| Err(MockerError::Config(m.into()));
@@ -309,6 +325,9 @@ pub struct WorkerInfo {
     pub max_num_batched_tokens: usize,
     /// Its role in disaggregated serving: `both` (aggregated), `prefill` or `decode`.
     pub role: Role,
+    /// The `namespace.component.endpoint` it serves (a `kvrouter router --endpoint` routes
+    /// the workers of its endpoint).
+    pub endpoint: String,
     /// A prefill worker's side channel for KV pulls (SGLang's `bootstrap_port`, vLLM's
     /// `remote_port`); absent for other roles.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -628,6 +647,7 @@ pub async fn spawn_workers_with_sinks(
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens: config.max_num_batched_tokens,
                 role: mode.role(),
+                endpoint: config.endpoint(),
                 bootstrap_port,
             },
             http_addr,

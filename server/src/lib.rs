@@ -147,6 +147,20 @@ impl Frontend {
             conditional: cfg.conditional_disagg,
             isl_threshold: cfg.disagg_isl_threshold,
         };
+        app.prefill_router = cfg
+            .prefill_router
+            .as_deref()
+            .map(|u| workers::remote_router::RemoteRouter::new("prefill", u, app.client.clone()));
+        if !cfg.pools.is_empty() {
+            let pools = frontend::pools::Pools::new(
+                &cfg.pools,
+                cfg.pool_policy,
+                &cfg.pool_isl,
+                &app.client,
+            )
+            .map_err(anyhow::Error::msg)?;
+            app.pools = Some(pools);
+        }
         let state = Arc::new(app);
         let mut shutdown = Vec::new();
         let mut tasks = Vec::new();

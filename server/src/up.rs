@@ -168,6 +168,6 @@ pub fn worker_spec(w: &RunningWorker) -> WorkerSpec {
         role: i.role.as_str().parse().unwrap_or_default(),
         disaggregation_protocol: Default::default(),
         bootstrap_port: i.bootstrap_port,
-        endpoint: None,
+        endpoint: Some(i.endpoint.clone()),
     }
 }

@@ -73,6 +73,34 @@ pub struct FrontendConfig {
     /// Uncached prompt tokens below which `--conditional-disagg` skips the prefill worker.
     #[arg(long, env = "KVROUTER_DISAGG_ISL_THRESHOLD", default_value_t = 2048)]
     pub disagg_isl_threshold: usize,
+    /// A `kvrouter router` (base URL) that chooses the prefill worker of every request: the
+    /// reference's two-router layout, this frontend routing decode among its own workers
+    /// (e.g. with `--kv-overlap-score-weight 0`) and the standalone router
+    /// (`--endpoint dynamo.prefill.generate`) routing prefill.
+    #[arg(long, value_name = "URL", env = "KVROUTER_PREFILL_ROUTER")]
+    pub prefill_router: Option<String>,
+    /// A router pool: `NAME=URL` of a `kvrouter router` in front of the pool's workers
+    /// (repeatable). With pools, each request goes to the pool `--pool-policy` chooses, and the
+    /// worker its router chooses; `--worker`s are not used.
+    #[arg(
+        long = "pool",
+        value_name = "NAME=URL",
+        conflicts_with = "prefill_router"
+    )]
+    pub pools: Vec<crate::frontend::pools::PoolArg>,
+    /// How a request's pool is chosen: `probe` (the most cached blocks of the prompt, ties to
+    /// the least loaded) or `isl` (by prompt length, `--pool-isl`).
+    #[arg(
+        long,
+        value_enum,
+        env = "KVROUTER_POOL_POLICY",
+        default_value = "probe"
+    )]
+    pub pool_policy: crate::frontend::pools::PoolPolicy,
+    /// `--pool-policy isl`: the prompts a pool takes, `NAME=MIN:MAX` tokens, `MIN ≤ ISL < MAX`
+    /// (`MAX` empty: no bound), e.g. `--pool-isl short=:4096 --pool-isl long=4096:`.
+    #[arg(long = "pool-isl", value_name = "NAME=MIN:MAX")]
+    pub pool_isl: Vec<crate::frontend::pools::IslRange>,
     /// Limits of the OpenAI API's connections and requests (shared with `kvrouter router`).
     #[command(flatten)]
     pub listener: ListenerArgs,
@@ -272,6 +300,51 @@ mod tests {
                 .router_selection_policy,
             kvrouter_core::SelectionPolicy::Default,
             "the reference cost stays the default"
+        );
+    }
+
+    #[test]
+    fn pool_and_prefill_router_flags() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            c: FrontendConfig,
+        }
+        let p = P::try_parse_from([
+            "kvrouter",
+            "--pool",
+            "short=http://127.0.0.1:8090",
+            "--pool",
+            "long=http://127.0.0.1:8092",
+            "--pool-policy",
+            "isl",
+            "--pool-isl",
+            "short=:4096",
+            "--pool-isl",
+            "long=4096:",
+        ])
+        .unwrap();
+        assert_eq!(p.c.pools.len(), 2);
+        assert_eq!(p.c.pool_policy, crate::frontend::pools::PoolPolicy::Isl);
+        assert_eq!(p.c.pool_isl[1].min, 4096);
+        assert_eq!(FrontendConfig::default().pool_policy, Default::default());
+        let both = [
+            "kvrouter",
+            "--pool",
+            "a=http://x:1",
+            "--prefill-router",
+            "http://y:2",
+        ];
+        assert!(
+            P::try_parse_from(both).is_err(),
+            "pools and a prefill router conflict"
+        );
+        assert!(P::try_parse_from(["kvrouter", "--pool", "nameless"]).is_err());
+        let p = P::try_parse_from(["kvrouter", "--prefill-router", "http://127.0.0.1:8090"]);
+        assert_eq!(
+            p.unwrap().c.prefill_router.as_deref(),
+            Some("http://127.0.0.1:8090")
         );
     }
 

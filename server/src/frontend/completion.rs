@@ -9,15 +9,18 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use kvrouter_core::RolePool;
 
 use super::disagg::{self, Plan};
+use super::lease::Started;
 use super::request::{parse_request, Endpoint, ParsedRequest};
 use super::response::Shape;
 use super::stream::{Flow, Tracker};
-use super::{AppState, DP_RANK_HEADER, PREFILL_WORKER_HEADER, REQUEST_ID_HEADER, WORKER_HEADER};
+use super::{
+    AppState, DP_RANK_HEADER, POOL_HEADER, PREFILL_WORKER_HEADER, REQUEST_ID_HEADER, WORKER_HEADER,
+};
 use crate::error::{route_error, ApiError};
-use crate::routing::{Booking, RouteInput};
-use crate::workers::client::WorkerStream;
+use crate::routing::RouteInput;
 
 pub async fn completions(State(s): State<Arc<AppState>>, body: Body) -> Response {
     serve(s, Endpoint::Completions, body).await
@@ -58,15 +61,15 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                 tracker.fail(&e);
                 e.into_response()
             }
-            Ok((booking, chunks, prefill_worker)) => {
-                let rank = booking.worker();
+            Ok(started) => {
+                let rank = started.lease.worker();
                 let flow = Flow::new(
                     s.clone(),
                     shape,
                     req.tokens.len(),
-                    booking,
+                    started.lease,
                     tracker,
-                    chunks,
+                    started.stream,
                     req.output.clone(),
                 );
                 let mut resp = if req.stream {
@@ -83,8 +86,11 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                 let h = resp.headers_mut();
                 h.insert(WORKER_HEADER, HeaderValue::from(rank.worker_id));
                 h.insert(DP_RANK_HEADER, HeaderValue::from(rank.dp_rank));
-                if let Some(p) = prefill_worker {
+                if let Some(p) = started.prefill_worker {
                     h.insert(PREFILL_WORKER_HEADER, HeaderValue::from(p));
+                }
+                if let Some(v) = started.pool.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                    h.insert(POOL_HEADER, v);
                 }
                 resp
             }
@@ -144,18 +150,21 @@ async fn parse(
 }
 
 /// Route the request and start it on the chosen worker ([`crate::workers::dispatch`]) — or,
-/// in a disaggregated fleet, on a prefill worker and then a decode worker ([`disagg`]); the
-/// third value is the prefill worker.
+/// in a disaggregated fleet, on a prefill worker and then a decode worker ([`disagg`]), or,
+/// with router pools, on the worker the chosen pool's router picks ([`super::pools`]).
 async fn dispatch(
     s: &Arc<AppState>,
     req: &ParsedRequest,
     request_id: &str,
-) -> Result<(Booking, WorkerStream, Option<u64>), ApiError> {
+) -> Result<Started, ApiError> {
+    if let Some(pools) = &s.pools {
+        return super::pools::dispatch(s, pools, req, request_id).await;
+    }
     let pool = match disagg::plan(s, req) {
-        Plan::Split => {
-            let split = disagg::dispatch(s, req, request_id).await?;
-            return Ok((split.booking, split.stream, Some(split.prefill_worker)));
-        }
+        Plan::Split => match disagg::dispatch(s, req, request_id).await? {
+            Some(started) => return Ok(started),
+            None => RolePool::Aggregated,
+        },
         Plan::Whole(pool) => pool,
     };
     let input = RouteInput {
@@ -174,5 +183,10 @@ async fn dispatch(
     let (booking, stream) =
         crate::workers::dispatch::dispatch(fleet, &s.client, &input, body, route_error, request_id)
             .await?;
-    Ok((booking, stream, None))
+    Ok(Started {
+        lease: booking.into(),
+        stream,
+        prefill_worker: None,
+        pool: None,
+    })
 }

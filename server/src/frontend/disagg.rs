@@ -16,17 +16,24 @@
 //! A failed prefill is the client's error, never a silent fallback to aggregated serving.
 //! With `--conditional-disagg`, a request whose prompt less the best prefill worker's cached
 //! prefix is under `--disagg-isl-threshold` tokens runs whole on a decode worker instead.
+//!
+//! With `--prefill-router URL` (the reference's two-router layout) step 1 is a `kvrouter
+//! router`'s: it chooses among its prefill workers and books the request under its id
+//! ([`RemoteRouter::book`]); the first token marks it prefill-complete there and the prefill's
+//! end frees it. This frontend's own workers (any role but `prefill`) take the decode.
 
 use std::sync::Arc;
 
 use kvrouter_core::{RolePool, RouterConfigOverride, WorkerRole};
 use serde_json::{json, Map, Value};
 
+use super::lease::{Lease, Started};
 use super::request::ParsedRequest;
 use super::AppState;
 use crate::error::{route_error, worker_error, ApiError};
 use crate::routing::{Booking, RouteInput};
 use crate::workers::client::{WorkerError, WorkerStream};
+use crate::workers::remote_router::{RemoteInput, RemoteRouter};
 use crate::workers::spec::{DisaggProtocol, WorkerSpec};
 
 /// `--conditional-disagg` and its threshold.
@@ -54,6 +61,10 @@ pub enum Plan {
 pub fn plan(s: &AppState, req: &ParsedRequest) -> Plan {
     if req.backend_instance_id.is_some() {
         return Plan::Whole(RolePool::Any);
+    }
+    if s.prefill_router.is_some() {
+        // Conditional disaggregation is decided by the prefill router's answer.
+        return Plan::Split;
     }
     let router = &s.fleet.router;
     let (prefill, decode) = router.has_roles();
@@ -89,7 +100,7 @@ fn overrides(client: &Option<RouterConfigOverride>, role: WorkerRole) -> RouterC
     o
 }
 
-fn route_input<'a>(req: &'a ParsedRequest, role: WorkerRole) -> RouteInput<'a> {
+fn route_input(req: &ParsedRequest, role: WorkerRole, pool: RolePool) -> RouteInput<'_> {
     RouteInput {
         tokens: &req.tokens,
         pinned_worker: None,
@@ -99,7 +110,7 @@ fn route_input<'a>(req: &'a ParsedRequest, role: WorkerRole) -> RouteInput<'a> {
         cache_salt: req.cache_salt.as_deref(),
         priority: req.priority,
         strict_priority: req.strict_priority,
-        pool: RolePool::Only(role),
+        pool,
     }
 }
 
@@ -111,39 +122,30 @@ fn body(req: &ParsedRequest, model: &str, edit: impl FnOnce(&mut Map<String, Val
     serde_json::to_vec(&m).unwrap_or_default()
 }
 
-/// What a split request's dispatch hands back: the decode booking and stream, and the prefill
-/// worker that computed the prompt.
-pub struct Split {
-    pub booking: Booking,
-    pub stream: WorkerStream,
-    pub prefill_worker: u64,
-}
-
 /// Attempts per phase when the chosen worker turns out unreachable (it becomes suspect and the
 /// phase is routed again; nothing was processed).
 const MAX_ATTEMPTS: usize = 3;
 
-/// Prefill on a prefill worker, then start decode on a decode worker.
+/// Prefill on a prefill worker, then start decode on a decode worker. `None`: the prefill
+/// router's answer showed the prompt cached enough for `--conditional-disagg` to run it whole
+/// on a decode worker instead.
 pub async fn dispatch(
     s: &Arc<AppState>,
     req: &ParsedRequest,
     request_id: &str,
-) -> Result<Split, ApiError> {
+) -> Result<Option<Started>, ApiError> {
     let mut last = None;
-    for _ in 0..MAX_ATTEMPTS {
-        let prefill = s
-            .fleet
-            .router
-            .route(&route_input(req, WorkerRole::Prefill))
-            .await
-            .map_err(|e| prefill_failed(&route_error(e)))?;
-        let rank = prefill.worker();
-        let Some(worker) = s.fleet.registry.get(rank.worker_id) else {
-            continue; // deregistered meanwhile
+    for attempt in 0..MAX_ATTEMPTS {
+        let (prefill, spec) = match choose_prefill(s, req, request_id, attempt).await? {
+            Prefill::Chosen(lease, spec) => (lease, spec),
+            Prefill::Skip => return Ok(None),
+            Prefill::Gone => continue,
         };
-        let result = match worker.spec.disaggregation_protocol {
-            DisaggProtocol::Vllm => vllm(s, req, request_id, prefill, &worker.spec).await,
-            DisaggProtocol::Sglang => sglang(s, req, request_id, prefill, &worker.spec).await,
+        let rank = prefill.worker();
+        let local = prefill.is_local();
+        let result = match spec.disaggregation_protocol {
+            DisaggProtocol::Vllm => vllm(s, req, request_id, prefill, &spec).await,
+            DisaggProtocol::Sglang => sglang(s, req, request_id, prefill, &spec).await,
         };
         match result {
             Err(Failure::PrefillGone(e)) => {
@@ -152,16 +154,84 @@ pub async fn dispatch(
                     worker_id = rank.worker_id,
                     "prefill worker unreachable, routing again: {e}"
                 );
-                s.fleet.suspect(rank.worker_id, &e.to_string());
+                if local {
+                    s.fleet.suspect(rank.worker_id, &e.to_string());
+                }
                 last = Some(worker_error(&e, request_id, rank.worker_id));
             }
             Err(Failure::Api(e)) => return Err(e),
-            Ok(split) => return Ok(split),
+            Ok(started) => return Ok(Some(started)),
         }
     }
     Err(prefill_failed(&last.unwrap_or_else(|| {
         ApiError::unavailable("no prefill worker could take the request")
     })))
+}
+
+/// The prefill phase's worker.
+enum Prefill {
+    /// Booked there; its registration.
+    Chosen(Lease, Box<WorkerSpec>),
+    /// Conditional disaggregation: run the request whole on a decode worker.
+    Skip,
+    /// The worker left between routing and here: route again.
+    Gone,
+}
+
+/// Route the prefill phase: in this frontend's router, or by `--prefill-router`.
+async fn choose_prefill(
+    s: &AppState,
+    req: &ParsedRequest,
+    request_id: &str,
+    attempt: usize,
+) -> Result<Prefill, ApiError> {
+    let Some(router) = &s.prefill_router else {
+        let input = route_input(
+            req,
+            WorkerRole::Prefill,
+            RolePool::Only(WorkerRole::Prefill),
+        );
+        let booking = s
+            .fleet
+            .router
+            .route(&input)
+            .await
+            .map_err(|e| prefill_failed(&route_error(e)))?;
+        return Ok(match s.fleet.registry.get(booking.worker().worker_id) {
+            Some(w) => Prefill::Chosen(booking.into(), Box::new(w.spec.clone())),
+            None => Prefill::Gone,
+        });
+    };
+    remote_prefill(s, router, req, request_id, attempt).await
+}
+
+/// Book the prefill on the prefill router, under the request's id (one per attempt: an earlier
+/// attempt's free may still be on its way).
+async fn remote_prefill(
+    s: &AppState,
+    router: &Arc<RemoteRouter>,
+    req: &ParsedRequest,
+    request_id: &str,
+    attempt: usize,
+) -> Result<Prefill, ApiError> {
+    let o = overrides(&req.overrides, WorkerRole::Prefill);
+    let input = RemoteInput {
+        tokens: &req.tokens,
+        overrides: Some(&o),
+        cache_salt: req.cache_salt.as_deref(),
+    };
+    let (best, lease) = router
+        .book(input, &format!("{request_id}.p{attempt}"))
+        .await
+        .map_err(|e| prefill_failed(&e))?;
+    let uncached = req.tokens.len().saturating_sub(best.cached_tokens);
+    if s.disagg.conditional && uncached < s.disagg.isl_threshold {
+        return Ok(Prefill::Skip); // the lease's drop frees the booking
+    }
+    Ok(match best.registration {
+        Some(spec) => Prefill::Chosen(lease.into(), Box::new(spec)),
+        None => Prefill::Gone,
+    })
 }
 
 /// Why a split dispatch stopped.
@@ -184,9 +254,9 @@ async fn vllm(
     s: &Arc<AppState>,
     req: &ParsedRequest,
     request_id: &str,
-    mut prefill: Booking,
+    mut prefill: Lease,
     spec: &WorkerSpec,
-) -> Result<Split, Failure> {
+) -> Result<Started, Failure> {
     let p_rank = prefill.worker();
     let model = spec.model.as_deref().unwrap_or(&s.model_name);
     let prefill_body = body(req, model, |m| {
@@ -232,10 +302,11 @@ async fn vllm(
         m.insert("kv_transfer_params".into(), params.clone());
     })
     .await?;
-    Ok(Split {
-        booking,
+    Ok(Started {
+        lease: booking.into(),
         stream,
-        prefill_worker: p_rank.worker_id,
+        prefill_worker: Some(p_rank.worker_id),
+        pool: None,
     })
 }
 
@@ -244,9 +315,9 @@ async fn sglang(
     s: &Arc<AppState>,
     req: &ParsedRequest,
     request_id: &str,
-    mut prefill: Booking,
+    mut prefill: Lease,
     spec: &WorkerSpec,
-) -> Result<Split, Failure> {
+) -> Result<Started, Failure> {
     let p_rank = prefill.worker();
     let model = spec.model.as_deref().unwrap_or(&s.model_name);
     let host = crate::workers::client::authority(&spec.url);
@@ -284,10 +355,11 @@ async fn sglang(
             return Err(prefill_failed(&e).into());
         }
     }
-    Ok(Split {
-        booking,
+    Ok(Started {
+        lease: booking.into(),
         stream,
-        prefill_worker: p_rank.worker_id,
+        prefill_worker: Some(p_rank.worker_id),
+        pool: None,
     })
 }
 
@@ -301,10 +373,17 @@ async fn decode(
 ) -> Result<(Booking, WorkerStream), ApiError> {
     let mut last = None;
     for _ in 0..MAX_ATTEMPTS {
+        // Behind a prefill router, this frontend's workers are all decode's (any role but
+        // prefill, as the reference's two-router layout registers them).
+        let pool = if s.prefill_router.is_some() {
+            RolePool::Aggregated
+        } else {
+            RolePool::Only(WorkerRole::Decode)
+        };
         let booking = s
             .fleet
             .router
-            .try_route(&route_input(req, WorkerRole::Decode))
+            .try_route(&route_input(req, WorkerRole::Decode, pool))
             .map_err(route_error)?;
         let rank = booking.worker();
         let Some(w) = s.fleet.registry.get(rank.worker_id) else {

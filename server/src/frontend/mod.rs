@@ -12,7 +12,9 @@ pub mod choice;
 pub mod completion;
 pub mod contract;
 pub mod disagg;
+pub mod lease;
 pub mod logprobs;
+pub mod pools;
 pub mod probes;
 pub mod reasoning;
 pub mod request;
@@ -33,6 +35,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::workers::client::WorkerClient;
 use crate::workers::fleet::Fleet;
+use crate::workers::remote_router::RemoteRouter;
 use request::Limits;
 
 /// Response header naming the worker that served the request.
@@ -41,6 +44,8 @@ pub const WORKER_HEADER: &str = "x-kvrouter-worker-id";
 pub const DP_RANK_HEADER: &str = "x-kvrouter-dp-rank";
 /// Response header: the prefill worker of a disaggregated request.
 pub const PREFILL_WORKER_HEADER: &str = "x-kvrouter-prefill-worker-id";
+/// Response header: the router pool (`--pool NAME=URL`) that chose the worker.
+pub const POOL_HEADER: &str = "x-kvrouter-pool";
 /// Response header with the request's id (also in every log line about it).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -71,6 +76,10 @@ pub struct AppState {
     pub(crate) next_id: AtomicU64,
     /// `--conditional-disagg` and its threshold.
     pub disagg: disagg::DisaggConfig,
+    /// `--prefill-router`: the `kvrouter router` that chooses prefill workers.
+    pub prefill_router: Option<Arc<RemoteRouter>>,
+    /// `--pool`: routers that choose the worker, one per pool.
+    pub pools: Option<pools::Pools>,
 }
 
 impl AppState {
@@ -100,6 +109,8 @@ impl AppState {
             // (frontend replicas, restarts), so logs and clients never see one id twice.
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             disagg: disagg::DisaggConfig::default(),
+            prefill_router: None,
+            pools: None,
         }
     }
 }

@@ -62,24 +62,34 @@ pub fn fleet_health(fleet: &Fleet) -> (usize, usize) {
     (all.iter().filter(|w| w.is_healthy()).count(), all.len())
 }
 
-fn healthy_workers(s: &AppState) -> (usize, usize) {
-    fleet_health(&s.fleet)
+/// `(healthy, registered)`: this frontend's workers, or, with `--pool`, its pools (a pool is
+/// healthy when its router's `/health` is, within a second).
+async fn healthy_workers(s: &AppState) -> (usize, usize) {
+    match &s.pools {
+        Some(p) => p.health(&s.client).await,
+        None => fleet_health(&s.fleet),
+    }
 }
 
-/// `GET /health`: the served model and its healthy and registered workers; 503 without a
-/// healthy worker.
+/// `GET /health`: the served model and its healthy and registered workers (with `--pool`: its
+/// healthy and configured pools, `healthy_pools` and `pools`); 503 without a healthy one.
 pub async fn health(State(s): State<Arc<AppState>>) -> Response {
-    let (up, total) = healthy_workers(&s);
+    let (up, total) = healthy_workers(&s).await;
     let status = if up > 0 {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let (healthy_key, total_key) = if s.pools.is_some() {
+        ("healthy_pools", "pools")
+    } else {
+        ("healthy_workers", "workers")
+    };
     let body = json!({
         "status": if up > 0 { "healthy" } else { "unhealthy" },
         "model": s.model_name,
-        "healthy_workers": up,
-        "workers": total,
+        healthy_key: up,
+        total_key: total,
     });
     (status, axum::Json(body)).into_response()
 }
@@ -89,9 +99,9 @@ pub async fn live() -> StatusCode {
     StatusCode::OK
 }
 
-/// `GET /ready`: 200 with at least one healthy worker, else 503.
+/// `GET /ready`: 200 with at least one healthy worker (or pool), else 503.
 pub async fn ready(State(s): State<Arc<AppState>>) -> StatusCode {
-    if healthy_workers(&s).0 > 0 {
+    if healthy_workers(&s).await.0 > 0 {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -19,12 +19,12 @@ use futures::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::choice::{Choice, OutputOptions};
+use super::lease::Lease;
 use super::request::Endpoint;
 use super::response::{usage, Shape};
 use super::AppState;
 use crate::error::{worker_error, ApiError};
 use crate::metrics::{Metrics, RequestLabels};
-use crate::routing::Booking;
 use crate::workers::client::{WorkerError, WorkerEvent, WorkerStream};
 
 /// Output bytes gathered before a write is handed to the connection.
@@ -92,7 +92,7 @@ pub struct Flow {
     state: Arc<AppState>,
     shape: Shape,
     prompt_tokens: usize,
-    booking: Booking,
+    booking: Lease,
     tracker: Tracker,
     worker: WorkerStream,
     completion_tokens: usize,
@@ -116,7 +116,7 @@ impl Flow {
         state: Arc<AppState>,
         shape: Shape,
         prompt_tokens: usize,
-        booking: Booking,
+        booking: Lease,
         tracker: Tracker,
         worker: WorkerStream,
         opts: OutputOptions,
@@ -266,7 +266,7 @@ impl Flow {
     fn fail(&mut self, e: &WorkerError) -> ApiError {
         self.booking.free();
         let worker = self.booking.worker().worker_id;
-        if e.worker_gone() {
+        if e.worker_gone() && self.booking.is_local() {
             self.state.fleet.suspect(worker, &e.to_string());
         }
         let err = worker_error(e, &self.shape.id, worker);

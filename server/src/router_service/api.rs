@@ -13,6 +13,7 @@ use super::token_ids::WithTokenIds;
 
 use crate::error::ApiError;
 use crate::routing::{OverlapReport, RouteInput};
+use crate::workers::spec::WorkerSpec;
 
 /// `POST /v1/router/best_worker_id`:
 /// `{"token_ids": [u32], "router_config_override"?: {...}, "lora_name"?: str,
@@ -58,12 +59,25 @@ impl BestWorkerRequest {
 }
 
 /// Answer of `best_worker_id`: `{"worker_id": u64, "dp_rank": u32, "overlap_blocks": u32}`
-/// (device-tier blocks of the prompt's prefix cached on the chosen rank).
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// (device-tier blocks of the prompt's prefix cached on the chosen rank), as spec §11, plus
+/// kvrouter's additions, which let a caller send the request itself (`kvrouter frontend
+/// --prefill-router` and `--pool` do): `cached_tokens`, `cost` and `registration`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct BestWorker {
     pub worker_id: u64,
     pub dp_rank: u32,
     pub overlap_blocks: u32,
+    /// Prompt tokens cached on the chosen rank: `min(overlap_blocks × block size, prompt)`.
+    #[serde(default)]
+    pub cached_tokens: usize,
+    /// The chosen rank's KV cost (spec §6.2: weighted uncached prefill blocks plus decode
+    /// blocks, so lower is less loaded at equal overlap); absent in load-only router modes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// The chosen worker's registration (workers-file schema: `url`, `model`, `role`,
+    /// `disaggregation_protocol`, …); absent if it was removed meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<WorkerSpec>,
 }
 
 impl From<&Selection> for BestWorker {
@@ -72,6 +86,9 @@ impl From<&Selection> for BestWorker {
             worker_id: s.worker.worker_id,
             dp_rank: s.worker.dp_rank,
             overlap_blocks: s.overlap_blocks,
+            cached_tokens: s.cached_tokens,
+            cost: s.cost.filter(|c| c.is_finite()),
+            registration: None,
         }
     }
 }

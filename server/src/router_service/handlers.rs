@@ -95,7 +95,9 @@ pub async fn best_worker_id(State(s): State<Arc<Service>>, body: Body) -> Respon
             Some(id) => router.book_external(&input, request_id(id)?),
         }
         .map_err(routing_error)?;
-        Ok(Json(BestWorker::from(&sel)).into_response())
+        let mut out = BestWorker::from(&sel);
+        out.registration = s.fleet.registry.get(out.worker_id).map(|w| w.spec.clone());
+        Ok(Json(out).into_response())
     }
     .await;
     answer(&s, "best_worker_id", r)

@@ -350,13 +350,25 @@ impl WorkerClient {
         dp_rank: u32,
         body: Vec<u8>,
     ) -> Result<serde_json::Value, WorkerError> {
-        let mut headers = String::from("Content-Type: application/json\r\n");
-        if dp_rank > 0 {
-            headers.push_str(&format!("X-data-parallel-rank: {dp_rank}\r\n"));
-        }
-        let (mut conn, head) = self
-            .exchange(url, "POST", "/v1/completions", &headers, &body)
-            .await?;
+        let rank = (dp_rank > 0).then(|| format!("X-data-parallel-rank: {dp_rank}\r\n"));
+        self.post_json(url, "/v1/completions", rank.as_deref().unwrap_or(""), &body)
+            .await
+    }
+
+    /// `POST {url}{path}` with a JSON `body` (and extra `headers`, each line ending in
+    /// `\r\n`): the JSON answer, at most [`MAX_COMPLETION_BODY`] bytes, read within the
+    /// response timeout, on the same kept-alive connections as every worker call. Used for
+    /// prefill completions and for a `kvrouter router`'s calls. Errors: as
+    /// [`generate`](Self::generate), or a body too large or not JSON.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+    ) -> Result<serde_json::Value, WorkerError> {
+        let headers = format!("Content-Type: application/json\r\n{headers}");
+        let (mut conn, head) = self.exchange(url, "POST", path, &headers, body).await?;
         if !(200..300).contains(&head.status) {
             return Err(self.status_error(url, &mut conn, &head).await);
         }

@@ -2,11 +2,12 @@
 //! health and KV event subscribers ([`registry`]), registration and the health loop
 //! ([`fleet`]), the HTTP client every request to a worker goes through ([`client`], over the
 //! small HTTP/1.1 client of [`http1`]), and a routed request started on its worker
-//! ([`dispatch`]).
+//! ([`dispatch`]); a `kvrouter router` asked to choose the worker instead ([`remote_router`]).
 
 pub mod client;
 pub mod dispatch;
 pub mod fleet;
 pub mod http1;
 pub mod registry;
+pub mod remote_router;
 pub mod spec;

@@ -10,6 +10,7 @@ mod lifecycle;
 mod limits;
 mod probes;
 mod queue;
+mod remote_routers;
 mod router_service;
 mod routing;
 mod stall;

@@ -142,9 +142,19 @@ async fn generate_streams_chunks_and_best_worker_id_follows_the_cache() {
     let (st, best) = call(&c, &s.url("best_worker_id"), json!({"token_ids": tokens})).await;
     assert_eq!(st, 200, "{best}");
     assert_eq!(
-        best,
-        json!({"worker_id": first, "dp_rank": 0, "overlap_blocks": 16})
+        (
+            &best["worker_id"],
+            &best["dp_rank"],
+            &best["overlap_blocks"]
+        ),
+        (&json!(first), &json!(0), &json!(16)),
+        "{best}"
     );
+    // kvrouter's additions: enough to send the request oneself.
+    assert_eq!(best["cached_tokens"], 1024, "{best}");
+    assert!(best["cost"].as_f64().is_some(), "{best}");
+    let url = best["registration"]["url"].as_str().expect("registration");
+    assert!(url.starts_with("http://127.0.0.1:"), "{best}");
     let (again, chunks) = generate(&c, &s, body).await;
     assert_eq!(again, first, "generate follows the cache too");
     let cached = &chunks.last().unwrap()["usage"]["prompt_tokens_details"]["cached_tokens"];
