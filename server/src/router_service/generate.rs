@@ -32,9 +32,9 @@
 //! with `data: {"error": {"message", "type", "code"}}`. Headers name the serving rank
 //! (`x-kvrouter-worker-id`, `x-kvrouter-dp-rank`) and the request (`x-request-id`).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -43,11 +43,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
-use kvrouter_core::RouterConfigOverride;
+use kvrouter_core::{RouteError, RouterConfigOverride, WorkerWithDpRank};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::router::{route_kind, ErrorKind, Router, RouterError};
 use super::Service;
 use crate::error::{worker_error, ApiError};
 use crate::frontend::{DP_RANK_HEADER, REQUEST_ID_HEADER, WORKER_HEADER};
@@ -362,13 +363,14 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The handler: parse, route, start on the worker, stream back.
-pub(super) async fn generate(s: Arc<Service>, body: Body) -> Result<Response, ApiError> {
-    let bytes = s.read_body(body).await?;
-    let req: GenerateRequest = super::token_ids::parse(&bytes)?;
-    super::api::non_empty(&req.token_ids)?;
-    let fields = req.worker_fields()?;
-    let request_id = format!("gen-{:x}", s.next_id.fetch_add(1, Ordering::Relaxed));
+/// Route `req`, book it and start it on the chosen worker ([`super::Router::generate`]).
+pub(super) async fn start(
+    router: &Arc<Router>,
+    req: GenerateRequest,
+) -> Result<Generation, RouterError> {
+    super::api::non_empty(&req.token_ids).map_err(RouterError::invalid)?;
+    let fields = req.worker_fields().map_err(RouterError::invalid)?;
+    let request_id = router.next_request_id();
     let worker_body = |worker_model: Option<&str>| {
         let b = WorkerBody {
             model: worker_model.or(req.model.as_deref()),
@@ -383,24 +385,47 @@ pub(super) async fn generate(s: Arc<Service>, body: Body) -> Result<Response, Ap
         serde_json::to_vec(&b).unwrap_or_default()
     };
     let input = req.route_input();
-    let route_err = super::handlers::routing_error;
+    // The kind of a routing failure, which `dispatch` turns into its HTTP answer.
+    let route_failure = OnceLock::new();
+    let route_err = |e: RouteError| {
+        let _ = route_failure.set(route_kind(&e));
+        RouterError::routing(e).api
+    };
+    let fleet = router.fleet();
     let (booking, worker) = dispatch(
-        &s.fleet,
-        &s.client,
+        fleet,
+        router.client(),
         &input,
         worker_body,
         route_err,
         &request_id,
     )
-    .await?;
-    let rank = booking.worker();
-    let stream = Generation {
-        svc: s,
+    .await
+    .map_err(|api| match route_failure.get() {
+        Some(&kind) => RouterError::new(kind, api),
+        None => RouterError::worker(api),
+    })?;
+    Ok(Generation {
+        router: router.clone(),
         booking,
         worker,
-        request_id: request_id.clone(),
+        request_id,
         held: None,
         first_token: false,
+        done: false,
+        ready: VecDeque::new(),
+    })
+}
+
+/// The HTTP handler: parse, generate, stream back as server-sent events.
+pub(super) async fn generate(s: Arc<Service>, body: Body) -> Result<Response, RouterError> {
+    let bytes = s.read_body(body).await?;
+    let req: GenerateRequest = super::token_ids::parse(&bytes)?;
+    let generation = s.router.generate(req).await?;
+    let rank = generation.worker();
+    let request_id = generation.request_id().to_string();
+    let stream = SseBody {
+        generation,
         done: false,
         out: BytesMut::new(),
     };
@@ -418,13 +443,37 @@ pub(super) async fn generate(s: Arc<Service>, body: Body) -> Result<Response, Ap
     Ok(resp)
 }
 
-/// One chunk of the response.
-#[derive(Serialize)]
-struct Chunk<'a> {
-    token_ids: &'a RawValue,
-    text: &'a str,
-    finish_reason: Option<&'a str>,
-    usage: Option<&'a RawValue>,
+/// One chunk of a generation's output (one SSE event of the router API):
+/// `{"token_ids": [u32], "text": str, "finish_reason": null | str, "usage": null | {...}}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateChunk {
+    /// The new token ids, as the worker's JSON array of `u32` (`[]` when the chunk has none:
+    /// the usage-only chunk, or a worker that returns no ids). [`token_ids`](Self::token_ids)
+    /// parses it.
+    #[serde(serialize_with = "ids_or_empty")]
+    pub token_ids: Option<Box<RawValue>>,
+    /// The new text (empty when the worker gives none).
+    pub text: String,
+    /// `stop`, `length`, … on the last chunk.
+    pub finish_reason: Option<String>,
+    /// The worker's usage object on the last chunk (`prompt_tokens`, `completion_tokens`,
+    /// `total_tokens`, `prompt_tokens_details.cached_tokens`), as the worker sent it.
+    pub usage: Option<Box<RawValue>>,
+}
+
+fn ids_or_empty<S: serde::Serializer>(v: &Option<Box<RawValue>>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_deref().unwrap_or(no_ids()).serialize(s)
+}
+
+impl GenerateChunk {
+    /// The token ids as numbers. Errors: the worker sent something other than an array of
+    /// `u32`.
+    pub fn token_ids(&self) -> Result<Vec<u32>, serde_json::Error> {
+        match &self.token_ids {
+            Some(raw) => serde_json::from_str(raw.get()),
+            None => Ok(Vec::new()),
+        }
+    }
 }
 
 /// The chunk with the finish reason, held until the worker's usage event that follows it.
@@ -439,36 +488,42 @@ fn no_ids() -> &'static RawValue {
     EMPTY.get_or_init(|| RawValue::from_string("[]".into()).expect("valid JSON"))
 }
 
-/// A generation in flight: the worker's stream as the response body. Dropping it (the client
-/// left) frees the booking.
-struct Generation {
-    svc: Arc<Service>,
+/// A generation in flight: a stream of [`GenerateChunk`]s, then, if the worker fails
+/// mid-way, one [`RouterError`] ([`ErrorKind::WorkerFailed`](super::ErrorKind) or the
+/// worker's own), then the end. Marks prefill complete at the first output; frees the
+/// booking at the end, on failure, or when dropped (a client that goes away).
+pub struct Generation {
+    router: Arc<Router>,
     booking: Booking,
     worker: WorkerStream,
     request_id: String,
     held: Option<Held>,
     first_token: bool,
     done: bool,
-    out: BytesMut,
+    /// Chunks (and the final error) made from worker events, not yet yielded.
+    ready: VecDeque<Result<GenerateChunk, RouterError>>,
 }
 
 impl Generation {
-    fn write(&mut self, chunk: &Chunk<'_>) {
-        self.out.extend_from_slice(b"data: ");
-        let _ = serde_json::to_writer(bytes::BufMut::writer(&mut self.out), chunk);
-        self.out.extend_from_slice(b"\n\n");
+    /// The rank serving it.
+    pub fn worker(&self) -> WorkerWithDpRank {
+        self.booking.worker()
     }
 
-    /// Write the held chunk, with `usage` when given.
+    /// Its id (logs and error messages, `x-request-id`).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Queue the held chunk, with `usage` when given.
     fn flush_held(&mut self, usage: Option<&RawValue>) {
         if let Some(h) = self.held.take() {
-            let chunk = Chunk {
-                token_ids: h.token_ids.as_deref().unwrap_or(no_ids()),
-                text: &h.text,
-                finish_reason: Some(&h.finish_reason),
-                usage,
-            };
-            self.write(&chunk);
+            self.ready.push_back(Ok(GenerateChunk {
+                token_ids: h.token_ids,
+                text: h.text,
+                finish_reason: Some(h.finish_reason),
+                usage: usage.map(ToOwned::to_owned),
+            }));
         }
     }
 
@@ -505,25 +560,23 @@ impl Generation {
                 finish_reason: f.to_string(),
             });
         } else if ev.has_output() {
-            let chunk = Chunk {
-                token_ids: ev.token_ids.unwrap_or(no_ids()),
-                text: &ev.text,
+            self.ready.push_back(Ok(GenerateChunk {
+                token_ids: ev.token_ids.map(ToOwned::to_owned),
+                text: ev.text.into_owned(),
                 finish_reason: None,
                 usage: None,
-            };
-            self.write(&chunk);
+            }));
         }
         if let Some(u) = ev.usage {
             if self.held.is_some() {
                 self.flush_held(Some(u));
             } else {
-                let chunk = Chunk {
-                    token_ids: no_ids(),
-                    text: "",
+                self.ready.push_back(Ok(GenerateChunk {
+                    token_ids: None,
+                    text: String::new(),
                     finish_reason: None,
-                    usage: Some(u),
-                };
-                self.write(&chunk);
+                    usage: Some(u.to_owned()),
+                }));
             }
         }
         Ok(())
@@ -536,28 +589,33 @@ impl Generation {
         self.done = true;
     }
 
-    /// The worker failed: an error event ends the stream; a worker gone is suspect.
+    /// The worker failed: an error ends the stream; a worker gone is suspect.
     fn fail(&mut self, e: &WorkerError) {
         self.flush_held(None);
         self.booking.free();
         let worker = self.booking.worker().worker_id;
         if e.worker_gone() {
-            self.svc.fleet.suspect(worker, &e.to_string());
+            self.router.fleet().suspect(worker, &e.to_string());
         }
-        let err = worker_error(e, &self.request_id, worker);
-        self.out.extend_from_slice(b"data: ");
-        let _ = serde_json::to_writer(bytes::BufMut::writer(&mut self.out), &err.body());
-        self.out.extend_from_slice(b"\n\n");
+        let api = worker_error(e, &self.request_id, worker);
+        self.ready
+            .push_back(Err(RouterError::new(ErrorKind::WorkerFailed, api)));
         self.done = true;
     }
 }
 
 impl Stream for Generation {
-    type Item = Result<Bytes, Infallible>;
+    type Item = Result<GenerateChunk, RouterError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let g = &mut *self;
-        while !g.done && g.out.len() < MAX_WRITE {
+        loop {
+            if let Some(item) = g.ready.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            if g.done {
+                return Poll::Ready(None);
+            }
             match g.worker.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(payload))) => {
                     if let Err(e) = g.on_event(&payload) {
@@ -570,13 +628,45 @@ impl Stream for Generation {
                 }
                 Poll::Ready(Some(Err(e))) => g.fail(&e),
                 Poll::Ready(None) => g.finish(),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// A generation as the router API's response body: `data: {chunk}` events, an error as
+/// `data: {"error": {...}}`, gathered up to [`MAX_WRITE`] bytes per write.
+struct SseBody {
+    generation: Generation,
+    done: bool,
+    out: BytesMut,
+}
+
+impl SseBody {
+    fn event(&mut self, value: &impl Serialize) {
+        self.out.extend_from_slice(b"data: ");
+        let _ = serde_json::to_writer(bytes::BufMut::writer(&mut self.out), value);
+        self.out.extend_from_slice(b"\n\n");
+    }
+}
+
+impl Stream for SseBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let b = &mut *self;
+        while !b.done && b.out.len() < MAX_WRITE {
+            match b.generation.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => b.event(&chunk),
+                Poll::Ready(Some(Err(e))) => b.event(&e.api.body()),
+                Poll::Ready(None) => b.done = true,
                 Poll::Pending => break,
             }
         }
-        if !g.out.is_empty() {
-            return Poll::Ready(Some(Ok(g.out.split().freeze())));
+        if !b.out.is_empty() {
+            return Poll::Ready(Some(Ok(b.out.split().freeze())));
         }
-        if g.done {
+        if b.done {
             Poll::Ready(None)
         } else {
             Poll::Pending

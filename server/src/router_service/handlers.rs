@@ -1,5 +1,6 @@
-//! The router API's handlers: each reads its body, calls the router, answers JSON, and is
-//! counted in `kvrouter_router_service_requests_total{endpoint, status}`. Errors are JSON
+//! The router API's handlers: each reads its body, calls the [`Router`](super::Router) method
+//! of the same name, answers its result as JSON, and is counted in
+//! `kvrouter_router_service_requests_total{endpoint, status}`. Errors are JSON
 //! (`{"error": {"message", "type", "param", "code"}}`): 400 bad body, 404 unknown request id
 //! or pinned worker, 409 request id already booked, 503 no worker / all busy / queue full.
 
@@ -10,20 +11,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kvrouter_core::sequences::SequenceError;
-use kvrouter_core::{RouteError, SelectError};
 use serde_json::json;
 
 use super::api::{
-    self, BestWorker, BestWorkerRequest, LoadOut, LoadsRequest, OverlapRequest, OverlapScoresOut,
-    Released, RequestIdBody,
+    self, BestWorkerRequest, LoadOut, LoadsRequest, OverlapRequest, Released, RequestIdBody,
 };
-use super::{token_ids, Service};
-use crate::error::{route_error, ApiError};
+use super::{token_ids, RouterError, Service};
 use crate::frontend::probes::{fleet_health, scrape, snapshot};
 use crate::metrics::ServiceLabels;
 
-type Answer = Result<Response, ApiError>;
+type Answer = Result<Response, RouterError>;
 
 /// Count a call and turn its result into a response.
 fn answer(s: &Service, endpoint: &'static str, r: Answer) -> Response {
@@ -34,46 +31,12 @@ fn answer(s: &Service, endpoint: &'static str, r: Answer) -> Response {
         400..=499 => "client_error",
         _ => "error",
     };
-    s.metrics
+    s.router
+        .metrics()
         .service_calls
         .get_or_create(&ServiceLabels { endpoint, status })
         .inc();
     resp
-}
-
-/// A routing failure; a pinned worker is named by this API's field.
-pub(super) fn routing_error(e: RouteError) -> ApiError {
-    match e {
-        RouteError::Booking(e) => booking_error(e),
-        RouteError::Select(SelectError::PinnedWorkerNotFound(w)) => {
-            ApiError::not_found(format!("worker {w} (worker_id) is not in the routing set"))
-                .param("worker_id")
-        }
-        e => route_error(e),
-    }
-}
-
-/// 404 for an id that is not booked, 409 for one booked already.
-fn booking_error(e: SequenceError) -> ApiError {
-    match e {
-        SequenceError::UnknownRequest(id) => ApiError::not_found(format!(
-            "unknown request id `{id}`: never booked, already freed, expired, or its worker was removed"
-        ))
-        .param("request_id"),
-        SequenceError::DuplicateRequest(id) => ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            format!("request id `{id}` is already booked; free it first or use another id"),
-        )
-        .param("request_id"),
-    }
-}
-
-fn request_id(id: &str) -> Result<&str, ApiError> {
-    if id.is_empty() {
-        return Err(ApiError::bad_request("`request_id` must not be empty").param("request_id"));
-    }
-    Ok(id)
 }
 
 /// `POST /v1/router/generate` ([`super::generate`]).
@@ -82,21 +45,12 @@ pub async fn generate(State(s): State<Arc<Service>>, body: Body) -> Response {
     answer(&s, "generate", r)
 }
 
-/// `POST /v1/router/best_worker_id` ([`BestWorkerRequest`] → [`BestWorker`]).
+/// `POST /v1/router/best_worker_id` ([`BestWorkerRequest`] → [`api::BestWorker`]).
 pub async fn best_worker_id(State(s): State<Arc<Service>>, body: Body) -> Response {
     let r = async {
         let bytes = s.read_body(body).await?;
         let req: BestWorkerRequest = token_ids::parse(&bytes)?;
-        api::non_empty(&req.token_ids)?;
-        let input = req.route_input();
-        let router = &s.fleet.router;
-        let sel = match &req.request_id {
-            None => router.query(&input),
-            Some(id) => router.book_external(&input, request_id(id)?),
-        }
-        .map_err(routing_error)?;
-        let mut out = BestWorker::from(&sel);
-        out.registration = s.fleet.registry.get(out.worker_id).map(|w| w.spec.clone());
+        let out = s.router.best_worker(&req)?;
         Ok(Json(out).into_response())
     }
     .await;
@@ -108,10 +62,7 @@ pub async fn mark_prefill_complete(State(s): State<Arc<Service>>, body: Body) ->
     let r = async {
         let bytes = s.read_body(body).await?;
         let req: RequestIdBody = api::parse(&bytes)?;
-        s.fleet
-            .router
-            .external_prefill_complete(request_id(&req.request_id)?)
-            .map_err(booking_error)?;
+        s.router.mark_prefill_complete(&req.request_id)?;
         let out = Released {
             request_id: req.request_id,
             worker_id: None,
@@ -128,11 +79,7 @@ pub async fn free(State(s): State<Arc<Service>>, body: Body) -> Response {
     let r = async {
         let bytes = s.read_body(body).await?;
         let req: RequestIdBody = api::parse(&bytes)?;
-        let rank = s
-            .fleet
-            .router
-            .free_external(request_id(&req.request_id)?)
-            .map_err(booking_error)?;
+        let rank = s.router.free(&req.request_id)?;
         let out = Released {
             request_id: req.request_id,
             worker_id: Some(rank.worker_id),
@@ -149,27 +96,20 @@ pub async fn get_potential_loads(State(s): State<Arc<Service>>, body: Body) -> R
     let r = async {
         let bytes = s.read_body(body).await?;
         let req: LoadsRequest = token_ids::parse(&bytes)?;
-        let loads = s.fleet.router.potential_loads(&req.route_input());
-        let out: Vec<LoadOut> = loads.iter().map(LoadOut::from).collect();
+        let out: Vec<LoadOut> = s.router.potential_loads(&req);
         Ok(Json(out).into_response())
     }
     .await;
     answer(&s, "get_potential_loads", r)
 }
 
-/// `POST /v1/router/get_overlap_scores` ([`OverlapRequest`] → [`OverlapScoresOut`]).
+/// `POST /v1/router/get_overlap_scores` ([`OverlapRequest`] → [`api::OverlapScoresOut`]).
 pub async fn get_overlap_scores(State(s): State<Arc<Service>>, body: Body) -> Response {
     let r = async {
         let bytes = s.read_body(body).await?;
         let req: OverlapRequest = token_ids::parse(&bytes)?;
-        if let Some(o) = &req.router_config_override {
-            o.validate().map_err(|e| {
-                ApiError::bad_request(format!("invalid router_config_override: {e}"))
-                    .param("router_config_override")
-            })?;
-        }
-        let report = s.fleet.router.overlap_scores(&req.route_input());
-        Ok(Json(OverlapScoresOut::from(report)).into_response())
+        let out = s.router.overlap_scores(&req)?;
+        Ok(Json(out).into_response())
     }
     .await;
     answer(&s, "get_overlap_scores", r)
@@ -178,14 +118,14 @@ pub async fn get_overlap_scores(State(s): State<Arc<Service>>, body: Body) -> Re
 /// `GET` or `POST /v1/router/dump_events`: the exact index as a JSON array of router events
 /// (spec §3.1 `RouterEvent`, `Stored` events rebuilding it, every storage tier).
 pub async fn dump_events(State(s): State<Arc<Service>>) -> Response {
-    let events = s.fleet.router.dump_events();
+    let events = s.router.dump_events();
     answer(&s, "dump_events", Ok(Json(events).into_response()))
 }
 
 /// `GET /health`: the endpoint and its healthy and registered workers; 503 without a
 /// healthy worker.
 pub async fn health(State(s): State<Arc<Service>>) -> Response {
-    let (up, total) = fleet_health(&s.fleet);
+    let (up, total) = fleet_health(s.router.fleet());
     let status = if up > 0 {
         StatusCode::OK
     } else {
@@ -207,7 +147,7 @@ pub async fn live() -> StatusCode {
 
 /// `GET /ready`: 200 with at least one healthy worker, else 503.
 pub async fn ready(State(s): State<Arc<Service>>) -> StatusCode {
-    if fleet_health(&s.fleet).0 > 0 {
+    if fleet_health(s.router.fleet()).0 > 0 {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -216,5 +156,5 @@ pub async fn ready(State(s): State<Arc<Service>>) -> StatusCode {
 
 /// `GET /metrics`: Prometheus text (classic or OpenMetrics by the `Accept` header).
 pub async fn metrics(State(s): State<Arc<Service>>, headers: HeaderMap) -> Response {
-    scrape(&s.metrics, snapshot(&s.fleet), &headers)
+    scrape(s.router.metrics(), snapshot(s.router.fleet()), &headers)
 }

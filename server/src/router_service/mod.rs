@@ -22,15 +22,20 @@
 //! `kvrouter_router_expired_requests_total`. The router always starts with empty state
 //! (`--router-reset-states` is accepted and changes nothing): the index fills from the
 //! workers' KV events.
+//!
+//! Every call above is a method of [`Router`], which runs without HTTP (no port bound): the
+//! handlers parse the body, call it and answer its result; the Python package's `KvRouter`
+//! calls the same methods in-process. [`RouterService`] is a [`Router`] plus the router API
+//! and the admin API.
 
 pub mod api;
 mod config;
 pub mod generate;
 mod handlers;
+mod router;
 pub mod token_ids;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,26 +45,21 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::{legacy_flags_used, warn_legacy_flags, RouterServiceConfig, LEGACY_FLAGS};
+pub use generate::{GenerateChunk, GenerateRequest, Generation};
+pub use router::{ErrorKind, Router, RouterError};
 
 use crate::error::ApiError;
-use crate::metrics::Metrics;
-use crate::routing::RouterState;
-use crate::workers::client::WorkerClient;
-use crate::workers::fleet::{EventSettings, Fleet};
+use crate::workers::fleet::Fleet;
 use crate::workers::spec::WorkerSpec;
 use crate::{admin, listener};
 
-/// What every handler shares.
+/// What every handler shares: the router and the limits of request bodies.
 pub(crate) struct Service {
-    fleet: Arc<Fleet>,
-    client: WorkerClient,
-    metrics: Arc<Metrics>,
+    router: Arc<Router>,
     /// The endpoint routed (`/health` names it).
     endpoint: String,
     max_body_bytes: usize,
     body_timeout: Duration,
-    /// Ids of `generate` requests (logs, `x-request-id`), from a random start per process.
-    next_id: AtomicU64,
 }
 
 impl Service {
@@ -107,6 +107,7 @@ pub struct RouterService {
     pub fleet: Arc<Fleet>,
     /// The endpoint it routes.
     pub endpoint: String,
+    router: Arc<Router>,
     shutdown: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -117,54 +118,38 @@ impl RouterService {
     ///
     /// Errors: bad flags, a port in use, a worker of the endpoint that cannot be registered.
     pub async fn start(cfg: RouterServiceConfig, workers: Vec<WorkerSpec>) -> anyhow::Result<Self> {
-        let router_config = cfg.router_config()?;
         let admin_addr = cfg.fleet.admin_addr()?;
+        let http_addr = cfg.http_addr()?;
         let nofile = listener::raise_nofile_limit();
-        let metrics = Arc::new(Metrics::new());
-        let router = RouterState::with_fixed_block_size(
-            router_config,
-            cfg.router_block_size,
-            metrics.clone(),
-        );
-        let client = WorkerClient::new(cfg.fleet.worker_timeout());
-        let fleet = Fleet::new(
-            router,
-            client.clone(),
-            EventSettings::of(&cfg.fleet, cfg.router.use_kv_events()),
-            cfg.fleet.health_policy(),
-        );
-        let fleet = Arc::new(fleet.serving_endpoint(cfg.endpoint.clone()));
-        let mut all = cfg.fleet.static_workers()?;
-        all.extend(workers);
-        let (ours, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|w| fleet.serves(w));
-        for w in &others {
-            tracing::info!(url = %w.url, endpoint = w.endpoint(), routed = %cfg.endpoint,
-                "worker of another endpoint skipped");
-        }
-        fleet.register_all(ours).await?;
+        let router = Router::start(&cfg, workers).await?;
         if cfg.router_reset_states {
             tracing::info!("--router-reset-states: the router always starts with empty state");
         }
-
+        let fleet = router.fleet().clone();
+        let metrics = router.metrics().clone();
         let service = Arc::new(Service {
-            fleet: fleet.clone(),
-            client,
-            metrics: metrics.clone(),
+            router: router.clone(),
             endpoint: cfg.endpoint.clone(),
             max_body_bytes: cfg.listener.max_body_bytes,
             body_timeout: cfg.listener.body_timeout(),
-            next_id: AtomicU64::new(rand::random::<u64>() >> 1),
         });
         let mut shutdown = Vec::new();
         let mut tasks = Vec::new();
-        let api = listener::serve(
-            cfg.http_addr()?,
+        let served = listener::serve(
+            http_addr,
             routes(service),
             cfg.listener.limits(nofile),
             "router",
             metrics.clone(),
         )
-        .await?;
+        .await;
+        let api = match served {
+            Ok(api) => api,
+            Err(e) => {
+                router.stop().await;
+                return Err(e);
+            }
+        };
         let addr = api.addr;
         tasks.push(api.task);
         shutdown.push(api.shutdown);
@@ -172,14 +157,20 @@ impl RouterService {
             Some(a) => {
                 let limits = cfg.fleet.admin_listener(&cfg.listener);
                 let token = cfg.fleet.admin_token.clone();
-                let served = admin::serve(a, fleet.clone(), token, limits, metrics).await?;
+                let served = match admin::serve(a, fleet.clone(), token, limits, metrics).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        listener::stop_all(shutdown, tasks).await;
+                        router.stop().await;
+                        return Err(e);
+                    }
+                };
                 tasks.push(served.task);
                 shutdown.push(served.shutdown);
                 Some(served.addr)
             }
             None => None,
         };
-        tasks.push(fleet.spawn_health_loop());
         tracing::info!(%addr, ?admin_addr, endpoint = %cfg.endpoint,
             block_size = cfg.router_block_size, "router listening");
         Ok(Self {
@@ -187,6 +178,7 @@ impl RouterService {
             admin_addr,
             fleet,
             endpoint: cfg.endpoint,
+            router,
             shutdown,
             tasks,
         })
@@ -202,9 +194,14 @@ impl RouterService {
         self.admin_addr.map(|a| format!("http://{a}"))
     }
 
-    /// Stop serving (open streams are cut) and stop the event subscribers.
+    /// Its router, to call in-process.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Stop serving (open streams are cut), the health checks and the event subscribers.
     pub async fn stop(self) {
         listener::stop_all(self.shutdown, self.tasks).await;
-        self.fleet.shutdown().await;
+        self.router.stop().await;
     }
 }
