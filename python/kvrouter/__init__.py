@@ -11,6 +11,9 @@ written against them ports by changing the import. Everything runs in kvrouter's
 * Configuration: :class:`KvRouterConfig`, :class:`RouterConfig`, :class:`RouterMode`.
 * Events: :class:`KvEventPublisher` publishes a custom engine's KV events in vLLM's ZMQ wire
   format (or relays an engine that already publishes), for a kvrouter frontend to subscribe.
+* Routing: :class:`KvRouter` routes requests over a set of workers in this process (the
+  standalone router's methods: ``generate``, ``best_worker``, ``get_potential_loads``,
+  ``get_overlap_scores``, ``mark_prefill_complete``, ``free``, ``dump_events``).
 * Errors: :mod:`kvrouter.exceptions`.
 
 Example::
@@ -29,10 +32,13 @@ Example::
 from kvrouter._core import (
     ApproxKvIndexer,
     Completed,
+    GenerateStream,
     KvEventPublisher,
+    KvRouter,
     KvRouterConfig,
     OverlapScores,
     RadixTree,
+    Ready,
     RouterConfig,
     RouterMode,
     __version__,
@@ -49,6 +55,7 @@ from kvrouter.exceptions import (
     RouterQueueLimitExceeded,
     UnknownRequest,
     UnsupportedOption,
+    WorkerError,
     WorkerUnavailable,
 )
 
@@ -64,6 +71,9 @@ __all__ = [
     "RouterConfig",
     "RouterMode",
     "KvEventPublisher",
+    "KvRouter",
+    "GenerateStream",
+    "Ready",
     "KvRouterError",
     "KvEventError",
     "ParentBlockNotFound",
@@ -74,4 +84,5 @@ __all__ = [
     "AllWorkersBusy",
     "RouterQueueLimitExceeded",
     "UnknownRequest",
+    "WorkerError",
 ]

@@ -3,7 +3,9 @@
 from types import TracebackType
 from typing import (
     Any,
+    Awaitable,
     Dict,
+    Generic,
     Generator,
     List,
     Literal,
@@ -12,17 +14,23 @@ from typing import (
     Sequence,
     Tuple,
     Type,
+    TypeVar,
     Union,
     final,
 )
+from os import PathLike
+
 
 __all__ = [
     "ApproxKvIndexer",
     "Completed",
+    "GenerateStream",
     "KvEventPublisher",
+    "KvRouter",
     "KvRouterConfig",
     "OverlapScores",
     "RadixTree",
+    "Ready",
     "RouterConfig",
     "RouterMode",
     "__version__",
@@ -526,3 +534,110 @@ class KvEventPublisher:
         """Relay counters (None when not relaying): ``received``, ``published``,
         ``filtered_events``, ``dropped_batches``, ``bad_messages``, ``gaps``, ``recovered``,
         ``cleared``, ``restarts``."""
+
+_T = TypeVar("_T")
+
+#: A worker in the workers-file schema: ``{"url": str, "kv_events_endpoint"?: str,
+#: "replay_endpoint"?: str, "block_size"?: int, "dp_size"?: int, "model"?: str, "id"?: int,
+#: "endpoint"?: str, ...}`` (the JSON lines ``kvrouter mocker`` prints are valid).
+_WorkerSpec = Mapping[str, Any]
+
+@final
+class Ready(Generic[_T]):
+    """What ``KvRouter``'s routing calls return: the call is done; awaiting it returns its
+    value (or raises its error) at once."""
+
+    def __await__(self) -> Generator[Any, None, _T]: ...
+    def __iter__(self) -> "Ready[_T]": ...
+    def __next__(self) -> None: ...
+
+@final
+class GenerateStream:
+    """The output of ``KvRouter.generate``: an async iterator of chunk dicts
+    ``{"token_ids": [int], "text": str, "finish_reason": None | str, "usage": None | dict}``.
+    Leaving it early (``break`` and releasing it, or ``await stream.aclose()``) frees the
+    request's load."""
+
+    @property
+    def worker_id(self) -> int: ...
+    @property
+    def dp_rank(self) -> int: ...
+    @property
+    def request_id(self) -> str: ...
+    def __aiter__(self) -> "GenerateStream": ...
+    def __anext__(self) -> Awaitable[Dict[str, Any]]: ...
+    def aclose(self) -> Awaitable[None]: ...
+
+@final
+class KvRouter:
+    """A KV-aware router over a set of workers, in this process (Dynamo's ``KvRouter``).
+    Workers from ``workers`` and/or ``workers_file``; ``endpoint`` selects those serving it.
+    Close it with ``close()`` or a ``with`` block."""
+
+    def __new__(
+        cls,
+        endpoint: Optional[str] = None,
+        block_size: Optional[int] = None,
+        kv_router_config: Optional[KvRouterConfig] = None,
+        *,
+        workers: Optional[Sequence[_WorkerSpec]] = None,
+        workers_file: Optional[Union[str, "PathLike[str]"]] = None,
+        router_config: Optional[RouterConfig] = None,
+    ) -> "KvRouter": ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def endpoint(self) -> Optional[str]: ...
+    @property
+    def closed(self) -> bool: ...
+    def workers(self) -> List[Dict[str, Any]]:
+        """The registered workers (workers-file schema, with their ``id``)."""
+    def generate(
+        self,
+        token_ids: Sequence[int],
+        model: Optional[str],
+        stop_conditions: Optional[Mapping[str, Any]] = None,
+        sampling_options: Optional[Mapping[str, Any]] = None,
+        output_options: Optional[Mapping[str, Any]] = None,
+        router_config_override: Optional[Mapping[str, Any]] = None,
+        worker_id: Optional[int] = None,
+        dp_rank: Optional[int] = None,
+    ) -> Awaitable[GenerateStream]:
+        """Route, book and send the request; its output chunks as a ``GenerateStream``."""
+    def best_worker(
+        self,
+        token_ids: Sequence[int],
+        router_config_override: Optional[Mapping[str, Any]] = None,
+        request_id: Optional[str] = None,
+        *,
+        lora_name: Optional[str] = None,
+        cache_salt: Optional[str] = None,
+    ) -> Ready[Tuple[int, int, int]]:
+        """``(worker_id, dp_rank, overlap_blocks)``; books the request with ``request_id``."""
+    def get_potential_loads(
+        self,
+        token_ids: Sequence[int],
+        *,
+        lora_name: Optional[str] = None,
+        cache_salt: Optional[str] = None,
+    ) -> Ready[List[Dict[str, int]]]:
+        """Per rank: ``worker_id``, ``dp_rank``, ``potential_prefill_tokens``,
+        ``potential_decode_blocks``, ``active_requests``."""
+    def get_overlap_scores(
+        self,
+        token_ids: Sequence[int],
+        router_config_override: Optional[Mapping[str, Any]] = None,
+        *,
+        lora_name: Optional[str] = None,
+        include_shared: bool = True,
+        cache_salt: Optional[str] = None,
+    ) -> Ready[Dict[str, Any]]:
+        """``{"block_size", "num_blocks", "shared_cache", "workers": [{"worker_id", "dp_rank",
+        "device", "host_pinned", "disk", "shared"}]}``."""
+    def mark_prefill_complete(self, request_id: str) -> Ready[None]: ...
+    def free(self, request_id: str) -> Ready[None]: ...
+    def dump_events(self) -> Ready[str]:
+        """The exact index as a JSON array of router events."""
+    def close(self) -> None: ...
+    def __enter__(self) -> "KvRouter": ...
+    def __exit__(self, *_args: object) -> Literal[False]: ...

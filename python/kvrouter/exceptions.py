@@ -18,6 +18,7 @@ __all__ = [
     "AllWorkersBusy",
     "RouterQueueLimitExceeded",
     "UnknownRequest",
+    "WorkerError",
 ]
 
 
@@ -65,3 +66,9 @@ class RouterQueueLimitExceeded(AllWorkersBusy):
 
 class UnknownRequest(KvRouterError, KeyError):
     """A request id the router does not know (never booked, already freed or expired)."""
+
+
+class WorkerError(KvRouterError, RuntimeError):
+    """The worker a request was sent to failed it: an error status, a timeout, or a stream
+    broken mid-way (``KvRouter.generate``). The message has the router's request id; the
+    router's log has the details under it."""

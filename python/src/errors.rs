@@ -15,6 +15,11 @@ pub enum Kind {
     BlockNotFound,
     InvalidBlockSequence,
     UnsupportedOption,
+    WorkerUnavailable,
+    AllWorkersBusy,
+    RouterQueueLimitExceeded,
+    UnknownRequest,
+    WorkerError,
 }
 
 impl Kind {
@@ -24,11 +29,21 @@ impl Kind {
             Kind::BlockNotFound => "BlockNotFound",
             Kind::InvalidBlockSequence => "InvalidBlockSequence",
             Kind::UnsupportedOption => "UnsupportedOption",
+            Kind::WorkerUnavailable => "WorkerUnavailable",
+            Kind::AllWorkersBusy => "AllWorkersBusy",
+            Kind::RouterQueueLimitExceeded => "RouterQueueLimitExceeded",
+            Kind::UnknownRequest => "UnknownRequest",
+            Kind::WorkerError => "WorkerError",
         }
     }
 }
 
-static CLASSES: [PyOnceLock<Py<PyType>>; 4] = [
+static CLASSES: [PyOnceLock<Py<PyType>>; 9] = [
+    PyOnceLock::new(),
+    PyOnceLock::new(),
+    PyOnceLock::new(),
+    PyOnceLock::new(),
+    PyOnceLock::new(),
     PyOnceLock::new(),
     PyOnceLock::new(),
     PyOnceLock::new(),

@@ -13,6 +13,7 @@
 //! | [`index`] | `RadixTree`, `ApproxKvIndexer`, `OverlapScores` |
 //! | [`config`] | `KvRouterConfig`, `RouterConfig`, `RouterMode` |
 //! | [`publisher`] | `KvEventPublisher` |
+//! | [`router`] | `KvRouter`, `GenerateStream`, `Ready` |
 
 use pyo3::prelude::*;
 
@@ -23,6 +24,7 @@ mod index;
 mod ints;
 mod json;
 mod publisher;
+mod router;
 
 /// kvrouter's Rust extension: Dynamo-compatible block hashing, the exact and approximate KV
 /// indexes, router configuration and the KV event publisher. Import these from `kvrouter`.
@@ -30,6 +32,14 @@ mod publisher;
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ints::init(m.py())?;
+    // The bridge between asyncio and Tokio (`KvRouter.generate`): one thread suffices, the
+    // work runs on each router's own runtime.
+    let mut bridge = tokio::runtime::Builder::new_multi_thread();
+    bridge
+        .worker_threads(1)
+        .thread_name("kvrouter-asyncio")
+        .enable_all();
+    pyo3_async_runtimes::tokio::init(bridge);
     m.add_function(wrap_pyfunction!(ints::_fast_int_layout, m)?)?;
     m.add_function(wrap_pyfunction!(hashing::compute_block_hash_for_seq, m)?)?;
     m.add_function(wrap_pyfunction!(hashing::compute_seq_hash_for_block, m)?)?;
@@ -41,6 +51,9 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<config::RouterConfig>()?;
     m.add_class::<config::RouterMode>()?;
     m.add_class::<publisher::KvEventPublisher>()?;
+    m.add_class::<router::KvRouter>()?;
+    m.add_class::<router::GenerateStream>()?;
+    m.add_class::<router::Ready>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -190,3 +190,52 @@ class FakeEngine:
         if self._thread is not None:
             self._thread.join()
         self.pub.close()
+
+
+def kvrouter_bin() -> Optional[pathlib.Path]:
+    """kvrouter's binary: `$KVROUTER_BIN` (scripts/test sets it), or a debug build in
+    `$CARGO_TARGET_DIR` or `target/`."""
+    env = os.environ.get("KVROUTER_BIN")
+    if env:
+        return pathlib.Path(env)
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    p = target / "debug" / "kvrouter"
+    return p if p.exists() else None
+
+
+class Mocker:
+    """`kvrouter mocker`: mock vLLM workers (OpenAI API, prefix cache, ZMQ KV events) in a
+    child process; `workers` are the JSON lines it prints (workers-file schema)."""
+
+    def __init__(self, num_workers: int = 2, block_size: int = 16, *extra: str) -> None:
+        import subprocess
+
+        exe = kvrouter_bin()
+        if exe is None:
+            import pytest
+
+            pytest.skip("no kvrouter binary: run through scripts/test or `cargo build -p kvrouter`")
+        self.proc = subprocess.Popen(
+            [str(exe), "mocker", "--num-workers", str(num_workers), "--block-size", str(block_size),
+             "--speedup-ratio", "10", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        assert self.proc.stdout is not None
+        self.workers: List[Dict[str, Any]] = []
+        for _ in range(num_workers):
+            line = self.proc.stdout.readline()
+            if not line:
+                self.close()
+                raise AssertionError("kvrouter mocker exited before printing its workers")
+            self.workers.append(json.loads(line))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()

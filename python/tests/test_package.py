@@ -55,6 +55,7 @@ def test_exception_hierarchy() -> None:
         (exc.AllWorkersBusy, RuntimeError),
         (exc.RouterQueueLimitExceeded, exc.AllWorkersBusy),
         (exc.UnknownRequest, KeyError),
+        (exc.WorkerError, RuntimeError),
     ]
     for cls, base in pairs:
         assert issubclass(cls, base), (cls, base)
@@ -76,7 +77,7 @@ def test_stubs_match_the_runtime_module(tmp_path: pathlib.Path) -> None:
 
 
 def test_mypy_strict_on_tests_and_bench() -> None:
-    proc = run(["-m", "mypy", "--config-file", str(PYPROJECT), "python/kvrouter", "python/tests", "python/bench"])
+    proc = run(["-m", "mypy", "--config-file", str(PYPROJECT), "python/kvrouter", "python/tests", "python/bench", "python/examples"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

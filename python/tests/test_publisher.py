@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import zmq
 
-from helpers import REPO, FakeEngine, Subscriber, capture, decode_batch, replay, u64, wait_for
+from helpers import REPO, FakeEngine, kvrouter_bin, Subscriber, capture, decode_batch, replay, u64, wait_for
 from kvrouter import KvEventPublisher, RadixTree, compute_block_hash_for_seq
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
@@ -166,15 +166,6 @@ def test_constructor_errors() -> None:
         KvEventPublisher(1, 16, endpoint="bogus://x")
     with pytest.raises(OverflowError):
         KvEventPublisher(-1, 16)
-
-
-def kvrouter_bin() -> Optional[pathlib.Path]:
-    """kvrouter's binary: `$KVROUTER_BIN` (scripts/test sets it), or a debug build."""
-    env = os.environ.get("KVROUTER_BIN")
-    if env:
-        return pathlib.Path(env)
-    p = REPO / "target" / "debug" / "kvrouter"
-    return p if p.exists() else None
 
 
 def test_kvrouter_events_subscribes_as_to_vllm() -> None:
