@@ -16,7 +16,7 @@ import pytest
 
 import kvrouter
 import kvrouter.exceptions as exc
-from helpers import REPO
+from helpers import REPO, kvrouter_bin
 
 PYPROJECT = REPO / "python" / "pyproject.toml"
 MYPY_CACHE = REPO / "target" / "mypy-cache"
@@ -104,12 +104,31 @@ def test_classes_are_final(name: str) -> None:
         type("Sub", (cls,), {})
 
 
-def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's Python example, on free ports."""
+def test_readme_examples_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's Python examples, as written: `KvRouter` in front of `kvrouter mocker` (the
+    binary put on PATH, as an installed one would be), then the publisher and the index on free
+    ports."""
+    binary = kvrouter_bin()
+    if binary is None:
+        pytest.skip("no kvrouter binary built")
+    monkeypatch.setenv("PATH", f"{binary.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     text = (REPO / "README.md").read_text()
     section = text[text.index("\n## Python\n"):]
-    code = section[section.index("```python\n") + len("```python\n"):]
-    code = code[: code.index("```")]
-    code = code.replace(":5557", ":0").replace(":5558", ":0")
-    exec(compile(code, "README.md", "exec"), {})
+    section = section[: section.index("\n## ", 1)]
+    blocks = section.split("```python\n")[1:]
+    assert len(blocks) == 2, "the README's Python section has two examples"
+    routing, index = (b[: b.index("```")] for b in blocks)
+    exec(compile(routing, "README.md", "exec"), {})
+    out = capsys.readouterr().out.strip().splitlines()
+    # The last chunk: finish reason and usage (the mocker's 199-token prompt, 4 tokens out).
+    assert " length " in out[-3] and "'completion_tokens': 4" in out[-3], out
+    # (worker_id, dp_rank, overlap_blocks): at most the prompt's 12 full blocks, however far
+    # the worker's KV events have got.
+    best = eval(out[-2])
+    assert len(best) == 3 and best[1] == 0 and 0 <= best[2] <= 12, out
+    assert "potential_prefill_tokens" in out[-1], out
+    index = index.replace(":5557", ":0").replace(":5558", ":0")
+    exec(compile(index, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "{(1, 0): 4}"

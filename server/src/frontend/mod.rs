@@ -1,7 +1,9 @@
 //! The OpenAI-compatible API. A request moves forward through this folder's files:
 //!
 //! 1. [`completion`] — read the body, parse it ([`request`]), route and book it
-//!    ([`crate::routing`]), start it on the chosen worker ([`crate::workers::client`]);
+//!    ([`crate::routing`]), start it on the chosen worker ([`crate::workers::client`]) — split
+//!    over a prefill and a decode worker in a disaggregated fleet ([`disagg`]), or through the
+//!    pool a `--pool` policy chooses ([`pools`]); what the request then holds is a [`lease`];
 //! 2. [`stream`] — the worker's chunks back to the client as OpenAI chunks or one body, shaped
 //!    by [`response`]; prefill is marked complete at the first token and the booking freed at
 //!    the end, on error, or when the client goes away (the response owns the booking);

@@ -308,7 +308,11 @@ impl Router {
         }
         .map_err(RouterError::routing)?;
         let mut out = BestWorker::from(&sel);
-        out.registration = self.fleet.registry.get(out.worker_id).map(|w| w.spec.clone());
+        out.registration = self
+            .fleet
+            .registry
+            .get(out.worker_id)
+            .map(|w| w.spec.clone());
         Ok(out)
     }
 
