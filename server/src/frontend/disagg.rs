@@ -28,7 +28,7 @@ use kvrouter_core::{RolePool, RouterConfigOverride, WorkerRole};
 use serde_json::{json, Map, Value};
 
 use super::lease::{Lease, Started};
-use super::request::ParsedRequest;
+use super::request::{ParsedRequest, PhaseBody};
 use super::AppState;
 use crate::error::{route_error, worker_error, ApiError};
 use crate::routing::{Booking, RouteInput};
@@ -112,14 +112,6 @@ fn route_input(req: &ParsedRequest, role: WorkerRole, pool: RolePool) -> RouteIn
         strict_priority: req.strict_priority,
         pool,
     }
-}
-
-/// The worker request body with `edit` applied.
-fn body(req: &ParsedRequest, model: &str, edit: impl FnOnce(&mut Map<String, Value>)) -> Vec<u8> {
-    let mut m: Map<String, Value> =
-        serde_json::from_slice(&req.worker_body(model)).unwrap_or_default();
-    edit(&mut m);
-    serde_json::to_vec(&m).unwrap_or_default()
 }
 
 /// Attempts per phase when the chosen worker turns out unreachable (it becomes suspect and the
@@ -215,13 +207,9 @@ async fn remote_prefill(
     attempt: usize,
 ) -> Result<Prefill, ApiError> {
     let o = overrides(&req.overrides, WorkerRole::Prefill);
-    let input = RemoteInput {
-        tokens: &req.tokens,
-        overrides: Some(&o),
-        cache_salt: req.cache_salt.as_deref(),
-    };
+    let input = RemoteInput::new(&req.tokens, Some(&o), req.cache_salt.as_deref());
     let (best, lease) = router
-        .book(input, &format!("{request_id}.p{attempt}"))
+        .book(&input, &format!("{request_id}.p{attempt}"))
         .await
         .map_err(|e| prefill_failed(&e))?;
     let uncached = req.tokens.len().saturating_sub(best.cached_tokens);
@@ -259,18 +247,21 @@ async fn vllm(
 ) -> Result<Started, Failure> {
     let p_rank = prefill.worker();
     let model = spec.model.as_deref().unwrap_or(&s.model_name);
-    let prefill_body = body(req, model, |m| {
-        m.insert("stream".into(), false.into());
-        m.remove("stream_options");
-        m.remove("min_tokens");
-        m.insert("max_tokens".into(), 1.into());
-        m.insert(
-            "kv_transfer_params".into(),
-            json!({"do_remote_decode": true, "do_remote_prefill": false,
-                   "remote_engine_id": null, "remote_block_ids": null,
-                   "remote_host": null, "remote_port": null}),
-        );
-    });
+    let mut ask = Map::new();
+    ask.insert(
+        "kv_transfer_params".into(),
+        json!({"do_remote_decode": true, "do_remote_prefill": false,
+               "remote_engine_id": null, "remote_block_ids": null,
+               "remote_host": null, "remote_port": null}),
+    );
+    let prefill_body = req.phase_body(
+        model,
+        PhaseBody {
+            unary: true,
+            max_tokens: Some(1),
+            extra: Some(&ask),
+        },
+    );
     let resp = match s
         .client
         .complete(&spec.url, p_rank.dp_rank, prefill_body)
@@ -284,8 +275,9 @@ async fn vllm(
     };
     prefill.first_token();
     drop(prefill);
-    let params = match resp.get("kv_transfer_params") {
-        Some(p @ Value::Object(_)) => p.clone(),
+    let mut resp = resp;
+    let params = match resp.get_mut("kv_transfer_params").map(Value::take) {
+        Some(p @ Value::Object(_)) => p,
         _ => {
             tracing::warn!(
                 request_id,
@@ -298,10 +290,9 @@ async fn vllm(
             .into());
         }
     };
-    let (booking, stream) = decode(s, req, request_id, |m| {
-        m.insert("kv_transfer_params".into(), params.clone());
-    })
-    .await?;
+    let mut given = Map::new();
+    given.insert("kv_transfer_params".into(), params);
+    let (booking, stream) = decode(s, req, request_id, &given).await?;
     Ok(Started {
         lease: booking.into(),
         stream,
@@ -332,11 +323,14 @@ async fn sglang(
         spec.bootstrap_port.unwrap_or(8998).into(),
     );
     fields.insert("bootstrap_room".into(), (rand::random::<u64>() >> 1).into());
-    let prefill_body = body(req, model, |m| {
-        m.extend(fields.clone());
-        m.insert("stream".into(), false.into());
-        m.remove("stream_options");
-    });
+    let prefill_body = req.phase_body(
+        model,
+        PhaseBody {
+            unary: true,
+            max_tokens: None,
+            extra: Some(&fields),
+        },
+    );
     let (client, url, rid) = (s.client.clone(), spec.url.clone(), request_id.to_string());
     // Both at once (the decode worker waits for the room); the prefill's answer is discarded,
     // its booking ends with it.
@@ -347,7 +341,7 @@ async fn sglang(
         r.map(|_| ())
             .map_err(|e| worker_error(&e, &rid, p_rank.worker_id))
     });
-    let (booking, stream) = decode(s, req, request_id, |m| m.extend(fields.clone())).await?;
+    let (booking, stream) = decode(s, req, request_id, &fields).await?;
     // A prefill that failed already fails the request; one that fails later leaves the decode
     // worker's room empty, and the decode stream ends with its error.
     if prefill_call.is_finished() {
@@ -369,7 +363,7 @@ async fn decode(
     s: &Arc<AppState>,
     req: &ParsedRequest,
     request_id: &str,
-    edit: impl Fn(&mut Map<String, Value>),
+    extra: &Map<String, Value>,
 ) -> Result<(Booking, WorkerStream), ApiError> {
     let mut last = None;
     for _ in 0..MAX_ATTEMPTS {
@@ -392,7 +386,17 @@ async fn decode(
         let model = w.spec.model.as_deref().unwrap_or(&s.model_name);
         match s
             .client
-            .generate(&w.spec.url, rank.dp_rank, body(req, model, &edit))
+            .generate(
+                &w.spec.url,
+                rank.dp_rank,
+                req.phase_body(
+                    model,
+                    PhaseBody {
+                        extra: Some(extra),
+                        ..PhaseBody::default()
+                    },
+                ),
+            )
             .await
         {
             Ok(stream) => return Ok((booking, stream)),

@@ -184,13 +184,13 @@ impl Pools {
         (up.into_iter().filter(|&h| h).count(), self.pools.len())
     }
 
-    /// The pool for a prompt, by the policy.
+    /// The pool for a prompt of `tokens` tokens, by the policy.
     /// Errors: 400 when no ISL range holds the prompt; with `probe`, the first pool's error
     /// when none answered (503 no worker / all busy, 502 unreachable).
-    async fn choose(&self, input: RemoteInput<'_>) -> Result<&Pool, ApiError> {
+    async fn choose(&self, input: &RemoteInput, tokens: usize) -> Result<&Pool, ApiError> {
         match self.policy {
             PoolPolicy::Isl => {
-                let isl = input.tokens.len();
+                let isl = tokens;
                 self.pools
                     .iter()
                     .find(|p| p.isl.as_ref().is_some_and(|r| r.holds(isl)))
@@ -248,18 +248,18 @@ pub async fn dispatch(
     req: &ParsedRequest,
     request_id: &str,
 ) -> Result<Started, ApiError> {
-    let input = RemoteInput {
-        tokens: &req.tokens,
-        overrides: req.overrides.as_ref(),
-        cache_salt: req.cache_salt.as_deref(),
-    };
+    let input = RemoteInput::new(
+        &req.tokens,
+        req.overrides.as_ref(),
+        req.cache_salt.as_deref(),
+    );
     let mut last = None;
     for attempt in 0..MAX_ATTEMPTS {
-        let pool = pools.choose(input).await?;
+        let pool = pools.choose(&input, req.tokens.len()).await?;
         // A fresh id per attempt: the previous attempt's free may still be on its way.
         let (best, lease) = pool
             .router
-            .book(input, &format!("{request_id}.{attempt}"))
+            .book(&input, &format!("{request_id}.{attempt}"))
             .await?;
         let Some(spec) = best.registration else {
             continue; // `book` refuses answers without one

@@ -96,9 +96,12 @@ struct WorkerBody<'a> {
     prompt: &'a [u32],
     max_tokens: u64,
     stream: bool,
-    stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
     #[serde(flatten)]
-    sampling: &'a Map<String, Value>,
+    sampling: Sampling<'a>,
+    #[serde(flatten)]
+    extra: Option<&'a Map<String, Value>>,
 }
 
 #[derive(serde::Serialize)]
@@ -106,19 +109,61 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// The forwarded sampling fields, less `min_tokens` when a phase generates one token.
+struct Sampling<'a> {
+    fields: &'a Map<String, Value>,
+    drop_min_tokens: bool,
+}
+
+impl serde::Serialize for Sampling<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.fields {
+            if !(self.drop_min_tokens && k == "min_tokens") {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// How a disaggregated phase's worker body differs from [`ParsedRequest::worker_body`]'s
+/// (spec §13.1): a prefill is not streamed and generates one token; both phases carry the
+/// protocol's fields (`kv_transfer_params`, SGLang's `bootstrap_*`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PhaseBody<'a> {
+    /// One JSON answer instead of a stream (no `stream_options`).
+    pub unary: bool,
+    /// This `max_tokens` instead of the request's, and no `min_tokens`.
+    pub max_tokens: Option<u64>,
+    /// Fields added to the body.
+    pub extra: Option<&'a Map<String, Value>>,
+}
+
 impl ParsedRequest {
     /// The body sent to the worker's `/v1/completions`: token ids, streamed with usage, and
     /// the forwarded sampling fields.
     pub fn worker_body(&self, worker_model: &str) -> Vec<u8> {
+        self.phase_body(worker_model, PhaseBody::default())
+    }
+
+    /// [`worker_body`](Self::worker_body) changed for one phase of a disaggregated request,
+    /// written in one pass (the prompt is not parsed back).
+    pub fn phase_body(&self, worker_model: &str, phase: PhaseBody<'_>) -> Vec<u8> {
         let body = WorkerBody {
             model: worker_model,
             prompt: &self.tokens,
-            max_tokens: self.max_tokens,
-            stream: true,
-            stream_options: StreamOptions {
+            max_tokens: phase.max_tokens.unwrap_or(self.max_tokens),
+            stream: !phase.unary,
+            stream_options: (!phase.unary).then_some(StreamOptions {
                 include_usage: true,
+            }),
+            sampling: Sampling {
+                fields: &self.sampling,
+                drop_min_tokens: phase.max_tokens.is_some(),
             },
-            sampling: &self.sampling,
+            extra: phase.extra,
         };
         serde_json::to_vec(&body).unwrap_or_default()
     }
@@ -685,6 +730,57 @@ mod tests {
             None,
             limits(),
         )
+    }
+
+    #[test]
+    fn phase_bodies_are_the_worker_body_changed_as_vllms_proxy_changes_it() {
+        let r = chat(serde_json::json!({"min_tokens": 3, "temperature": 0.5, "max_tokens": 9}))
+            .unwrap();
+        let v = |b: Vec<u8>| serde_json::from_slice::<Value>(&b).unwrap();
+        let whole = v(r.worker_body("w"));
+        assert_eq!(
+            (&whole["stream"], &whole["max_tokens"], &whole["min_tokens"]),
+            (
+                &Value::Bool(true),
+                &serde_json::json!(9),
+                &serde_json::json!(3)
+            )
+        );
+        assert_eq!(whole["stream_options"]["include_usage"], true);
+        let mut ask = Map::new();
+        ask.insert(
+            "kv_transfer_params".into(),
+            serde_json::json!({"do_remote_decode": true}),
+        );
+        let prefill = v(r.phase_body(
+            "w",
+            PhaseBody {
+                unary: true,
+                max_tokens: Some(1),
+                extra: Some(&ask),
+            },
+        ));
+        assert_eq!(prefill["stream"], false);
+        assert_eq!(prefill["max_tokens"], 1);
+        assert!(prefill.get("stream_options").is_none() && prefill.get("min_tokens").is_none());
+        assert_eq!(prefill["kv_transfer_params"]["do_remote_decode"], true);
+        assert_eq!(
+            (&prefill["temperature"], &prefill["prompt"]),
+            (&whole["temperature"], &whole["prompt"])
+        );
+        let decode = v(r.phase_body(
+            "w",
+            PhaseBody {
+                extra: Some(&ask),
+                ..PhaseBody::default()
+            },
+        ));
+        let mut expected = whole.clone();
+        expected["kv_transfer_params"] = ask["kv_transfer_params"].clone();
+        assert_eq!(
+            decode, expected,
+            "decode: the whole request plus the protocol's fields"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub struct RemoteRouter {
     client: WorkerClient,
 }
 
-/// The body of a `best_worker_id` call (spec §11 plus kvrouter's `request_id` booking).
+/// The fields of a `best_worker_id` call but `request_id` (spec §11).
 #[derive(Serialize)]
 struct Query<'a> {
     token_ids: &'a [u32],
@@ -35,16 +35,44 @@ struct Query<'a> {
     router_config_override: Option<&'a RouterConfigOverride>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_salt: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<&'a str>,
 }
 
-/// What a request asks of a remote router.
-#[derive(Clone, Copy, Debug)]
-pub struct RemoteInput<'a> {
-    pub tokens: &'a [u32],
-    pub overrides: Option<&'a RouterConfigOverride>,
-    pub cache_salt: Option<&'a str>,
+/// What a request asks of remote routers: its `best_worker_id` body, written once (a
+/// 4,096-token prompt is ~25 KB of JSON) for every probe and the booking.
+#[derive(Clone, Debug)]
+pub struct RemoteInput {
+    /// The JSON object without its closing brace.
+    head: Vec<u8>,
+}
+
+impl RemoteInput {
+    /// The query for a prompt of `tokens`, with the request's overrides and cache salt.
+    pub fn new(
+        tokens: &[u32],
+        overrides: Option<&RouterConfigOverride>,
+        cache_salt: Option<&str>,
+    ) -> Self {
+        let mut head = serde_json::to_vec(&Query {
+            token_ids: tokens,
+            router_config_override: overrides,
+            cache_salt,
+        })
+        .unwrap_or_else(|_| b"{\"token_ids\":[]}".to_vec());
+        head.pop(); // the closing brace
+        Self { head }
+    }
+
+    /// The call's body: query-only, or booking under `request_id`.
+    fn body(&self, request_id: Option<&str>) -> Vec<u8> {
+        let mut b = Vec::with_capacity(self.head.len() + 64);
+        b.extend_from_slice(&self.head);
+        if let Some(id) = request_id {
+            b.extend_from_slice(b",\"request_id\":");
+            let _ = serde_json::to_writer(&mut b, id);
+        }
+        b.push(b'}');
+        b
+    }
 }
 
 impl RemoteRouter {
@@ -64,16 +92,10 @@ impl RemoteRouter {
 
     async fn best_worker(
         &self,
-        input: RemoteInput<'_>,
+        input: &RemoteInput,
         request_id: Option<&str>,
     ) -> Result<BestWorker, ApiError> {
-        let body = serde_json::to_vec(&Query {
-            token_ids: input.tokens,
-            router_config_override: input.overrides,
-            cache_salt: input.cache_salt,
-            request_id,
-        })
-        .unwrap_or_default();
+        let body = input.body(request_id);
         let v = self
             .call("best_worker_id", &body)
             .await
@@ -87,7 +109,7 @@ impl RemoteRouter {
     }
 
     /// Which worker it would choose; changes nothing there.
-    pub async fn query(&self, input: RemoteInput<'_>) -> Result<BestWorker, ApiError> {
+    pub async fn query(&self, input: &RemoteInput) -> Result<BestWorker, ApiError> {
         self.best_worker(input, None).await
     }
 
@@ -96,7 +118,7 @@ impl RemoteRouter {
     /// is a 502 (the booking is freed).
     pub async fn book(
         self: &Arc<Self>,
-        input: RemoteInput<'_>,
+        input: &RemoteInput,
         request_id: &str,
     ) -> Result<(BestWorker, RemoteBooking), ApiError> {
         let best = self.best_worker(input, Some(request_id)).await?;
@@ -192,5 +214,29 @@ impl RemoteBooking {
 impl Drop for RemoteBooking {
     fn drop(&mut self) {
         self.free();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_bodies_are_the_reference_shape_with_or_without_a_booking() {
+        let o = RouterConfigOverride {
+            overlap_score_weight: Some(0.0),
+            ..Default::default()
+        };
+        let q = RemoteInput::new(&[1, 2, 3], Some(&o), Some("salt\""));
+        let v: serde_json::Value = serde_json::from_slice(&q.body(None)).unwrap();
+        assert_eq!(v["token_ids"], serde_json::json!([1, 2, 3]));
+        assert_eq!(v["cache_salt"], "salt\"");
+        assert_eq!(v["router_config_override"]["overlap_score_weight"], 0.0);
+        assert!(v.get("request_id").is_none());
+        let v: serde_json::Value = serde_json::from_slice(&q.body(Some("id\"1"))).unwrap();
+        assert_eq!(v["request_id"], "id\"1");
+        let v: serde_json::Value =
+            serde_json::from_slice(&RemoteInput::new(&[7], None, None).body(Some("x"))).unwrap();
+        assert_eq!(v, serde_json::json!({"token_ids": [7], "request_id": "x"}));
     }
 }
