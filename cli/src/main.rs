@@ -37,6 +37,9 @@ enum Command {
     // Its admin API beside it, so that a frontend and a router on one host do not collide.
     #[command(mut_arg("admin_port", |a| a.default_value("8091")))]
     Router(cmd::router::Args),
+    /// Announce a worker to the routers through a discovery backend (`file`: a registration
+    /// under `--file-kv`), keep its lease alive, withdraw it on exit.
+    Register(cmd::register::Args),
     /// Print the router's block hashes for token ids read as a JSON array on stdin.
     Hash(cmd::hash::Args),
     /// Print a worker's KV event stream (vLLM/SGLang ZMQ) as canonical JSON lines.
@@ -61,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(a) => cmd::up::run(a),
         Command::Frontend(a) => cmd::frontend::run(a),
         Command::Router(a) => cmd::router::run(a),
+        Command::Register(a) => cmd::register::run(a),
         Command::Hash(a) => cmd::hash::run(a),
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),

@@ -102,6 +102,7 @@ impl Frontend {
             .unwrap_or(DEFAULT_CONTEXT_LENGTH);
 
         let admin_addr = cfg.fleet.admin_addr()?;
+        let discovery = cfg.fleet.file_discovery()?;
         let nofile = listener::raise_nofile_limit();
         let metrics = Arc::new(Metrics::new());
         let router = RouterState::new(router_config, cfg.kv_cache_block_size, metrics.clone());
@@ -179,7 +180,7 @@ impl Frontend {
             Some(a) => {
                 let limits = cfg.fleet.admin_listener(&cfg.listener);
                 let token = cfg.fleet.admin_token.clone();
-                let served = admin::serve(a, fleet.clone(), token, limits, metrics).await?;
+                let served = admin::serve(a, fleet.clone(), token, limits, metrics.clone()).await?;
                 tasks.push(served.task);
                 shutdown.push(served.shutdown);
                 Some(served.addr)
@@ -187,6 +188,13 @@ impl Frontend {
             None => None,
         };
         tasks.push(fleet.spawn_health_loop());
+        if let Some(d) = discovery {
+            tasks.push(workers::discovery::spawn_watch(
+                fleet.clone(),
+                d,
+                metrics.clone(),
+            ));
+        }
         tracing::info!(%addr, ?admin_addr, model = %model_name, mode = %cfg.router_mode, "frontend listening");
         Ok(Self {
             addr,

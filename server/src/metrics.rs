@@ -40,6 +40,12 @@ pub struct ServiceLabels {
     pub status: &'static str,
 }
 
+/// A discovery change: `added` or `removed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub change: &'static str,
+}
+
 /// Router overhead stage: `hashing`, `find_matches`, `selection`, `total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
@@ -323,6 +329,8 @@ pub struct Metrics {
     pub expired_requests: Counter,
     /// Standalone router calls by endpoint and outcome.
     pub service_calls: Family<ServiceLabels, Counter>,
+    /// Workers added and removed by dynamic discovery.
+    pub discovery_changes: Family<ChangeLabels, Counter>,
     scrape: std::sync::Arc<ScrapeCollector>,
 }
 
@@ -359,6 +367,7 @@ impl Metrics {
             queue_rejected: Counter::default(),
             expired_requests: Counter::default(),
             service_calls: Family::default(),
+            discovery_changes: Family::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -476,6 +485,11 @@ impl Metrics {
             "router_service_requests",
             "Standalone router calls by endpoint (generate, best_worker_id, …) and status (success, client_error, unavailable, error)",
             m.service_calls.clone(),
+        );
+        registry.register(
+            "discovery_changes",
+            "Workers registered (added) and deregistered (removed) by dynamic discovery",
+            m.discovery_changes.clone(),
         );
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }

@@ -3,6 +3,7 @@ pub mod events;
 pub mod frontend;
 pub mod hash;
 pub mod mocker;
+pub mod register;
 pub mod replay;
 pub mod router;
 pub mod up;

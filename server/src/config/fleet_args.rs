@@ -69,6 +69,64 @@ pub struct FleetArgs {
     /// Seconds to wait for a worker to answer a request's headers.
     #[arg(long, env = "KVROUTER_WORKER_TIMEOUT_SECS", default_value_t = 600.0)]
     pub worker_timeout_secs: f64,
+    /// Where else workers come from: `mem` (only the sources above) or `file` (registrations
+    /// under `--file-kv`, written by `kvrouter register`, watched while running).
+    #[arg(
+        long,
+        alias = "discovery",
+        value_enum,
+        env = "DYN_DISCOVERY_BACKEND",
+        default_value = "mem"
+    )]
+    pub discovery_backend: DiscoveryBackend,
+    #[command(flatten)]
+    pub file_kv: FileKvArgs,
+}
+
+/// Dynamic discovery backends (the reference's `--discovery-backend`; `etcd` and
+/// `kubernetes` are not built yet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscoveryBackend {
+    /// No dynamic discovery: `--worker`, `--workers-file` and the admin API.
+    #[default]
+    Mem,
+    /// Registration files under `--file-kv` ([`crate::workers::discovery`]).
+    File,
+}
+
+/// The file discovery backend's root and timing (shared with `kvrouter register`).
+#[derive(Args, Clone, Debug)]
+pub struct FileKvArgs {
+    /// Root of the file discovery backend. Default: `$TMPDIR/dynamo_store_kv`, as the
+    /// reference's.
+    #[arg(long, env = "DYN_FILE_KV")]
+    pub file_kv: Option<PathBuf>,
+    /// Seconds a registration lives without being refreshed (its sidecar refreshes it every
+    /// third of this).
+    #[arg(long, env = "KVROUTER_DISCOVERY_LEASE_SECS", default_value_t = 10.0)]
+    pub discovery_lease_secs: f64,
+    /// Milliseconds between two looks at the registrations.
+    #[arg(long, env = "KVROUTER_DISCOVERY_POLL_MS", default_value_t = 500)]
+    pub discovery_poll_ms: u64,
+}
+
+impl FileKvArgs {
+    /// The backend's settings. Errors: a lease or poll interval that is not positive.
+    pub fn discovery(&self) -> anyhow::Result<crate::workers::discovery::FileDiscovery> {
+        if !(self.discovery_lease_secs > 0.0 && self.discovery_lease_secs.is_finite())
+            || self.discovery_poll_ms == 0
+        {
+            anyhow::bail!("--discovery-lease-secs and --discovery-poll-ms must be positive");
+        }
+        Ok(crate::workers::discovery::FileDiscovery {
+            root: self
+                .file_kv
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("dynamo_store_kv")),
+            lease: Duration::from_secs_f64(self.discovery_lease_secs),
+            poll: Duration::from_millis(self.discovery_poll_ms),
+        })
+    }
 }
 
 /// Limits of an API listener: connections, request heads and bodies.
@@ -148,6 +206,16 @@ impl FleetArgs {
     }
 
     /// Workers from `--workers-file`. Errors: unreadable or malformed file.
+    /// The file discovery to run, if `--discovery-backend file`. Errors: bad timing flags.
+    pub fn file_discovery(
+        &self,
+    ) -> anyhow::Result<Option<crate::workers::discovery::FileDiscovery>> {
+        match self.discovery_backend {
+            DiscoveryBackend::Mem => Ok(None),
+            DiscoveryBackend::File => self.file_kv.discovery().map(Some),
+        }
+    }
+
     pub fn file_workers(&self) -> anyhow::Result<Vec<WorkerSpec>> {
         let Some(p) = &self.workers_file else {
             return Ok(Vec::new());

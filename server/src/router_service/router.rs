@@ -234,6 +234,7 @@ impl Router {
             Some(e) => fleet.serving_endpoint(e.to_string()),
             None => fleet,
         });
+        let discovery = cfg.fleet.file_discovery()?;
         let mut all = cfg.fleet.static_workers()?;
         all.extend(workers);
         let (ours, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|w| fleet.serves(w));
@@ -245,14 +246,18 @@ impl Router {
             fleet.shutdown().await;
             return Err(e);
         }
-        let health = fleet.spawn_health_loop();
+        let mut tasks = vec![fleet.spawn_health_loop()];
+        if let Some(d) = discovery {
+            let watch = crate::workers::discovery::spawn_watch(fleet.clone(), d, metrics.clone());
+            tasks.push(watch);
+        }
         Ok(Arc::new(Self {
             fleet,
             client,
             metrics,
             endpoint: endpoint.map(str::to_string),
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
-            tasks: Mutex::new(vec![health]),
+            tasks: Mutex::new(tasks),
         }))
     }
 

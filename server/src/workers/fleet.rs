@@ -101,6 +101,11 @@ impl Fleet {
     }
 
     /// Whether a worker of this spec belongs to this fleet's endpoint (always, without one).
+    /// The endpoint it admits workers of (`None`: every endpoint).
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoint.as_deref()
+    }
+
     pub fn serves(&self, spec: &WorkerSpec) -> bool {
         self.endpoint
             .as_deref()

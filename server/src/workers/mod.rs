@@ -5,6 +5,7 @@
 //! ([`dispatch`]); a `kvrouter router` asked to choose the worker instead ([`remote_router`]).
 
 pub mod client;
+pub mod discovery;
 pub mod dispatch;
 pub mod fleet;
 pub mod http1;

@@ -4,6 +4,7 @@ mod admin;
 mod api;
 mod common;
 mod disagg;
+mod discovery;
 mod errors;
 mod fidelity;
 mod lifecycle;
