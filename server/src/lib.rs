@@ -102,7 +102,7 @@ impl Frontend {
             .unwrap_or(DEFAULT_CONTEXT_LENGTH);
 
         let admin_addr = cfg.fleet.admin_addr()?;
-        let discovery = cfg.fleet.file_discovery()?;
+        let discovery = cfg.fleet.dynamic_discovery()?;
         let nofile = listener::raise_nofile_limit();
         let metrics = Arc::new(Metrics::new());
         let router = RouterState::new(router_config, cfg.kv_cache_block_size, metrics.clone());
@@ -189,11 +189,7 @@ impl Frontend {
         };
         tasks.push(fleet.spawn_health_loop());
         if let Some(d) = discovery {
-            tasks.push(workers::discovery::spawn_watch(
-                fleet.clone(),
-                d,
-                metrics.clone(),
-            ));
+            tasks.push(d.spawn_watch(fleet.clone(), metrics.clone()));
         }
         tracing::info!(%addr, ?admin_addr, model = %model_name, mode = %cfg.router_mode, "frontend listening");
         Ok(Self {

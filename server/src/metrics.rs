@@ -331,6 +331,8 @@ pub struct Metrics {
     pub service_calls: Family<ServiceLabels, Counter>,
     /// Workers added and removed by dynamic discovery.
     pub discovery_changes: Family<ChangeLabels, Counter>,
+    /// Discovery watches restarted (after an error or a compacted history).
+    pub discovery_watch_restarts: Counter,
     scrape: std::sync::Arc<ScrapeCollector>,
 }
 
@@ -368,6 +370,7 @@ impl Metrics {
             expired_requests: Counter::default(),
             service_calls: Family::default(),
             discovery_changes: Family::default(),
+            discovery_watch_restarts: Counter::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -490,6 +493,11 @@ impl Metrics {
             "discovery_changes",
             "Workers registered (added) and deregistered (removed) by dynamic discovery",
             m.discovery_changes.clone(),
+        );
+        registry.register(
+            "discovery_watch_restarts",
+            "Discovery watches restarted after an error (etcd restarted or unreachable, history compacted)",
+            m.discovery_watch_restarts.clone(),
         );
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }

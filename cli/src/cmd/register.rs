@@ -2,8 +2,7 @@
 //! (its workers-file entry) to the routers through a discovery backend, keeps the lease alive
 //! while it runs and withdraws it on Ctrl-C or SIGTERM
 //! (`kvrouter_server::workers::discovery`). Backend: `file` (`--file-kv`, `DYN_FILE_KV`).
-use kvrouter_server::config::FileKvArgs;
-use kvrouter_server::workers::discovery::announce;
+use kvrouter_server::config::{DiscoveryArgs, DiscoveryBackend};
 use kvrouter_server::WorkerSpec;
 
 /// `kvrouter register` flags.
@@ -20,11 +19,18 @@ pub struct Args {
     /// The `namespace.component.endpoint` of entries that name none.
     #[arg(long, env = "DYN_ENDPOINT", default_value = kvrouter_server::workers::spec::DEFAULT_ENDPOINT)]
     pub endpoint: String,
-    /// Discovery backend (only `file` is built).
-    #[arg(long, alias = "discovery", env = "DYN_DISCOVERY_BACKEND", default_value = "file", value_parser = ["file"])]
-    pub discovery_backend: String,
+    /// Discovery backend: `file` (under `--file-kv`) or `etcd` (`ETCD_ENDPOINTS`; a build
+    /// with `--features etcd`).
+    #[arg(
+        long,
+        alias = "discovery",
+        value_enum,
+        env = "DYN_DISCOVERY_BACKEND",
+        default_value = "file"
+    )]
+    pub discovery_backend: DiscoveryBackend,
     #[command(flatten)]
-    pub file_kv: FileKvArgs,
+    pub discovery: DiscoveryArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -51,35 +57,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("worker {}: {e}", s.url))?;
         s.endpoint.get_or_insert_with(|| args.endpoint.clone());
     }
-    let cfg = args.file_kv.discovery()?;
+    let Some(discovery) = args.discovery.discovery(args.discovery_backend)? else {
+        anyhow::bail!("--discovery-backend mem has nowhere to register: use file or etcd");
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let announced = tokio::spawn({
-            let (cfg, specs) = (cfg.clone(), specs.clone());
+            let (d, specs) = (discovery.clone(), specs.clone());
             async move {
-                announce(&cfg, &specs, async {
+                d.announce(&specs, ready_tx, async {
                     let _ = rx.await;
                 })
                 .await
             }
         });
-        // The files exist once announce has written them; say where.
-        for s in &specs {
-            let path = kvrouter_server::workers::discovery::registration_path(&cfg.root, s);
-            for _ in 0..100 {
-                if path.exists() || announced.is_finished() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-            println!("{}", path.display());
-        }
-        if announced.is_finished() {
+        // Written (or failed): say where, then hold the registrations until told to stop.
+        if ready_rx.await.is_err() {
             announced.await??;
-            anyhow::bail!("the registrations could not be kept");
+            anyhow::bail!("the registrations could not be written");
+        }
+        for s in &specs {
+            println!("{}", discovery.location(s));
         }
         super::shutdown_signal().await?;
         let _ = tx.send(());

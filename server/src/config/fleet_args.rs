@@ -69,8 +69,9 @@ pub struct FleetArgs {
     /// Seconds to wait for a worker to answer a request's headers.
     #[arg(long, env = "KVROUTER_WORKER_TIMEOUT_SECS", default_value_t = 600.0)]
     pub worker_timeout_secs: f64,
-    /// Where else workers come from: `mem` (only the sources above) or `file` (registrations
-    /// under `--file-kv`, written by `kvrouter register`, watched while running).
+    /// Where else workers come from: `mem` (only the sources above), `file` (registrations
+    /// under `--file-kv`) or `etcd` (under `--etcd-prefix` on `ETCD_ENDPOINTS`; a build with
+    /// `--features etcd`), written by `kvrouter register` and watched while running.
     #[arg(
         long,
         alias = "discovery",
@@ -80,51 +81,94 @@ pub struct FleetArgs {
     )]
     pub discovery_backend: DiscoveryBackend,
     #[command(flatten)]
-    pub file_kv: FileKvArgs,
+    pub discovery: DiscoveryArgs,
 }
 
-/// Dynamic discovery backends (the reference's `--discovery-backend`; `etcd` and
-/// `kubernetes` are not built yet).
+/// Dynamic discovery backends (the reference's `--discovery-backend`; `kubernetes` is not
+/// built yet).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DiscoveryBackend {
     /// No dynamic discovery: `--worker`, `--workers-file` and the admin API.
     #[default]
     Mem,
-    /// Registration files under `--file-kv` ([`crate::workers::discovery`]).
+    /// Registration files under `--file-kv` ([`crate::workers::discovery::file`]).
     File,
+    /// Registration keys in etcd (`crate::workers::discovery::etcd`).
+    Etcd,
 }
 
-/// The file discovery backend's root and timing (shared with `kvrouter register`).
+/// Where the discovery backends keep registrations, and their timing (shared with `kvrouter
+/// register`).
 #[derive(Args, Clone, Debug)]
-pub struct FileKvArgs {
-    /// Root of the file discovery backend. Default: `$TMPDIR/dynamo_store_kv`, as the
-    /// reference's.
+pub struct DiscoveryArgs {
+    /// Root of the file backend. Default: `$TMPDIR/dynamo_store_kv`, as the reference's.
     #[arg(long, env = "DYN_FILE_KV")]
     pub file_kv: Option<PathBuf>,
-    /// Seconds a registration lives without being refreshed (its sidecar refreshes it every
-    /// third of this).
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of registrations in etcd.
+    #[arg(
+        long,
+        env = "KVROUTER_ETCD_PREFIX",
+        default_value = "v1/kvrouter/instances/"
+    )]
+    pub etcd_prefix: String,
+    /// Seconds a registration lives without being renewed (its sidecar renews it every
+    /// third of this; whole seconds in etcd).
     #[arg(long, env = "KVROUTER_DISCOVERY_LEASE_SECS", default_value_t = 10.0)]
     pub discovery_lease_secs: f64,
-    /// Milliseconds between two looks at the registrations.
+    /// File backend: milliseconds between two looks at the registrations.
     #[arg(long, env = "KVROUTER_DISCOVERY_POLL_MS", default_value_t = 500)]
     pub discovery_poll_ms: u64,
 }
 
-impl FileKvArgs {
-    /// The backend's settings. Errors: a lease or poll interval that is not positive.
-    pub fn discovery(&self) -> anyhow::Result<crate::workers::discovery::FileDiscovery> {
+impl DiscoveryArgs {
+    /// The backend's settings (`None` for `mem`). Errors: a lease or poll interval that is
+    /// not positive; `etcd` in a build without the `etcd` feature.
+    pub fn discovery(
+        &self,
+        backend: DiscoveryBackend,
+    ) -> anyhow::Result<Option<crate::workers::discovery::Discovery>> {
+        use crate::workers::discovery::{Discovery, EtcdDiscovery, FileDiscovery};
         if !(self.discovery_lease_secs > 0.0 && self.discovery_lease_secs.is_finite())
             || self.discovery_poll_ms == 0
         {
             anyhow::bail!("--discovery-lease-secs and --discovery-poll-ms must be positive");
         }
-        Ok(crate::workers::discovery::FileDiscovery {
-            root: self
-                .file_kv
-                .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join("dynamo_store_kv")),
-            lease: Duration::from_secs_f64(self.discovery_lease_secs),
-            poll: Duration::from_millis(self.discovery_poll_ms),
+        let lease = Duration::from_secs_f64(self.discovery_lease_secs);
+        Ok(match backend {
+            DiscoveryBackend::Mem => None,
+            DiscoveryBackend::File => Some(Discovery::File(FileDiscovery {
+                root: self
+                    .file_kv
+                    .clone()
+                    .unwrap_or_else(|| std::env::temp_dir().join("dynamo_store_kv")),
+                lease,
+                poll: Duration::from_millis(self.discovery_poll_ms),
+            })),
+            DiscoveryBackend::Etcd => {
+                if !cfg!(feature = "etcd") {
+                    anyhow::bail!(
+                        "--discovery-backend etcd: this kvrouter was built without etcd \
+                         support; build it with `--features etcd` (needs protoc)"
+                    );
+                }
+                let mut prefix = self.etcd_prefix.clone();
+                if !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                Some(Discovery::Etcd(EtcdDiscovery {
+                    endpoints: self.etcd_endpoints.clone(),
+                    prefix,
+                    lease,
+                }))
+            }
         })
     }
 }
@@ -206,14 +250,12 @@ impl FleetArgs {
     }
 
     /// Workers from `--workers-file`. Errors: unreadable or malformed file.
-    /// The file discovery to run, if `--discovery-backend file`. Errors: bad timing flags.
-    pub fn file_discovery(
+    /// The dynamic discovery to run, if any. Errors: bad timing flags, or `etcd` in a build
+    /// without it.
+    pub fn dynamic_discovery(
         &self,
-    ) -> anyhow::Result<Option<crate::workers::discovery::FileDiscovery>> {
-        match self.discovery_backend {
-            DiscoveryBackend::Mem => Ok(None),
-            DiscoveryBackend::File => self.file_kv.discovery().map(Some),
-        }
+    ) -> anyhow::Result<Option<crate::workers::discovery::Discovery>> {
+        self.discovery.discovery(self.discovery_backend)
     }
 
     pub fn file_workers(&self) -> anyhow::Result<Vec<WorkerSpec>> {

@@ -234,7 +234,7 @@ impl Router {
             Some(e) => fleet.serving_endpoint(e.to_string()),
             None => fleet,
         });
-        let discovery = cfg.fleet.file_discovery()?;
+        let discovery = cfg.fleet.dynamic_discovery()?;
         let mut all = cfg.fleet.static_workers()?;
         all.extend(workers);
         let (ours, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|w| fleet.serves(w));
@@ -248,8 +248,7 @@ impl Router {
         }
         let mut tasks = vec![fleet.spawn_health_loop()];
         if let Some(d) = discovery {
-            let watch = crate::workers::discovery::spawn_watch(fleet.clone(), d, metrics.clone());
-            tasks.push(watch);
+            tasks.push(d.spawn_watch(fleet.clone(), metrics.clone()));
         }
         Ok(Arc::new(Self {
             fleet,

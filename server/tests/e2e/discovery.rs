@@ -35,9 +35,9 @@ fn settings(root: &std::path::Path) -> FileDiscovery {
 
 fn use_file_discovery(fleet: &mut kvrouter_server::config::FleetArgs, root: &std::path::Path) {
     fleet.discovery_backend = DiscoveryBackend::File;
-    fleet.file_kv.file_kv = Some(root.to_path_buf());
-    fleet.file_kv.discovery_lease_secs = 0.6;
-    fleet.file_kv.discovery_poll_ms = 50;
+    fleet.discovery.file_kv = Some(root.to_path_buf());
+    fleet.discovery.discovery_lease_secs = 0.6;
+    fleet.discovery.discovery_poll_ms = 50;
 }
 
 async fn mockers(n: usize) -> Vec<RunningWorker> {
@@ -56,7 +56,7 @@ fn sidecar(cfg: &FileDiscovery, spec: WorkerSpec) -> oneshot::Sender<()> {
     let (tx, rx) = oneshot::channel::<()>();
     let cfg = cfg.clone();
     tokio::spawn(async move {
-        let _ = announce(&cfg, &[spec], async {
+        let _ = announce(&cfg, &[spec], oneshot::channel().0, async {
             let _ = rx.await;
         })
         .await;
@@ -64,11 +64,23 @@ fn sidecar(cfg: &FileDiscovery, spec: WorkerSpec) -> oneshot::Sender<()> {
     tx
 }
 
+/// URLs of the registered workers that are in the routing set.
 fn urls(fleet: &Fleet) -> Vec<String> {
+    let input = kvrouter_server::routing::RouteInput {
+        tokens: &[1],
+        ..Default::default()
+    };
+    let routable: Vec<u64> = fleet
+        .router
+        .potential_loads(&input)
+        .iter()
+        .map(|l| l.worker.worker_id)
+        .collect();
     let mut u: Vec<String> = fleet
         .registry
         .all()
         .iter()
+        .filter(|w| routable.contains(&w.id()))
         .map(|w| w.spec.url.clone())
         .collect();
     u.sort();

@@ -6,6 +6,8 @@ mod common;
 mod disagg;
 mod discovery;
 mod errors;
+#[cfg(feature = "etcd")]
+mod etcd_discovery;
 mod fidelity;
 mod lifecycle;
 mod limits;

@@ -1,4 +1,4 @@
-//! Dynamic discovery, the reference's file backend (`--discovery-backend file`, root
+//! The file discovery backend, the reference's own (`--discovery-backend file`, root
 //! `--file-kv` / `DYN_FILE_KV`, spec §10): no etcd, no NATS, one directory shared by the
 //! workers' sidecars and the routers on a machine (or a shared volume).
 //!
@@ -15,16 +15,13 @@
 //! entries are read per poll, symbolic links are not followed, and a file that does not parse
 //! or register is logged once per content and left alone.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use kvrouter_core::event::WorkerId;
-
-use super::fleet::Fleet;
-use super::spec::WorkerSpec;
-use crate::metrics::{ChangeLabels, Metrics};
+use crate::metrics::Metrics;
+use crate::workers::fleet::Fleet;
+use crate::workers::spec::WorkerSpec;
 
 /// Largest registration file read, bytes.
 pub const MAX_FILE_BYTES: u64 = 64 * 1024;
@@ -49,16 +46,9 @@ pub fn endpoint_dir(root: &Path, endpoint: &str) -> PathBuf {
         .fold(root.to_path_buf(), |p, part| p.join(part))
 }
 
-/// The file of one worker's registration: its `id` if it has one, else a hash of its URL.
+/// The file of one worker's registration ([`super::registration_key`] under the root).
 pub fn registration_path(root: &Path, spec: &WorkerSpec) -> PathBuf {
-    let instance = match spec.id {
-        Some(id) => format!("{id:016x}"),
-        None => format!(
-            "{:016x}",
-            xxhash_rust::xxh3::xxh3_64(spec.url.trim_end_matches('/').as_bytes())
-        ),
-    };
-    endpoint_dir(root, spec.endpoint()).join(format!("{instance}.json"))
+    root.join(format!("{}.json", super::registration_key(spec)))
 }
 
 /// A registration as found on disk.
@@ -111,13 +101,6 @@ fn scan(dirs: &[PathBuf], lease: Duration) -> Vec<Found> {
     out
 }
 
-/// What the watch registered, by file.
-#[derive(Default)]
-struct Known {
-    /// File → (its content when registered or refused, the worker id if registered).
-    files: HashMap<PathBuf, (Vec<u8>, Option<WorkerId>)>,
-}
-
 /// Poll `cfg.root` every `cfg.poll` and keep `fleet`'s discovered workers in step with the
 /// live registrations, until the task is aborted.
 pub fn spawn_watch(
@@ -131,7 +114,7 @@ pub fn spawn_watch(
             None => vec![cfg.root.clone()],
         };
         tracing::info!(root = %cfg.root.display(), "discovery: watching registrations");
-        let mut known = Known::default();
+        let mut known = super::Registrations::default();
         let mut tick = tokio::time::interval(cfg.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -140,84 +123,32 @@ pub fn spawn_watch(
             let Ok(found) = tokio::task::spawn_blocking(move || scan(&d, lease)).await else {
                 continue;
             };
-            sync(&fleet, &metrics, &mut known, found).await;
+            let live = found
+                .into_iter()
+                .map(|f| (f.path.display().to_string(), f.bytes))
+                .collect();
+            known.sync(&fleet, &metrics, live).await;
         }
     })
 }
 
-/// Register what is new or changed, deregister what is gone.
-async fn sync(fleet: &Arc<Fleet>, metrics: &Metrics, known: &mut Known, found: Vec<Found>) {
-    let count = |change| {
-        metrics
-            .discovery_changes
-            .get_or_create(&ChangeLabels { change })
-            .inc()
-    };
-    let live: HashMap<PathBuf, Vec<u8>> = found.into_iter().map(|f| (f.path, f.bytes)).collect();
-    let gone: Vec<PathBuf> = known
-        .files
-        .iter()
-        .filter(|(p, (bytes, _))| live.get(*p) != Some(bytes))
-        .map(|(p, _)| p.clone())
-        .collect();
-    for path in gone {
-        if let Some((_, Some(id))) = known.files.remove(&path) {
-            tracing::info!(id, file = %path.display(), "discovery: registration gone or changed");
-            fleet.deregister(id).await;
-            count("removed");
-        }
-    }
-    for (path, bytes) in live {
-        if known.files.contains_key(&path) {
-            continue;
-        }
-        let id = match serde_json::from_slice::<WorkerSpec>(&bytes) {
-            Err(e) => {
-                tracing::warn!(file = %path.display(), "discovery: not a worker registration: {e}");
-                None
-            }
-            Ok(spec) if !fleet.serves(&spec) => None,
-            Ok(spec) => {
-                let f = fleet.clone();
-                match tokio::task::spawn_blocking(move || f.register(spec)).await {
-                    Ok(Ok(spec)) => {
-                        count("added");
-                        spec.id
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(file = %path.display(), "discovery: registration refused: {e}");
-                        None
-                    }
-                    Err(_) => None,
-                }
-            }
-        };
-        known.files.insert(path, (bytes, id));
-    }
-}
-
 /// A worker's sidecar side (`kvrouter register`): write each spec's file under `cfg.root`
 /// (atomically: a temporary file renamed), refresh the files every third of the lease, and
-/// remove them when `stop` resolves. A file removed by someone else is written again at the
+/// remove them when `stop` resolves; `ready` fires once they are first written. A file removed by someone else is written again at the
 /// next refresh. Errors: the root cannot be written (at the start; later failures are logged).
 pub async fn announce(
     cfg: &FileDiscovery,
     specs: &[WorkerSpec],
+    ready: tokio::sync::oneshot::Sender<()>,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<Vec<PathBuf>> {
-    // The content changes with every start, so routers register a restarted sidecar's worker
-    // again even when its entry is the same (unknown fields are ignored by the schema).
-    let started = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let started = super::now_ns();
     let files: Vec<(PathBuf, Vec<u8>)> = specs
         .iter()
         .map(|s| {
-            let mut v = serde_json::to_value(s).unwrap_or_default();
-            v["announced_at_ns"] = serde_json::json!(started.to_string());
             (
                 registration_path(&cfg.root, s),
-                serde_json::to_vec(&v).unwrap_or_default(),
+                super::registration_bytes(s, started),
             )
         })
         .collect();
@@ -225,6 +156,7 @@ pub async fn announce(
         write_atomically(path, bytes)?;
     }
     let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let _ = ready.send(());
     let refresh = async {
         let mut tick = tokio::time::interval((cfg.lease / 3).max(Duration::from_millis(10)));
         loop {

@@ -1,0 +1,195 @@
+//! Dynamic discovery (`--discovery-backend`, spec §10): workers announced by a sidecar next to
+//! each engine (`kvrouter register`) join a running router, and leave it when their lease
+//! ends. Each backend keeps a view of the live registrations — key → a workers-file entry as
+//! JSON — and hands it to [`Registrations::sync`], which registers what is new or changed and
+//! deregisters what is gone (index entries and load cleared):
+//!
+//! * [`file`] — files under a root directory, leases by modification time (no server);
+//! * [`etcd`] — keys under a prefix with etcd leases, watched (`--features etcd`).
+//!
+//! A standalone router takes only its `--endpoint`'s registrations; the frontend takes all.
+
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod file;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kvrouter_core::event::WorkerId;
+
+pub use file::{announce, registration_path, FileDiscovery};
+
+use crate::metrics::{ChangeLabels, Metrics};
+use crate::workers::fleet::Fleet;
+use crate::workers::spec::WorkerSpec;
+
+/// The etcd backend's settings (used with `--features etcd`).
+#[derive(Clone, Debug)]
+pub struct EtcdDiscovery {
+    /// `ETCD_ENDPOINTS`, e.g. `["http://127.0.0.1:2379"]`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of registrations, ending in `/`.
+    pub prefix: String,
+    /// Lease of a sidecar's registrations (whole seconds in etcd).
+    pub lease: std::time::Duration,
+}
+
+/// A configured discovery backend.
+#[derive(Clone, Debug)]
+pub enum Discovery {
+    File(FileDiscovery),
+    Etcd(EtcdDiscovery),
+}
+
+impl Discovery {
+    /// Start watching for `fleet` (until the task is aborted).
+    pub fn spawn_watch(
+        self,
+        fleet: Arc<Fleet>,
+        metrics: Arc<Metrics>,
+    ) -> tokio::task::JoinHandle<()> {
+        match self {
+            Discovery::File(cfg) => file::spawn_watch(fleet, cfg, metrics),
+            #[cfg(feature = "etcd")]
+            Discovery::Etcd(cfg) => etcd::spawn_watch(fleet, cfg, metrics),
+            #[cfg(not(feature = "etcd"))]
+            Discovery::Etcd(_) => unreachable!("refused by the flags without the etcd feature"),
+        }
+    }
+
+    /// Announce `specs` until `stop` resolves (`kvrouter register`), firing `ready` once they
+    /// are written; returns the keys or paths written. Errors: the backend cannot be written
+    /// at the start.
+    pub async fn announce(
+        &self,
+        specs: &[WorkerSpec],
+        ready: tokio::sync::oneshot::Sender<()>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<Vec<String>> {
+        match self {
+            Discovery::File(cfg) => Ok(file::announce(cfg, specs, ready, stop)
+                .await?
+                .into_iter()
+                .map(|p| p.display().to_string())
+                .collect()),
+            #[cfg(feature = "etcd")]
+            Discovery::Etcd(cfg) => etcd::announce(cfg, specs, ready, stop).await,
+            #[cfg(not(feature = "etcd"))]
+            Discovery::Etcd(_) => {
+                drop(ready);
+                anyhow::bail!("built without etcd support")
+            }
+        }
+    }
+
+    /// Where each spec's registration lives: a file path or an etcd key.
+    pub fn location(&self, spec: &WorkerSpec) -> String {
+        match self {
+            Discovery::File(cfg) => registration_path(&cfg.root, spec).display().to_string(),
+            Discovery::Etcd(cfg) => format!("{}{}", cfg.prefix, registration_key(spec)),
+        }
+    }
+}
+
+/// Largest registration read, bytes.
+pub const MAX_REGISTRATION_BYTES: usize = 64 * 1024;
+
+/// The registrations a watch acted on, by key.
+#[derive(Default)]
+pub struct Registrations {
+    /// Key → (its content when registered or refused, the worker id if registered).
+    keys: HashMap<String, (Vec<u8>, Option<WorkerId>)>,
+}
+
+impl Registrations {
+    /// Bring `fleet` in step with `live` (key → registration JSON): deregister the workers of
+    /// keys gone or changed, then register new and changed keys' workers. A registration that
+    /// does not parse, names another endpoint or is refused is logged once per content and
+    /// left alone.
+    pub async fn sync(
+        &mut self,
+        fleet: &Arc<Fleet>,
+        metrics: &Metrics,
+        live: HashMap<String, Vec<u8>>,
+    ) {
+        let count = |change| {
+            metrics
+                .discovery_changes
+                .get_or_create(&ChangeLabels { change })
+                .inc()
+        };
+        let gone: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(k, (bytes, _))| live.get(*k) != Some(bytes))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some((_, Some(id))) = self.keys.remove(&key) {
+                tracing::info!(id, key, "discovery: registration gone or changed");
+                fleet.deregister(id).await;
+                count("removed");
+            }
+        }
+        for (key, bytes) in live {
+            if self.keys.contains_key(&key) {
+                continue;
+            }
+            let id = if bytes.len() > MAX_REGISTRATION_BYTES {
+                tracing::warn!(key, len = bytes.len(), "discovery: registration too large");
+                None
+            } else {
+                match serde_json::from_slice::<WorkerSpec>(&bytes) {
+                    Err(e) => {
+                        tracing::warn!(key, "discovery: not a worker registration: {e}");
+                        None
+                    }
+                    Ok(spec) if !fleet.serves(&spec) => None,
+                    Ok(spec) => {
+                        let f = fleet.clone();
+                        match tokio::task::spawn_blocking(move || f.register(spec)).await {
+                            Ok(Ok(spec)) => {
+                                count("added");
+                                spec.id
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(key, "discovery: registration refused: {e}");
+                                None
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                }
+            };
+            self.keys.insert(key, (bytes, id));
+        }
+    }
+}
+
+/// The key of a worker's registration below a root: `ns/component/endpoint/<instance>`, the
+/// instance being its `id` if it has one, else a hash of its URL (so a restarted sidecar
+/// replaces its own registration).
+pub fn registration_key(spec: &WorkerSpec) -> String {
+    let instance = match spec.id {
+        Some(id) => id,
+        None => xxhash_rust::xxh3::xxh3_64(spec.url.trim_end_matches('/').as_bytes()),
+    };
+    format!("{}/{instance:016x}", spec.endpoint().replace('.', "/"))
+}
+
+/// A registration's content: the entry, plus when its sidecar started (a field the schema
+/// ignores), so that routers register a restarted sidecar's worker again even when its entry
+/// is the same.
+pub fn registration_bytes(spec: &WorkerSpec, started_ns: u128) -> Vec<u8> {
+    let mut v = serde_json::to_value(spec).unwrap_or_default();
+    v["announced_at_ns"] = serde_json::json!(started_ns.to_string());
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// Nanoseconds since the Unix epoch now.
+pub fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}

@@ -1,0 +1,236 @@
+//! etcd discovery (issue 18 item 4, `--discovery-backend etcd`) against a real etcd server
+//! (Debian's `etcd-server`, started here on loopback ports): sidecars' leases add and remove
+//! workers in a running frontend, and a restarted etcd drops nobody whose lease is valid.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kvrouter_core::RouterMode;
+use kvrouter_mocker::{spawn_workers, MockerConfig, RunningWorker};
+use kvrouter_server::config::{DiscoveryBackend, FrontendConfig};
+use kvrouter_server::up::worker_spec;
+use kvrouter_server::workers::discovery::{Discovery, EtcdDiscovery};
+use kvrouter_server::workers::fleet::Fleet;
+use kvrouter_server::{Frontend, WorkerSpec};
+use tokio::sync::oneshot;
+
+use crate::common::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A single-member etcd on loopback, its data in a temporary directory.
+struct Etcd {
+    child: Child,
+    dir: std::path::PathBuf,
+    client: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "kvrouter-etcd-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let (client, peer) = (free_port(), free_port());
+        let child = Self::spawn(&dir, client, peer);
+        Self {
+            child,
+            dir,
+            client,
+            peer,
+        }
+    }
+
+    fn spawn(dir: &std::path::Path, client: u16, peer: u16) -> Child {
+        let bin = std::env::var("KVROUTER_ETCD").unwrap_or_else(|_| "etcd".into());
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        Command::new(&bin)
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir)
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("t={p}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start `{bin}` ({e}): install Debian's etcd-server (scripts/test does)"
+                )
+            })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    async fn wait_up(&self) {
+        let c = client();
+        let health = format!("{}/health", self.url());
+        for _ in 0..200 {
+            if let Ok(r) = c.get(&health).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("etcd did not start");
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn restart(&mut self) {
+        self.child = Self::spawn(&self.dir, self.client, self.peer);
+        self.wait_up().await;
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// URLs of the registered workers that are in the routing set.
+fn urls(fleet: &Fleet) -> Vec<String> {
+    let input = kvrouter_server::routing::RouteInput {
+        tokens: &[1],
+        ..Default::default()
+    };
+    let routable: Vec<u64> = fleet
+        .router
+        .potential_loads(&input)
+        .iter()
+        .map(|l| l.worker.worker_id)
+        .collect();
+    let mut u: Vec<String> = fleet
+        .registry
+        .all()
+        .iter()
+        .filter(|w| routable.contains(&w.id()))
+        .map(|w| w.spec.url.clone())
+        .collect();
+    u.sort();
+    u
+}
+
+/// A sidecar announcing `spec`: stopped (lease revoked) by firing the sender, or killed
+/// (lease left to expire) by aborting the task.
+fn sidecar(d: &Discovery, spec: WorkerSpec) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let d = d.clone();
+    let task = tokio::spawn(async move {
+        let _ = d
+            .announce(&[spec], oneshot::channel().0, async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    (tx, task)
+}
+
+#[tokio::test]
+async fn etcd_leases_add_and_remove_workers_and_survive_an_etcd_restart() {
+    let mut etcd = Etcd::start();
+    etcd.wait_up().await;
+    let prefix = format!("test/{}/", rand::random::<u32>());
+    let d = Discovery::Etcd(EtcdDiscovery {
+        endpoints: vec![etcd.url()],
+        prefix: prefix.clone(),
+        lease: Duration::from_secs(2),
+    });
+    let w = mockers().await;
+    let mut fc = FrontendConfig {
+        router_mode: RouterMode::Kv,
+        ..FrontendConfig::default()
+    };
+    fc.fleet.discovery_backend = DiscoveryBackend::Etcd;
+    fc.fleet.discovery.etcd_endpoints = vec![etcd.url()];
+    fc.fleet.discovery.etcd_prefix = prefix;
+    fc.fleet.discovery.discovery_lease_secs = 2.0;
+    let f = Frontend::start(fc, Vec::new())
+        .await
+        .expect("frontend starts");
+    let (c, url) = (client(), f.url());
+
+    // A sidecar's lease brings its worker in; it serves.
+    let (a, _) = sidecar(&d, worker_spec(&w[0]));
+    let only = |i: usize| vec![w[i].info.url.clone()];
+    assert!(
+        eventually(5.0, || urls(&f.fleet) == only(0)).await,
+        "{:?}",
+        urls(&f.fleet)
+    );
+    let (st, _, v) = complete(&c, &url, completion_body(&prompt(1, 300), 2)).await;
+    assert_eq!(st, 200, "{v}");
+    // Its sidecar stops: the lease is revoked, the worker leaves at once.
+    let _ = a.send(());
+    assert!(
+        eventually(3.0, || urls(&f.fleet).is_empty()).await,
+        "{:?}",
+        urls(&f.fleet)
+    );
+
+    // etcd restarted: a worker whose lease is valid stays, and the watch resumes.
+    let (_b, _b_task) = sidecar(&d, worker_spec(&w[1]));
+    assert!(eventually(5.0, || urls(&f.fleet) == only(1)).await);
+    etcd.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(urls(&f.fleet), only(1), "etcd down: nobody is dropped");
+    etcd.restart().await;
+    let (_c, c_task) = sidecar(&d, worker_spec(&w[2]));
+    let mut both = vec![w[1].info.url.clone(), w[2].info.url.clone()];
+    both.sort();
+    assert!(
+        eventually(15.0, || urls(&f.fleet) == both).await,
+        "the watch resumed after the restart: {:?}",
+        urls(&f.fleet)
+    );
+    // A sidecar that dies without revoking: its lease expires, its worker leaves.
+    c_task.abort();
+    assert!(
+        eventually(10.0, || urls(&f.fleet) == only(1)).await,
+        "expired lease: {:?}",
+        urls(&f.fleet)
+    );
+    let m = metrics_text(&c, &url).await;
+    assert!(
+        metric(&m, "kvrouter_discovery_watch_restarts_total") >= 1.0,
+        "{m}"
+    );
+    f.stop().await;
+    for w in w {
+        w.stop().await;
+    }
+}
+
+async fn mockers() -> Vec<RunningWorker> {
+    let cfg = MockerConfig {
+        model_path: Some(kvrouter_server::vendored_model_dir()),
+        speedup_ratio: 0.0,
+        num_gpu_blocks: 1024,
+        block_size: 64,
+        ..MockerConfig::default()
+    };
+    spawn_workers(&cfg, 3).await.expect("mock workers start")
+}
