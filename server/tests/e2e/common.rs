@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 use kvrouter_core::RouterMode;
+use kvrouter_mocker::{spawn_workers, DisaggregationMode, MockerConfig, RunningWorker};
 use kvrouter_server::up::{EmbeddedStack, UpConfig};
+use kvrouter_server::workers::fleet::Fleet;
 use serde_json::{json, Value};
 
 pub const MODEL: &str = kvrouter_server::VENDORED_MODEL_NAME;
@@ -86,12 +88,54 @@ pub async fn eventually(secs: f64, mut f: impl FnMut() -> bool) -> bool {
 
 /// Whether every registered rank, routable or not, has no booked load.
 pub fn all_idle(s: &EmbeddedStack) -> bool {
-    let fleet = &s.frontend.fleet;
+    fleet_idle(&s.frontend.fleet)
+}
+
+/// Whether no registered rank of `fleet` has booked load.
+pub fn fleet_idle(fleet: &Fleet) -> bool {
     fleet.registry.all().iter().all(|w| {
         fleet.router.loads(w.spec.ranks()).iter().all(|l| {
             l.active_requests == 0 && l.active_decode_blocks == 0 && l.active_prefill_tokens == 0
         })
     })
+}
+
+/// `n` mock workers in this process (64-token blocks, 1,024 of them, no modelled delay) in
+/// disaggregation `mode`, transfers instantaneous.
+pub async fn mock_workers(n: usize, mode: DisaggregationMode) -> Vec<RunningWorker> {
+    let cfg = MockerConfig {
+        model_path: Some(kvrouter_server::vendored_model_dir()),
+        speedup_ratio: 0.0,
+        num_gpu_blocks: 1024,
+        block_size: 64,
+        disaggregation_mode: mode,
+        kv_transfer_bandwidth: 0.0,
+        ..MockerConfig::default()
+    };
+    spawn_workers(&cfg, n).await.expect("mock workers start")
+}
+
+/// URLs of `fleet`'s registered workers that are in its routing set, sorted.
+pub fn routable_urls(fleet: &Fleet) -> Vec<String> {
+    let input = kvrouter_server::routing::RouteInput {
+        tokens: &[1],
+        ..Default::default()
+    };
+    let routable: Vec<u64> = fleet
+        .router
+        .potential_loads(&input)
+        .iter()
+        .map(|l| l.worker.worker_id)
+        .collect();
+    let mut u: Vec<String> = fleet
+        .registry
+        .all()
+        .iter()
+        .filter(|w| routable.contains(&w.id()))
+        .map(|w| w.spec.url.clone())
+        .collect();
+    u.sort();
+    u
 }
 
 /// Parse an SSE body into its `data:` payloads.

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kvrouter_core::RouterMode;
-use kvrouter_mocker::{spawn_workers, MockerConfig, RunningWorker};
+use kvrouter_mocker::DisaggregationMode;
 use kvrouter_server::config::{DiscoveryBackend, FrontendConfig};
 use kvrouter_server::router_service::{RouterService, RouterServiceConfig};
 use kvrouter_server::up::worker_spec;
 use kvrouter_server::workers::discovery::{announce, registration_path, FileDiscovery};
-use kvrouter_server::workers::fleet::Fleet;
 use kvrouter_server::{Frontend, WorkerSpec};
 use tokio::sync::oneshot;
 
@@ -40,17 +39,6 @@ fn use_file_discovery(fleet: &mut kvrouter_server::config::FleetArgs, root: &std
     fleet.discovery.discovery_poll_ms = 50;
 }
 
-async fn mockers(n: usize) -> Vec<RunningWorker> {
-    let cfg = MockerConfig {
-        model_path: Some(kvrouter_server::vendored_model_dir()),
-        speedup_ratio: 0.0,
-        num_gpu_blocks: 1024,
-        block_size: 64,
-        ..MockerConfig::default()
-    };
-    spawn_workers(&cfg, n).await.expect("mock workers start")
-}
-
 /// A sidecar announcing `spec` until the returned sender is dropped or fired.
 fn sidecar(cfg: &FileDiscovery, spec: WorkerSpec) -> oneshot::Sender<()> {
     let (tx, rx) = oneshot::channel::<()>();
@@ -64,34 +52,11 @@ fn sidecar(cfg: &FileDiscovery, spec: WorkerSpec) -> oneshot::Sender<()> {
     tx
 }
 
-/// URLs of the registered workers that are in the routing set.
-fn urls(fleet: &Fleet) -> Vec<String> {
-    let input = kvrouter_server::routing::RouteInput {
-        tokens: &[1],
-        ..Default::default()
-    };
-    let routable: Vec<u64> = fleet
-        .router
-        .potential_loads(&input)
-        .iter()
-        .map(|l| l.worker.worker_id)
-        .collect();
-    let mut u: Vec<String> = fleet
-        .registry
-        .all()
-        .iter()
-        .filter(|w| routable.contains(&w.id()))
-        .map(|w| w.spec.url.clone())
-        .collect();
-    u.sort();
-    u
-}
-
 #[tokio::test]
 async fn announced_workers_join_and_leave_a_running_frontend() {
     let root = root();
     let cfg = settings(&root);
-    let w = mockers(2).await;
+    let w = mock_workers(2, DisaggregationMode::Agg).await;
     let mut fc = FrontendConfig {
         router_mode: RouterMode::Kv,
         ..FrontendConfig::default()
@@ -106,9 +71,9 @@ async fn announced_workers_join_and_leave_a_running_frontend() {
     let a = sidecar(&cfg, worker_spec(&w[0]));
     let one = vec![w[0].info.url.clone()];
     assert!(
-        eventually(5.0, || urls(&f.fleet) == one).await,
+        eventually(5.0, || routable_urls(&f.fleet) == one).await,
         "{:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
     let (st, _, v) = complete(&c, &url, completion_body(&prompt(1, 300), 2)).await;
     assert_eq!(st, 200, "{v}");
@@ -127,17 +92,17 @@ async fn announced_workers_join_and_leave_a_running_frontend() {
     let mut two = vec![w[0].info.url.clone(), w[1].info.url.clone()];
     two.sort();
     assert!(
-        eventually(5.0, || urls(&f.fleet) == two).await,
+        eventually(5.0, || routable_urls(&f.fleet) == two).await,
         "{:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
     // Its sidecar stops: the file is withdrawn and the worker leaves.
     let _ = a.send(());
     let only_b = vec![w[1].info.url.clone()];
     assert!(
-        eventually(5.0, || urls(&f.fleet) == only_b).await,
+        eventually(5.0, || routable_urls(&f.fleet) == only_b).await,
         "{:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
     assert!(!registration_path(&root, &worker_spec(&w[0])).exists());
     // A sidecar that dies without withdrawing: its lease expires, the worker leaves.
@@ -146,13 +111,13 @@ async fn announced_workers_join_and_leave_a_running_frontend() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     std::fs::write(&path_b, serde_json::to_vec(&worker_spec(&w[1])).unwrap()).unwrap();
     assert!(
-        eventually(3.0, || urls(&f.fleet) == only_b).await,
+        eventually(3.0, || routable_urls(&f.fleet) == only_b).await,
         "re-registered from the copy"
     );
     assert!(
-        eventually(5.0, || urls(&f.fleet).is_empty()).await,
+        eventually(5.0, || routable_urls(&f.fleet).is_empty()).await,
         "an unrefreshed registration expires: {:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
     let m = metrics_text(&c, &url).await;
     assert!(
@@ -171,7 +136,7 @@ async fn announced_workers_join_and_leave_a_running_frontend() {
 async fn a_standalone_router_takes_the_registrations_of_its_endpoint_only() {
     let root = root();
     let cfg = settings(&root);
-    let w = mockers(2).await;
+    let w = mock_workers(2, DisaggregationMode::Agg).await;
     let mut rc = RouterServiceConfig::new("dynamo.prefill.generate", 64);
     use_file_discovery(&mut rc.fleet, &root);
     let r = RouterService::start(rc, Vec::new())
@@ -185,13 +150,13 @@ async fn a_standalone_router_takes_the_registrations_of_its_endpoint_only() {
     let _b = sidecar(&cfg, backend);
     let want = vec![w[0].info.url.clone()];
     assert!(
-        eventually(5.0, || urls(&r.fleet) == want).await,
+        eventually(5.0, || routable_urls(&r.fleet) == want).await,
         "{:?}",
-        urls(&r.fleet)
+        routable_urls(&r.fleet)
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        urls(&r.fleet),
+        routable_urls(&r.fleet),
         want,
         "the other endpoint's worker stays out"
     );

@@ -7,11 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kvrouter_core::RouterMode;
-use kvrouter_mocker::{spawn_workers, MockerConfig, RunningWorker};
+use kvrouter_mocker::DisaggregationMode;
 use kvrouter_server::config::{DiscoveryBackend, FrontendConfig};
 use kvrouter_server::up::worker_spec;
 use kvrouter_server::workers::discovery::{Discovery, EtcdDiscovery};
-use kvrouter_server::workers::fleet::Fleet;
 use kvrouter_server::{Frontend, WorkerSpec};
 use tokio::sync::oneshot;
 
@@ -111,29 +110,6 @@ impl Drop for Etcd {
     }
 }
 
-/// URLs of the registered workers that are in the routing set.
-fn urls(fleet: &Fleet) -> Vec<String> {
-    let input = kvrouter_server::routing::RouteInput {
-        tokens: &[1],
-        ..Default::default()
-    };
-    let routable: Vec<u64> = fleet
-        .router
-        .potential_loads(&input)
-        .iter()
-        .map(|l| l.worker.worker_id)
-        .collect();
-    let mut u: Vec<String> = fleet
-        .registry
-        .all()
-        .iter()
-        .filter(|w| routable.contains(&w.id()))
-        .map(|w| w.spec.url.clone())
-        .collect();
-    u.sort();
-    u
-}
-
 /// A sidecar announcing `spec`: stopped (lease revoked) by firing the sender, or killed
 /// (lease left to expire) by aborting the task.
 fn sidecar(d: &Discovery, spec: WorkerSpec) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
@@ -159,7 +135,7 @@ async fn etcd_leases_add_and_remove_workers_and_survive_an_etcd_restart() {
         prefix: prefix.clone(),
         lease: Duration::from_secs(2),
     });
-    let w = mockers().await;
+    let w = mock_workers(3, DisaggregationMode::Agg).await;
     let mut fc = FrontendConfig {
         router_mode: RouterMode::Kv,
         ..FrontendConfig::default()
@@ -177,41 +153,45 @@ async fn etcd_leases_add_and_remove_workers_and_survive_an_etcd_restart() {
     let (a, _) = sidecar(&d, worker_spec(&w[0]));
     let only = |i: usize| vec![w[i].info.url.clone()];
     assert!(
-        eventually(5.0, || urls(&f.fleet) == only(0)).await,
+        eventually(5.0, || routable_urls(&f.fleet) == only(0)).await,
         "{:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
     let (st, _, v) = complete(&c, &url, completion_body(&prompt(1, 300), 2)).await;
     assert_eq!(st, 200, "{v}");
     // Its sidecar stops: the lease is revoked, the worker leaves at once.
     let _ = a.send(());
     assert!(
-        eventually(3.0, || urls(&f.fleet).is_empty()).await,
+        eventually(3.0, || routable_urls(&f.fleet).is_empty()).await,
         "{:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
 
     // etcd restarted: a worker whose lease is valid stays, and the watch resumes.
     let (_b, _b_task) = sidecar(&d, worker_spec(&w[1]));
-    assert!(eventually(5.0, || urls(&f.fleet) == only(1)).await);
+    assert!(eventually(5.0, || routable_urls(&f.fleet) == only(1)).await);
     etcd.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(urls(&f.fleet), only(1), "etcd down: nobody is dropped");
+    assert_eq!(
+        routable_urls(&f.fleet),
+        only(1),
+        "etcd down: nobody is dropped"
+    );
     etcd.restart().await;
     let (_c, c_task) = sidecar(&d, worker_spec(&w[2]));
     let mut both = vec![w[1].info.url.clone(), w[2].info.url.clone()];
     both.sort();
     assert!(
-        eventually(15.0, || urls(&f.fleet) == both).await,
+        eventually(15.0, || routable_urls(&f.fleet) == both).await,
         "the watch resumed after the restart: {:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
     // A sidecar that dies without revoking: its lease expires, its worker leaves.
     c_task.abort();
     assert!(
-        eventually(10.0, || urls(&f.fleet) == only(1)).await,
+        eventually(10.0, || routable_urls(&f.fleet) == only(1)).await,
         "expired lease: {:?}",
-        urls(&f.fleet)
+        routable_urls(&f.fleet)
     );
     let m = metrics_text(&c, &url).await;
     assert!(
@@ -222,15 +202,4 @@ async fn etcd_leases_add_and_remove_workers_and_survive_an_etcd_restart() {
     for w in w {
         w.stop().await;
     }
-}
-
-async fn mockers() -> Vec<RunningWorker> {
-    let cfg = MockerConfig {
-        model_path: Some(kvrouter_server::vendored_model_dir()),
-        speedup_ratio: 0.0,
-        num_gpu_blocks: 1024,
-        block_size: 64,
-        ..MockerConfig::default()
-    };
-    spawn_workers(&cfg, 3).await.expect("mock workers start")
 }

@@ -4,7 +4,7 @@
 //! `--pool-policy probe|isl`). Mock workers on loopback HTTP and ZMQ.
 
 use kvrouter_core::RouterMode;
-use kvrouter_mocker::{spawn_workers, DisaggregationMode, MockerConfig, RunningWorker};
+use kvrouter_mocker::{DisaggregationMode, RunningWorker};
 use kvrouter_server::config::FrontendConfig;
 use kvrouter_server::frontend::{POOL_HEADER, PREFILL_WORKER_HEADER};
 use kvrouter_server::router_service::{RouterService, RouterServiceConfig};
@@ -13,19 +13,6 @@ use kvrouter_server::Frontend;
 use serde_json::{json, Value};
 
 use crate::common::*;
-
-async fn mockers(n: usize, mode: DisaggregationMode) -> Vec<RunningWorker> {
-    let cfg = MockerConfig {
-        model_path: Some(kvrouter_server::vendored_model_dir()),
-        speedup_ratio: 0.0,
-        num_gpu_blocks: 1024,
-        block_size: 64,
-        disaggregation_mode: mode,
-        kv_transfer_bandwidth: 0.0,
-        ..MockerConfig::default()
-    };
-    spawn_workers(&cfg, n).await.expect("mock workers start")
-}
 
 /// A `kvrouter router` for `endpoint` in front of `workers` (64-token blocks).
 async fn router(
@@ -51,15 +38,6 @@ async fn frontend(workers: &[RunningWorker], tweak: impl FnOnce(&mut FrontendCon
     Frontend::start(cfg, workers.iter().map(worker_spec).collect())
         .await
         .expect("frontend starts")
-}
-
-/// Whether no rank of `fleet` has booked load.
-fn idle(fleet: &kvrouter_server::workers::fleet::Fleet) -> bool {
-    fleet.registry.all().iter().all(|w| {
-        fleet.router.loads(w.spec.ranks()).iter().all(|l| {
-            l.active_requests == 0 && l.active_decode_blocks == 0 && l.active_prefill_tokens == 0
-        })
-    })
 }
 
 /// A completion: (status, the response's headers, body).
@@ -96,8 +74,8 @@ async fn the_two_router_layout_prefills_through_the_standalone_router() {
     // --router-block-size 64 --no-router-track-active-blocks` for the prefill pool, the
     // frontend with `--kv-overlap-score-weight 0` routing decode. Every worker is given to both:
     // each takes the ones it routes (the router by endpoint, the frontend by role).
-    let mut all = mockers(2, DisaggregationMode::Prefill).await;
-    all.extend(mockers(2, DisaggregationMode::Decode).await);
+    let mut all = mock_workers(2, DisaggregationMode::Prefill).await;
+    all.extend(mock_workers(2, DisaggregationMode::Decode).await);
     let r = router("dynamo.prefill.generate", &all, |c| {
         c.router.router_track_active_blocks = Some(false);
     })
@@ -163,7 +141,7 @@ async fn the_two_router_layout_prefills_through_the_standalone_router() {
     assert_eq!(resp.status(), 200);
     drop(resp);
     assert!(
-        eventually(5.0, || idle(&r.fleet) && idle(&f.fleet)).await,
+        eventually(5.0, || fleet_idle(&r.fleet) && fleet_idle(&f.fleet)).await,
         "loads return to zero on the router and the frontend"
     );
 
@@ -188,7 +166,7 @@ async fn the_two_router_layout_prefills_through_the_standalone_router() {
     assert_eq!(st, 200, "{v}");
     assert!(header(&h, PREFILL_WORKER_HEADER).is_some(), "long: split");
     assert!(
-        eventually(5.0, || idle(&r.fleet) && idle(&f.fleet)).await,
+        eventually(5.0, || fleet_idle(&r.fleet) && fleet_idle(&f.fleet)).await,
         "conditional: loads return to zero"
     );
     // The prefill router down: the client's error, named as the prefill's; nothing booked.
@@ -201,7 +179,7 @@ async fn the_two_router_layout_prefills_through_the_standalone_router() {
         "{v}"
     );
     assert!(
-        eventually(5.0, || idle(&f.fleet)).await,
+        eventually(5.0, || fleet_idle(&f.fleet)).await,
         "router down: nothing booked"
     );
     f.stop().await;
@@ -228,7 +206,7 @@ impl Pools {
         let mut routers = Vec::new();
         let mut workers = Vec::new();
         for _ in 0..2 {
-            let w = mockers(2, DisaggregationMode::Agg).await;
+            let w = mock_workers(2, DisaggregationMode::Agg).await;
             routers.push(router("dynamo.backend.generate", &w, |_| {}).await);
             workers.extend(w);
         }
@@ -244,7 +222,7 @@ impl Pools {
     }
 
     fn idle(&self) -> bool {
-        self.routers.iter().all(|r| idle(&r.fleet))
+        self.routers.iter().all(|r| fleet_idle(&r.fleet))
     }
 
     async fn stop(self) {
