@@ -68,6 +68,9 @@ pub struct Fleet {
     registering: Mutex<()>,
     /// Only workers of this endpoint are admitted (the standalone router's `--endpoint`).
     endpoint: Option<String>,
+    /// Where each worker came from, when not the command line (`admin`, `file:<key>`,
+    /// `etcd:<key>`).
+    sources: Mutex<std::collections::HashMap<WorkerId, String>>,
 }
 
 /// Why a registration failed (→ 400 on the admin API, an error at startup).
@@ -90,6 +93,7 @@ impl Fleet {
             policy,
             registering: Mutex::new(()),
             endpoint: None,
+            sources: Mutex::default(),
         }
     }
 
@@ -198,10 +202,27 @@ impl Fleet {
         Ok(())
     }
 
+    /// Record where worker `id` came from (shown by the admin API's `GET /v1/workers`).
+    pub fn set_source(&self, id: WorkerId, source: String) {
+        let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(id, source);
+    }
+
+    /// Where worker `id` came from: `static` (`--worker`, `--workers-file`, the embedded
+    /// stack), `admin`, `file:<key>` or `etcd:<key>`.
+    pub fn source(&self, id: WorkerId) -> String {
+        let m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&id).cloned().unwrap_or_else(|| "static".into())
+    }
+
     /// Deregister a worker: subscribers stopped, then out of the routing set with its index
     /// entries cleared (in that order, so no event of its can land after the clear).
     pub async fn deregister(self: &Arc<Self>, id: WorkerId) -> Option<WorkerSpec> {
         let w = self.registry.remove(id)?;
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         let spec = w.spec.clone();
         let f = self.clone();
         let dp_size = spec.dp_size;

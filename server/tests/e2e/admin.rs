@@ -74,7 +74,15 @@ async fn workers_register_and_leave_at_runtime_behind_a_token() {
         .json()
         .await
         .unwrap();
-    assert_eq!(list["workers"].as_array().unwrap().len(), 2);
+    let listed = list["workers"].as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    // Each says where it came from: the embedded stack's worker, then the admin API's.
+    let mut sources: Vec<&str> = listed
+        .iter()
+        .map(|w| w["source"].as_str().unwrap())
+        .collect();
+    sources.sort();
+    assert_eq!(sources, ["admin", "static"], "{list}");
     // Round-robin now reaches the new worker.
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..4 {

@@ -77,6 +77,19 @@ async fn announced_workers_join_and_leave_a_running_frontend() {
     );
     let (st, _, v) = complete(&c, &url, completion_body(&prompt(1, 300), 2)).await;
     assert_eq!(st, 200, "{v}");
+    // The admin API says where it came from: its registration file.
+    let admin = f.admin_url().expect("admin API");
+    let list: serde_json::Value = c
+        .get(format!("{admin}/v1/workers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let source = list["workers"][0]["source"].as_str().unwrap_or_default();
+    let file = registration_path(&root, &worker_spec(&w[0]));
+    assert_eq!(source, format!("file:{}", file.display()), "{list}");
     // A second joins; garbage and symbolic links beside them change nothing.
     let b = sidecar(&cfg, worker_spec(&w[1]));
     let dir = registration_path(&root, &worker_spec(&w[0]));

@@ -127,7 +127,7 @@ pub fn spawn_watch(
                 .into_iter()
                 .map(|f| (f.path.display().to_string(), f.bytes))
                 .collect();
-            known.sync(&fleet, &metrics, live).await;
+            known.sync("file", &fleet, &metrics, live).await;
         }
     })
 }

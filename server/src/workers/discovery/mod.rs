@@ -103,12 +103,14 @@ pub struct Registrations {
 }
 
 impl Registrations {
-    /// Bring `fleet` in step with `live` (key → registration JSON): deregister the workers of
-    /// keys gone or changed, then register new and changed keys' workers. A registration that
-    /// does not parse, names another endpoint or is refused is logged once per content and
-    /// left alone.
+    /// Bring `fleet` in step with `live` (key → registration JSON) of backend `backend`
+    /// (`file`, `etcd`: a worker's source is `backend:key`): deregister the workers of keys
+    /// gone or changed, then register new and changed keys' workers. A registration that does
+    /// not parse, names another endpoint or is refused is logged once per content and left
+    /// alone.
     pub async fn sync(
         &mut self,
+        backend: &str,
         fleet: &Arc<Fleet>,
         metrics: &Metrics,
         live: HashMap<String, Vec<u8>>,
@@ -151,6 +153,9 @@ impl Registrations {
                         match tokio::task::spawn_blocking(move || f.register(spec)).await {
                             Ok(Ok(spec)) => {
                                 count("added");
+                                if let Some(id) = spec.id {
+                                    fleet.set_source(id, format!("{backend}:{key}"));
+                                }
                                 spec.id
                             }
                             Ok(Err(e)) => {
