@@ -2,17 +2,25 @@
 //! (`kv-event-wire.md` §2.1, `dynamo-router-spec.md` §3.2 and §3.4; issue 3 item 4, issue 13
 //! item 3).
 //!
-//! Two threads per subscriber, and one libzmq context (one I/O thread) shared by every
-//! subscriber of the process:
+//! **Threads** (issue 18 item 5): no thread per subscriber. Every subscriber of the process
+//! lives in one of at most [`POLLERS`] poller threads, which own their SUB and replay
+//! sockets and wait on all of them with one `zmq_poll`; the libzmq context (one I/O thread)
+//! is shared too. A subscriber costs its SUB socket (two descriptors: the TCP connection and
+//! libzmq's mailbox), a DEALER only while a replay runs, and a few hundred bytes of state.
+//! Nothing in a poller blocks: a replay is read as its replies arrive, and a full sink parks
+//! the subscriber's converted events (its later messages wait in its queue) while the others
+//! run on. [`KvEventSubscriber::start`] opens the socket and hands it over;
+//! [`KvEventSubscriber::stop`] waits until the poller has closed it.
 //!
-//! * **reader** — owns the SUB socket (topic prefix filter; connect, or bind when the engine
-//!   connects as vLLM does for non-wildcard endpoints). It moves raw messages into a bounded
-//!   queue of `queue_capacity` messages and at most the *hard ceiling* of bytes (below); when
-//!   the queue is full the message is dropped and counted (`dropped`). A message larger than
+//! * **Reading**: the SUB socket (topic prefix filter; connect, or bind when the engine
+//!   connects as vLLM does for non-wildcard endpoints) is read as messages arrive and each is
+//!   processed at once; when the subscriber is busy (replaying, or its sink full) messages
+//!   wait in a queue of `queue_capacity` messages and at most the *hard ceiling* of bytes
+//!   (below); beyond it they are dropped and counted (`dropped`). A message larger than
 //!   `max_frame_bytes` (all frames together) is dropped and counted (`oversize`). Either drop
-//!   is a missing sequence number, so the processor treats it as a gap. libzmq reconnects on
-//!   connection loss; heartbeats detect a silent peer.
-//! * **processor** — tracks the publisher's sequence number and converts batches in order:
+//!   is a missing sequence number, so it is treated as a gap. libzmq reconnects on connection
+//!   loss; heartbeats detect a silent peer.
+//! * **Processing** tracks the publisher's sequence number and converts batches in order:
 //!   * `seq == next`: apply;
 //!   * `seq > next` (gap, drop, or a late join whose first seq is above 0): replay `[next, seq)`
 //!     from the engine's replay ROUTER (DEALER; both reply layouts; end marker seq −1), then
@@ -47,17 +55,16 @@
 //!
 //! **State** ([`SubscriberState`], in [`SubscriberStats`]): `joining` (nothing applied yet),
 //! `live`, `replaying` (a replay or join probe is running; live messages wait in the queue),
-//! `stopped` (threads ended: `stop`, the sink closed, or the socket failed).
+//! `stopped` (`stop`, the sink closed, or the socket failed).
 //!
-//! Converted [`RouterEvent`]s go to the caller's `SyncSender` in order, from the processor
-//! thread only (blocking: the caller's backpressure fills our bounded queue, whose drops are
-//! then recovered by replay; each wait for room is counted in `backpressure`).
+//! Converted [`RouterEvent`]s go to the caller's `SyncSender` in order, from the poller thread
+//! (never blocking it: the caller's backpressure fills our bounded queue, whose drops are then
+//! recovered by replay; each event that waits for room is counted in `backpressure`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
@@ -79,7 +86,7 @@ const MAX_PARTS: usize = 8;
 const FIRST_PROBE: Duration = Duration::from_millis(200);
 /// Longest wait between such probes while nothing has arrived.
 const MAX_PROBE_GAP: Duration = Duration::from_secs(30);
-/// Poll interval of both threads for noticing `stop`.
+/// Longest wait of a poller thread (timers are checked at least this often), ms.
 const TICK_MS: i64 = 50;
 
 /// Bounds on one replay (a gap replay or the join probe). Exceeding any of them fails the
@@ -188,7 +195,7 @@ pub enum SubscriberState {
     Live,
     /// Fetching (or applying) a replay; live messages wait in the queue.
     Replaying,
-    /// Threads ended (`stop`, the sink closed, or the socket failed): no more events.
+    /// Ended (`stop`, the sink closed, or the socket failed): no more events.
     Stopped,
 }
 
@@ -291,28 +298,16 @@ struct Counters {
     filtered: AtomicU64,
     events_out: AtomicU64,
     backpressure: AtomicU64,
-    /// `next` of the processor, valid when `has_next`.
+    /// `next` of the subscriber, valid when `has_next`.
     next_seq: AtomicU64,
     has_next: AtomicBool,
     /// [`SubscriberState`] as `u8`.
     state: AtomicU8,
-    /// Bytes of the messages in the reader → processor queue.
-    queued_bytes: AtomicUsize,
-    /// 1 + the highest sequence number the reader dropped (0 = none): lets the processor
-    /// recover a dropped tail even when no later message arrives to reveal the gap.
-    dropped_seq_plus1: AtomicU64,
 }
 
 impl Counters {
     fn set_state(&self, s: SubscriberState) {
         self.state.store(s as u8, Ordering::Relaxed);
-    }
-
-    /// A message with this seq frame (if it has one) was dropped by the reader.
-    fn note_dropped(&self, seq: Option<u64>) {
-        if let Some(seq) = seq.filter(|&s| s != END_SEQ) {
-            self.dropped_seq_plus1.fetch_max(seq + 1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -320,19 +315,24 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A running subscriber. Dropping it stops it too.
+/// A running subscriber: a handle on its place in one of the process's poller threads.
+/// Dropping it stops it too.
 pub struct KvEventSubscriber {
-    stop: Arc<AtomicBool>,
+    id: u64,
+    shard: Arc<Shard>,
     counters: Arc<Counters>,
-    threads: Vec<JoinHandle<()>>,
     endpoint: String,
+    stopped: bool,
 }
 
 impl KvEventSubscriber {
-    /// Opens the SUB socket and starts the reader and processor threads.
+    /// Opens the SUB socket (in the calling thread, so endpoint errors are returned here) and
+    /// hands it to the least loaded poller thread, starting one if fewer than [`POLLERS`]
+    /// run. Does not wait for the first message.
     ///
     /// Errors: [`WireError::Zmq`] when the endpoint cannot be bound/connected,
-    /// [`WireError::Config`] for a zero block size or a zero `max_frame_bytes`.
+    /// [`WireError::Config`] for a zero block size or a zero `max_frame_bytes`,
+    /// [`WireError::Thread`] when no poller thread can be started or reached.
     pub fn start(
         config: SubscriberConfig,
         sink: SyncSender<RouterEvent>,
@@ -344,8 +344,7 @@ impl KvEventSubscriber {
             return Err(WireError::Config("max_frame_bytes must be > 0".into()));
         }
         let ceiling = hard_ceiling(config.max_frame_bytes);
-        let ctx = context();
-        let sub = ctx.socket(zmq::SUB)?;
+        let sub = context().socket(zmq::SUB)?;
         sub.set_rcvhwm(100_000)?;
         sub.set_linger(0)?;
         sub.set_maxmsgsize(ceiling.min(i64::MAX as usize) as i64)?;
@@ -367,60 +366,45 @@ impl KvEventSubscriber {
             config.endpoint.clone()
         };
 
-        let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(config.queue_capacity.max(1));
-
-        let reader = {
-            let reader = Reader {
-                sub,
-                tx,
-                stop: stop.clone(),
-                counters: counters.clone(),
-                max_frame_bytes: config.max_frame_bytes,
-                max_queued_bytes: ceiling,
-            };
-            std::thread::Builder::new()
-                .name(format!("kv-sub-{}", config.worker))
-                .spawn(move || reader.run())
-                .map_err(|_| WireError::Thread("subscriber reader"))?
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let state = Sub {
+            id,
+            sock: sub,
+            counters: counters.clone(),
+            converter: Converter::new(config.worker, config.block_size),
+            topic: config.topic.into_bytes(),
+            replay_endpoint: config.replay_endpoint,
+            sink,
+            max_frame_bytes: config.max_frame_bytes,
+            ceiling,
+            limits: config.replay,
+            queue: VecDeque::new(),
+            queue_capacity: config.queue_capacity.max(1),
+            queued_bytes: 0,
+            dropped_seq_plus1: 0,
+            next: None,
+            last_live: None,
+            replay_floor: None,
+            probe_at: Instant::now() + FIRST_PROBE,
+            probe_gap: FIRST_PROBE,
+            replay: None,
+            replayed: VecDeque::new(),
+            resume: None,
+            scratch: Vec::new(),
+            out: VecDeque::new(),
+            blocked: false,
+            unapplied: 0,
         };
-        let processor = {
-            let proc = Processor {
-                converter: Converter::new(config.worker, config.block_size),
-                topic: config.topic.into_bytes(),
-                replay_endpoint: config.replay_endpoint,
-                ctx,
-                sink,
-                counters: counters.clone(),
-                stop: stop.clone(),
-                max_frame_bytes: config.max_frame_bytes,
-                ceiling,
-                limits: config.replay,
-                next: None,
-                last_live: None,
-                replay_floor: None,
-                probe_at: Instant::now() + FIRST_PROBE,
-                probe_gap: FIRST_PROBE,
-                out: Vec::new(),
-            };
-            let spawned = std::thread::Builder::new()
-                .name(format!("kv-conv-{}", config.worker))
-                .spawn(move || proc.run(rx));
-            match spawned {
-                Ok(h) => h,
-                Err(_) => {
-                    stop.store(true, Ordering::Relaxed);
-                    let _ = reader.join();
-                    return Err(WireError::Thread("subscriber processor"));
-                }
-            }
-        };
+        let shard = shard_for_new()?;
+        shard.send(Cmd::Add(Box::new(state)))?;
         Ok(Self {
-            stop,
+            id,
+            shard,
             counters,
-            threads: vec![reader, processor],
             endpoint,
+            stopped: false,
         })
     }
 
@@ -457,16 +441,22 @@ impl KvEventSubscriber {
         }
     }
 
-    /// Stops both threads and waits for them.
+    /// Stops it: its sockets are closed and no event of it reaches the sink after this
+    /// returns. Returns promptly even when the sink is full.
     pub fn stop(mut self) {
         self.shutdown();
     }
 
     fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for h in self.threads.drain(..) {
-            let _ = h.join();
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
         }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.shard.send(Cmd::Remove(self.id, tx)).is_ok() {
+            // An error means the poller is gone, and with it the subscriber.
+            let _ = rx.recv();
+        }
+        self.shard.load.fetch_sub(1, Ordering::Relaxed);
         self.counters.set_state(SubscriberState::Stopped);
     }
 }
@@ -474,6 +464,173 @@ impl KvEventSubscriber {
 impl Drop for KvEventSubscriber {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Most poller threads in the process; subscribers are spread over them, least loaded first.
+pub const POLLERS: usize = 2;
+/// Messages read from one socket before the poller moves on to the others (fairness).
+const READS_PER_ROUND: usize = 1024;
+
+/// What a poller is asked to do.
+enum Cmd {
+    Add(Box<Sub>),
+    /// Drop the subscriber with this id (closing its sockets), then answer.
+    Remove(u64, SyncSender<()>),
+}
+
+/// One poller thread's mailbox: commands, and an inproc PUSH socket that wakes its poll.
+struct Shard {
+    mailbox: Mutex<(Sender<Cmd>, zmq::Socket)>,
+    /// Subscribers assigned to it (started and not stopped).
+    load: AtomicUsize,
+}
+
+impl Shard {
+    fn send(&self, cmd: Cmd) -> Result<(), WireError> {
+        let mb = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        mb.0.send(cmd)
+            .map_err(|_| WireError::Thread("subscriber poller gone"))?;
+        // A full wake queue already has a wake-up pending.
+        match mb.1.send(&b""[..], zmq::DONTWAIT) {
+            Ok(()) | Err(zmq::Error::EAGAIN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The least loaded poller, starting a new one while fewer than [`POLLERS`] run; its load
+/// already counts the new subscriber.
+fn shard_for_new() -> Result<Arc<Shard>, WireError> {
+    static SHARDS: Mutex<Vec<Arc<Shard>>> = Mutex::new(Vec::new());
+    let mut shards = SHARDS.lock().unwrap_or_else(|e| e.into_inner());
+    let shard = if shards.len() < POLLERS {
+        let s = spawn_poller(shards.len())?;
+        shards.push(s.clone());
+        s
+    } else {
+        shards
+            .iter()
+            .min_by_key(|s| s.load.load(Ordering::Relaxed))
+            .cloned()
+            .ok_or(WireError::Thread("subscriber poller"))?
+    };
+    shard.load.fetch_add(1, Ordering::Relaxed);
+    Ok(shard)
+}
+
+fn spawn_poller(n: usize) -> Result<Arc<Shard>, WireError> {
+    let ctx = context();
+    let addr = format!("inproc://kvrouter-subscriber-wake-{n}");
+    let wake_rx = ctx.socket(zmq::PULL)?;
+    wake_rx.bind(&addr)?;
+    let wake_tx = ctx.socket(zmq::PUSH)?;
+    wake_tx.set_sndhwm(16)?;
+    wake_tx.connect(&addr)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let poller = Poller {
+        wake: wake_rx,
+        cmds: rx,
+        subs: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name(format!("kv-events-{n}"))
+        .spawn(move || poller.run())
+        .map_err(|_| WireError::Thread("subscriber poller"))?;
+    Ok(Arc::new(Shard {
+        mailbox: Mutex::new((tx, wake_tx)),
+        load: AtomicUsize::new(0),
+    }))
+}
+
+/// A poller thread: owns the sockets of its subscribers and runs them all, event-driven.
+/// Nothing in it blocks: replays are read as their replies arrive, and a full sink parks the
+/// subscriber's converted events until there is room.
+struct Poller {
+    wake: zmq::Socket,
+    cmds: Receiver<Cmd>,
+    subs: Vec<Sub>,
+}
+
+impl Poller {
+    fn run(mut self) {
+        // Per subscriber: its SUB socket is readable.
+        let mut ready: Vec<bool> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let timeout = self
+                .subs
+                .iter()
+                .filter_map(|s| s.wake_at())
+                .min()
+                .map_or(TICK_MS, |t| {
+                    let ms = t.saturating_duration_since(now).as_micros().div_ceil(1000);
+                    (ms as i64).clamp(1, TICK_MS)
+                });
+            let woken = {
+                let mut items = Vec::with_capacity(1 + self.subs.len() * 2);
+                items.push(self.wake.as_poll_item(zmq::POLLIN));
+                for s in &self.subs {
+                    items.push(s.sock.as_poll_item(zmq::POLLIN));
+                    if let Some(d) = s.replay.as_ref().and_then(|r| r.dealer.as_ref()) {
+                        items.push(d.as_poll_item(zmq::POLLIN));
+                    }
+                }
+                if let Err(e) = zmq::poll(&mut items, timeout) {
+                    if e != zmq::Error::EINTR {
+                        tracing::error!("KV event poll failed: {e}");
+                        std::thread::sleep(Duration::from_millis(TICK_MS as u64));
+                    }
+                    continue;
+                }
+                ready.clear();
+                let mut i = 1;
+                for s in &self.subs {
+                    let sub = items[i].is_readable();
+                    i += 1;
+                    // Replay sockets are read on every round; polled only to wake us.
+                    if s.replay.as_ref().is_some_and(|r| r.dealer.is_some()) {
+                        i += 1;
+                    }
+                    ready.push(sub);
+                }
+                items[0].is_readable()
+            };
+            let now = Instant::now();
+            let mut k = 0;
+            while k < self.subs.len() {
+                let readable = ready.get(k).copied().unwrap_or_default();
+                let s = &mut self.subs[k];
+                let alive = if readable { s.read(now) } else { s.step(now) };
+                if alive.is_err() {
+                    // The sink is gone or the socket failed: no more events from it.
+                    s.counters.set_state(SubscriberState::Stopped);
+                    self.subs.swap_remove(k);
+                    ready.swap_remove(k);
+                } else {
+                    k += 1;
+                }
+            }
+            if woken {
+                while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            }
+            // Commands are read every round: a wake-up may coalesce several.
+            loop {
+                match self.cmds.try_recv() {
+                    Ok(Cmd::Add(s)) => self.subs.push(*s),
+                    Ok(Cmd::Remove(id, ack)) => {
+                        if let Some(i) = self.subs.iter().position(|s| s.id == id) {
+                            // Closes its sockets (linger 0).
+                            drop(self.subs.swap_remove(i));
+                        }
+                        let _ = ack.send(());
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    // Every handle is gone (process exit): nothing more will come.
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+        }
     }
 }
 
@@ -533,87 +690,26 @@ fn live_seq(frames: &[Vec<u8>]) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
-struct Reader {
-    sub: zmq::Socket,
-    tx: SyncSender<Vec<Vec<u8>>>,
-    stop: Arc<AtomicBool>,
+/// One subscriber's sockets and sequence state, run by its poller thread.
+struct Sub {
+    id: u64,
+    sock: zmq::Socket,
     counters: Arc<Counters>,
-    max_frame_bytes: usize,
-    max_queued_bytes: usize,
-}
-
-impl Reader {
-    fn run(self) {
-        let c = &*self.counters;
-        while !self.stop.load(Ordering::Relaxed) {
-            match self.sub.poll(zmq::POLLIN, TICK_MS) {
-                Ok(n) if n > 0 => {}
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::error!("SUB poll failed: {e}");
-                    return;
-                }
-            }
-            // Drain everything readable before polling again.
-            while !self.stop.load(Ordering::Relaxed) {
-                let (frames, bytes) =
-                    match recv_bounded(&self.sub, zmq::DONTWAIT, self.max_frame_bytes) {
-                        Ok(Received::Frames(f, n)) => (f, n),
-                        Ok(Received::Oversize(seq)) => {
-                            inc(&c.received);
-                            inc(&c.oversize);
-                            c.note_dropped(seq);
-                            tracing::warn!(
-                                seq,
-                                max = self.max_frame_bytes,
-                                "KV event message over max_frame_bytes dropped"
-                            );
-                            continue;
-                        }
-                        Ok(Received::TooManyFrames) => {
-                            inc(&c.received);
-                            inc(&c.bad_frames);
-                            continue;
-                        }
-                        Err(zmq::Error::EAGAIN) => break,
-                        Err(e) => {
-                            tracing::error!("SUB recv failed: {e}");
-                            return;
-                        }
-                    };
-                inc(&c.received);
-                if c.queued_bytes.load(Ordering::Relaxed) + bytes > self.max_queued_bytes {
-                    inc(&c.dropped);
-                    c.note_dropped(live_seq(&frames));
-                    continue;
-                }
-                c.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-                match self.tx.try_send(frames) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(frames)) => {
-                        c.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                        inc(&c.dropped);
-                        c.note_dropped(live_seq(&frames));
-                    }
-                    Err(TrySendError::Disconnected(_)) => return,
-                }
-            }
-        }
-    }
-}
-
-struct Processor {
     converter: Converter,
     topic: Vec<u8>,
     replay_endpoint: Option<String>,
-    ctx: zmq::Context,
     sink: SyncSender<RouterEvent>,
-    counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
     max_frame_bytes: usize,
-    /// `ZMQ_MAXMSGSIZE` of the replay socket.
+    /// `ZMQ_MAXMSGSIZE` of the replay socket and the most bytes queued.
     ceiling: usize,
     limits: ReplayLimits,
+    /// Live messages read but not processed (a replay is running or the sink is full).
+    queue: VecDeque<Vec<Vec<u8>>>,
+    queue_capacity: usize,
+    queued_bytes: usize,
+    /// 1 + the highest sequence number dropped unread (0 = none): lets an idle subscriber
+    /// recover a dropped tail even when no later message arrives to reveal the gap.
+    dropped_seq_plus1: u64,
     /// Next sequence number to apply; `None` before the first message (or after a restart).
     next: Option<u64>,
     /// Last sequence number seen on the live socket.
@@ -624,16 +720,26 @@ struct Processor {
     /// When to next ask the replay ring for batches published before we joined.
     probe_at: Instant,
     probe_gap: Duration,
-    out: Vec<RouterEvent>,
+    /// The replay being read, if any.
+    replay: Option<Replay>,
+    /// Batches of a finished replay, to apply in order.
+    replayed: VecDeque<Vec<u8>>,
+    /// The live batch `(seq, payload)` that revealed a gap, applied after its replay.
+    resume: Option<(u64, Vec<u8>)>,
+    scratch: Vec<RouterEvent>,
+    /// Converted events not yet in the sink (at most one batch's, plus a `Cleared`).
+    out: VecDeque<RouterEvent>,
+    /// The front of `out` already waited for room (counted once in `backpressure`).
+    blocked: bool,
+    /// Batches whose events are in `out`: counted `applied` once `out` is empty.
+    unapplied: u64,
 }
 
-/// The sink is gone or `stop` was asked: stop processing.
+/// The sink is gone or the socket failed: the subscriber ends.
 struct SinkClosed;
 
 /// Why a replay brought nothing to apply.
 enum ReplayError {
-    /// `stop` was asked meanwhile.
-    Stopped,
     /// Not a single reply before `silence` (the ring is not there or not answering).
     NoAnswer,
     /// The replay failed; the reason, for the log.
@@ -646,34 +752,246 @@ impl From<zmq::Error> for ReplayError {
     }
 }
 
-impl Processor {
-    fn run(mut self, rx: Receiver<Vec<Vec<u8>>>) {
-        self.process(rx);
-        self.counters.set_state(SubscriberState::Stopped);
-        // The reader has no one to feed any more.
-        self.stop.store(true, Ordering::Relaxed);
+/// Why a replay runs.
+#[derive(Clone, Copy)]
+enum ReplayKind {
+    /// Recover `[from, live)`.
+    Gap { from: u64, live: u64 },
+    /// The join probe: everything the ring holds.
+    Probe,
+}
+
+/// A replay in flight: its DEALER socket and what it has read, within [`ReplayLimits`].
+/// With `until`, it ends with exactly the batches `from..until` (replies outside the range
+/// are read and ignored) or fails; without it (join probe), with every batch at or above
+/// `from` up to the end marker.
+struct Replay {
+    kind: ReplayKind,
+    /// `None` when it could not be opened (`outcome` says why).
+    dealer: Option<zmq::Socket>,
+    from: u64,
+    until: Option<u64>,
+    deadline: Instant,
+    quiet_until: Instant,
+    got: BTreeMap<u64, Vec<u8>>,
+    replies: usize,
+    bytes: usize,
+    outcome: Option<Result<BTreeMap<u64, Vec<u8>>, ReplayError>>,
+}
+
+impl Replay {
+    fn open(ctx: &zmq::Context, ep: &str, from: u64, ceiling: usize) -> zmq::Result<zmq::Socket> {
+        let dealer = ctx.socket(zmq::DEALER)?;
+        dealer.set_linger(0)?;
+        // Unbounded so an honest ring's burst is not dropped; `max_bytes` bounds what we keep.
+        dealer.set_rcvhwm(0)?;
+        dealer.set_maxmsgsize(ceiling.min(i64::MAX as usize) as i64)?;
+        dealer.connect(ep)?;
+        let start = from.to_be_bytes();
+        let req: [&[u8]; 2] = [b"", &start];
+        dealer.send_multipart(req, 0)?;
+        Ok(dealer)
     }
 
-    fn process(&mut self, rx: Receiver<Vec<Vec<u8>>>) {
-        while !self.stop.load(Ordering::Relaxed) {
-            match rx.recv_timeout(Duration::from_millis(TICK_MS as u64)) {
-                Ok(frames) => {
-                    let bytes = frames.iter().map(Vec::len).sum();
-                    self.counters
-                        .queued_bytes
-                        .fetch_sub(bytes, Ordering::Relaxed);
-                    if self.live(&frames).is_err() {
+    fn fail(&mut self, why: String) {
+        self.outcome = Some(Err(ReplayError::Failed(why)));
+    }
+
+    /// Reads the replies available now (at most [`READS_PER_ROUND`]), then checks the
+    /// clock; sets `outcome` when the replay is over.
+    fn pump(&mut self, now: Instant, max_frame_bytes: usize, l: &ReplayLimits) {
+        if let Some(d) = self.dealer.take() {
+            self.read_replies(&d, max_frame_bytes, l);
+            self.dealer = Some(d);
+        }
+        let want = self.until.map(|u| u - self.from);
+        if self.outcome.is_some() {
+            return;
+        }
+        if want == Some(self.got.len() as u64) {
+            self.outcome = Some(Ok(std::mem::take(&mut self.got)));
+        } else if now >= self.deadline {
+            let (r, b) = (self.replies, self.bytes);
+            self.fail(format!(
+                "deadline of {:?} passed ({r} replies, {b} bytes)",
+                l.deadline
+            ));
+        } else if now >= self.quiet_until {
+            if self.replies == 0 {
+                self.outcome = Some(Err(ReplayError::NoAnswer));
+            } else {
+                let r = self.replies;
+                self.fail(format!(
+                    "no reply for {:?} and no end marker ({r} replies)",
+                    l.silence
+                ));
+            }
+        }
+    }
+
+    fn read_replies(&mut self, dealer: &zmq::Socket, max_frame_bytes: usize, l: &ReplayLimits) {
+        let want = self.until.map(|u| u - self.from);
+        for _ in 0..READS_PER_ROUND {
+            if self.outcome.is_some() {
+                return;
+            }
+            if want == Some(self.got.len() as u64) {
+                self.outcome = Some(Ok(std::mem::take(&mut self.got)));
+                return;
+            }
+            let mut frames = match recv_bounded(dealer, zmq::DONTWAIT, max_frame_bytes) {
+                Ok(Received::Frames(f, n)) => {
+                    self.bytes = self.bytes.saturating_add(n);
+                    f
+                }
+                Ok(Received::Oversize(_)) => {
+                    return self.fail(format!("a reply over max_frame_bytes ({max_frame_bytes})"))
+                }
+                Ok(Received::TooManyFrames) => Vec::new(),
+                Err(zmq::Error::EAGAIN) => break,
+                Err(e) => return self.fail(format!("replay socket: {e}")),
+            };
+            self.quiet_until = Instant::now() + l.silence;
+            let seq = match split_replay_reply(&frames) {
+                Ok(ReplayReply::End) => {
+                    if self.until.is_none() {
+                        self.outcome = Some(Ok(std::mem::take(&mut self.got)));
                         return;
                     }
+                    return self.fail(format!(
+                        "end marker with {} of the {} batches asked for (the ring no longer holds them)",
+                        self.got.len(),
+                        want.unwrap_or_default()
+                    ));
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    if self.recover_dropped_tail().is_err() || self.probe_join().is_err() {
-                        return;
+                Ok(ReplayReply::Batch { seq, .. }) => Some(seq),
+                Err(e) => {
+                    tracing::warn!("malformed replay reply ignored: {e}");
+                    None
+                }
+            };
+            self.replies += 1;
+            if self.replies > l.max_batches {
+                return self.fail(format!("more than max_batches ({}) replies", l.max_batches));
+            }
+            if self.bytes > l.max_bytes {
+                return self.fail(format!("more than max_bytes ({}) read", l.max_bytes));
+            }
+            let Some(seq) = seq else { continue };
+            if seq < self.from || self.until.is_some_and(|u| seq >= u) {
+                continue; // outside the range asked for: never applied
+            }
+            // The payload is the last frame in both layouts.
+            let payload = frames.pop().unwrap_or_default();
+            if self.got.insert(seq, payload).is_some() {
+                return self.fail(format!("sequence number {seq} replayed twice"));
+            }
+        }
+    }
+}
+
+impl Sub {
+    /// When the poller must come back to it without a socket event: a replay's timers, the
+    /// sink to retry, the next join probe.
+    fn wake_at(&self) -> Option<Instant> {
+        if !self.out.is_empty() {
+            return Some(Instant::now()); // the poller waits 1 ms
+        }
+        if let Some(r) = &self.replay {
+            return Some(r.deadline.min(r.quiet_until));
+        }
+        (self.next.is_none() && self.replay_endpoint.is_some()).then_some(self.probe_at)
+    }
+
+    /// Reads what the SUB socket holds (at most [`READS_PER_ROUND`] messages), processing
+    /// as it goes; what cannot be processed now waits in the bounded queue, beyond which it
+    /// is dropped (a gap, recovered later).
+    fn read(&mut self, now: Instant) -> Result<(), SinkClosed> {
+        for _ in 0..READS_PER_ROUND {
+            let (frames, bytes) =
+                match recv_bounded(&self.sock, zmq::DONTWAIT, self.max_frame_bytes) {
+                    Ok(Received::Frames(f, n)) => (f, n),
+                    Ok(Received::Oversize(seq)) => {
+                        inc(&self.counters.received);
+                        inc(&self.counters.oversize);
+                        self.note_dropped(seq);
+                        tracing::warn!(
+                            seq,
+                            max = self.max_frame_bytes,
+                            "KV event message over max_frame_bytes dropped"
+                        );
+                        continue;
                     }
-                }
-                Err(RecvTimeoutError::Disconnected) => return,
+                    Ok(Received::TooManyFrames) => {
+                        inc(&self.counters.received);
+                        inc(&self.counters.bad_frames);
+                        continue;
+                    }
+                    Err(zmq::Error::EAGAIN) => break,
+                    Err(e) => {
+                        tracing::error!(worker = %self.converter.worker(), "SUB recv failed: {e}");
+                        return Err(SinkClosed);
+                    }
+                };
+            inc(&self.counters.received);
+            if self.queue.len() >= self.queue_capacity || self.queued_bytes + bytes > self.ceiling {
+                inc(&self.counters.dropped);
+                self.note_dropped(live_seq(&frames));
+                continue;
+            }
+            self.queued_bytes += bytes;
+            self.queue.push_back(frames);
+            self.step(now)?;
+        }
+        self.step(now)
+    }
+
+    /// A message with this seq frame (if it has one) was dropped unread.
+    fn note_dropped(&mut self, seq: Option<u64>) {
+        if let Some(seq) = seq.filter(|&s| s != END_SEQ) {
+            self.dropped_seq_plus1 = self.dropped_seq_plus1.max(seq + 1);
+        }
+    }
+
+    /// Does all that can be done now without waiting, in order: hand converted events to
+    /// the sink, read the running replay, apply a finished replay's batches and the live
+    /// batch that revealed its gap, then the queued live messages; when idle, recover a
+    /// dropped tail or probe the replay ring.
+    fn step(&mut self, now: Instant) -> Result<(), SinkClosed> {
+        loop {
+            if !self.flush()? {
+                return Ok(()); // the sink is full: retried on the next round
+            }
+            if let Some(r) = &mut self.replay {
+                r.pump(now, self.max_frame_bytes, &self.limits);
+                let Some(outcome) = r.outcome.take() else {
+                    return Ok(());
+                };
+                let kind = r.kind;
+                self.replay = None; // closes the DEALER
+                self.finish_replay(kind, outcome);
+                continue;
+            }
+            if let Some(p) = self.replayed.pop_front() {
+                self.apply(&p);
+                inc(&self.counters.replayed);
+                continue;
+            }
+            if let Some((seq, p)) = self.resume.take() {
+                self.apply(&p);
+                self.next = Some(seq + 1);
+                continue;
+            }
+            if let Some(frames) = self.queue.pop_front() {
+                self.queued_bytes -= frames.iter().map(Vec::len).sum::<usize>();
+                self.live(frames)?;
+                continue;
+            }
+            if self.recover_dropped_tail()? || self.probe_join(now) {
+                continue;
             }
             self.publish_state();
+            return Ok(());
         }
     }
 
@@ -691,9 +1009,9 @@ impl Processor {
         });
     }
 
-    fn live(&mut self, frames: &[Vec<u8>]) -> Result<(), SinkClosed> {
-        let msg = match split_message(frames) {
-            Ok(m) if m.topic.starts_with(&self.topic) && m.seq != END_SEQ => m,
+    fn live(&mut self, frames: Vec<Vec<u8>>) -> Result<(), SinkClosed> {
+        let s = match split_message(&frames) {
+            Ok(m) if m.topic.starts_with(&self.topic) && m.seq != END_SEQ => m.seq,
             Ok(_) | Err(_) => {
                 inc(&self.counters.bad_frames);
                 tracing::warn!(worker = %self.converter.worker(), "malformed KV event message ignored");
@@ -701,27 +1019,32 @@ impl Processor {
             }
         };
         let worker = self.converter.worker();
-        let s = msg.seq;
         if self.last_live.is_some_and(|last| s <= last) {
             inc(&self.counters.restarts);
             tracing::warn!(%worker, seq = s, "publisher restarted (sequence went back): clearing worker");
-            self.clear()?;
+            self.clear();
             self.next = None;
             self.replay_floor = None;
-            self.counters.dropped_seq_plus1.store(0, Ordering::Relaxed);
+            self.dropped_seq_plus1 = 0;
         }
         self.last_live = Some(s);
+        // The payload is the last of the 3 frames `split_message` accepted.
+        let payload = || frames.into_iter().next_back().unwrap_or_default();
         match self.next {
             None if s == 0 => {}
             None => {
                 // Late join: fetch what was published before we connected.
                 inc(&self.counters.gaps);
-                self.recover(0, s)?;
+                self.resume = Some((s, payload()));
+                self.recover(0, s);
+                return Ok(());
             }
             Some(n) if s > n => {
                 inc(&self.counters.gaps);
                 tracing::warn!(%worker, expected = n, got = s, "sequence gap");
-                self.recover(n, s)?;
+                self.resume = Some((s, payload()));
+                self.recover(n, s);
+                return Ok(());
             }
             Some(n) if s < n => {
                 if self.replay_floor.is_some_and(|floor| s >= floor) {
@@ -734,12 +1057,12 @@ impl Processor {
                 inc(&self.counters.replay_failures);
                 tracing::warn!(%worker, expected = n, got = s, floor = self.replay_floor,
                     "live sequence below the replayed range: replay was bogus or the publisher restarted; clearing worker, following the live stream");
-                self.clear()?;
+                self.clear();
                 self.replay_floor = None;
             }
             Some(_) => {}
         }
-        self.apply(msg.payload)?;
+        self.apply(&payload());
         self.next = Some(s + 1);
         Ok(())
     }
@@ -748,38 +1071,40 @@ impl Processor {
     /// arrive live, and nothing reveals them until the engine publishes again — possibly
     /// never, for an idle worker. While no batch has been applied, ask the replay ring now and
     /// then (200 ms after start, then backing off to every 30 s). One fetch: the end marker
-    /// must arrive within the limits and the seqs must be contiguous.
-    fn probe_join(&mut self) -> Result<(), SinkClosed> {
-        if self.next.is_some() || Instant::now() < self.probe_at {
-            return Ok(());
+    /// must arrive within the limits and the seqs must be contiguous. Returns whether a probe
+    /// started.
+    fn probe_join(&mut self, now: Instant) -> bool {
+        if self.next.is_some() || now < self.probe_at || self.replay_endpoint.is_none() {
+            return false;
         }
         self.probe_gap = (self.probe_gap * 2).min(MAX_PROBE_GAP);
-        self.probe_at = Instant::now() + self.probe_gap;
-        let Some(ep) = self.replay_endpoint.clone() else {
-            return Ok(());
-        };
+        self.probe_at = now + self.probe_gap;
+        self.start_replay(ReplayKind::Probe, 0, None, now);
+        true
+    }
+
+    /// The end of a join probe (see [`Self::probe_join`]).
+    fn probe_done(&mut self, outcome: Result<BTreeMap<u64, Vec<u8>>, ReplayError>) {
         let worker = self.converter.worker();
-        self.counters.set_state(SubscriberState::Replaying);
-        let batches = match self.fetch(&ep, 0, None) {
+        let batches = match outcome {
             Ok(b) => b,
-            Err(ReplayError::Stopped) => return Err(SinkClosed),
-            Err(ReplayError::NoAnswer) => return Ok(()),
+            Err(ReplayError::NoAnswer) => return,
             Err(ReplayError::Failed(why)) => {
                 // Nothing applied since start (or the last clear): nothing to clear.
                 inc(&self.counters.replay_failures);
                 tracing::warn!(%worker, "join probe failed, nothing applied: {why}");
-                return Ok(());
+                return;
             }
         };
         let (Some((&first, _)), Some((&last, _))) =
             (batches.first_key_value(), batches.last_key_value())
         else {
-            return Ok(()); // the ring is empty: nothing was published
+            return; // the ring is empty: nothing was published
         };
         if last - first + 1 != batches.len() as u64 {
             inc(&self.counters.replay_failures);
             tracing::warn!(%worker, first, last, n = batches.len(), "join probe failed, nothing applied: sequence numbers not contiguous");
-            return Ok(());
+            return;
         }
         inc(&self.counters.gaps);
         if first == 0 {
@@ -789,70 +1114,69 @@ impl Processor {
             // The ring no longer holds the start of the stream.
             inc(&self.counters.replay_failures);
             tracing::warn!(%worker, first, last, "the replay ring lost the start of the stream: clearing worker, applying what it holds");
-            self.clear()?;
+            self.clear();
         }
-        for payload in batches.values() {
-            self.apply(payload)?;
-            inc(&self.counters.replayed);
-        }
+        self.replayed.extend(batches.into_values());
         self.replay_floor = Some(first);
         self.next = Some(last + 1);
-        Ok(())
     }
 
-    /// The queue is idle but the reader dropped a batch we have not applied: a gap nobody
-    /// else will reveal. Replay up to and including it.
-    fn recover_dropped_tail(&mut self) -> Result<(), SinkClosed> {
-        let d = self.counters.dropped_seq_plus1.load(Ordering::Relaxed);
+    /// The queue is idle but a batch we have not applied was dropped: a gap nobody else
+    /// will reveal. Replay up to and including it. Returns whether there was one.
+    fn recover_dropped_tail(&mut self) -> Result<bool, SinkClosed> {
+        let d = self.dropped_seq_plus1;
         match self.next {
             Some(n) if d > n => {
                 inc(&self.counters.gaps);
                 tracing::warn!(worker = %self.converter.worker(), expected = n, dropped = d - 1, "dropped batches: replaying");
-                self.recover(n, d)
+                self.recover(n, d);
+                Ok(true)
             }
-            _ => Ok(()),
+            _ => Ok(false),
         }
     }
 
-    fn clear(&mut self) -> Result<(), SinkClosed> {
-        self.converter.cleared(&mut self.out);
-        self.flush()?;
+    fn clear(&mut self) {
+        self.converter.cleared(&mut self.scratch);
+        self.out.extend(self.scratch.drain(..));
         inc(&self.counters.cleared);
-        Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), SinkClosed> {
-        // Blocking send with a stop check: a caller that stops reading cannot hang `stop()`.
-        for mut ev in self.out.drain(..) {
-            let mut waited = false;
-            loop {
-                match self.sink.try_send(ev) {
-                    Ok(()) => break,
-                    Err(TrySendError::Full(back)) => {
-                        if !waited {
-                            waited = true;
-                            inc(&self.counters.backpressure);
-                        }
-                        if self.stop.load(Ordering::Relaxed) {
-                            return Err(SinkClosed);
-                        }
-                        ev = back;
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    Err(TrySendError::Disconnected(_)) => return Err(SinkClosed),
+    /// Hands `out` to the sink without blocking. `Ok(false)`: the sink is full, the rest
+    /// waits. Errors: the sink is gone.
+    fn flush(&mut self) -> Result<bool, SinkClosed> {
+        while let Some(ev) = self.out.pop_front() {
+            match self.sink.try_send(ev) {
+                Ok(()) => {
+                    self.blocked = false;
+                    inc(&self.counters.events_out);
                 }
+                Err(TrySendError::Full(ev)) => {
+                    self.out.push_front(ev);
+                    if !std::mem::replace(&mut self.blocked, true) {
+                        inc(&self.counters.backpressure);
+                    }
+                    return Ok(false);
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(SinkClosed),
             }
-            inc(&self.counters.events_out);
         }
-        Ok(())
+        // Counted once its events are in the sink, so `applied` is a safe sync point.
+        if self.unapplied > 0 {
+            self.counters
+                .applied
+                .fetch_add(std::mem::take(&mut self.unapplied), Ordering::Relaxed);
+        }
+        Ok(true)
     }
 
-    fn apply(&mut self, payload: &[u8]) -> Result<(), SinkClosed> {
+    /// Decodes and converts one batch into `out`.
+    fn apply(&mut self, payload: &[u8]) {
         let mut ds = DecodeStats::default();
         match decode_batch(payload, &mut ds) {
             Ok(batch) => {
                 let before = self.converter.stats();
-                self.converter.convert_batch(&batch, &mut self.out);
+                self.converter.convert_batch(&batch, &mut self.scratch);
                 let after = self.converter.stats();
                 let filtered = |s: &crate::ConvertStats| {
                     s.dropped_non_full_attention
@@ -865,9 +1189,8 @@ impl Processor {
                 self.counters
                     .filtered
                     .fetch_add(filtered(&after) - filtered(&before), Ordering::Relaxed);
-                self.flush()?;
-                // Counted once its events are in the sink, so `applied` is a safe sync point.
-                inc(&self.counters.applied);
+                self.out.extend(self.scratch.drain(..));
+                self.unapplied += 1;
             }
             Err(e) => {
                 inc(&self.counters.decode_errors);
@@ -880,154 +1203,85 @@ impl Processor {
         self.counters
             .unknown_fields
             .fetch_add(ds.unknown_fields, Ordering::Relaxed);
-        self.flush()
     }
 
-    /// Recovers `[from, live)` from the replay socket. Afterwards `self.next == Some(live)`:
-    /// either every batch of the range was applied in order, or none was and the worker was
-    /// cleared.
-    fn recover(&mut self, from: u64, live: u64) -> Result<(), SinkClosed> {
+    /// Starts recovering `[from, live)` from the replay socket. When it is over,
+    /// `self.next == Some(live)`: either every batch of the range was applied in order, or
+    /// none was and the worker was cleared.
+    fn recover(&mut self, from: u64, live: u64) {
         let worker = self.converter.worker();
         if from >= live {
             self.next = Some(live);
-            return Ok(());
+            return;
         }
-        let Some(ep) = self.replay_endpoint.clone() else {
+        if self.replay_endpoint.is_none() {
             tracing::warn!(%worker, from, live, "no replay endpoint: clearing worker");
-            self.clear()?;
+            self.clear();
             self.replay_floor = None;
             self.next = Some(live);
-            return Ok(());
+            return;
+        }
+        self.start_replay(
+            ReplayKind::Gap { from, live },
+            from,
+            Some(live),
+            Instant::now(),
+        );
+    }
+
+    fn start_replay(&mut self, kind: ReplayKind, from: u64, until: Option<u64>, now: Instant) {
+        let Some(ep) = self.replay_endpoint.as_deref() else {
+            return;
         };
         self.counters.set_state(SubscriberState::Replaying);
-        match self.fetch(&ep, from, Some(live)) {
+        // A socket that cannot be opened fails the replay at once (read by the next step).
+        let (dealer, outcome) = match Replay::open(&context(), ep, from, self.ceiling) {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(Err(ReplayError::from(e)))),
+        };
+        self.replay = Some(Replay {
+            kind,
+            dealer,
+            from,
+            until,
+            deadline: now + self.limits.deadline,
+            quiet_until: now + self.limits.silence,
+            got: BTreeMap::new(),
+            replies: 0,
+            bytes: 0,
+            outcome,
+        });
+    }
+
+    fn finish_replay(
+        &mut self,
+        kind: ReplayKind,
+        outcome: Result<BTreeMap<u64, Vec<u8>>, ReplayError>,
+    ) {
+        let ReplayKind::Gap { from, live } = kind else {
+            return self.probe_done(outcome);
+        };
+        let worker = self.converter.worker();
+        match outcome {
             Ok(batches) => {
                 inc(&self.counters.recovered);
                 tracing::info!(%worker, from, live, "gap recovered by replay");
-                for payload in batches.values() {
-                    self.apply(payload)?;
-                    inc(&self.counters.replayed);
-                }
+                self.replayed.extend(batches.into_values());
                 self.replay_floor = Some(from);
             }
-            Err(ReplayError::Stopped) => return Err(SinkClosed),
             Err(ReplayError::NoAnswer) => {
-                self.replay_failed(from, live, "no reply from the replay endpoint")?
+                self.replay_failed(from, live, "no reply from the replay endpoint")
             }
-            Err(ReplayError::Failed(why)) => self.replay_failed(from, live, &why)?,
+            Err(ReplayError::Failed(why)) => self.replay_failed(from, live, &why),
         }
         self.next = Some(live);
-        Ok(())
     }
 
-    fn replay_failed(&mut self, from: u64, live: u64, why: &str) -> Result<(), SinkClosed> {
+    fn replay_failed(&mut self, from: u64, live: u64, why: &str) {
         inc(&self.counters.replay_failures);
         tracing::warn!(worker = %self.converter.worker(), from, live, "replay failed: {why}; clearing worker, resuming from the live stream");
         self.replay_floor = None;
-        self.clear()
-    }
-
-    /// Asks the replay ROUTER at `ep` for the batches from `from`, within [`ReplayLimits`]
-    /// and `max_frame_bytes`. With `until`, returns exactly the batches `from..until` (once
-    /// all are in hand; replies outside the range are read and ignored) or fails; without it
-    /// (join probe), every batch at or above `from` up to the end marker.
-    fn fetch(
-        &self,
-        ep: &str,
-        from: u64,
-        until: Option<u64>,
-    ) -> Result<BTreeMap<u64, Vec<u8>>, ReplayError> {
-        let l = &self.limits;
-        let dealer = self.ctx.socket(zmq::DEALER)?;
-        dealer.set_linger(0)?;
-        // Unbounded so an honest ring's burst is not dropped; `max_bytes` bounds what we keep.
-        dealer.set_rcvhwm(0)?;
-        dealer.set_maxmsgsize(self.ceiling.min(i64::MAX as usize) as i64)?;
-        dealer.connect(ep)?;
-        let start = from.to_be_bytes();
-        let req: [&[u8]; 2] = [b"", &start];
-        dealer.send_multipart(req, 0)?;
-
-        let deadline = Instant::now() + l.deadline;
-        let mut quiet_until = Instant::now() + l.silence;
-        let want = until.map(|u| u - from);
-        let mut got: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        let (mut replies, mut bytes) = (0usize, 0usize);
-        let fail = |why: String| Err(ReplayError::Failed(why));
-        loop {
-            if want == Some(got.len() as u64) {
-                return Ok(got);
-            }
-            if self.stop.load(Ordering::Relaxed) {
-                return Err(ReplayError::Stopped);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return fail(format!(
-                    "deadline of {:?} passed ({replies} replies, {bytes} bytes)",
-                    l.deadline
-                ));
-            }
-            if now >= quiet_until {
-                if replies == 0 {
-                    return Err(ReplayError::NoAnswer);
-                }
-                return fail(format!(
-                    "no reply for {:?} and no end marker ({replies} replies)",
-                    l.silence
-                ));
-            }
-            let wait = deadline.min(quiet_until) - now;
-            let wait_ms = (wait.as_millis() as i64).clamp(1, TICK_MS);
-            if dealer.poll(zmq::POLLIN, wait_ms)? == 0 {
-                continue;
-            }
-            let (mut frames, size) = match recv_bounded(&dealer, 0, self.max_frame_bytes)? {
-                Received::Frames(f, n) => (f, n),
-                Received::Oversize(_) => {
-                    return fail(format!(
-                        "a reply over max_frame_bytes ({})",
-                        self.max_frame_bytes
-                    ))
-                }
-                Received::TooManyFrames => (Vec::new(), 0),
-            };
-            quiet_until = Instant::now() + l.silence;
-            bytes = bytes.saturating_add(size);
-            let seq = match split_replay_reply(&frames) {
-                Ok(ReplayReply::End) => {
-                    if until.is_none() {
-                        return Ok(got);
-                    }
-                    return fail(format!(
-                        "end marker with {} of the {} batches asked for (the ring no longer holds them)",
-                        got.len(),
-                        want.unwrap_or_default()
-                    ));
-                }
-                Ok(ReplayReply::Batch { seq, .. }) => Some(seq),
-                Err(e) => {
-                    tracing::warn!("malformed replay reply ignored: {e}");
-                    None
-                }
-            };
-            replies += 1;
-            if replies > l.max_batches {
-                return fail(format!("more than max_batches ({}) replies", l.max_batches));
-            }
-            if bytes > l.max_bytes {
-                return fail(format!("more than max_bytes ({}) read", l.max_bytes));
-            }
-            let Some(seq) = seq else { continue };
-            if seq < from || until.is_some_and(|u| seq >= u) {
-                continue; // outside the range asked for: never applied
-            }
-            // The payload is the last frame in both layouts.
-            let payload = frames.pop().unwrap_or_default();
-            if got.insert(seq, payload).is_some() {
-                return fail(format!("sequence number {seq} replayed twice"));
-            }
-        }
+        self.clear();
     }
 }
 
