@@ -210,6 +210,12 @@ pub struct WorkerClient {
     connect_timeout: Duration,
 }
 
+/// Idle keep-alive connections kept per worker: enough to reuse after a burst, few enough
+/// that a thousand workers hold about one descriptor each between bursts (issue 18 item 5).
+pub const MAX_IDLE_PER_WORKER: usize = 8;
+/// An idle connection unused this long is closed (health checks keep one warm per worker).
+pub const MAX_IDLE_TIME: Duration = Duration::from_secs(60);
+
 /// `host:port` of an `http://host[:port]` URL (port 80 when absent).
 pub fn authority(url: &str) -> &str {
     url.strip_prefix("http://")
@@ -233,10 +239,20 @@ impl WorkerClient {
     /// `timeout`: how long to wait for a worker's response head.
     pub fn new(timeout: Duration) -> Self {
         Self {
-            pool: Arc::new(Pool::new(1024)),
+            pool: Arc::new(Pool::new(MAX_IDLE_PER_WORKER, MAX_IDLE_TIME)),
             timeout,
             connect_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// Close the idle connections to the worker at `url` (it was deregistered).
+    pub fn forget(&self, url: &str) {
+        self.pool.forget(&with_port(authority(url)));
+    }
+
+    /// Idle connections held to the worker at `url`.
+    pub fn idle_connections(&self, url: &str) -> usize {
+        self.pool.idle(&with_port(authority(url)))
     }
 
     /// Send `method path` with `headers` and `body` to `url`, and read the response head.

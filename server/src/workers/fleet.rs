@@ -231,6 +231,8 @@ impl Fleet {
             f.router.remove_worker(id, dp_size);
         })
         .await;
+        // Its idle connections would otherwise stay open for as long as the process.
+        self.client.forget(&spec.url);
         tracing::info!(id, "worker deregistered");
         Some(spec)
     }

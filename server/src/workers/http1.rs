@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -352,26 +352,40 @@ fn take_line(input: &mut BytesMut) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
-/// Idle keep-alive connections per worker authority (`host:port`).
+/// Idle keep-alive connections per worker authority (`host:port`), bounded so that a fleet of
+/// a thousand workers does not hold thousands of descriptors: at most `max_idle_per_worker`
+/// each (more are closed when returned), none idle longer than `max_idle_time` (expired ones
+/// are closed when the worker's list is next touched, at least by each health check).
 #[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<HashMap<String, Vec<Conn>>>,
+    /// Per authority, oldest first, with when each went idle.
+    idle: Mutex<HashMap<String, Vec<(Instant, Conn)>>>,
     max_idle_per_worker: usize,
+    max_idle_time: Duration,
 }
 
 impl Pool {
-    pub fn new(max_idle_per_worker: usize) -> Self {
+    /// A pool keeping at most `max_idle_per_worker` idle connections per worker, each for at
+    /// most `max_idle_time`.
+    pub fn new(max_idle_per_worker: usize, max_idle_time: Duration) -> Self {
         Self {
             idle: Mutex::new(HashMap::new()),
             max_idle_per_worker,
+            max_idle_time,
         }
     }
 
-    /// An idle connection to `authority` that still looks alive, if any.
+    fn expire(&self, conns: &mut Vec<(Instant, Conn)>) {
+        let max = self.max_idle_time;
+        conns.retain(|(since, _)| since.elapsed() < max);
+    }
+
+    /// An idle connection to `authority` that still looks alive, if any (the most recent).
     pub fn take(&self, authority: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.get_mut(authority)?;
-        while let Some(c) = conns.pop() {
+        self.expire(conns);
+        while let Some((_, c)) = conns.pop() {
             if c.is_reusable() {
                 return Some(c);
             }
@@ -379,12 +393,13 @@ impl Pool {
         None
     }
 
-    /// Keep `conn` for the next request to `authority` (dropped past the per-worker cap).
+    /// Keep `conn` for the next request to `authority` (closed past the per-worker cap).
     pub fn put(&self, authority: &str, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let conns = idle.entry(authority.to_string()).or_default();
+        self.expire(conns);
         if conns.len() < self.max_idle_per_worker {
-            conns.push(conn);
+            conns.push((Instant::now(), conn));
         }
     }
 
@@ -395,11 +410,55 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .remove(authority);
     }
+
+    /// Idle connections held to `authority`.
+    pub fn idle(&self, authority: &str) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(authority)
+            .map_or(0, Vec::len)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_pool_keeps_few_idle_connections_per_worker_and_not_for_long() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut accepted = Vec::new();
+        let mut conns = Vec::new();
+        for _ in 0..10 {
+            conns.push(Conn::connect(&addr, Duration::from_secs(5)).await.unwrap());
+            accepted.push(listener.accept().await.unwrap());
+        }
+        let pool = Pool::new(4, Duration::from_secs(3600));
+        for c in conns.drain(..) {
+            pool.put(&addr, c);
+        }
+        assert_eq!(pool.idle(&addr), 4, "connections past the cap are closed");
+        assert!(pool.take(&addr).is_some());
+        assert_eq!(pool.idle(&addr), 3);
+        pool.forget(&addr);
+        assert_eq!(pool.idle(&addr), 0);
+
+        let pool = Pool::new(4, Duration::from_millis(20));
+        pool.put(
+            &addr,
+            Conn::connect(&addr, Duration::from_secs(5)).await.unwrap(),
+        );
+        accepted.push(listener.accept().await.unwrap());
+        assert_eq!(pool.idle(&addr), 1);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(
+            pool.take(&addr).is_none(),
+            "an expired connection is not reused"
+        );
+        assert_eq!(pool.idle(&addr), 0);
+    }
 
     fn decode_all(head: ResponseHead, parts: &[&[u8]]) -> io::Result<(Vec<u8>, bool, Vec<u8>)> {
         let mut d = BodyDecoder::new(&head);
