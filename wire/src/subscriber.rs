@@ -163,10 +163,45 @@ fn hard_ceiling(max_frame_bytes: usize) -> usize {
     max_frame_bytes.saturating_mul(4).max(MIN_HARD_CEILING)
 }
 
-/// The one libzmq context of every subscriber in the process (one I/O thread in all).
-fn context() -> zmq::Context {
-    static CTX: OnceLock<zmq::Context> = OnceLock::new();
-    CTX.get_or_init(zmq::Context::new).clone()
+/// Most sockets of the subscribers' libzmq context: a SUB per worker rank, a DEALER per replay
+/// in flight. libzmq's default is 1,023, which fails registrations past ~1,000 workers with
+/// "Too many open files" however high the descriptor limit.
+const MAX_SOCKETS: i32 = 1 << 16;
+
+/// The subscribers' libzmq context, created through the C API because `zmq::Context` cannot
+/// set `ZMQ_MAX_SOCKETS`. Never terminated: it lives as long as the process.
+struct RawContext(*mut std::ffi::c_void);
+// SAFETY: a libzmq context is thread-safe.
+unsafe impl Send for RawContext {}
+unsafe impl Sync for RawContext {}
+
+/// A new socket of `kind` (`zmq_sys::ZMQ_SUB`, …) in the one libzmq context of every
+/// subscriber of the process (one I/O thread in all).
+fn socket(kind: u32) -> zmq::Result<zmq::Socket> {
+    static CTX: OnceLock<RawContext> = OnceLock::new();
+    let ctx = CTX.get_or_init(|| {
+        // SAFETY: plain C calls; the context is checked for null before use.
+        unsafe {
+            let c = zmq_sys::zmq_ctx_new();
+            if !c.is_null() {
+                zmq_sys::zmq_ctx_set(c, zmq_sys::ZMQ_MAX_SOCKETS as _, MAX_SOCKETS);
+            }
+            RawContext(c)
+        }
+    });
+    if ctx.0.is_null() {
+        return Err(zmq::Error::EMFILE);
+    }
+    // SAFETY: `ctx.0` is a live context (never terminated); a non-null result is a new socket
+    // that the returned `Socket` owns and closes on drop.
+    unsafe {
+        let s = zmq_sys::zmq_socket(ctx.0, kind as _);
+        if s.is_null() {
+            Err(zmq::Error::from_raw(zmq_sys::zmq_errno()))
+        } else {
+            Ok(zmq::Socket::from_raw(s))
+        }
+    }
 }
 
 /// The endpoint of data-parallel rank `rank` given rank 0's (vLLM: `port + rank` for tcp,
@@ -344,7 +379,7 @@ impl KvEventSubscriber {
             return Err(WireError::Config("max_frame_bytes must be > 0".into()));
         }
         let ceiling = hard_ceiling(config.max_frame_bytes);
-        let sub = context().socket(zmq::SUB)?;
+        let sub = socket(zmq_sys::ZMQ_SUB)?;
         sub.set_rcvhwm(100_000)?;
         sub.set_linger(0)?;
         sub.set_maxmsgsize(ceiling.min(i64::MAX as usize) as i64)?;
@@ -520,11 +555,10 @@ fn shard_for_new() -> Result<Arc<Shard>, WireError> {
 }
 
 fn spawn_poller(n: usize) -> Result<Arc<Shard>, WireError> {
-    let ctx = context();
     let addr = format!("inproc://kvrouter-subscriber-wake-{n}");
-    let wake_rx = ctx.socket(zmq::PULL)?;
+    let wake_rx = socket(zmq_sys::ZMQ_PULL)?;
     wake_rx.bind(&addr)?;
-    let wake_tx = ctx.socket(zmq::PUSH)?;
+    let wake_tx = socket(zmq_sys::ZMQ_PUSH)?;
     wake_tx.set_sndhwm(16)?;
     wake_tx.connect(&addr)?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -780,8 +814,8 @@ struct Replay {
 }
 
 impl Replay {
-    fn open(ctx: &zmq::Context, ep: &str, from: u64, ceiling: usize) -> zmq::Result<zmq::Socket> {
-        let dealer = ctx.socket(zmq::DEALER)?;
+    fn open(ep: &str, from: u64, ceiling: usize) -> zmq::Result<zmq::Socket> {
+        let dealer = socket(zmq_sys::ZMQ_DEALER)?;
         dealer.set_linger(0)?;
         // Unbounded so an honest ring's burst is not dropped; `max_bytes` bounds what we keep.
         dealer.set_rcvhwm(0)?;
@@ -1235,7 +1269,7 @@ impl Sub {
         };
         self.counters.set_state(SubscriberState::Replaying);
         // A socket that cannot be opened fails the replay at once (read by the next step).
-        let (dealer, outcome) = match Replay::open(&context(), ep, from, self.ceiling) {
+        let (dealer, outcome) = match Replay::open(ep, from, self.ceiling) {
             Ok(d) => (Some(d), None),
             Err(e) => (None, Some(Err(ReplayError::from(e)))),
         };
