@@ -111,7 +111,7 @@ async fn list(State(a): State<Arc<Admin>>) -> Response {
             let h = w.health();
             json!({
                 "spec": w.spec,
-                "source": a.fleet.source(w.id()),
+                "source": w.source,
                 "healthy": h.health == crate::workers::registry::Health::Healthy,
                 "health": h.health.as_str(),
                 "consecutive_failures": h.failures,
@@ -146,13 +146,8 @@ async fn register(State(a): State<Arc<Admin>>, body: Body) -> Response {
     };
     let fleet = a.fleet.clone();
     // Starting subscribers opens sockets and threads: keep it off the async workers.
-    match tokio::task::spawn_blocking(move || fleet.register(spec)).await {
-        Ok(Ok(spec)) => {
-            if let Some(id) = spec.id {
-                a.fleet.set_source(id, "admin".into());
-            }
-            (StatusCode::CREATED, axum::Json(spec)).into_response()
-        }
+    match tokio::task::spawn_blocking(move || fleet.register_from(spec, "admin".into())).await {
+        Ok(Ok(spec)) => (StatusCode::CREATED, axum::Json(spec)).into_response(),
         Ok(Err(e)) => ApiError::bad_request(e.to_string()).into_response(),
         Err(e) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -33,6 +33,7 @@ use super::AppState;
 use crate::error::{route_error, worker_error, ApiError};
 use crate::routing::{Booking, RouteInput};
 use crate::workers::client::{WorkerError, WorkerStream};
+use crate::workers::registry::Worker;
 use crate::workers::remote_router::{RemoteInput, RemoteRouter};
 use crate::workers::spec::{DisaggProtocol, WorkerSpec};
 
@@ -128,16 +129,17 @@ pub async fn dispatch(
 ) -> Result<Option<Started>, ApiError> {
     let mut last = None;
     for attempt in 0..MAX_ATTEMPTS {
-        let (prefill, spec) = match choose_prefill(s, req, request_id, attempt).await? {
-            Prefill::Chosen(lease, spec) => (lease, spec),
+        let (prefill, worker) = match choose_prefill(s, req, request_id, attempt).await? {
+            Prefill::Chosen(lease, worker) => (lease, worker),
             Prefill::Skip => return Ok(None),
             Prefill::Gone => continue,
         };
+        let spec = worker.spec();
         let rank = prefill.worker();
         let local = prefill.is_local();
         let result = match spec.disaggregation_protocol {
-            DisaggProtocol::Vllm => vllm(s, req, request_id, prefill, &spec).await,
-            DisaggProtocol::Sglang => sglang(s, req, request_id, prefill, &spec).await,
+            DisaggProtocol::Vllm => vllm(s, req, request_id, prefill, spec).await,
+            DisaggProtocol::Sglang => sglang(s, req, request_id, prefill, spec).await,
         };
         match result {
             Err(Failure::PrefillGone(e)) => {
@@ -162,12 +164,28 @@ pub async fn dispatch(
 
 /// The prefill phase's worker.
 enum Prefill {
-    /// Booked there; its registration.
-    Chosen(Lease, Box<WorkerSpec>),
+    /// Booked there.
+    Chosen(Lease, PrefillWorker),
     /// Conditional disaggregation: run the request whole on a decode worker.
     Skip,
     /// The worker left between routing and here: route again.
     Gone,
+}
+
+/// A prefill worker's registration: one of this frontend's workers, or the prefill router's
+/// answer.
+enum PrefillWorker {
+    Local(Arc<Worker>),
+    Remote(Box<WorkerSpec>),
+}
+
+impl PrefillWorker {
+    fn spec(&self) -> &WorkerSpec {
+        match self {
+            PrefillWorker::Local(w) => &w.spec,
+            PrefillWorker::Remote(spec) => spec,
+        }
+    }
 }
 
 /// Route the prefill phase: in this frontend's router, or by `--prefill-router`.
@@ -190,7 +208,7 @@ async fn choose_prefill(
             .await
             .map_err(|e| prefill_failed(&route_error(e)))?;
         return Ok(match s.fleet.registry.get(booking.worker().worker_id) {
-            Some(w) => Prefill::Chosen(booking.into(), Box::new(w.spec.clone())),
+            Some(w) => Prefill::Chosen(booking.into(), PrefillWorker::Local(w)),
             None => Prefill::Gone,
         });
     };
@@ -208,18 +226,16 @@ async fn remote_prefill(
 ) -> Result<Prefill, ApiError> {
     let o = overrides(&req.overrides, WorkerRole::Prefill);
     let input = RemoteInput::new(&req.tokens, Some(&o), req.cache_salt.as_deref());
-    let (best, lease) = router
+    let booked = router
         .book(&input, &format!("{request_id}.p{attempt}"))
         .await
         .map_err(|e| prefill_failed(&e))?;
-    let uncached = req.tokens.len().saturating_sub(best.cached_tokens);
+    let uncached = req.tokens.len().saturating_sub(booked.best.cached_tokens);
     if s.disagg.conditional && uncached < s.disagg.isl_threshold {
         return Ok(Prefill::Skip); // the lease's drop frees the booking
     }
-    Ok(match best.registration {
-        Some(spec) => Prefill::Chosen(lease.into(), Box::new(spec)),
-        None => Prefill::Gone,
-    })
+    let worker = PrefillWorker::Remote(Box::new(booked.spec));
+    Ok(Prefill::Chosen(booked.lease.into(), worker))
 }
 
 /// Why a split dispatch stopped.
@@ -262,7 +278,7 @@ async fn vllm(
             extra: Some(&ask),
         },
     );
-    let resp = match s
+    let mut resp = match s
         .client
         .complete(&spec.url, p_rank.dp_rank, prefill_body)
         .await
@@ -275,7 +291,6 @@ async fn vllm(
     };
     prefill.first_token();
     drop(prefill);
-    let mut resp = resp;
     let params = match resp.get_mut("kv_transfer_params").map(Value::take) {
         Some(p @ Value::Object(_)) => p,
         _ => {

@@ -22,7 +22,7 @@ use super::AppState;
 use crate::error::{worker_error, ApiError};
 use crate::router_service::api::BestWorker;
 use crate::workers::client::WorkerClient;
-use crate::workers::remote_router::{RemoteInput, RemoteRouter};
+use crate::workers::remote_router::{Booked, RemoteInput, RemoteRouter};
 
 /// How the frontend chooses among pools.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -111,7 +111,6 @@ impl IslRange {
 /// One pool.
 struct Pool {
     router: Arc<RemoteRouter>,
-    name: Arc<str>,
     isl: Option<IslRange>,
 }
 
@@ -133,19 +132,18 @@ impl Pools {
     ) -> Result<Self, String> {
         let mut out: Vec<Pool> = Vec::new();
         for p in pools {
-            if out.iter().any(|o| *o.name == *p.name) {
+            if out.iter().any(|o| *o.router.name == *p.name) {
                 return Err(format!("pool `{}` is given twice", p.name));
             }
             out.push(Pool {
                 router: RemoteRouter::new(&p.name, &p.url, client.clone()),
-                name: p.name.as_str().into(),
                 isl: None,
             });
         }
         for r in ranges {
             let pool = out
                 .iter_mut()
-                .find(|p| *p.name == *r.name)
+                .find(|p| *p.router.name == *r.name)
                 .ok_or_else(|| format!("--pool-isl names `{}`, which no --pool gives", r.name))?;
             if pool.isl.replace(r.clone()).is_some() {
                 return Err(format!("pool `{}` has two --pool-isl ranges", r.name));
@@ -155,7 +153,7 @@ impl Pools {
             if let Some(p) = out.iter().find(|p| p.isl.is_none()) {
                 return Err(format!(
                     "--pool-policy isl: pool `{}` has no --pool-isl range",
-                    p.name
+                    p.router.name
                 ));
             }
             let mut sorted: Vec<&IslRange> = out.iter().filter_map(|p| p.isl.as_ref()).collect();
@@ -189,17 +187,15 @@ impl Pools {
     /// when none answered (503 no worker / all busy, 502 unreachable).
     async fn choose(&self, input: &RemoteInput, tokens: usize) -> Result<&Pool, ApiError> {
         match self.policy {
-            PoolPolicy::Isl => {
-                let isl = tokens;
-                self.pools
-                    .iter()
-                    .find(|p| p.isl.as_ref().is_some_and(|r| r.holds(isl)))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "no router pool takes prompts of {isl} tokens (--pool-isl)"
-                        ))
-                    })
-            }
+            PoolPolicy::Isl => self
+                .pools
+                .iter()
+                .find(|p| p.isl.as_ref().is_some_and(|r| r.holds(tokens)))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "no router pool takes prompts of {tokens} tokens (--pool-isl)"
+                    ))
+                }),
             PoolPolicy::Probe => {
                 let answers =
                     futures::future::join_all(self.pools.iter().map(|p| p.router.query(input)))
@@ -214,7 +210,7 @@ impl Pools {
                             }
                         }
                         Err(e) => {
-                            tracing::debug!(pool = %self.pools[i].name, "probe failed: {}", e.message);
+                            tracing::debug!(pool = %self.pools[i].router.name, "probe failed: {}", e.message);
                             first_err.get_or_insert(e);
                         }
                     }
@@ -257,13 +253,10 @@ pub async fn dispatch(
     for attempt in 0..MAX_ATTEMPTS {
         let pool = pools.choose(&input, req.tokens.len()).await?;
         // A fresh id per attempt: the previous attempt's free may still be on its way.
-        let (best, lease) = pool
+        let Booked { best, spec, lease } = pool
             .router
             .book(&input, &format!("{request_id}.{attempt}"))
             .await?;
-        let Some(spec) = best.registration else {
-            continue; // `book` refuses answers without one
-        };
         let model = spec.model.as_deref().unwrap_or(&s.model_name);
         match s
             .client
@@ -275,11 +268,11 @@ pub async fn dispatch(
                     lease: Lease::Remote(lease),
                     stream,
                     prefill_worker: None,
-                    pool: Some(pool.name.clone()),
+                    pool: Some(pool.router.name.clone()),
                 })
             }
             Err(e) if e.worker_gone() => {
-                tracing::warn!(request_id, pool = %pool.name, worker_id = best.worker_id,
+                tracing::warn!(request_id, pool = %pool.router.name, worker_id = best.worker_id,
                     "worker unreachable, asking the pool again: {e}");
                 last = Some(worker_error(&e, request_id, best.worker_id));
             }

@@ -68,9 +68,6 @@ pub struct Fleet {
     registering: Mutex<()>,
     /// Only workers of this endpoint are admitted (the standalone router's `--endpoint`).
     endpoint: Option<String>,
-    /// Where each worker came from, when not the command line (`admin`, `file:<key>`,
-    /// `etcd:<key>`).
-    sources: Mutex<std::collections::HashMap<WorkerId, String>>,
 }
 
 /// Why a registration failed (→ 400 on the admin API, an error at startup).
@@ -93,7 +90,6 @@ impl Fleet {
             policy,
             registering: Mutex::new(()),
             endpoint: None,
-            sources: Mutex::default(),
         }
     }
 
@@ -124,8 +120,19 @@ impl Fleet {
     /// Register a worker: validate it, admit its block size, subscribe to its KV events, add
     /// its ranks to the routing set. Nothing is started before the spec is valid and its id,
     /// URL and block size are admitted. Blocking (starts threads and sockets): call off the
-    /// async runtime. Returns its spec with id and block size filled in.
-    pub fn register(&self, mut spec: WorkerSpec) -> Result<WorkerSpec, RegistrationError> {
+    /// async runtime. Returns its spec with id and block size filled in. Its source is
+    /// `static`; [`register_from`](Self::register_from) names another.
+    pub fn register(&self, spec: WorkerSpec) -> Result<WorkerSpec, RegistrationError> {
+        self.register_from(spec, "static".into())
+    }
+
+    /// [`register`](Self::register) a worker that came from `source` (`admin`, `file:<path>`,
+    /// `etcd:<key>`; shown by the admin API).
+    pub fn register_from(
+        &self,
+        mut spec: WorkerSpec,
+        source: String,
+    ) -> Result<WorkerSpec, RegistrationError> {
         spec.url = spec.url.trim_end_matches('/').to_string();
         spec.validate().map_err(RegistrationError)?;
         if !self.serves(&spec) {
@@ -142,7 +149,10 @@ impl Fleet {
             .admit_block_size(spec.block_size, self.registry.is_empty())
             .map_err(|e| RegistrationError(e.to_string()))?;
         spec.block_size = Some(block_size);
-        let worker = self.registry.insert(spec).map_err(RegistrationError)?;
+        let worker = self
+            .registry
+            .insert(spec, source)
+            .map_err(RegistrationError)?;
         if self.events.enabled {
             if let Err(e) = self.subscribe(&worker, block_size) {
                 self.registry.remove(worker.id());
@@ -202,27 +212,10 @@ impl Fleet {
         Ok(())
     }
 
-    /// Record where worker `id` came from (shown by the admin API's `GET /v1/workers`).
-    pub fn set_source(&self, id: WorkerId, source: String) {
-        let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        m.insert(id, source);
-    }
-
-    /// Where worker `id` came from: `static` (`--worker`, `--workers-file`, the embedded
-    /// stack), `admin`, `file:<key>` or `etcd:<key>`.
-    pub fn source(&self, id: WorkerId) -> String {
-        let m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&id).cloned().unwrap_or_else(|| "static".into())
-    }
-
     /// Deregister a worker: subscribers stopped, then out of the routing set with its index
     /// entries cleared (in that order, so no event of its can land after the clear).
     pub async fn deregister(self: &Arc<Self>, id: WorkerId) -> Option<WorkerSpec> {
         let w = self.registry.remove(id)?;
-        self.sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
         let spec = w.spec.clone();
         let f = self.clone();
         let dp_size = spec.dp_size;

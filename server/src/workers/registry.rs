@@ -54,6 +54,9 @@ pub struct HealthState {
 pub struct Worker {
     /// Its description, with `id` and `block_size` set.
     pub spec: WorkerSpec,
+    /// Where it came from: `static` (`--worker`, `--workers-file`, the embedded stack),
+    /// `admin`, or the discovery registration (`file:<path>`, `etcd:<key>`).
+    pub source: String,
     health: Mutex<HealthState>,
     subscribers: Mutex<Vec<KvEventSubscriber>>,
 }
@@ -116,7 +119,7 @@ pub struct Registry {
 
 impl Registry {
     /// Add a worker (healthy). Errors: its id or URL is taken.
-    pub fn insert(&self, mut spec: WorkerSpec) -> Result<Arc<Worker>, String> {
+    pub fn insert(&self, mut spec: WorkerSpec, source: String) -> Result<Arc<Worker>, String> {
         let mut map = self.workers.write().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = map.values().find(|w| w.spec.url == spec.url) {
             return Err(format!("worker {} already serves {}", w.id(), spec.url));
@@ -142,6 +145,7 @@ impl Registry {
         spec.id = Some(id);
         let w = Arc::new(Worker {
             spec,
+            source,
             health: Mutex::new(HealthState {
                 health: Health::Healthy,
                 failures: 0,

@@ -16,12 +16,13 @@ use serde::Serialize;
 use super::client::{WorkerClient, WorkerError};
 use crate::error::ApiError;
 use crate::router_service::api::BestWorker;
+use crate::workers::spec::WorkerSpec;
 
 /// One `kvrouter router`, by the name it was given (`--pool NAME=URL`; `prefill` for
 /// `--prefill-router`).
 #[derive(Debug)]
 pub struct RemoteRouter {
-    pub name: String,
+    pub name: Arc<str>,
     /// Base URL (`http://host:port`; calls under `/v1/router`).
     pub url: String,
     client: WorkerClient,
@@ -79,7 +80,7 @@ impl RemoteRouter {
     /// A router at `url` (trailing `/` ignored), reached through `client`.
     pub fn new(name: &str, url: &str, client: WorkerClient) -> Arc<Self> {
         Arc::new(Self {
-            name: name.to_string(),
+            name: name.into(),
             url: url.trim_end_matches('/').to_string(),
             client,
         })
@@ -114,15 +115,15 @@ impl RemoteRouter {
     }
 
     /// Choose a worker and book the request there under `request_id` until the returned
-    /// booking is freed. The answer carries the worker's registration (its URL); one without
-    /// is a 502 (the booking is freed).
+    /// booking is freed. An answer without the worker's registration (its URL) is a 502 (the
+    /// booking is freed).
     pub async fn book(
         self: &Arc<Self>,
         input: &RemoteInput,
         request_id: &str,
-    ) -> Result<(BestWorker, RemoteBooking), ApiError> {
-        let best = self.best_worker(input, Some(request_id)).await?;
-        let booking = RemoteBooking {
+    ) -> Result<Booked, ApiError> {
+        let mut best = self.best_worker(input, Some(request_id)).await?;
+        let lease = RemoteBooking {
             router: self.clone(),
             id: request_id.to_string(),
             worker: WorkerWithDpRank {
@@ -132,13 +133,13 @@ impl RemoteRouter {
             prefill_done: false,
             freed: false,
         };
-        if best.registration.is_none() {
+        let Some(spec) = best.registration.take() else {
             return Err(ApiError::bad_gateway(format!(
                 "router `{}` chose worker {} but gave no registration to reach it",
                 self.name, best.worker_id
             )));
-        }
-        Ok((best, booking))
+        };
+        Ok(Booked { best, spec, lease })
     }
 
     /// A call that failed, as the client sees it: the router's own 400 and 503 pass through
@@ -174,6 +175,15 @@ impl RemoteRouter {
             }
         });
     }
+}
+
+/// What [`RemoteRouter::book`] gives: the router's answer, the chosen worker's registration
+/// (taken out of the answer) and the booking.
+#[derive(Debug)]
+pub struct Booked {
+    pub best: BestWorker,
+    pub spec: WorkerSpec,
+    pub lease: RemoteBooking,
 }
 
 /// A request booked on a remote router: [`first_token`](Self::first_token) marks its prefill

@@ -146,6 +146,12 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// `GET url` answered as JSON.
+pub async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    let r = c.get(url).send().await.expect("request sent");
+    r.json().await.expect("a JSON answer")
+}
+
 /// Start a streamed completion and return the response (headers received).
 pub async fn start_stream(c: &reqwest::Client, url: &str, mut body: Value) -> reqwest::Response {
     body["stream"] = Value::Bool(true);

@@ -130,14 +130,7 @@ async fn the_two_router_layout_prefills_through_the_standalone_router() {
     let more = computed(&c, &p_url).await - before;
     assert!(more < 64.0, "the repeat recomputed {more} prompt tokens");
     // Streamed and cancelled requests leave nothing booked on either side.
-    let mut body = completion_body(&prompt(12, 1500), 200);
-    body["stream"] = json!(true);
-    let resp = c
-        .post(format!("{url}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = start_stream(&c, &url, completion_body(&prompt(12, 1500), 200)).await;
     assert_eq!(resp.status(), 200);
     drop(resp);
     assert!(
@@ -324,14 +317,7 @@ async fn probe_sends_a_request_to_the_pool_holding_its_prefix() {
     let (st, _, v) = send(&c, &url, completion_body(&prompt(28, 300), 2)).await;
     assert_eq!(st, 502, "{v}");
     assert_eq!(get_status(&c, &format!("{url}/ready")).await, 503);
-    let h: Value = c
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = get_json(&c, &format!("{url}/health")).await;
     assert_eq!(
         (h["healthy_pools"].as_u64(), h["pools"].as_u64()),
         (Some(0), Some(2)),
@@ -373,4 +359,111 @@ async fn isl_policy_sends_each_prompt_length_to_its_pool() {
     );
     f.stop().await;
     pools.stop().await;
+}
+
+/// What the hostile router answers `best_worker_id` with.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    NotJson,
+    WrongShape,
+    NoRegistration,
+    DeadWorker,
+    ServerError,
+    Huge,
+}
+
+#[derive(Default)]
+struct Hostile {
+    answer: std::sync::Mutex<Option<Answer>>,
+    freed: std::sync::Mutex<Vec<String>>,
+}
+
+/// A "router" whose `best_worker_id` answers are malformed in the way `state.answer` says,
+/// and which records the ids it is asked to free.
+async fn hostile_router(state: std::sync::Arc<Hostile>) -> String {
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    async fn best(
+        State(h): State<std::sync::Arc<Hostile>>,
+        body: String,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let booking = body.contains("request_id");
+        let ok = json!({"worker_id": 7, "dp_rank": 0, "overlap_blocks": 0, "cached_tokens": 0});
+        match h.answer.lock().unwrap().expect("a mode") {
+            Answer::NotJson => "{not json".into_response(),
+            Answer::WrongShape => axum::Json(json!({"worker_id": "seven"})).into_response(),
+            Answer::NoRegistration => axum::Json(ok).into_response(),
+            Answer::DeadWorker if booking => {
+                let mut v = ok;
+                v["registration"] = json!({"url": "http://127.0.0.1:9"});
+                axum::Json(v).into_response()
+            }
+            Answer::DeadWorker => axum::Json(ok).into_response(),
+            Answer::ServerError => {
+                (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()
+            }
+            Answer::Huge => "x".repeat(5 << 20).into_response(),
+        }
+    }
+    async fn free(State(h): State<std::sync::Arc<Hostile>>, body: String) -> &'static str {
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        if let Some(id) = v["request_id"].as_str() {
+            h.freed.lock().unwrap().push(id.to_string());
+        }
+        "{}"
+    }
+    let app = axum::Router::new()
+        .route("/v1/router/best_worker_id", post(best))
+        .route("/v1/router/free", post(free))
+        .route("/v1/router/mark_prefill_complete", post(|| async { "{}" }))
+        .route("/health", get(|| async { "{}" }))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_hostile_router_answer_is_a_502_and_leaves_nothing_booked() {
+    let state = std::sync::Arc::new(Hostile::default());
+    let url = hostile_router(state.clone()).await;
+    let mut prefill = mock_workers(1, DisaggregationMode::Decode).await;
+    // The frontend asks it in both roles: as a pool, and as the prefill router.
+    let pool = frontend(&[], |c| {
+        c.pools = vec![format!("bad={url}").parse().unwrap()]
+    })
+    .await;
+    let split = frontend(&prefill, |c| c.prefill_router = Some(url.clone())).await;
+    let c = client();
+    for answer in [
+        Answer::NotJson,
+        Answer::WrongShape,
+        Answer::NoRegistration,
+        Answer::DeadWorker,
+        Answer::ServerError,
+        Answer::Huge,
+    ] {
+        *state.answer.lock().unwrap() = Some(answer);
+        for f in [&pool, &split] {
+            let (st, _, v) = send(&c, &f.url(), completion_body(&prompt(1, 300), 2)).await;
+            assert!(st == 502 || st == 503, "{answer:?}: {st} {v}");
+            assert!(v["error"]["message"].is_string(), "{answer:?}: {v}");
+            assert!(fleet_idle(&f.fleet), "{answer:?}: nothing booked here");
+        }
+    }
+    // Bookings the router did make were freed there: an answer without a registration (once
+    // per frontend) and a worker that could not be reached (three attempts per frontend).
+    let frees = || state.freed.lock().unwrap().len();
+    assert!(
+        eventually(5.0, || frees() >= 8).await,
+        "frees sent: {}",
+        frees()
+    );
+    pool.stop().await;
+    split.stop().await;
+    for w in prefill.drain(..) {
+        w.stop().await;
+    }
 }

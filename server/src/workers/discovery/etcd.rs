@@ -78,7 +78,7 @@ async fn watch(
         insert(&mut live, kv.key(), kv.value());
     }
     *backoff = Duration::from_millis(100);
-    known.sync("etcd", fleet, metrics, live.clone()).await;
+    known.sync("etcd", fleet, metrics, &live).await;
     let mut stream = client
         .watch(
             prefix,
@@ -102,7 +102,7 @@ async fn watch(
                 }
             }
         }
-        known.sync("etcd", fleet, metrics, live.clone()).await;
+        known.sync("etcd", fleet, metrics, &live).await;
     }
     Ok(())
 }

@@ -11,20 +11,20 @@
 //! endpoints the router serves are read: a standalone router's `--endpoint`, every endpoint
 //! for the frontend.
 //!
-//! Hostile input: files are at most [`MAX_FILE_BYTES`], the root at most [`MAX_FILES`]
+//! Hostile input: files are at most [`MAX_REGISTRATION_BYTES`], the root at most [`MAX_FILES`]
 //! entries are read per poll, symbolic links are not followed, and a file that does not parse
 //! or register is logged once per content and left alone.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::MAX_REGISTRATION_BYTES;
 use crate::metrics::Metrics;
 use crate::workers::fleet::Fleet;
 use crate::workers::spec::WorkerSpec;
 
-/// Largest registration file read, bytes.
-pub const MAX_FILE_BYTES: u64 = 64 * 1024;
 /// Most files read per poll.
 pub const MAX_FILES: usize = 10_000;
 
@@ -51,17 +51,12 @@ pub fn registration_path(root: &Path, spec: &WorkerSpec) -> PathBuf {
     root.join(format!("{}.json", super::registration_key(spec)))
 }
 
-/// A registration as found on disk.
-struct Found {
-    path: PathBuf,
-    bytes: Vec<u8>,
-}
-
-/// Every live registration under `dirs`: regular `*.json` files (no symbolic links) refreshed
-/// within `lease`, at most [`MAX_FILES`], each at most [`MAX_FILE_BYTES`].
-fn scan(dirs: &[PathBuf], lease: Duration) -> Vec<Found> {
+/// Every live registration under `dirs`, by path: regular `*.json` files (no symbolic links)
+/// refreshed within `lease`, at most [`MAX_FILES`], each at most
+/// [`MAX_REGISTRATION_BYTES`].
+fn scan(dirs: &[PathBuf], lease: Duration) -> HashMap<String, Vec<u8>> {
     let now = SystemTime::now();
-    let mut out = Vec::new();
+    let mut out = HashMap::new();
     let mut stack: Vec<(PathBuf, usize)> = dirs.iter().map(|d| (d.clone(), 0)).collect();
     let mut seen = 0usize;
     while let Some((dir, depth)) = stack.pop() {
@@ -90,11 +85,11 @@ fn scan(dirs: &[PathBuf], lease: Duration) -> Vec<Found> {
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .is_none_or(|age| age <= lease);
-            if !fresh || meta.len() > MAX_FILE_BYTES {
+            if !fresh || meta.len() > MAX_REGISTRATION_BYTES as u64 {
                 continue;
             }
             if let Ok(bytes) = std::fs::read(&path) {
-                out.push(Found { path, bytes });
+                out.insert(path.display().to_string(), bytes);
             }
         }
     }
@@ -120,22 +115,18 @@ pub fn spawn_watch(
         loop {
             tick.tick().await;
             let (d, lease) = (dirs.clone(), cfg.lease);
-            let Ok(found) = tokio::task::spawn_blocking(move || scan(&d, lease)).await else {
+            let Ok(live) = tokio::task::spawn_blocking(move || scan(&d, lease)).await else {
                 continue;
             };
-            let live = found
-                .into_iter()
-                .map(|f| (f.path.display().to_string(), f.bytes))
-                .collect();
-            known.sync("file", &fleet, &metrics, live).await;
+            known.sync("file", &fleet, &metrics, &live).await;
         }
     })
 }
 
 /// A worker's sidecar side (`kvrouter register`): write each spec's file under `cfg.root`
 /// (atomically: a temporary file renamed), refresh the files every third of the lease, and
-/// remove them when `stop` resolves; `ready` fires once they are first written. A file removed by someone else is written again at the
-/// next refresh. Errors: the root cannot be written (at the start; later failures are logged).
+/// remove them when `stop` resolves; `ready` fires once they are first written. A file removed
+/// by someone else is written again at the next refresh. Errors: the root cannot be written (at the start; later failures are logged).
 pub async fn announce(
     cfg: &FileDiscovery,
     specs: &[WorkerSpec],

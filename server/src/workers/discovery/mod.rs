@@ -113,7 +113,7 @@ impl Registrations {
         backend: &str,
         fleet: &Arc<Fleet>,
         metrics: &Metrics,
-        live: HashMap<String, Vec<u8>>,
+        live: &HashMap<String, Vec<u8>>,
     ) {
         let count = |change| {
             metrics
@@ -135,40 +135,45 @@ impl Registrations {
             }
         }
         for (key, bytes) in live {
-            if self.keys.contains_key(&key) {
+            if self.keys.contains_key(key) {
                 continue;
             }
-            let id = if bytes.len() > MAX_REGISTRATION_BYTES {
-                tracing::warn!(key, len = bytes.len(), "discovery: registration too large");
-                None
-            } else {
-                match serde_json::from_slice::<WorkerSpec>(&bytes) {
-                    Err(e) => {
-                        tracing::warn!(key, "discovery: not a worker registration: {e}");
-                        None
-                    }
-                    Ok(spec) if !fleet.serves(&spec) => None,
-                    Ok(spec) => {
-                        let f = fleet.clone();
-                        match tokio::task::spawn_blocking(move || f.register(spec)).await {
-                            Ok(Ok(spec)) => {
-                                count("added");
-                                if let Some(id) = spec.id {
-                                    fleet.set_source(id, format!("{backend}:{key}"));
-                                }
-                                spec.id
-                            }
-                            Ok(Err(e)) => {
-                                tracing::warn!(key, "discovery: registration refused: {e}");
-                                None
-                            }
-                            Err(_) => None,
-                        }
-                    }
-                }
-            };
-            self.keys.insert(key, (bytes, id));
+            let id = admit(fleet, &format!("{backend}:{key}"), bytes).await;
+            if id.is_some() {
+                count("added");
+            }
+            self.keys.insert(key.clone(), (bytes.clone(), id));
         }
+    }
+}
+
+/// Register the worker of one registration (`source` names it in logs and the admin API);
+/// `None` when it is too large, does not parse, serves another endpoint or is refused.
+async fn admit(fleet: &Arc<Fleet>, source: &str, bytes: &[u8]) -> Option<WorkerId> {
+    if bytes.len() > MAX_REGISTRATION_BYTES {
+        tracing::warn!(
+            source,
+            len = bytes.len(),
+            "discovery: registration too large"
+        );
+        return None;
+    }
+    let spec = match serde_json::from_slice::<WorkerSpec>(bytes) {
+        Ok(spec) if fleet.serves(&spec) => spec,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(source, "discovery: not a worker registration: {e}");
+            return None;
+        }
+    };
+    let (f, src) = (fleet.clone(), source.to_string());
+    match tokio::task::spawn_blocking(move || f.register_from(spec, src)).await {
+        Ok(Ok(spec)) => spec.id,
+        Ok(Err(e)) => {
+            tracing::warn!(source, "discovery: registration refused: {e}");
+            None
+        }
+        Err(_) => None,
     }
 }
 
