@@ -12,7 +12,7 @@
 //! `--call best_worker_id` posts a query-only `/v1/router/best_worker_id` (after one
 //! `generate` of the prompt with `--prime`, so a worker caches it); `--call completions` posts
 //! the prompt to a frontend's `/v1/completions` with `max_tokens: 1` (its routing cost per
-//! request, for comparison).
+//! request, for comparison; `--max-tokens N` for longer outputs, `ignore_eos`).
 use std::time::{Duration, Instant};
 
 use kvrouter_bench::scrape::Samples;
@@ -28,6 +28,8 @@ struct Args {
     pids: Vec<u32>,
     prime: bool,
     model: String,
+    /// `--call completions`: tokens generated per request.
+    max_tokens: u32,
 }
 
 fn args() -> Result<Args, String> {
@@ -40,6 +42,7 @@ fn args() -> Result<Args, String> {
         pids: Vec::new(),
         prime: false,
         model: "Qwen/Qwen3-0.6B".into(),
+        max_tokens: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -56,6 +59,9 @@ fn args() -> Result<Args, String> {
                 .pids
                 .push(v()?.parse().map_err(|e| format!("--pid: {e}"))?),
             "--model" => a.model = v()?,
+            "--max-tokens" => {
+                a.max_tokens = v()?.parse().map_err(|e| format!("--max-tokens: {e}"))?
+            }
             "--prime" => a.prime = true,
             _ => return Err(format!("unknown argument {k}")),
         }
@@ -117,7 +123,7 @@ async fn main() -> Result<(), String> {
         ),
         "completions" => (
             format!("{}/v1/completions", a.url),
-            json!({"model": a.model, "prompt": tokens, "max_tokens": 1}),
+            json!({"model": a.model, "prompt": tokens, "max_tokens": a.max_tokens, "ignore_eos": true}),
         ),
         other => return Err(format!("unknown --call {other}")),
     };
