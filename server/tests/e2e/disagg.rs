@@ -88,6 +88,17 @@ async fn vllm_protocol_prefills_by_overlap_then_decodes_from_the_transfer() {
         .await,
         "the decode worker's KV events show the transferred blocks"
     );
+    // And the prefill worker's own events: until they arrive the router has no reason to
+    // prefer it (CI once raced here).
+    assert!(
+        eventually(5.0, || router.best_cached_tokens(
+            &p,
+            RolePool::Only(WorkerRole::Prefill),
+            None
+        ) >= 1984)
+        .await,
+        "the prefill worker's KV events show the prompt"
+    );
     // The repeat goes back to the prefill worker holding the prompt, which computes almost
     // nothing of it (its last partial block at most).
     let before = computed(&c, &s, prefill).await;
