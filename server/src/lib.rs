@@ -9,7 +9,8 @@
 //! 3. [`workers`] — the call to the chosen worker, the registry with health states
 //!    (healthy → suspect → removed) and KV event subscribers;
 //! 4. [`admin`] — runtime registration; [`metrics`] — Prometheus; [`config`] — the flags;
-//! 5. `up` (feature `embedded`) — the embedded default: frontend + in-process mock workers.
+//! 5. [`replicas`] — several routers over NATS: event stream, snapshots, replica sync;
+//! 6. `up` (feature `embedded`) — the embedded default: frontend + in-process mock workers.
 //!
 //! [`router_service`] is the other server: `kvrouter router`, the standalone router (the
 //! same routing, workers and admin API, with a JSON API of the reference's router calls
@@ -22,6 +23,7 @@ pub mod error;
 pub mod frontend;
 pub mod listener;
 pub mod metrics;
+pub mod replicas;
 pub mod router_service;
 pub mod routing;
 pub mod sse;

@@ -82,6 +82,9 @@ pub struct FleetArgs {
     pub discovery_backend: DiscoveryBackend,
     #[command(flatten)]
     pub discovery: DiscoveryArgs,
+    /// Router replicas: the NATS event plane, snapshots, replica sync.
+    #[command(flatten)]
+    pub replicas: crate::replicas::ReplicaArgs,
 }
 
 /// Dynamic discovery backends (the reference's `--discovery-backend`; `kubernetes` is not
@@ -249,7 +252,6 @@ impl FleetArgs {
             .collect()
     }
 
-    /// Workers from `--workers-file`. Errors: unreadable or malformed file.
     /// The dynamic discovery to run, if any. Errors: bad timing flags, or `etcd` in a build
     /// without it.
     pub fn dynamic_discovery(
@@ -258,6 +260,7 @@ impl FleetArgs {
         self.discovery.discovery(self.discovery_backend)
     }
 
+    /// Workers from `--workers-file`. Errors: unreadable or malformed file.
     pub fn file_workers(&self) -> anyhow::Result<Vec<WorkerSpec>> {
         let Some(p) = &self.workers_file else {
             return Ok(Vec::new());

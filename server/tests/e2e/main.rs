@@ -11,6 +11,8 @@ mod etcd_discovery;
 mod fidelity;
 mod lifecycle;
 mod limits;
+#[cfg(feature = "nats")]
+mod nats_server;
 mod probes;
 mod queue;
 mod remote_routers;

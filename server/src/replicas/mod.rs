@@ -1,0 +1,167 @@
+//! Several routers over NATS (issue 18): the KV event plane as a JetStream stream per endpoint,
+//! index snapshots in the object store, and replica sync of bookings over NATS core.
+//!
+//! Everything that talks to NATS needs the `nats` cargo feature; the flags ([`ReplicaArgs`])
+//! and the names ([`Names`]) exist in every build, so a build without it refuses
+//! `--event-plane nats` with a clear error instead of an unknown flag.
+//!
+//! Names follow the reference's JetStream design (`dynamo-router-spec.md` §10.2, §5.1): for
+//! the endpoint `ns.component.endpoint`,
+//! * stream `namespace-ns-component-component-kv-events` on subjects
+//!   `namespace.ns.component.component.kv_events.<worker_id>`;
+//! * object store bucket `namespace-ns-component-component-radix-bucket`, object `radix-state`;
+//! * replica sync on `namespace.ns.component.component.active_sequences_events`.
+
+use clap::Args;
+
+/// How KV events reach the router (the reference's `--event-plane`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventPlane {
+    /// Straight from each worker's ZMQ publisher.
+    #[default]
+    Zmq,
+    /// From the endpoint's JetStream stream, fed by `kvrouter relay` sidecars.
+    Nats,
+}
+
+/// Flags of router replicas, shared by `kvrouter frontend` and `kvrouter router`.
+#[derive(Args, Clone, Debug)]
+pub struct ReplicaArgs {
+    /// Where KV events come from: `zmq` (each worker's publisher) or `nats` (the endpoint's
+    /// JetStream stream, fed by `kvrouter relay`; a build with `--features nats`).
+    #[arg(long, value_enum, env = "DYN_EVENT_PLANE", default_value = "zmq")]
+    pub event_plane: EventPlane,
+    /// NATS server URL (`nats://host:port`).
+    #[arg(long, env = "NATS_SERVER", default_value = "nats://127.0.0.1:4222")]
+    pub nats_server: String,
+    /// Share this router's bookings with the other replicas of its endpoint over NATS, and
+    /// count theirs in its load view.
+    #[arg(long, env = "DYN_ROUTER_REPLICA_SYNC")]
+    pub router_replica_sync: bool,
+    /// With `--event-plane nats`: once the stream holds more than this many messages, one
+    /// replica snapshots its index to the object store and purges what the snapshot covers.
+    #[arg(long, env = "DYN_ROUTER_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
+    pub router_snapshot_threshold: u64,
+    /// This replica's name: its durable consumer on the stream and its id in replica sync.
+    /// Default: a random one per process.
+    #[arg(long, env = "KVROUTER_ROUTER_ID")]
+    pub router_id: Option<String>,
+}
+
+impl Default for ReplicaArgs {
+    fn default() -> Self {
+        Self {
+            event_plane: EventPlane::Zmq,
+            nats_server: "nats://127.0.0.1:4222".into(),
+            router_replica_sync: false,
+            router_snapshot_threshold: 10_000,
+            router_id: None,
+        }
+    }
+}
+
+impl ReplicaArgs {
+    /// Whether this router needs a NATS connection at all.
+    pub fn uses_nats(&self) -> bool {
+        self.event_plane == EventPlane::Nats || self.router_replica_sync
+    }
+
+    /// Errors when NATS is asked for in a build without the `nats` feature.
+    pub fn check_build(&self) -> anyhow::Result<()> {
+        if self.uses_nats() && !cfg!(feature = "nats") {
+            anyhow::bail!(
+                "--event-plane nats and --router-replica-sync need a build with `--features nats`"
+            );
+        }
+        Ok(())
+    }
+
+    /// The router id given, or a new random one (`router-<16 hex digits>`).
+    pub fn router_id(&self) -> String {
+        self.router_id
+            .clone()
+            .unwrap_or_else(|| format!("router-{:016x}", rand::random::<u64>()))
+    }
+}
+
+/// The NATS names of one endpoint's stream, snapshot bucket and sync subject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    /// `namespace.<ns>.component.<component>`: the prefix of every subject.
+    pub prefix: String,
+}
+
+impl Names {
+    /// The names of `endpoint` (`ns.component.endpoint`, already validated: three parts of
+    /// letters, digits, `_` and `-`). The endpoint part does not enter the names: the
+    /// reference scopes these per component.
+    pub fn for_endpoint(endpoint: &str) -> Self {
+        let mut parts = endpoint.split('.');
+        let ns = parts.next().unwrap_or("dynamo");
+        let component = parts.next().unwrap_or("backend");
+        Self {
+            prefix: format!("namespace.{ns}.component.{component}"),
+        }
+    }
+
+    /// The JetStream stream of KV events.
+    pub fn stream(&self) -> String {
+        slug(&format!("{}.kv_events", self.prefix))
+    }
+
+    /// The subject one worker's events are published on.
+    pub fn event_subject(&self, worker_id: u64) -> String {
+        format!("{}.kv_events.{worker_id}", self.prefix)
+    }
+
+    /// The subjects of the stream (every worker's).
+    pub fn event_subjects(&self) -> String {
+        format!("{}.kv_events.*", self.prefix)
+    }
+
+    /// The object store bucket of index snapshots.
+    pub fn snapshot_bucket(&self) -> String {
+        slug(&format!("{}-radix-bucket", self.prefix))
+    }
+
+    /// The object holding the newest snapshot.
+    pub const SNAPSHOT_OBJECT: &'static str = "radix-state";
+
+    /// The NATS core subject of replica sync.
+    pub fn sync_subject(&self) -> String {
+        format!("{}.active_sequences_events", self.prefix)
+    }
+}
+
+/// The reference's slugify for stream and bucket names: `.` and `_` become `-`.
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == '.' || c == '_' { '-' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_reference() {
+        let n = Names::for_endpoint("dynamo.prefill_pool.generate");
+        assert_eq!(
+            n.stream(),
+            "namespace-dynamo-component-prefill-pool-kv-events"
+        );
+        assert_eq!(
+            n.event_subject(7),
+            "namespace.dynamo.component.prefill_pool.kv_events.7"
+        );
+        assert_eq!(
+            n.snapshot_bucket(),
+            "namespace-dynamo-component-prefill-pool-radix-bucket"
+        );
+        assert_eq!(
+            n.sync_subject(),
+            "namespace.dynamo.component.prefill_pool.active_sequences_events"
+        );
+    }
+}
