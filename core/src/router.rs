@@ -13,7 +13,7 @@ use crate::hash::{
     compute_block_hashes, compute_sequence_hashes, HashOptions, LocalBlockHash, SequenceHash,
 };
 use crate::index::{
-    ApproxConfig, ApproxIndex, FastMap, IndexError, OverlapScores, TierOverlap, TieredIndex,
+    ApproxConfig, ApproxIndex, IndexError, OverlapScores, TierOverlap, TieredIndex,
 };
 use crate::prefill_time::{PrefillCoefficients, PrefillLoadModel, PrefillTimeModel};
 use crate::selection::{
@@ -435,14 +435,22 @@ impl Scheduler {
         pool: RolePool,
         now: Duration,
     ) -> Vec<Candidate> {
-        let map: FastMap<WorkerWithDpRank, TierOverlap> = overlaps.into_iter().collect();
+        // Sorted once, searched per rank: cheaper than a hash map for the few ranks that
+        // usually overlap, and than building one per request.
+        let mut overlaps = overlaps;
+        overlaps.sort_unstable_by_key(|(w, _)| *w);
+        let overlap_of = |w: &WorkerWithDpRank| -> TierOverlap {
+            overlaps
+                .binary_search_by_key(w, |(x, _)| *x)
+                .map_or_else(|_| TierOverlap::default(), |i| overlaps[i].1)
+        };
         let opts = self.config().kv.booking();
         self.workers
             .iter()
             .filter(|info| pool.admits(info.role))
             .map(|info| Candidate {
                 info: *info,
-                overlap: map.get(&info.worker).copied().unwrap_or_default(),
+                overlap: overlap_of(&info.worker),
                 load: self.active.potential_load(
                     info.worker,
                     sequence,

@@ -321,26 +321,17 @@ impl Selector {
             return Ok((self.selection(free[i], &free, req, kv), false));
         }
 
-        let ranked: Vec<&Candidate> = match req.dp_rank {
-            Some(r) => {
-                let v: Vec<&Candidate> = candidates
-                    .iter()
-                    .filter(|c| c.info.worker.dp_rank == r)
-                    .collect();
-                if v.is_empty() {
-                    return Err(SelectError::NoWorkerWithRank(r));
-                }
-                v
-            }
-            None => candidates.iter().collect(),
-        };
-        let eligible: Vec<&Candidate> = ranked
+        let in_rank = |c: &&Candidate| req.dp_rank.is_none_or(|r| c.info.worker.dp_rank == r);
+        let eligible: Vec<&Candidate> = candidates
             .iter()
-            .copied()
-            .filter(|c| !is_busy(c, &self.config))
+            .filter(|c| in_rank(c) && !is_busy(c, &self.config))
             .collect();
         if eligible.is_empty() {
-            return Err(SelectError::AllWorkersBusy(ranked.len()));
+            let ranked = candidates.iter().filter(in_rank).count();
+            return Err(match req.dp_rank {
+                Some(r) if ranked == 0 => SelectError::NoWorkerWithRank(r),
+                _ => SelectError::AllWorkersBusy(ranked),
+            });
         }
 
         let (i, kv) = match mode {
@@ -390,13 +381,10 @@ impl Selector {
             .map(|c| c.load.active_prefill_tokens)
             .min()
             .unwrap_or(0);
-        let scored: Vec<(f64, f64)> = eligible
-            .iter()
-            .map(|c| kv_cost(c, req.isl, req.block_size, cfg, min_prefill))
-            .collect();
+        let cost_of = |c: &Candidate| kv_cost(c, req.isl, req.block_size, cfg, min_prefill);
         let i = match cfg.router_selection_policy {
             SelectionPolicy::Default => {
-                let costs: Vec<f64> = scored.iter().map(|(cost, _)| *cost).collect();
+                let costs: Vec<f64> = eligible.iter().map(|c| cost_of(c).0).collect();
                 pick_by_cost(&costs, cfg.router_temperature, rng)
             }
             SelectionPolicy::Lmetric => {
@@ -408,7 +396,7 @@ impl Selector {
             }
             SelectionPolicy::Affinity => affinity(eligible, req.isl, req.block_size, cfg).index(),
         };
-        (i, scored[i])
+        (i, cost_of(eligible[i]))
     }
 
     /// Split into CPU and accelerator groups; the group with the lowest

@@ -97,6 +97,14 @@ struct RankState {
 }
 
 impl RankState {
+    fn load(&self, now: Duration) -> WorkerLoad {
+        WorkerLoad {
+            active_prefill_tokens: self.effective_prefill(now),
+            active_decode_blocks: self.blocks.len() as u64 + self.private_blocks,
+            active_requests: self.requests,
+        }
+    }
+
     /// Active prefill tokens at `now`, the oldest decayed over its predicted duration.
     fn effective_prefill(&self, now: Duration) -> u64 {
         let Some(Prefill {
@@ -128,10 +136,13 @@ impl RankState {
 
     /// Leading blocks of `seq` already active here.
     fn active_prefix(&self, seq: &[SequenceHash]) -> usize {
-        if self.blocks.is_empty() {
-            return 0;
+        // Most ranks share not even the first block: one lookup instead of a binary search.
+        match seq.first() {
+            Some(s) if self.blocks.contains_key(s) => {
+                seq.partition_point(|s| self.blocks.contains_key(s))
+            }
+            _ => 0,
         }
-        seq.partition_point(|s| self.blocks.contains_key(s))
     }
 }
 
@@ -363,11 +374,7 @@ impl ActiveSequences {
     pub fn load(&self, worker: WorkerWithDpRank, now: Duration) -> WorkerLoad {
         self.ranks
             .get(&worker)
-            .map_or_else(WorkerLoad::default, |r| WorkerLoad {
-                active_prefill_tokens: r.effective_prefill(now),
-                active_decode_blocks: r.blocks.len() as u64 + r.private_blocks,
-                active_requests: r.requests,
-            })
+            .map_or_else(WorkerLoad::default, |r| r.load(now))
     }
 
     /// `worker`'s load at `now` with a request of `isl` tokens and sequence hashes `seq` added.
@@ -381,12 +388,13 @@ impl ActiveSequences {
         now: Duration,
     ) -> PotentialLoad {
         let total = crate::hash::request_blocks(isl, block_size) as u64;
-        let load = self.load(worker, now);
+        let rank = self.ranks.get(&worker);
+        let load = rank.map_or_else(WorkerLoad::default, |r| r.load(now));
         let new_blocks = match (opts.track_active_blocks, opts.assume_kv_reuse) {
             (false, _) => 0,
             (true, false) => total,
             (true, true) => {
-                let already = self.ranks.get(&worker).map_or(0, |r| r.active_prefix(seq)) as u64;
+                let already = rank.map_or(0, |r| r.active_prefix(seq)) as u64;
                 total.saturating_sub(already)
             }
         };
