@@ -150,6 +150,10 @@ impl Frontend {
             conditional: cfg.conditional_disagg,
             isl_threshold: cfg.disagg_isl_threshold,
         };
+        if let Some(t) = cfg.prefill_router.as_deref().filter(|t| !t.contains("://")) {
+            workers::spec::validate_endpoint_name(t)
+                .map_err(|e| anyhow::anyhow!("--prefill-router: {e}"))?;
+        }
         app.prefill_router = cfg
             .prefill_router
             .as_deref()
@@ -164,9 +168,25 @@ impl Frontend {
             .map_err(anyhow::Error::msg)?;
             app.pools = Some(pools);
         }
+        // Routers named by endpoint: their replicas come from discovery.
+        let mut followed = Vec::new();
+        let named = app
+            .prefill_router
+            .iter()
+            .chain(app.pools.iter().flat_map(|p| p.routers()));
+        for r in named.filter(|r| r.endpoint().is_some()) {
+            let Some(d) = &discovery else {
+                anyhow::bail!(
+                    "router `{}` is given by endpoint name: its replicas come from discovery; \
+                     give --discovery-backend file or etcd",
+                    r.name
+                );
+            };
+            followed.push(workers::discovery::routers::follow(d.clone(), r.clone()));
+        }
         let state = Arc::new(app);
         let mut shutdown = Vec::new();
-        let mut tasks = Vec::new();
+        let mut tasks = followed;
         let api = listener::serve(
             cfg.http_addr()?,
             frontend::router(state),

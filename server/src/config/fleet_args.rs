@@ -122,11 +122,19 @@ pub struct DiscoveryArgs {
         default_value = "v1/kvrouter/instances/"
     )]
     pub etcd_prefix: String,
+    /// Key prefix under which `kvrouter router` replicas register themselves in etcd.
+    #[arg(
+        long,
+        env = "KVROUTER_ETCD_ROUTER_PREFIX",
+        default_value = "v1/kvrouter/routers/"
+    )]
+    pub etcd_router_prefix: String,
     /// Seconds a registration lives without being renewed (its sidecar renews it every
     /// third of this; whole seconds in etcd).
     #[arg(long, env = "KVROUTER_DISCOVERY_LEASE_SECS", default_value_t = 10.0)]
     pub discovery_lease_secs: f64,
-    /// File backend: milliseconds between two looks at the registrations.
+    /// File backend: milliseconds between two looks at the registrations; both backends:
+    /// between two looks at the registered routers (`--prefill-router ENDPOINT`).
     #[arg(long, env = "KVROUTER_DISCOVERY_POLL_MS", default_value_t = 500)]
     pub discovery_poll_ms: u64,
 }
@@ -162,14 +170,19 @@ impl DiscoveryArgs {
                          support; build it with `--features etcd` (needs protoc)"
                     );
                 }
-                let mut prefix = self.etcd_prefix.clone();
-                if !prefix.ends_with('/') {
-                    prefix.push('/');
-                }
+                let dir = |p: &str| {
+                    if p.ends_with('/') {
+                        p.to_string()
+                    } else {
+                        format!("{p}/")
+                    }
+                };
                 Some(Discovery::Etcd(EtcdDiscovery {
                     endpoints: self.etcd_endpoints.clone(),
-                    prefix,
+                    prefix: dir(&self.etcd_prefix),
+                    router_prefix: dir(&self.etcd_router_prefix),
                     lease,
+                    poll: Duration::from_millis(self.discovery_poll_ms),
                 }))
             }
         })

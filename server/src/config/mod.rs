@@ -73,14 +73,15 @@ pub struct FrontendConfig {
     /// Uncached prompt tokens below which `--conditional-disagg` skips the prefill worker.
     #[arg(long, env = "KVROUTER_DISAGG_ISL_THRESHOLD", default_value_t = 2048)]
     pub disagg_isl_threshold: usize,
-    /// A `kvrouter router` (base URL) that chooses the prefill worker of every request: the
+    /// A `kvrouter router` that chooses the prefill worker of every request: the
     /// reference's two-router layout, this frontend routing decode among its own workers
     /// (e.g. with `--kv-overlap-score-weight 0`) and the standalone router
-    /// (`--endpoint dynamo.prefill.generate`) routing prefill.
-    #[arg(long, value_name = "URL", env = "KVROUTER_PREFILL_ROUTER")]
+    /// (`--endpoint dynamo.prefill.generate`) routing prefill. A base URL, or the router's
+    /// endpoint name to use every replica registered in `--discovery-backend`.
+    #[arg(long, value_name = "URL|ENDPOINT", env = "KVROUTER_PREFILL_ROUTER")]
     pub prefill_router: Option<String>,
-    /// A router pool: `NAME=URL` of a `kvrouter router` in front of the pool's workers
-    /// (repeatable). With pools, each request goes to the pool `--pool-policy` chooses, and the
+    /// A router pool: `NAME=URL` of a `kvrouter router` in front of the pool's workers, or
+    /// `NAME=ENDPOINT` for the replicas registered in `--discovery-backend` (repeatable). With pools, each request goes to the pool `--pool-policy` chooses, and the
     /// worker its router chooses; `--worker`s are not used.
     #[arg(
         long = "pool",

@@ -34,7 +34,7 @@ pub enum PoolPolicy {
     Isl,
 }
 
-/// `--pool NAME=URL`.
+/// `--pool NAME=URL` (or `NAME=ENDPOINT`: the replicas of a router registered in discovery).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolArg {
     pub name: String,
@@ -58,7 +58,9 @@ impl FromStr for PoolArg {
             ));
         }
         if !url.starts_with("http://") {
-            return Err(format!("`{s}`: the URL must start with http://"));
+            crate::workers::spec::validate_endpoint_name(url).map_err(|_| {
+                format!("`{s}`: give an http:// URL or a namespace.component.endpoint name")
+            })?;
         }
         Ok(Self {
             name: name.into(),
@@ -170,16 +172,17 @@ impl Pools {
         Ok(Self { pools: out, policy })
     }
 
-    /// `(healthy, configured)` pools: a pool is healthy when its router's `/health` answers
-    /// 2xx within a second (it has a healthy worker).
-    pub async fn health(&self, client: &WorkerClient) -> (usize, usize) {
-        let timeout = std::time::Duration::from_secs(1);
-        let checks = self
-            .pools
-            .iter()
-            .map(|p| client.health(&p.router.url, timeout));
+    /// `(healthy, configured)` pools: a pool is healthy when one of its router's replicas
+    /// answers `/health` 2xx within a second (it has a healthy worker).
+    pub async fn health(&self) -> (usize, usize) {
+        let checks = self.pools.iter().map(|p| p.router.healthy());
         let up = futures::future::join_all(checks).await;
         (up.into_iter().filter(|&h| h).count(), self.pools.len())
+    }
+
+    /// The pools' routers (to follow their replicas in discovery).
+    pub fn routers(&self) -> impl Iterator<Item = &Arc<RemoteRouter>> {
+        self.pools.iter().map(|p| &p.router)
     }
 
     /// The pool for a prompt of `tokens` tokens, by the policy.

@@ -66,7 +66,7 @@ pub fn fleet_health(fleet: &Fleet) -> (usize, usize) {
 /// healthy when its router's `/health` is, within a second).
 async fn healthy_workers(s: &AppState) -> (usize, usize) {
     match &s.pools {
-        Some(p) => p.health(&s.client).await,
+        Some(p) => p.health().await,
         None => fleet_health(&s.fleet),
     }
 }

@@ -37,6 +37,11 @@ pub struct RouterServiceConfig {
     /// Port of the router's HTTP API (0 = any free port).
     #[arg(long, env = "KVROUTER_ROUTER_HTTP_PORT", default_value_t = 8090)]
     pub http_port: u16,
+    /// The URL others reach this router at, announced in `--discovery-backend` file or etcd
+    /// (so that frontends given its endpoint name find it). Default: `http://` and the
+    /// listening address, the host name in place of an unspecified one (`0.0.0.0`).
+    #[arg(long, env = "KVROUTER_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// The router's flags (the same as `kvrouter frontend`'s).
     #[command(flatten)]
     pub router: RouterArgs,
@@ -46,6 +51,18 @@ pub struct RouterServiceConfig {
     /// Limits of the router API's connections and requests.
     #[command(flatten)]
     pub listener: ListenerArgs,
+}
+
+/// This machine's host name (`localhost` if it has none that is UTF-8).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if r == 0 && !h.is_empty() => h.to_string(),
+        _ => "localhost".into(),
+    }
 }
 
 fn parse_endpoint(s: &str) -> Result<String, String> {
@@ -103,6 +120,18 @@ impl RouterServiceConfig {
     /// The router API's socket address. Errors: an unparsable host.
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
         Ok(format!("{}:{}", bracket(&self.http_host), self.http_port).parse()?)
+    }
+
+    /// The URL announced in discovery for a router listening on `bound`.
+    pub fn advertised_url(&self, bound: SocketAddr) -> String {
+        if let Some(u) = &self.advertise_url {
+            return u.trim_end_matches('/').to_string();
+        }
+        if bound.ip().is_unspecified() {
+            format!("http://{}:{}", host_name(), bound.port())
+        } else {
+            format!("http://{bound}")
+        }
     }
 }
 

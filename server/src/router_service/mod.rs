@@ -49,6 +49,8 @@ pub use generate::{GenerateChunk, GenerateRequest, Generation};
 pub use router::{ErrorKind, Router, RouterError};
 
 use crate::error::ApiError;
+use crate::workers::discovery::routers::{self, RouterRegistration};
+use crate::workers::discovery::Discovery;
 use crate::workers::fleet::Fleet;
 use crate::workers::spec::WorkerSpec;
 use crate::{admin, listener};
@@ -171,6 +173,24 @@ impl RouterService {
             }
             None => None,
         };
+        if let Some(d) = cfg.fleet.dynamic_discovery()? {
+            let reg = RouterRegistration {
+                url: cfg.advertised_url(addr),
+                endpoint: cfg.endpoint.clone(),
+                router_id: cfg.fleet.replicas.router_id(),
+            };
+            match announce_self(d, reg).await {
+                Ok((stop, task)) => {
+                    shutdown.push(stop);
+                    tasks.push(task);
+                }
+                Err(e) => {
+                    listener::stop_all(shutdown, tasks).await;
+                    router.stop().await;
+                    return Err(e);
+                }
+            }
+        }
         tracing::info!(%addr, ?admin_addr, endpoint = %cfg.endpoint,
             block_size = cfg.router_block_size, "router listening");
         Ok(Self {
@@ -204,4 +224,28 @@ impl RouterService {
         listener::stop_all(self.shutdown, self.tasks).await;
         self.router.stop().await;
     }
+}
+
+/// Announce this router in discovery until the returned sender fires (its registration is
+/// then removed). Errors: the backend cannot be written.
+async fn announce_self(
+    d: Discovery,
+    reg: RouterRegistration,
+) -> anyhow::Result<(oneshot::Sender<()>, JoinHandle<()>)> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (ready, is_ready) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let r = routers::announce(&d, &reg, ready, async {
+            let _ = stopped.await;
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!("cannot announce the router in discovery: {e}");
+        }
+    });
+    if is_ready.await.is_err() {
+        let _ = task.await;
+        anyhow::bail!("cannot announce the router in discovery (see the log)");
+    }
+    Ok((stop, task))
 }

@@ -7,8 +7,13 @@
 //!
 //! Calls go over the project's one HTTP/1 client ([`WorkerClient::post_json`]), on kept-alive
 //! connections, within the worker timeout.
+//!
+//! A router is given by URL, or by the endpoint name it routes (`dynamo.prefill.generate`):
+//! then its replicas are those registered in discovery ([`crate::workers::discovery::routers`]),
+//! taken in turn per request; a booking's later calls go to the replica that made it.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use kvrouter_core::{RouterConfigOverride, WorkerWithDpRank};
 use serde::Serialize;
@@ -23,9 +28,21 @@ use crate::workers::spec::WorkerSpec;
 #[derive(Debug)]
 pub struct RemoteRouter {
     pub name: Arc<str>,
-    /// Base URL (`http://host:port`; calls under `/v1/router`).
-    pub url: String,
+    target: Target,
     client: WorkerClient,
+}
+
+/// Where a router is.
+#[derive(Debug)]
+enum Target {
+    /// Base URL (`http://host:port`; calls under `/v1/router`).
+    Url(String),
+    /// The replicas registered for an endpoint, and whose turn it is.
+    Endpoint {
+        endpoint: String,
+        replicas: RwLock<Arc<[String]>>,
+        next: AtomicUsize,
+    },
 }
 
 /// The fields of a `best_worker_id` call but `request_id` (spec §11).
@@ -77,41 +94,126 @@ impl RemoteInput {
 }
 
 impl RemoteRouter {
-    /// A router at `url` (trailing `/` ignored), reached through `client`.
-    pub fn new(name: &str, url: &str, client: WorkerClient) -> Arc<Self> {
+    /// A router at `target`, reached through `client`: a base URL (`http://…`, trailing `/`
+    /// ignored), or an endpoint name `ns.component.endpoint` whose replicas are set by
+    /// [`set_replicas`](Self::set_replicas) (none until then).
+    pub fn new(name: &str, target: &str, client: WorkerClient) -> Arc<Self> {
+        let target = if target.contains("://") {
+            Target::Url(target.trim_end_matches('/').to_string())
+        } else {
+            Target::Endpoint {
+                endpoint: target.to_string(),
+                replicas: RwLock::new(Arc::from(Vec::new())),
+                next: AtomicUsize::new(0),
+            }
+        };
         Arc::new(Self {
             name: name.into(),
-            url: url.trim_end_matches('/').to_string(),
+            target,
             client,
         })
     }
 
-    async fn call(&self, method: &str, body: &[u8]) -> Result<serde_json::Value, WorkerError> {
-        let path = format!("/v1/router/{method}");
-        self.client.post_json(&self.url, &path, "", body).await
+    /// The endpoint name it was given instead of a URL.
+    pub fn endpoint(&self) -> Option<&str> {
+        match &self.target {
+            Target::Url(_) => None,
+            Target::Endpoint { endpoint, .. } => Some(endpoint),
+        }
     }
 
+    /// Replace the replicas of an endpoint-named router; returns whether they changed.
+    /// Ignored for a router given by URL.
+    pub fn set_replicas(&self, urls: Vec<String>) -> bool {
+        let Target::Endpoint { replicas, .. } = &self.target else {
+            return false;
+        };
+        let mut r = replicas.write().unwrap_or_else(|e| e.into_inner());
+        if **r == *urls {
+            return false;
+        }
+        *r = Arc::from(urls);
+        true
+    }
+
+    /// Every URL it is reached at now.
+    pub fn urls(&self) -> Vec<String> {
+        match &self.target {
+            Target::Url(u) => vec![u.clone()],
+            Target::Endpoint { replicas, .. } => {
+                replicas.read().unwrap_or_else(|e| e.into_inner()).to_vec()
+            }
+        }
+    }
+
+    /// Whether one of its replicas answers `/health` 2xx within a second (it has a healthy
+    /// worker).
+    pub async fn healthy(&self) -> bool {
+        let timeout = std::time::Duration::from_secs(1);
+        for url in self.urls() {
+            if self.client.health(&url, timeout).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The URL of the next call: the router's, or the next replica in turn. Errors: 503
+    /// when no replica is registered.
+    fn pick(&self) -> Result<String, ApiError> {
+        match &self.target {
+            Target::Url(u) => Ok(u.clone()),
+            Target::Endpoint {
+                endpoint,
+                replicas,
+                next,
+            } => {
+                let r = replicas.read().unwrap_or_else(|e| e.into_inner()).clone();
+                if r.is_empty() {
+                    return Err(ApiError::unavailable(format!(
+                        "router `{}`: no replica of {endpoint} is registered",
+                        self.name
+                    )));
+                }
+                Ok(r[next.fetch_add(1, Ordering::Relaxed) % r.len()].clone())
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        url: &str,
+        method: &str,
+        body: &[u8],
+    ) -> Result<serde_json::Value, WorkerError> {
+        let path = format!("/v1/router/{method}");
+        self.client.post_json(url, &path, "", body).await
+    }
+
+    /// `best_worker_id` on the next replica; returns its answer and the replica's URL.
     async fn best_worker(
         &self,
         input: &RemoteInput,
         request_id: Option<&str>,
-    ) -> Result<BestWorker, ApiError> {
+    ) -> Result<(BestWorker, String), ApiError> {
+        let url = self.pick()?;
         let body = input.body(request_id);
         let v = self
-            .call("best_worker_id", &body)
+            .call(&url, "best_worker_id", &body)
             .await
             .map_err(|e| self.error(&e))?;
-        serde_json::from_value(v).map_err(|e| {
+        let best = serde_json::from_value(v).map_err(|e| {
             ApiError::bad_gateway(format!(
                 "router `{}` answered best_worker_id with an unexpected body: {e}",
                 self.name
             ))
-        })
+        })?;
+        Ok((best, url))
     }
 
     /// Which worker it would choose; changes nothing there.
     pub async fn query(&self, input: &RemoteInput) -> Result<BestWorker, ApiError> {
-        self.best_worker(input, None).await
+        Ok(self.best_worker(input, None).await?.0)
     }
 
     /// Choose a worker and book the request there under `request_id` until the returned
@@ -122,9 +224,10 @@ impl RemoteRouter {
         input: &RemoteInput,
         request_id: &str,
     ) -> Result<Booked, ApiError> {
-        let mut best = self.best_worker(input, Some(request_id)).await?;
+        let (mut best, url) = self.best_worker(input, Some(request_id)).await?;
         let lease = RemoteBooking {
             router: self.clone(),
+            url,
             id: request_id.to_string(),
             worker: WorkerWithDpRank {
                 worker_id: best.worker_id,
@@ -163,14 +266,14 @@ impl RemoteRouter {
 
     /// Fire-and-forget `method` for `id` (the answer matters to nobody: an unknown id means
     /// it expired or its worker left, which freed it already).
-    fn notify(self: &Arc<Self>, method: &'static str, id: &str) {
+    fn notify(self: &Arc<Self>, url: &str, method: &'static str, id: &str) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return; // no runtime (shutdown): the router's booking expiry frees it
         };
         let body = serde_json::to_vec(&serde_json::json!({ "request_id": id })).unwrap_or_default();
-        let me = self.clone();
+        let (me, url) = (self.clone(), url.to_string());
         rt.spawn(async move {
-            if let Err(e) = me.call(method, &body).await {
+            if let Err(e) = me.call(&url, method, &body).await {
                 tracing::debug!(router = %me.name, method, "remote router call failed: {e}");
             }
         });
@@ -191,6 +294,8 @@ pub struct Booked {
 #[derive(Debug)]
 pub struct RemoteBooking {
     router: Arc<RemoteRouter>,
+    /// The replica that booked it.
+    url: String,
     id: String,
     worker: WorkerWithDpRank,
     prefill_done: bool,
@@ -210,13 +315,14 @@ impl RemoteBooking {
 
     pub fn first_token(&mut self) {
         if !std::mem::replace(&mut self.prefill_done, true) && !self.freed {
-            self.router.notify("mark_prefill_complete", &self.id);
+            self.router
+                .notify(&self.url, "mark_prefill_complete", &self.id);
         }
     }
 
     pub fn free(&mut self) {
         if !std::mem::replace(&mut self.freed, true) {
-            self.router.notify("free", &self.id);
+            self.router.notify(&self.url, "free", &self.id);
         }
     }
 }

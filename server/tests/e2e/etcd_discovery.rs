@@ -133,7 +133,9 @@ async fn etcd_leases_add_and_remove_workers_and_survive_an_etcd_restart() {
     let d = Discovery::Etcd(EtcdDiscovery {
         endpoints: vec![etcd.url()],
         prefix: prefix.clone(),
+        router_prefix: format!("{prefix}routers/"),
         lease: Duration::from_secs(2),
+        poll: Duration::from_millis(100),
     });
     let w = mock_workers(3, DisaggregationMode::Agg).await;
     let mut fc = FrontendConfig {
@@ -202,4 +204,50 @@ async fn etcd_leases_add_and_remove_workers_and_survive_an_etcd_restart() {
     for w in w {
         w.stop().await;
     }
+}
+
+#[tokio::test]
+async fn router_replicas_announce_themselves_in_etcd_until_they_stop() {
+    use kvrouter_server::workers::discovery::routers::{announce, list, RouterRegistration};
+    let etcd = Etcd::start();
+    etcd.wait_up().await;
+    let prefix = format!("test/{}/", rand::random::<u32>());
+    let d = Discovery::Etcd(EtcdDiscovery {
+        endpoints: vec![etcd.url()],
+        prefix: prefix.clone(),
+        router_prefix: format!("{prefix}routers/"),
+        lease: Duration::from_secs(2),
+        poll: Duration::from_millis(100),
+    });
+    let reg = RouterRegistration {
+        url: "http://10.0.0.9:8090".into(),
+        endpoint: "dynamo.prefill.generate".into(),
+        router_id: "r1".into(),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (ready, is_ready) = oneshot::channel();
+    let task = tokio::spawn({
+        let (d, reg) = (d.clone(), reg.clone());
+        async move {
+            announce(&d, &reg, ready, async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    is_ready.await.expect("announced");
+    assert_eq!(
+        list(&d, "dynamo.prefill.generate").await.unwrap(),
+        std::slice::from_ref(&reg)
+    );
+    assert!(list(&d, "dynamo.decode.generate").await.unwrap().is_empty());
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    assert!(
+        list(&d, "dynamo.prefill.generate")
+            .await
+            .unwrap()
+            .is_empty(),
+        "the lease is revoked on stop"
+    );
 }

@@ -467,3 +467,87 @@ async fn a_hostile_router_answer_is_a_502_and_leaves_nothing_booked() {
         w.stop().await;
     }
 }
+
+/// Requests a router replica routed (its decisions counter).
+async fn decisions(c: &reqwest::Client, r: &RouterService) -> f64 {
+    metric(
+        &metrics_text(c, &r.url()).await,
+        "kvrouter_router_decisions_total",
+    )
+}
+
+#[tokio::test]
+async fn a_router_given_by_endpoint_name_is_every_replica_registered_in_discovery() {
+    // Issue 18 item 4: `kvrouter router` replicas announce themselves; the frontend's
+    // `--prefill-router dynamo.prefill.generate` follows them through the file backend.
+    use kvrouter_server::config::DiscoveryBackend;
+    let root = std::env::temp_dir().join(format!("kvr-replicas-{}", rand::random::<u64>()));
+    let discovery = |f: &mut kvrouter_server::config::FleetArgs| {
+        f.discovery_backend = DiscoveryBackend::File;
+        f.discovery.file_kv = Some(root.clone());
+        f.discovery.discovery_poll_ms = 50;
+        f.discovery.discovery_lease_secs = 2.0;
+    };
+    let mut all = mock_workers(2, DisaggregationMode::Prefill).await;
+    all.extend(mock_workers(1, DisaggregationMode::Decode).await);
+    let mut replicas = Vec::new();
+    for id in ["replica-a", "replica-b"] {
+        replicas.push(
+            router("dynamo.prefill.generate", &all, |c| {
+                discovery(&mut c.fleet);
+                c.fleet.replicas.router_id = Some(id.into());
+            })
+            .await,
+        );
+    }
+    let f = frontend(&all, |c| {
+        discovery(&mut c.fleet);
+        c.prefill_router = Some("dynamo.prefill.generate".into());
+    })
+    .await;
+    let (c, url) = (client(), f.url());
+    // Until the first look at discovery no replica is known: a 503 naming the endpoint, then
+    // both are taken in turn.
+    let mut sent = 0;
+    for i in 0..200 {
+        let (st, _, v) = send(&c, &url, completion_body(&prompt(100 + i, 300), 2)).await;
+        if st == 200 {
+            sent += 1;
+            if sent == 6 {
+                break;
+            }
+        } else {
+            assert_eq!(st, 503, "{v}");
+            assert!(v.to_string().contains("dynamo.prefill.generate"), "{v}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        sent, 6,
+        "requests never got through the discovered replicas"
+    );
+    let (a, b) = (
+        decisions(&c, &replicas[0]).await,
+        decisions(&c, &replicas[1]).await,
+    );
+    assert!(a >= 2.0 && b >= 2.0, "replicas took {a} and {b} of 6");
+    // One replica stops (its registration removed): everything goes to the other.
+    replicas.remove(0).stop().await;
+    let before = decisions(&c, &replicas[0]).await;
+    let mut ok = 0;
+    for i in 0..100 {
+        let (st, _, _) = send(&c, &url, completion_body(&prompt(300 + i, 300), 2)).await;
+        ok += usize::from(st == 200);
+        if ok == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(ok, 4);
+    assert!(decisions(&c, &replicas[0]).await - before >= 4.0);
+    f.stop().await;
+    for r in replicas {
+        r.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(root);
+}

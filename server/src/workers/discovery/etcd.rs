@@ -107,6 +107,20 @@ async fn watch(
     Ok(())
 }
 
+/// Every key under `prefix` with its value, at most [`MAX_KEYS`]. Errors: etcd cannot be
+/// reached or read.
+pub async fn list(cfg: &EtcdDiscovery, prefix: &str) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let mut client = connect(cfg).await?;
+    let listed = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let mut live = HashMap::new();
+    for kv in listed.kvs() {
+        insert(&mut live, kv.key(), kv.value());
+    }
+    Ok(live)
+}
+
 fn insert(live: &mut HashMap<String, Vec<u8>>, key: &[u8], value: &[u8]) {
     let key = String::from_utf8_lossy(key).into_owned();
     if live.len() >= MAX_KEYS && !live.contains_key(&key) {
@@ -127,7 +141,6 @@ pub async fn announce(
     ready: tokio::sync::oneshot::Sender<()>,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<Vec<String>> {
-    let mut ready = Some(ready);
     let started = now_ns();
     let kvs: Vec<(String, Vec<u8>)> = specs
         .iter()
@@ -138,6 +151,17 @@ pub async fn announce(
             )
         })
         .collect();
+    announce_kvs(cfg, kvs, ready, stop).await
+}
+
+/// [`announce`] of ready-made `(key, value)` pairs (a router's own registration too).
+pub async fn announce_kvs(
+    cfg: &EtcdDiscovery,
+    kvs: Vec<(String, Vec<u8>)>,
+    ready: tokio::sync::oneshot::Sender<()>,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<Vec<String>> {
+    let mut ready = Some(ready);
     let keys: Vec<String> = kvs.iter().map(|(k, _)| k.clone()).collect();
     let ttl = cfg.lease.as_secs_f64().ceil().max(1.0) as i64;
     tokio::pin!(stop);

@@ -54,7 +54,7 @@ pub fn registration_path(root: &Path, spec: &WorkerSpec) -> PathBuf {
 /// Every live registration under `dirs`, by path: regular `*.json` files (no symbolic links)
 /// refreshed within `lease`, at most [`MAX_FILES`], each at most
 /// [`MAX_REGISTRATION_BYTES`].
-fn scan(dirs: &[PathBuf], lease: Duration) -> HashMap<String, Vec<u8>> {
+pub(super) fn scan(dirs: &[PathBuf], lease: Duration) -> HashMap<String, Vec<u8>> {
     let now = SystemTime::now();
     let mut out = HashMap::new();
     let mut stack: Vec<(PathBuf, usize)> = dirs.iter().map(|d| (d.clone(), 0)).collect();
@@ -143,6 +143,16 @@ pub async fn announce(
             )
         })
         .collect();
+    announce_files(cfg, files, ready, stop).await
+}
+
+/// [`announce`] of ready-made `(path, content)` pairs (a router's own registration too).
+pub async fn announce_files(
+    cfg: &FileDiscovery,
+    files: Vec<(PathBuf, Vec<u8>)>,
+    ready: tokio::sync::oneshot::Sender<()>,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<Vec<PathBuf>> {
     for (path, bytes) in &files {
         write_atomically(path, bytes)?;
     }

@@ -8,10 +8,13 @@
 //! * [`etcd`] — keys under a prefix with etcd leases, watched (`--features etcd`).
 //!
 //! A standalone router takes only its `--endpoint`'s registrations; the frontend takes all.
+//! Standalone routers announce themselves too ([`routers`]), so that a frontend finds the
+//! replicas of a router by endpoint name.
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+pub mod routers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,8 +34,12 @@ pub struct EtcdDiscovery {
     pub endpoints: Vec<String>,
     /// Key prefix of registrations, ending in `/`.
     pub prefix: String,
+    /// Key prefix of routers' own registrations ([`routers`]), ending in `/`.
+    pub router_prefix: String,
     /// Lease of a sidecar's registrations (whole seconds in etcd).
     pub lease: std::time::Duration,
+    /// Time between two looks at the registered routers.
+    pub poll: std::time::Duration,
 }
 
 /// A configured discovery backend.
