@@ -175,7 +175,7 @@ pub enum SelectError {
 }
 
 /// KV cost of serving a request on `c` (spec §6.2). `min_active_prefill`: smallest active
-/// prefill among eligible ranks (for credit decay).
+/// prefill among eligible ranks (for credit decay). Returns `(cost, credit)` in blocks.
 pub fn kv_cost(
     c: &Candidate,
     isl: usize,
@@ -183,29 +183,78 @@ pub fn kv_cost(
     cfg: &KvRouterConfig,
     min_active_prefill: u64,
 ) -> (f64, f64) {
-    let bs = block_size.max(1) as f64;
-    let (scale, credit_w) = cfg.effective_scale_and_credit();
-    let active_prefill = if cfg.router_track_prefill_tokens {
-        c.load.active_prefill_tokens
-    } else {
-        0
-    };
-    let raw_prefill_blocks = (active_prefill as f64 + isl as f64) / bs;
-    let decay = if cfg.overlap_score_credit_decay == 0.0 || !cfg.router_track_prefill_tokens {
-        1.0
-    } else {
-        let request_blocks = crate::hash::request_blocks(isl, block_size).max(1) as f64;
-        let excess = active_prefill.saturating_sub(min_active_prefill) as f64;
-        1.0 / (1.0 + cfg.overlap_score_credit_decay * (excess / bs / request_blocks))
-    };
-    let credit = credit_w * decay * f64::from(c.overlap.device)
-        + cfg.host_cache_hit_weight * f64::from(c.overlap.host)
-        + cfg.disk_cache_hit_weight * f64::from(c.overlap.disk);
-    let adjusted = (raw_prefill_blocks - credit).max(0.0);
-    let cost = scale * adjusted
-        + c.load.potential_decode_blocks as f64
-        + cfg.decode_active_request_weight * f64::from(c.load.active_requests);
-    (cost, credit)
+    CostTerms::new(isl, block_size, cfg, min_active_prefill).cost(c)
+}
+
+/// The request-wide part of [`kv_cost`], computed once per request rather than per rank.
+#[derive(Clone, Copy, Debug)]
+pub struct CostTerms {
+    bs: f64,
+    isl: f64,
+    scale: f64,
+    credit_w: f64,
+    host_w: f64,
+    disk_w: f64,
+    decode_request_w: f64,
+    track_prefill: bool,
+    /// `credit_decay / block_size / request_blocks`; 0 without decay.
+    decay_per_token: f64,
+    min_active_prefill: u64,
+}
+
+impl CostTerms {
+    pub fn new(
+        isl: usize,
+        block_size: usize,
+        cfg: &KvRouterConfig,
+        min_active_prefill: u64,
+    ) -> Self {
+        let bs = block_size.max(1) as f64;
+        let (scale, credit_w) = cfg.effective_scale_and_credit();
+        let track_prefill = cfg.router_track_prefill_tokens;
+        let decay_per_token = if cfg.overlap_score_credit_decay == 0.0 || !track_prefill {
+            0.0
+        } else {
+            let request_blocks = crate::hash::request_blocks(isl, block_size).max(1) as f64;
+            cfg.overlap_score_credit_decay / bs / request_blocks
+        };
+        Self {
+            bs,
+            isl: isl as f64,
+            scale,
+            credit_w,
+            host_w: cfg.host_cache_hit_weight,
+            disk_w: cfg.disk_cache_hit_weight,
+            decode_request_w: cfg.decode_active_request_weight,
+            track_prefill,
+            decay_per_token,
+            min_active_prefill,
+        }
+    }
+
+    /// `(cost, credit)` of `c`, as [`kv_cost`].
+    pub fn cost(&self, c: &Candidate) -> (f64, f64) {
+        let active_prefill = if self.track_prefill {
+            c.load.active_prefill_tokens
+        } else {
+            0
+        };
+        let raw_prefill_blocks = (active_prefill as f64 + self.isl) / self.bs;
+        let decay = if self.decay_per_token == 0.0 {
+            1.0
+        } else {
+            let excess = active_prefill.saturating_sub(self.min_active_prefill) as f64;
+            1.0 / (1.0 + self.decay_per_token * excess)
+        };
+        let credit = self.credit_w * decay * f64::from(c.overlap.device)
+            + self.host_w * f64::from(c.overlap.host)
+            + self.disk_w * f64::from(c.overlap.disk);
+        let adjusted = (raw_prefill_blocks - credit).max(0.0);
+        let cost = self.scale * adjusted
+            + c.load.potential_decode_blocks as f64
+            + self.decode_request_w * f64::from(c.load.active_requests);
+        (cost, credit)
+    }
 }
 
 /// Whether a rank is over any busy threshold (spec §7.1).
@@ -381,7 +430,8 @@ impl Selector {
             .map(|c| c.load.active_prefill_tokens)
             .min()
             .unwrap_or(0);
-        let cost_of = |c: &Candidate| kv_cost(c, req.isl, req.block_size, cfg, min_prefill);
+        let terms = CostTerms::new(req.isl, req.block_size, cfg, min_prefill);
+        let cost_of = |c: &Candidate| terms.cost(c);
         let i = match cfg.router_selection_policy {
             SelectionPolicy::Default => {
                 let costs: Vec<f64> = eligible.iter().map(|c| cost_of(c).0).collect();
@@ -486,8 +536,8 @@ pub fn pick_by_cost<R: Rng + ?Sized>(costs: &[f64], temperature: f64, rng: &mut 
     costs.len() - 1
 }
 
-/// Argmin with ties broken uniformly at random (reservoir sampling: the k-th tie replaces the
-/// current best with probability 1/k).
+/// Argmin with ties (within 1e-9 of the first minimum found) broken uniformly at random:
+/// one pass for the minimum and its ties, one random draw, one pass to the chosen tie.
 pub fn argmin_random_ties<R: Rng + ?Sized>(costs: &[f64], rng: &mut R) -> usize {
     let mut best = 0;
     let mut ties = 1u32;
@@ -498,10 +548,18 @@ pub fn argmin_random_ties<R: Rng + ?Sized>(costs: &[f64], rng: &mut R) -> usize 
             ties = 1;
         } else if (c - b).abs() <= 1e-9 {
             ties += 1;
-            if rng.random_range(0..ties) == 0 {
-                best = i;
-            }
         }
     }
-    best
+    if ties == 1 {
+        return best;
+    }
+    let b = costs[best];
+    let k = rng.random_range(0..ties);
+    costs
+        .iter()
+        .enumerate()
+        .skip(best)
+        .filter(|(_, &c)| (c - b).abs() <= 1e-9)
+        .nth(k as usize)
+        .map_or(best, |(i, _)| i)
 }
