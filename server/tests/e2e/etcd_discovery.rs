@@ -110,6 +110,19 @@ impl Drop for Etcd {
     }
 }
 
+/// etcd discovery on `etcd` under a fresh prefix (returned), 2 s leases.
+fn discovery(etcd: &Etcd) -> (String, Discovery) {
+    let prefix = format!("test/{}/", rand::random::<u32>());
+    let d = Discovery::Etcd(EtcdDiscovery {
+        endpoints: vec![etcd.url()],
+        prefix: prefix.clone(),
+        router_prefix: format!("{prefix}routers/"),
+        lease: Duration::from_secs(2),
+        poll: Duration::from_millis(100),
+    });
+    (prefix, d)
+}
+
 /// A sidecar announcing `spec`: stopped (lease revoked) by firing the sender, or killed
 /// (lease left to expire) by aborting the task.
 fn sidecar(d: &Discovery, spec: WorkerSpec) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
@@ -129,14 +142,7 @@ fn sidecar(d: &Discovery, spec: WorkerSpec) -> (oneshot::Sender<()>, tokio::task
 async fn etcd_leases_add_and_remove_workers_and_survive_an_etcd_restart() {
     let mut etcd = Etcd::start();
     etcd.wait_up().await;
-    let prefix = format!("test/{}/", rand::random::<u32>());
-    let d = Discovery::Etcd(EtcdDiscovery {
-        endpoints: vec![etcd.url()],
-        prefix: prefix.clone(),
-        router_prefix: format!("{prefix}routers/"),
-        lease: Duration::from_secs(2),
-        poll: Duration::from_millis(100),
-    });
+    let (prefix, d) = discovery(&etcd);
     let w = mock_workers(3, DisaggregationMode::Agg).await;
     let mut fc = FrontendConfig {
         router_mode: RouterMode::Kv,
@@ -211,14 +217,7 @@ async fn router_replicas_announce_themselves_in_etcd_until_they_stop() {
     use kvrouter_server::workers::discovery::routers::{announce, list, RouterRegistration};
     let etcd = Etcd::start();
     etcd.wait_up().await;
-    let prefix = format!("test/{}/", rand::random::<u32>());
-    let d = Discovery::Etcd(EtcdDiscovery {
-        endpoints: vec![etcd.url()],
-        prefix: prefix.clone(),
-        router_prefix: format!("{prefix}routers/"),
-        lease: Duration::from_secs(2),
-        poll: Duration::from_millis(100),
-    });
+    let (_, d) = discovery(&etcd);
     let reg = RouterRegistration {
         url: "http://10.0.0.9:8090".into(),
         endpoint: "dynamo.prefill.generate".into(),
