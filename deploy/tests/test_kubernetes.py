@@ -370,9 +370,8 @@ def engine_settings(c: dict) -> dict:
     }
 
 
-WORKER_TARGETS = [t for t in TARGETS if objects(t, "StatefulSet") and
-                  any("kvrouter.dev/block-size" in s["spec"]["template"]["metadata"].get("annotations", {})
-                      for s in objects(t, "StatefulSet"))]
+# Every overlay brings worker pods (the base brings none).
+WORKER_TARGETS = [f"overlays/{o}" for o in OVERLAYS]
 
 
 @pytest.mark.parametrize("target", WORKER_TARGETS)
@@ -432,9 +431,10 @@ def test_workers_files_agree_with_the_worker_pods(target):
             for p in (u.port, ev.port, rp.port):
                 if p not in svc_ports:
                     errors.append(f"{where}: Service {svc_name} does not list port {p}")
-    for sts in objects(target, "StatefulSet"):
-        if "kvrouter.dev/block-size" not in sts["spec"]["template"]["metadata"].get("annotations", {}):
-            continue
+    worker_sets = [s for s in objects(target, "StatefulSet")
+                   if "kvrouter.dev/block-size" in s["spec"]["template"]["metadata"].get("annotations", {})]
+    assert worker_sets, f"{target}: no annotated worker StatefulSet"
+    for sts in worker_sets:
         for i in range(sts["spec"]["replicas"]):
             if f"{sts['metadata']['name']}-{i}" not in listed:
                 errors.append(f"pod {sts['metadata']['name']}-{i} is in no workers file")
