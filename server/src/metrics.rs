@@ -333,7 +333,85 @@ pub struct Metrics {
     pub discovery_changes: Family<ChangeLabels, Counter>,
     /// Discovery watches restarted (after an error or a compacted history).
     pub discovery_watch_restarts: Counter,
+    /// The NATS event plane and snapshots (`--event-plane nats`).
+    pub event_plane: EventPlaneMetrics,
     scrape: std::sync::Arc<ScrapeCollector>,
+}
+
+/// The NATS event plane's consumer and snapshots of one router replica.
+#[derive(Debug, Default)]
+pub struct EventPlaneMetrics {
+    /// Stream messages not applied yet: the stream's last sequence − the last one applied.
+    pub lag: Gauge,
+    /// Stream messages consumed (applied or skipped).
+    pub messages: Counter,
+    /// Events handed to the index.
+    pub events: Counter,
+    /// Messages delivered again (sequence already applied), skipped.
+    pub redeliveries: Counter,
+    /// Events whose id was not above the rank's last, skipped.
+    pub duplicates: Counter,
+    /// Forward event-id gaps (the rank cleared, a re-dump asked for).
+    pub gaps: Counter,
+    /// Gaps closed by a relay's clear and re-dump.
+    pub gaps_recovered: Counter,
+    /// Relay restarts seen (a rank's ids starting again from 0): the rank cleared first.
+    pub relay_restarts: Counter,
+    /// Events of workers not in the routing set, ignored.
+    pub unknown_workers: Counter,
+    /// Messages that are not a JSON array of events of their subject's worker, or too large.
+    pub bad_messages: Counter,
+    /// Snapshots this replica took and uploaded.
+    pub snapshots_taken: Counter,
+    /// Snapshots this replica loaded at start.
+    pub snapshots_loaded: Counter,
+    /// Seconds since the newest snapshot this replica took or loaded was taken.
+    pub snapshot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Size of that snapshot in bytes.
+    pub snapshot_size: Gauge,
+    /// Seconds the last snapshot took (flush, dump, upload, purge).
+    pub snapshot_duration: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl EventPlaneMetrics {
+    fn register(&self, r: &mut Registry) {
+        let counters: [(&str, &str, &Counter); 11] = [
+            ("event_stream_messages", "NATS event stream messages consumed", &self.messages),
+            ("event_stream_events", "KV events from the NATS event stream handed to the index", &self.events),
+            ("event_stream_redeliveries", "NATS event stream messages delivered again and skipped (sequence already applied)", &self.redeliveries),
+            ("event_stream_duplicates", "KV events skipped because their id was not above their rank's last", &self.duplicates),
+            ("event_stream_gaps", "KV event id gaps detected on the NATS event stream (rank cleared, re-dump asked)", &self.gaps),
+            ("event_stream_gaps_recovered", "KV event id gaps closed by a relay's clear and re-dump", &self.gaps_recovered),
+            ("event_stream_relay_restarts", "Relay restarts seen on the NATS event stream (rank ids from 0 again)", &self.relay_restarts),
+            ("event_stream_unknown_workers", "KV events of workers not in the routing set, ignored", &self.unknown_workers),
+            ("event_stream_bad_messages", "NATS event stream messages that are not a JSON array of their worker's events, or too large", &self.bad_messages),
+            ("snapshots_taken", "Index snapshots taken and uploaded to the NATS object store", &self.snapshots_taken),
+            ("snapshots_loaded", "Index snapshots loaded from the NATS object store", &self.snapshots_loaded),
+        ];
+        for (name, help, c) in counters {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "event_stream_lag",
+            "NATS event stream messages not applied yet (last stream sequence − last applied)",
+            self.lag.clone(),
+        );
+        r.register(
+            "snapshot_age_seconds",
+            "Seconds since the newest index snapshot this replica took or loaded was taken",
+            self.snapshot_age.clone(),
+        );
+        r.register(
+            "snapshot_size_bytes",
+            "Size of the newest index snapshot this replica took or loaded",
+            self.snapshot_size.clone(),
+        );
+        r.register(
+            "snapshot_duration_seconds",
+            "Time the last index snapshot took: flush, dump, upload and purge",
+            self.snapshot_duration.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -371,6 +449,7 @@ impl Metrics {
             service_calls: Family::default(),
             discovery_changes: Family::default(),
             discovery_watch_restarts: Counter::default(),
+            event_plane: EventPlaneMetrics::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -499,6 +578,7 @@ impl Metrics {
             "Discovery watches restarted after an error (etcd restarted or unreachable, history compacted)",
             m.discovery_watch_restarts.clone(),
         );
+        m.event_plane.register(&mut registry);
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }
     }

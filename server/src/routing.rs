@@ -109,6 +109,11 @@ pub struct RouterState {
     fixed_block_size: bool,
     /// Expiries already counted in the metrics (the scheduler's running total).
     expired_counted: AtomicU64,
+    /// The last flush marker sent ([`flush_events`](Self::flush_events)); held while sending
+    /// so that markers enter the queue in ticket order.
+    flush_ticket: Mutex<u64>,
+    /// The last flush marker the index thread has passed.
+    flushed: Arc<AtomicU64>,
 }
 
 /// Bookings made under a caller's id (the standalone router's `best_worker_id` with a
@@ -181,9 +186,11 @@ impl RouterState {
             );
         })));
         let (tx, rx) = sync_channel(capacity.max(1));
+        let flushed = Arc::new(AtomicU64::new(0));
+        let f = flushed.clone();
         std::thread::Builder::new()
             .name("kv-index".into())
-            .spawn(move || index_loop(writer, rx))
+            .spawn(move || index_loop(writer, rx, f))
             .expect("spawning the index thread");
         let queue = RouterQueue::new(config.kv.router_queue_policy, config.kv.router_queue_limit);
         let state = Arc::new(Self {
@@ -200,6 +207,8 @@ impl RouterState {
             roles: std::sync::atomic::AtomicU8::new(0),
             fixed_block_size,
             expired_counted: AtomicU64::new(0),
+            flush_ticket: Mutex::new(0),
+            flushed,
         });
         if state.queue_enabled() {
             let weak = Arc::downgrade(&state);
@@ -325,23 +334,38 @@ impl RouterState {
             s.remove_worker(worker);
             self.note_roles(&s);
         }
-        let tiers = [
-            StorageTier::Device,
-            StorageTier::HostPinned,
-            StorageTier::Disk,
-        ];
         for rank in 0..dp_size {
-            for tier in tiers {
-                let mut ev = RouterEvent::new(
-                    WorkerWithDpRank::new(worker, rank),
-                    0,
-                    KvCacheEventData::Cleared,
-                );
-                ev.storage_tier = tier;
+            for ev in clear_events(WorkerWithDpRank::new(worker, rank)) {
                 // Only fails when the index thread is gone (shutdown): nothing to clear then.
                 let _ = self.events.send(ev);
             }
         }
+    }
+
+    /// Waits until every event sent to [`event_sink`](Self::event_sink) before this call is
+    /// in the index (a marker goes down the same queue). Blocking: call off the async
+    /// threads. Returns false if that took longer than `timeout` or the index thread is gone.
+    pub fn flush_events(&self, timeout: Duration) -> bool {
+        let ticket = {
+            let mut next = self
+                .flush_ticket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *next += 1;
+            let marker = RouterEvent::new(FLUSH_MARKER, *next, KvCacheEventData::Cleared);
+            if self.events.send(marker).is_err() {
+                return false;
+            }
+            *next
+        };
+        let end = Instant::now() + timeout;
+        while self.flushed.load(Ordering::Acquire) < ticket {
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
     }
 
     /// Ranks in the routing set, with their current load.
@@ -856,7 +880,26 @@ fn queue_tick(state: Weak<RouterState>) {
     }
 }
 
-fn index_loop(mut writer: SharedIndexWriter, rx: Receiver<RouterEvent>) {
+/// The rank of [`RouterState::flush_events`]'s markers (its event id is the ticket); never
+/// applied.
+const FLUSH_MARKER: WorkerWithDpRank = WorkerWithDpRank::new(u64::MAX, u32::MAX);
+
+/// `Cleared` for one rank on every storage tier: what forgets everything the rank held.
+pub fn clear_events(rank: WorkerWithDpRank) -> impl Iterator<Item = RouterEvent> {
+    [
+        StorageTier::Device,
+        StorageTier::HostPinned,
+        StorageTier::Disk,
+    ]
+    .into_iter()
+    .map(move |tier| {
+        let mut ev = RouterEvent::new(rank, 0, KvCacheEventData::Cleared);
+        ev.storage_tier = tier;
+        ev
+    })
+}
+
+fn index_loop(mut writer: SharedIndexWriter, rx: Receiver<RouterEvent>, flushed: Arc<AtomicU64>) {
     while let Ok(ev) = rx.recv() {
         // Whatever queued up meanwhile goes in as one batch: one publish, and the index
         // prefetches across the batch's events.
@@ -867,8 +910,21 @@ fn index_loop(mut writer: SharedIndexWriter, rx: Receiver<RouterEvent>) {
                 Err(_) => break,
             }
         }
-        writer.append(IndexOp::Events(batch));
-        writer.publish();
+        let mut ticket = None;
+        batch.retain(|ev| {
+            let marker = ev.worker() == FLUSH_MARKER;
+            if marker {
+                ticket = Some(ev.event.event_id);
+            }
+            !marker
+        });
+        if !batch.is_empty() {
+            writer.append(IndexOp::Events(batch));
+            writer.publish();
+        }
+        if let Some(t) = ticket {
+            flushed.fetch_max(t, Ordering::AcqRel);
+        }
     }
 }
 

@@ -36,6 +36,18 @@ pub fn write_json_lines<'a, W: Write>(
     Ok(())
 }
 
+/// Events as one JSON array of the same canonical objects (a message of the NATS event plane:
+/// consecutive events of one worker rank).
+pub fn to_json_array(events: &[RouterEvent]) -> Vec<u8> {
+    // As `to_json_line`: these plain structs always serialise.
+    serde_json::to_vec(events).unwrap_or_default()
+}
+
+/// Parses a JSON array of events (as [`to_json_array`] writes). Errors: anything else.
+pub fn from_json_array(bytes: &[u8]) -> Result<Vec<RouterEvent>, WireError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
 /// Reads JSON lines (blank lines skipped). Errors carry the 1-based line number.
 pub fn read_json_lines<R: BufRead>(r: R) -> Result<Vec<RouterEvent>, WireError> {
     let mut out = Vec::new();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvrouter_core::event::WorkerId;
 use kvrouter_core::WorkerInfo;
-use kvrouter_wire::subscriber::{dp_endpoint, KvEventSubscriber, SubscriberConfig};
+use kvrouter_wire::subscriber::KvEventSubscriber;
 
 use super::client::WorkerClient;
 use super::registry::{Health, Registry, Worker};
@@ -45,6 +45,9 @@ pub struct EventSettings {
     pub enabled: bool,
     /// Live frames larger than this are dropped and counted.
     pub max_frame_bytes: usize,
+    /// Subscribe to each worker's ZMQ publisher (`--event-plane zmq`); with `nats` the
+    /// events come from the stream instead ([`crate::replicas::event_plane`]).
+    pub zmq: bool,
 }
 
 impl EventSettings {
@@ -53,6 +56,7 @@ impl EventSettings {
         Self {
             enabled,
             max_frame_bytes: args.kv_event_max_frame_bytes,
+            zmq: args.replicas.event_plane == crate::replicas::EventPlane::Zmq,
         }
     }
 }
@@ -153,7 +157,7 @@ impl Fleet {
             .registry
             .insert(spec, source)
             .map_err(RegistrationError)?;
-        if self.events.enabled {
+        if self.events.enabled && self.events.zmq {
             if let Err(e) = self.subscribe(&worker, block_size) {
                 self.registry.remove(worker.id());
                 return Err(e);
@@ -179,23 +183,11 @@ impl Fleet {
 
     fn subscribe(&self, worker: &Worker, block_size: usize) -> Result<(), RegistrationError> {
         let mut subs = Vec::new();
-        for rank in worker.spec.ranks() {
-            let Some(endpoint) = worker.spec.rank_endpoint(rank.dp_rank) else {
-                continue;
-            };
-            let cfg = SubscriberConfig {
-                worker: rank,
-                endpoint,
-                replay_endpoint: worker
-                    .spec
-                    .replay_endpoint
-                    .as_deref()
-                    .map(|e| dp_endpoint(e, rank.dp_rank)),
-                topic: worker.spec.kv_events_topic.clone().unwrap_or_default(),
-                block_size: block_size as u32,
-                max_frame_bytes: self.events.max_frame_bytes,
-                ..Default::default()
-            };
+        for cfg in worker
+            .spec
+            .subscriber_configs(block_size as u32, self.events.max_frame_bytes)
+        {
+            let rank = cfg.worker;
             match KvEventSubscriber::start(cfg, self.router.event_sink()) {
                 Ok(s) => subs.push(s),
                 Err(e) => {

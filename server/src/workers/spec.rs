@@ -3,7 +3,7 @@
 
 use kvrouter_core::event::{WorkerId, WorkerWithDpRank};
 use kvrouter_core::{DeviceType, WorkerRole};
-use kvrouter_wire::subscriber::dp_endpoint;
+use kvrouter_wire::subscriber::{dp_endpoint, SubscriberConfig};
 use serde::{Deserialize, Serialize};
 
 /// Most data-parallel ranks one registration may declare. Each rank runs a KV event
@@ -180,6 +180,32 @@ impl WorkerSpec {
         self.kv_events_endpoint
             .as_deref()
             .map(|e| dp_endpoint(e, rank))
+    }
+
+    /// The KV event subscriber of each rank that publishes events (its endpoint, replay
+    /// endpoint and topic), for `block_size`-token blocks and messages of at most
+    /// `max_frame_bytes`.
+    pub fn subscriber_configs(
+        &self,
+        block_size: u32,
+        max_frame_bytes: usize,
+    ) -> Vec<SubscriberConfig> {
+        self.ranks()
+            .filter_map(|rank| {
+                Some(SubscriberConfig {
+                    worker: rank,
+                    endpoint: self.rank_endpoint(rank.dp_rank)?,
+                    replay_endpoint: self
+                        .replay_endpoint
+                        .as_deref()
+                        .map(|e| dp_endpoint(e, rank.dp_rank)),
+                    topic: self.kv_events_topic.clone().unwrap_or_default(),
+                    block_size,
+                    max_frame_bytes,
+                    ..Default::default()
+                })
+            })
+            .collect()
     }
 }
 
