@@ -40,6 +40,9 @@ enum Command {
     /// Announce a worker to the routers through a discovery backend (`file`: a registration
     /// under `--file-kv`), keep its lease alive, withdraw it on exit.
     Register(cmd::register::Args),
+    /// Publish workers' KV events (ZMQ) to the endpoint's NATS JetStream stream, for routers
+    /// started with `--event-plane nats` (a build with `--features nats`).
+    Relay(cmd::relay::Args),
     /// Print the router's block hashes for token ids read as a JSON array on stdin.
     Hash(cmd::hash::Args),
     /// Print a worker's KV event stream (vLLM/SGLang ZMQ) as canonical JSON lines.
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Frontend(a) => cmd::frontend::run(a),
         Command::Router(a) => cmd::router::run(a),
         Command::Register(a) => cmd::register::run(a),
+        Command::Relay(a) => cmd::relay::run(a),
         Command::Hash(a) => cmd::hash::run(a),
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),

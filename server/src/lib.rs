@@ -71,6 +71,10 @@ pub struct Frontend {
     pub fleet: Arc<Fleet>,
     /// Served model name.
     pub model_name: String,
+    /// Its NATS event plane (`--event-plane nats`).
+    pub event_plane: Option<replicas::NatsEventPlane>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
     shutdown: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -81,6 +85,7 @@ impl Frontend {
     /// Errors: bad flags, an unreadable model directory, a port in use, a worker that cannot
     /// be registered.
     pub async fn start(cfg: FrontendConfig, workers: Vec<WorkerSpec>) -> anyhow::Result<Self> {
+        cfg.fleet.replicas.check_build()?;
         let router_config = cfg.router_config()?;
         let (model_dir, default_name) = match &cfg.model_path {
             Some(p) => {
@@ -118,6 +123,8 @@ impl Frontend {
         let mut all = cfg.static_workers()?;
         all.extend(workers);
         fleet.register_all(all).await?;
+        let event_plane =
+            replicas::start_event_plane(&cfg.fleet.replicas, &fleet, &metrics).await?;
 
         let limits = Limits {
             context_length,
@@ -219,6 +226,8 @@ impl Frontend {
             admin_addr,
             fleet,
             model_name,
+            event_plane,
+            metrics,
             shutdown,
             tasks,
         })
@@ -237,6 +246,9 @@ impl Frontend {
     /// Stop serving (open streams are cut) and stop the event subscribers.
     pub async fn stop(self) {
         listener::stop_all(self.shutdown, self.tasks).await;
+        if let Some(p) = self.event_plane {
+            p.stop().await;
+        }
         self.fleet.shutdown().await;
     }
 }

@@ -4,9 +4,11 @@ pub mod frontend;
 pub mod hash;
 pub mod mocker;
 pub mod register;
+pub mod relay;
 pub mod replay;
 pub mod router;
 pub mod up;
+pub mod worker_args;
 
 /// Log to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {

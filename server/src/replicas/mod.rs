@@ -14,6 +14,59 @@
 
 use clap::Args;
 
+#[cfg(feature = "nats")]
+pub mod event_plane;
+#[cfg(feature = "nats")]
+pub mod relay;
+#[cfg(feature = "nats")]
+pub mod snapshot;
+#[cfg(feature = "nats")]
+pub mod stream;
+#[cfg(feature = "nats")]
+pub mod tracker;
+
+/// The running NATS event plane of a router (nothing in a build without `nats`, where
+/// [`ReplicaArgs::check_build`] refuses `--event-plane nats`).
+#[cfg(feature = "nats")]
+pub use event_plane::NatsEventPlane;
+#[cfg(not(feature = "nats"))]
+pub enum NatsEventPlane {}
+#[cfg(not(feature = "nats"))]
+impl NatsEventPlane {
+    pub async fn stop(self) {
+        match self {}
+    }
+}
+
+/// Checks the flags and, with `--event-plane nats`, starts consuming the stream of `fleet`'s
+/// endpoint (the default endpoint for a fleet of any endpoint: the frontend's) into its
+/// router. Errors: NATS asked for in a build without it, a malformed NATS URL.
+pub async fn start_event_plane(
+    args: &ReplicaArgs,
+    fleet: &std::sync::Arc<crate::workers::fleet::Fleet>,
+    metrics: &std::sync::Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<Option<NatsEventPlane>> {
+    args.check_build()?;
+    if args.event_plane != EventPlane::Nats {
+        return Ok(None);
+    }
+    #[cfg(feature = "nats")]
+    {
+        let endpoint = fleet
+            .endpoint()
+            .unwrap_or(crate::workers::spec::DEFAULT_ENDPOINT)
+            .to_string();
+        let plane =
+            NatsEventPlane::start(args, &endpoint, fleet.clone(), metrics.clone()).await?;
+        Ok(Some(plane))
+    }
+    #[cfg(not(feature = "nats"))]
+    {
+        let _ = (fleet, metrics);
+        unreachable!("check_build refuses nats without the feature")
+    }
+}
+
 /// How KV events reach the router (the reference's `--event-plane`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum EventPlane {
@@ -46,6 +99,10 @@ pub struct ReplicaArgs {
     /// Default: a random one per process.
     #[arg(long, env = "KVROUTER_ROUTER_ID")]
     pub router_id: Option<String>,
+    /// With `--event-plane nats`: start with an empty index, deleting the endpoint's index
+    /// snapshot and this replica's consumer, instead of loading the snapshot.
+    #[arg(long, env = "DYN_ROUTER_RESET_STATES")]
+    pub router_reset_states: bool,
 }
 
 impl Default for ReplicaArgs {
@@ -56,6 +113,7 @@ impl Default for ReplicaArgs {
             router_replica_sync: false,
             router_snapshot_threshold: 10_000,
             router_id: None,
+            router_reset_states: false,
         }
     }
 }
@@ -126,6 +184,22 @@ impl Names {
 
     /// The object holding the newest snapshot.
     pub const SNAPSHOT_OBJECT: &'static str = "radix-state";
+
+    /// The NATS core subject on which routers ask the relay of `worker_id` to re-publish what
+    /// the worker holds (a clear and a dump, into the stream) after a gap.
+    pub fn redump_subject(&self, worker_id: u64) -> String {
+        format!("{}.kv_redump.{worker_id}", self.prefix)
+    }
+
+    /// The re-dump subjects of every worker (what a relay subscribes to).
+    pub fn redump_subjects(&self) -> String {
+        format!("{}.kv_redump.*", self.prefix)
+    }
+
+    /// The key-value bucket of the snapshot lock.
+    pub fn lock_bucket(&self) -> String {
+        slug(&format!("{}-radix-lock", self.prefix))
+    }
 
     /// The NATS core subject of replica sync.
     pub fn sync_subject(&self) -> String {

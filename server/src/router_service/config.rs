@@ -26,11 +26,6 @@ pub struct RouterServiceConfig {
     #[arg(long, alias = "block-size", env = "DYN_ROUTER_BLOCK_SIZE",
           value_parser = parse_block_size)]
     pub router_block_size: usize,
-    /// Accepted for the reference's command lines: this router keeps no state across restarts
-    /// (no snapshot to reset), it always starts empty and rebuilds its index from the workers'
-    /// KV events.
-    #[arg(long)]
-    pub router_reset_states: bool,
     /// Address the router's HTTP API listens on (loopback unless told otherwise).
     #[arg(long, env = "KVROUTER_ROUTER_HTTP_HOST", default_value = "127.0.0.1")]
     pub http_host: String,
@@ -205,7 +200,7 @@ mod tests {
         let c = P::try_parse_from(args).unwrap().c;
         assert_eq!(c.endpoint, "dynamo.prefill.generate");
         assert_eq!(c.router_block_size, 64);
-        assert!(c.router_reset_states);
+        assert!(c.fleet.replicas.router_reset_states);
         assert_eq!(c.http_port, 8090);
         let cfg = c.router_config().unwrap();
         assert_eq!(cfg.mode, RouterMode::Kv);

@@ -124,9 +124,6 @@ impl RouterService {
         let http_addr = cfg.http_addr()?;
         let nofile = listener::raise_nofile_limit();
         let router = Router::start(&cfg, workers).await?;
-        if cfg.router_reset_states {
-            tracing::info!("--router-reset-states: the router always starts with empty state");
-        }
         let fleet = router.fleet().clone();
         let metrics = router.metrics().clone();
         let service = Arc::new(Service {

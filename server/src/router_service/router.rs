@@ -188,6 +188,8 @@ pub struct Router {
     next_id: AtomicU64,
     /// The health loop.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Its NATS event plane (`--event-plane nats`).
+    event_plane: Mutex<Option<crate::replicas::NatsEventPlane>>,
 }
 
 impl Router {
@@ -219,6 +221,7 @@ impl Router {
         workers: Vec<WorkerSpec>,
     ) -> anyhow::Result<Arc<Self>> {
         config.kv.validate()?;
+        cfg.fleet.replicas.check_build()?;
         let metrics = Arc::new(Metrics::new());
         let use_kv_events = config.kv.use_kv_events;
         let router =
@@ -246,6 +249,14 @@ impl Router {
             fleet.shutdown().await;
             return Err(e);
         }
+        let event_plane =
+            match crate::replicas::start_event_plane(&cfg.fleet.replicas, &fleet, &metrics).await {
+                Ok(p) => p,
+                Err(e) => {
+                    fleet.shutdown().await;
+                    return Err(e);
+                }
+            };
         let mut tasks = vec![fleet.spawn_health_loop()];
         if let Some(d) = discovery {
             tasks.push(d.spawn_watch(fleet.clone(), metrics.clone()));
@@ -257,6 +268,7 @@ impl Router {
             endpoint: endpoint.map(str::to_string),
             next_id: AtomicU64::new(rand::random::<u64>() >> 1),
             tasks: Mutex::new(tasks),
+            event_plane: Mutex::new(event_plane),
         }))
     }
 
@@ -267,6 +279,14 @@ impl Router {
         for t in tasks {
             t.abort();
             let _ = t.await;
+        }
+        let plane = self
+            .event_plane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(p) = plane {
+            p.stop().await;
         }
         self.fleet.shutdown().await;
     }

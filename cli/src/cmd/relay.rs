@@ -1,0 +1,81 @@
+//! `kvrouter relay`: a worker-side sidecar that publishes its workers' ZMQ KV events to the
+//! endpoint's NATS JetStream stream, for routers started with `--event-plane nats`
+//! (`kvrouter_server::replicas::relay`). Runs until Ctrl-C or SIGTERM, then publishes what
+//! it buffered. `kvrouter register --relay` runs the same relaying ([`RelayArgs::run_until`]).
+use super::worker_args::WorkerArgs;
+
+/// `kvrouter relay` flags.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+    #[command(flatten)]
+    pub relay: RelayArgs,
+}
+
+/// Where and how to relay (shared with `kvrouter register --relay`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct RelayArgs {
+    /// NATS server URL (`nats://host:port`).
+    #[arg(long, env = "NATS_SERVER", default_value = "nats://127.0.0.1:4222")]
+    pub nats_server: String,
+    /// Most events buffered while NATS is unreachable; beyond it the oldest are dropped and
+    /// their worker rank is re-dumped (a clear and what it holds) once NATS is back.
+    #[arg(long, env = "KVROUTER_RELAY_BUFFER_EVENTS", default_value_t = 200_000)]
+    pub relay_buffer_events: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    super::init_tracing();
+    let specs = args.workers.specs()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        args.relay
+            .run_until(&args.workers.endpoint, specs, async {
+                let _ = super::shutdown_signal().await;
+            })
+            .await
+    })
+}
+
+impl RelayArgs {
+    /// Relays the events of `specs` to `endpoint`'s stream until `stop` completes. Errors:
+    /// a build without `--features nats`, a worker that cannot be relayed (no `id` or
+    /// `kv_events_endpoint`), an endpoint that cannot be opened.
+    pub async fn run_until(
+        &self,
+        endpoint: &str,
+        specs: Vec<kvrouter_server::WorkerSpec>,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        #[cfg(feature = "nats")]
+        {
+            use kvrouter_server::replicas::relay::{Relay, RelayOptions};
+            let n = specs.len();
+            let relay = Relay::start(
+                RelayOptions {
+                    nats_server: self.nats_server.clone(),
+                    endpoint: endpoint.to_string(),
+                    buffer_events: self.relay_buffer_events,
+                    ..Default::default()
+                },
+                specs,
+            )
+            .await?;
+            eprintln!("kvrouter relay: relaying {n} worker(s) to {} on {}", endpoint, self.nats_server);
+            stop.await;
+            let stats = relay.stats();
+            relay.stop().await;
+            eprintln!("kvrouter relay: stopped ({stats:?})");
+            Ok(())
+        }
+        #[cfg(not(feature = "nats"))]
+        {
+            let _ = (endpoint, specs, stop);
+            anyhow::bail!("relaying KV events to NATS needs a build with `--features nats`")
+        }
+    }
+}
