@@ -347,10 +347,7 @@ impl RouterState {
     /// threads. Returns false if that took longer than `timeout` or the index thread is gone.
     pub fn flush_events(&self, timeout: Duration) -> bool {
         let ticket = {
-            let mut next = self
-                .flush_ticket
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut next = self.flush_ticket.lock().unwrap_or_else(|e| e.into_inner());
             *next += 1;
             let marker = RouterEvent::new(FLUSH_MARKER, *next, KvCacheEventData::Cleared);
             if self.events.send(marker).is_err() {

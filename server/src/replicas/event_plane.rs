@@ -167,7 +167,11 @@ impl Consumer {
         &self.metrics.event_plane
     }
 
-    async fn run(mut self, mut requests: mpsc::Receiver<SnapshotRequest>, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<SnapshotRequest>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut started = false;
         loop {
             if *stop.borrow() {
@@ -341,7 +345,11 @@ impl Consumer {
         }
         if seq > self.applied + 1 && self.applied > 0 {
             // Messages we need are gone (purged after a newer snapshot, or aged out).
-            tracing::warn!(seq, applied = self.applied, "event stream hole: loading the snapshot");
+            tracing::warn!(
+                seq,
+                applied = self.applied,
+                "event stream hole: loading the snapshot"
+            );
             if let Err(e) = self.load_snapshot().await {
                 tracing::warn!("loading the snapshot: {e:#}");
             }
@@ -460,7 +468,10 @@ mod tests {
         let ev = RouterEvent::new(WorkerWithDpRank::new(3, 0), 0, KvCacheEventData::Cleared);
         let ok = kvrouter_wire::json::to_json_array(&[ev.clone(), ev.clone()]);
         assert_eq!(parse(&ok, 3).map(|v| v.len()), Some(2));
-        assert!(parse(&ok, 4).is_none(), "events of another worker than the subject's");
+        assert!(
+            parse(&ok, 4).is_none(),
+            "events of another worker than the subject's"
+        );
         for bad in [
             &b""[..],
             b"garbage",

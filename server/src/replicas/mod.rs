@@ -56,8 +56,7 @@ pub async fn start_event_plane(
             .endpoint()
             .unwrap_or(crate::workers::spec::DEFAULT_ENDPOINT)
             .to_string();
-        let plane =
-            NatsEventPlane::start(args, &endpoint, fleet.clone(), metrics.clone()).await?;
+        let plane = NatsEventPlane::start(args, &endpoint, fleet.clone(), metrics.clone()).await?;
         Ok(Some(plane))
     }
     #[cfg(not(feature = "nats"))]

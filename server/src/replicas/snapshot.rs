@@ -75,7 +75,10 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-async fn bucket(js: &jetstream::Context, names: &Names) -> anyhow::Result<object_store::ObjectStore> {
+async fn bucket(
+    js: &jetstream::Context,
+    names: &Names,
+) -> anyhow::Result<object_store::ObjectStore> {
     if let Ok(b) = js.get_object_store(names.snapshot_bucket()).await {
         return Ok(b);
     }
@@ -91,7 +94,10 @@ async fn bucket(js: &jetstream::Context, names: &Names) -> anyhow::Result<object
 /// The newest snapshot and its size in bytes, `None` if there is none. Retries a read that
 /// fails (an upload replacing it meanwhile) a few times. Errors: NATS unreachable, a
 /// snapshot larger than [`MAX_SNAPSHOT_BYTES`] or not a snapshot.
-pub async fn load(js: &jetstream::Context, names: &Names) -> anyhow::Result<Option<(Snapshot, usize)>> {
+pub async fn load(
+    js: &jetstream::Context,
+    names: &Names,
+) -> anyhow::Result<Option<(Snapshot, usize)>> {
     let store = bucket(js, names).await?;
     let mut last_err = None;
     for _ in 0..5 {
@@ -105,12 +111,20 @@ pub async fn load(js: &jetstream::Context, names: &Names) -> anyhow::Result<Opti
             }
         };
         if obj.info.size > MAX_SNAPSHOT_BYTES {
-            anyhow::bail!("the snapshot has {} bytes, more than {MAX_SNAPSHOT_BYTES}", obj.info.size);
+            anyhow::bail!(
+                "the snapshot has {} bytes, more than {MAX_SNAPSHOT_BYTES}",
+                obj.info.size
+            );
         }
         let mut bytes = Vec::with_capacity(obj.info.size);
-        match (&mut obj).take(MAX_SNAPSHOT_BYTES as u64 + 1).read_to_end(&mut bytes).await {
+        match (&mut obj)
+            .take(MAX_SNAPSHOT_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .await
+        {
             Ok(_) => {
-                let snap: Snapshot = serde_json::from_slice(&bytes).context("decoding the snapshot")?;
+                let snap: Snapshot =
+                    serde_json::from_slice(&bytes).context("decoding the snapshot")?;
                 return Ok(Some((snap, bytes.len())));
             }
             Err(e) => {
@@ -168,16 +182,27 @@ impl Snapshotter {
                 return;
             }
             if let Err(e) = self.tick().await {
-                tracing::debug!("snapshot check: {e:#}");
+                tracing::warn!("snapshot check: {e:#}");
             }
         }
     }
 
     async fn tick(&self) -> anyhow::Result<()> {
-        let mut stream = self.js.get_stream(self.names.stream()).await?;
-        let state = stream.info().await?.state.clone();
+        let mut stream = self
+            .js
+            .get_stream(self.names.stream())
+            .await
+            .context("opening the stream")?;
+        let state = stream
+            .info()
+            .await
+            .context("reading the stream's state")?
+            .state
+            .clone();
         let applied = *self.applied.borrow();
-        self.m().lag.set(state.last_sequence.saturating_sub(applied) as i64);
+        self.m()
+            .lag
+            .set(state.last_sequence.saturating_sub(applied) as i64);
         if let Some(taken) = self.newest_taken_ms() {
             self.m()
                 .snapshot_age
@@ -186,8 +211,12 @@ impl Snapshotter {
         if state.messages <= self.threshold {
             return Ok(());
         }
-        let lock = self.lock().await?;
-        if lock.create("snapshot", self.router_id.clone().into()).await.is_err() {
+        let lock = self.lock().await.context("opening the lock bucket")?;
+        if lock
+            .create("snapshot", self.router_id.clone().into())
+            .await
+            .is_err()
+        {
             return Ok(()); // another replica is at it
         }
         let result = self.take(&stream).await;
@@ -200,20 +229,26 @@ impl Snapshotter {
         (v > 0).then_some(v)
     }
 
+    /// The lock bucket. Its stream is created here as `create_key_value` would (one value per
+    /// key, [`LOCK_TTL`]): that call cannot read nats-server 2.9's answer.
     async fn lock(&self) -> anyhow::Result<kv::Store> {
-        if let Ok(s) = self.js.get_key_value(self.names.lock_bucket()).await {
-            return Ok(s);
-        }
-        Ok(self
-            .js
-            .create_key_value(kv::Config {
-                bucket: self.names.lock_bucket(),
-                history: 1,
+        let bucket = self.names.lock_bucket();
+        self.js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
                 max_age: LOCK_TTL,
                 storage: jetstream::stream::StorageType::File,
+                discard: jetstream::stream::DiscardPolicy::New,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                num_replicas: 1,
                 ..Default::default()
             })
-            .await?)
+            .await?;
+        Ok(self.js.get_key_value(bucket).await?)
     }
 
     /// Snapshot, upload, purge.
@@ -233,23 +268,39 @@ impl Snapshotter {
             .put(Names::SNAPSHOT_OBJECT, &mut bytes.as_slice())
             .await
             .context("uploading the snapshot")?;
-        let floor = self.purge_floor(stream, snap.stream_seq).await?;
+        let floor = self
+            .purge_floor(stream, snap.stream_seq)
+            .await
+            .context("listing the consumers")?;
         if floor > 0 {
-            stream.purge().sequence(floor + 1).await.context("purging the stream")?;
+            stream
+                .purge()
+                .sequence(floor + 1)
+                .await
+                .context("purging the stream")?;
         }
         self.newest.fetch_max(snap.taken_at_ms, Ordering::Relaxed);
         let m = self.m();
         m.snapshots_taken.inc();
         m.snapshot_size.set(bytes.len() as i64);
         m.snapshot_duration.set(start.elapsed().as_secs_f64());
-        tracing::info!(seq = snap.stream_seq, bytes = bytes.len(), purged_to = floor,
-            events = snap.events.len(), "index snapshot taken");
+        tracing::info!(
+            seq = snap.stream_seq,
+            bytes = bytes.len(),
+            purged_to = floor,
+            events = snap.events.len(),
+            "index snapshot taken"
+        );
         Ok(())
     }
 
     /// min(`seq`, every live consumer's ack floor); consumers inactive for longer than
     /// [`INACTIVE`] are deleted instead.
-    async fn purge_floor(&self, stream: &jetstream::stream::Stream, seq: u64) -> anyhow::Result<u64> {
+    async fn purge_floor(
+        &self,
+        stream: &jetstream::stream::Stream,
+        seq: u64,
+    ) -> anyhow::Result<u64> {
         let mut floor = seq;
         let mut consumers = stream.consumers();
         let now = time::OffsetDateTime::now_utc();

@@ -62,7 +62,12 @@ pub async fn ensure_stream(
         ..Default::default()
     })
     .await
-    .with_context(|| format!("creating or opening the JetStream stream {}", names.stream()))
+    .with_context(|| {
+        format!(
+            "creating or opening the JetStream stream {}",
+            names.stream()
+        )
+    })
 }
 
 /// The worker id of an event subject (`<prefix>.kv_events.<worker_id>`).
@@ -91,7 +96,10 @@ mod tests {
 
     #[test]
     fn names_and_subjects() {
-        assert_eq!(subject_worker("namespace.a.component.b.kv_events.42"), Some(42));
+        assert_eq!(
+            subject_worker("namespace.a.component.b.kv_events.42"),
+            Some(42)
+        );
         assert_eq!(subject_worker("namespace.a.component.b.kv_events.x"), None);
         assert_eq!(consumer_name("router a.b*>"), "router_a_b__");
     }

@@ -9,7 +9,9 @@
 //! * `id > last + 1` (or a rank's first event above 0): a gap — events are missing. A
 //!   `Cleared` event there closes the gap by itself (a relay's recovery: clear, then a dump
 //!   of what the worker holds); anything else clears the rank, applies the event and asks
-//!   the relay for such a recovery.
+//!   the relay for such a recovery. The next `Cleared` of a rank waiting for a recovery is
+//!   that recovery whatever its id (so a bogus jump far ahead cannot make the relay's real
+//!   ids look like duplicates): the rank's ids continue from it.
 //!
 //! Pure bookkeeping: no I/O, bounded by the number of ranks seen.
 
@@ -54,6 +56,12 @@ impl RankTracker {
         let rank = ev.worker();
         let id = ev.event.event_id;
         let cleared = matches!(ev.event.data, KvCacheEventData::Cleared);
+        if cleared && self.awaiting.remove(&rank) {
+            // The recovery asked for after a gap: whatever its id (the gap may have been a
+            // bogus jump), the rank starts again from it.
+            self.last.insert(rank, id);
+            return Verdict::Recovered { new_gap: false };
+        }
         let in_order = match self.last.get(&rank).copied() {
             Some(last) if id <= last && id > 0 => return Verdict::Duplicate,
             Some(_) if id == 0 => {
@@ -65,16 +73,9 @@ impl RankTracker {
             None => id == 0,
         };
         self.last.insert(rank, id);
-        let awaited = self.awaiting.contains(&rank);
         match (in_order, cleared) {
-            (true, false) => Verdict::Apply,
-            (true, true) if !awaited => Verdict::Apply,
-            (_, true) => {
-                self.awaiting.remove(&rank);
-                Verdict::Recovered {
-                    new_gap: !in_order && !awaited,
-                }
-            }
+            (true, _) => Verdict::Apply,
+            (false, true) => Verdict::Recovered { new_gap: true },
             (false, false) => {
                 self.awaiting.insert(rank);
                 Verdict::Gap
@@ -148,12 +149,20 @@ mod tests {
     #[test]
     fn ranks_are_independent() {
         let mut t = RankTracker::default();
-        let other = |id| RouterEvent::new(WorkerWithDpRank::new(7, 0), id, KvCacheEventData::Cleared);
+        let other =
+            |id| RouterEvent::new(WorkerWithDpRank::new(7, 0), id, KvCacheEventData::Cleared);
         assert_eq!(t.check(&ev(0, false)), Verdict::Apply);
         assert_eq!(t.check(&other(0)), Verdict::Apply);
         assert_eq!(t.check(&other(1)), Verdict::Apply);
         assert_eq!(t.check(&ev(1, false)), Verdict::Apply);
         assert_eq!(t.check(&ev(u64::MAX, false)), Verdict::Gap);
-        assert_eq!(t.check(&ev(u64::MAX, false)), Verdict::Duplicate, "no overflow");
+        assert_eq!(
+            t.check(&ev(u64::MAX, false)),
+            Verdict::Duplicate,
+            "no overflow"
+        );
+        // A bogus jump is undone by the recovery it asks for, whatever the recovery's id.
+        assert_eq!(t.check(&ev(2, true)), Verdict::Recovered { new_gap: false });
+        assert_eq!(t.check(&ev(3, false)), Verdict::Apply);
     }
 }

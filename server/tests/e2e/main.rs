@@ -8,6 +8,8 @@ mod discovery;
 mod errors;
 #[cfg(feature = "etcd")]
 mod etcd_discovery;
+#[cfg(feature = "nats")]
+mod event_plane;
 mod fidelity;
 mod lifecycle;
 mod limits;
