@@ -65,7 +65,10 @@ impl RelayArgs {
                 specs,
             )
             .await?;
-            eprintln!("kvrouter relay: relaying {n} worker(s) to {} on {}", endpoint, self.nats_server);
+            eprintln!(
+                "kvrouter relay: relaying {n} worker(s) to {} on {}",
+                endpoint, self.nats_server
+            );
             stop.await;
             let stats = relay.stats();
             relay.stop().await;

@@ -187,7 +187,7 @@ impl Relay {
             queued_events: 0,
             in_flight: FuturesOrdered::new(),
             max_in_flight: opts.max_in_flight.max(1),
-            buffer_events: opts.buffer_events.max(MAX_EVENTS_PER_MESSAGE),
+            buffer_events: opts.buffer_events.max(1),
             stream_ok: false,
         };
         let task = tokio::spawn(state.run(chunk_rx, redump, subs, stop_rx));

@@ -42,10 +42,15 @@ async fn workers(n: usize) -> (Vec<RunningWorker>, Vec<WorkerSpec>) {
 }
 
 async fn relay(nats: &NatsServer, specs: &[WorkerSpec]) -> Relay {
+    relay_buffering(nats, specs, RelayOptions::default().buffer_events).await
+}
+
+async fn relay_buffering(nats: &NatsServer, specs: &[WorkerSpec], buffer_events: usize) -> Relay {
     Relay::start(
         RelayOptions {
             nats_server: nats.url(),
             endpoint: ENDPOINT.into(),
+            buffer_events,
             ..Default::default()
         },
         specs.to_vec(),
@@ -506,5 +511,45 @@ async fn a_restarted_replica_loads_the_snapshot_and_catches_up() {
         ep(&r).gaps_recovered.get()
     );
     r.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_buffer_overflow_is_recovered_not_lost() {
+    let mut nats = NatsServer::start();
+    let (ws, specs) = workers(1).await;
+    let relay = relay_buffering(&nats, &specs, 4).await;
+    let a = replica(&nats, "a", &specs, |_| {}).await;
+    let c = client();
+    let first = prompt(500, 256);
+    run_on(&c, &ws[0], &first).await;
+    assert!(eventually(10.0, || cached_on(a.fleet(), &first) == Some(1)).await);
+    nats.kill();
+    // Ten events while NATS is down, four buffered at most: some are dropped.
+    let down: Vec<Vec<u32>> = (0..10).map(|i| prompt(510 + i, 256)).collect();
+    for p in &down {
+        run_on(&c, &ws[0], p).await;
+    }
+    assert!(
+        eventually(10.0, || relay.stats().dropped_events > 0).await,
+        "{:?}",
+        relay.stats()
+    );
+    nats.restart();
+    // The rank is re-dumped: every prompt is known again, none lost silently.
+    assert!(
+        eventually(20.0, || down
+            .iter()
+            .chain([&first])
+            .all(|p| cached_on(a.fleet(), p) == Some(1)))
+        .await,
+        "recovered: relay {:?}, gaps {} recovered {}",
+        relay.stats(),
+        ep(&a).gaps.get(),
+        ep(&a).gaps_recovered.get()
+    );
+    assert!(relay.stats().recoveries >= 1);
+    assert!(ep(&a).gaps_recovered.get() >= 1);
+    a.stop().await;
     relay.stop().await;
 }
