@@ -20,6 +20,9 @@
 //!   replaced. When the stream no longer holds the next message needed (purged meanwhile),
 //!   the snapshot is loaded again. With `--router-reset-states` the snapshot and the
 //!   consumer are deleted and the stream is read from its first message.
+//! * **Order**: messages are applied in stream order only. A message past one the stream
+//!   still holds (not delivered: dropped for a slow consumer, lost in a restart) makes the
+//!   consumer start again from the one needed, rather than wait for a redelivery.
 //! * **NATS restarts**: the client reconnects; on any error of the message stream the
 //!   consumer is created again from the last applied sequence.
 
@@ -44,6 +47,9 @@ use crate::workers::fleet::Fleet;
 
 /// A message not acknowledged within this is delivered again.
 const ACK_WAIT: Duration = Duration::from_secs(60);
+/// Times in a row the consumer is created again because messages the stream holds were
+/// skipped in delivery; then the hole is taken as deleted messages.
+const MAX_HOLE_RETRIES: u32 = 5;
 
 /// The running event plane of one replica: its consumer and snapshot tasks.
 pub struct NatsEventPlane {
@@ -84,6 +90,7 @@ impl NatsEventPlane {
             applied: 0,
             applied_tx,
             reset: args.router_reset_states,
+            holes: 0,
             newest: newest.clone(),
         };
         let snapshotter = Snapshotter {
@@ -153,6 +160,8 @@ struct Consumer {
     applied_tx: watch::Sender<u64>,
     /// `--router-reset-states`, until done.
     reset: bool,
+    /// Times in a row the consumer was created again for undelivered messages.
+    holes: u32,
     newest: Arc<AtomicU64>,
 }
 
@@ -227,7 +236,8 @@ impl Consumer {
             .map_err(|e| anyhow::anyhow!("creating the consumer {}: {e}", self.name))?;
         let messages = consumer
             .stream()
-            .max_messages_per_batch(1000)
+            .max_messages_per_batch(500)
+            .max_bytes_per_batch(8 << 20)
             .expires(Duration::from_secs(6))
             .heartbeat(Duration::from_secs(2))
             .messages()
@@ -289,7 +299,12 @@ impl Consumer {
                     let _ = req.send(snap);
                 }
                 item = messages.next() => match item {
-                    Some(Ok(msg)) => self.handle(msg).await,
+                    Some(Ok(msg)) => {
+                        if self.handle(msg).await.is_err() {
+                            tracing::debug!("event stream delivery skipped sequences; consuming again from {}", self.applied + 1);
+                            return End::Recreate;
+                        }
+                    }
                     Some(Err(e)) => {
                         tracing::warn!("NATS event stream: {e}; consuming again from sequence {}", self.applied + 1);
                         return End::Recreate;
@@ -329,36 +344,49 @@ impl Consumer {
         }
     }
 
-    async fn handle(&mut self, msg: Message) {
+    /// Apply one message in stream order. `Err(())`: it came before messages the stream
+    /// still holds (they were not delivered: NATS dropped them for a slow consumer, or a
+    /// restart lost them in flight), so consuming must start again from the next one needed.
+    async fn handle(&mut self, msg: Message) -> Result<(), ()> {
         let seq = match msg.info() {
             Ok(i) => i.stream_sequence,
             Err(_) => {
                 self.m().bad_messages.inc();
-                return;
+                return Ok(());
             }
         };
         self.m().messages.inc();
         if seq <= self.applied {
             self.m().redeliveries.inc();
             let _ = msg.ack().await;
-            return;
+            return Ok(());
         }
-        if seq > self.applied + 1 && self.applied > 0 {
-            // Messages we need are gone (purged after a newer snapshot, or aged out).
-            tracing::warn!(
-                seq,
-                applied = self.applied,
-                "event stream hole: loading the snapshot"
-            );
-            if let Err(e) = self.load_snapshot().await {
-                tracing::warn!("loading the snapshot: {e:#}");
-            }
-            if seq <= self.applied {
-                self.m().redeliveries.inc();
-                let _ = msg.ack().await;
-                return;
+        if seq > self.applied + 1 {
+            match self.first_seq().await {
+                Some(first) if first <= self.applied + 1 && self.holes < MAX_HOLE_RETRIES => {
+                    self.holes += 1;
+                    return Err(());
+                }
+                Some(first) if first > self.applied + 1 && self.applied > 0 => {
+                    // Messages we need are gone (purged after a newer snapshot, or aged out).
+                    tracing::warn!(
+                        seq,
+                        applied = self.applied,
+                        "event stream hole: loading the snapshot"
+                    );
+                    if let Err(e) = self.load_snapshot().await {
+                        tracing::warn!("loading the snapshot: {e:#}");
+                    }
+                    if seq <= self.applied {
+                        self.m().redeliveries.inc();
+                        let _ = msg.ack().await;
+                        return Ok(());
+                    }
+                }
+                _ => {} // deleted messages, or NATS unreachable: go on from here
             }
         }
+        self.holes = 0;
         match stream::subject_worker(&msg.subject).and_then(|w| parse(&msg.payload, w)) {
             Some(events) => self.apply(events).await,
             None => {
@@ -369,6 +397,13 @@ impl Consumer {
             tracing::debug!("ack: {e}");
         }
         self.set_applied(seq);
+        Ok(())
+    }
+
+    /// The stream's first sequence, if NATS answers.
+    async fn first_seq(&self) -> Option<u64> {
+        let mut stream = self.js.get_stream(self.names.stream()).await.ok()?;
+        Some(stream.info().await.ok()?.state.first_sequence)
     }
 
     async fn apply(&mut self, events: Vec<RouterEvent>) {
