@@ -19,9 +19,10 @@
 //! cursor are left exactly as they were ([`crate::routing::RouterState::query`]). With one,
 //! the request is booked under that id until `free`; bookings never freed are force-freed
 //! after `--router-active-request-expiry-secs` and counted in
-//! `kvrouter_router_expired_requests_total`. The router always starts with empty state
-//! (`--router-reset-states` is accepted and changes nothing): the index fills from the
-//! workers' KV events.
+//! `kvrouter_router_expired_requests_total`. With the ZMQ event plane the router starts with
+//! empty state and its index fills from the workers' KV events; with `--event-plane nats` it
+//! loads the endpoint's index snapshot first unless `--router-reset-states`
+//! ([`crate::replicas::event_plane`]).
 //!
 //! Every call above is a method of [`Router`], which runs without HTTP (no port bound): the
 //! handlers parse the body, call it and answer its result; the Python package's `KvRouter`
