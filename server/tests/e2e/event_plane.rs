@@ -553,3 +553,35 @@ async fn a_relay_buffer_overflow_is_recovered_not_lost() {
     a.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_deleted_under_a_replica_is_created_again() {
+    let nats = NatsServer::start();
+    let (ws, specs) = workers(1).await;
+    let relay = relay(&nats, &specs).await;
+    let a = replica(&nats, "a", &specs, |_| {}).await;
+    let c = client();
+    let p = prompt(600, 256);
+    run_on(&c, &ws[0], &p).await;
+    assert!(eventually(10.0, || cached_on(a.fleet(), &p) == Some(1)).await);
+    // A peer's clean-up (or an operator) deletes a's consumer.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js
+        .get_stream(Names::for_endpoint(ENDPOINT).stream())
+        .await
+        .unwrap();
+    stream
+        .delete_consumer("a")
+        .await
+        .expect("consumer a exists");
+    let q = prompt(601, 256);
+    run_on(&c, &ws[0], &q).await;
+    assert!(
+        eventually(20.0, || cached_on(a.fleet(), &q) == Some(1)).await,
+        "consuming again after the consumer vanished"
+    );
+    assert_eq!(ep(&a).gaps.get(), 0);
+    assert_eq!(ep(&a).duplicates.get(), 0);
+    a.stop().await;
+    relay.stop().await;
+}
