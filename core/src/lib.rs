@@ -29,7 +29,10 @@ pub mod sequences;
 pub use config::{KvRouterConfig, LoadThresholds, RouterConfig, RouterConfigOverride, RouterMode};
 pub use event::{RouterEvent, WorkerId, WorkerWithDpRank};
 pub use policy::SelectionPolicy;
-pub use router::{RequestHashes, RouteError, RouteRequest, Router, ScheduleRequest, Scheduler};
+pub use router::{
+    BookingRecord, BookingTerms, RequestHashes, RouteError, RouteRequest, Router, ScheduleRequest,
+    Scheduler,
+};
 pub use selection::{
     Candidate, DeviceType, RolePool, SelectError, Selection, SelectionRequest, Selector,
     WorkerInfo, WorkerRole,

@@ -19,7 +19,7 @@ use crate::prefill_time::{PrefillCoefficients, PrefillLoadModel, PrefillTimeMode
 use crate::selection::{
     is_busy, Candidate, RolePool, SelectError, Selection, SelectionRequest, Selector, WorkerInfo,
 };
-use crate::sequences::{ActiveSequences, PotentialLoad, SequenceError};
+use crate::sequences::{ActiveSequences, BookingOptions, PotentialLoad, SequenceError};
 
 /// A prompt's block hashes, computed once per request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -86,6 +86,38 @@ pub enum RouteError {
     Booking(#[from] SequenceError),
     #[error(transparent)]
     QueueFull(#[from] crate::queue::QueueFull),
+}
+
+/// How a request was booked, beyond its rank, prompt and cached tokens: the options in force
+/// (config and per-request overrides) and the predicted prefill time (`aic` load model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BookingTerms {
+    pub opts: BookingOptions,
+    pub predicted_prefill: Option<Duration>,
+}
+
+/// A booking as made, owned: everything another router needs to book the same load
+/// ([`Scheduler::book_remote`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BookingRecord {
+    pub worker: WorkerWithDpRank,
+    /// The prompt's hashes (sequence hashes for the active blocks; local ones for the
+    /// approximate and predicted indexes).
+    pub hashes: RequestHashes,
+    /// Prompt tokens.
+    pub isl: usize,
+    /// Prompt tokens the rank was expected to hold.
+    pub cached_tokens: usize,
+    pub terms: BookingTerms,
+}
+
+/// A booking borrowed from the caller (the schedule path does not own the hashes).
+struct BookingRef<'a> {
+    worker: WorkerWithDpRank,
+    hashes: &'a RequestHashes,
+    isl: usize,
+    cached_tokens: usize,
+    terms: BookingTerms,
 }
 
 /// Everything of routing except the exact index: worker registry, approximate and predicted
@@ -208,6 +240,21 @@ impl Scheduler {
         now: Duration,
         rng: &mut R,
     ) -> Result<Selection, RouteError> {
+        self.schedule_booking(req, hashes, exact, now, rng)
+            .map(|(sel, _)| sel)
+    }
+
+    /// [`schedule`](Self::schedule), also returning how the request was booked (`None`
+    /// without a request id): with the selection and the hashes, what another router needs to
+    /// book the same load ([`book_remote`](Self::book_remote); replica sync).
+    pub fn schedule_booking<R: Rng + ?Sized>(
+        &mut self,
+        req: &ScheduleRequest<'_>,
+        hashes: &RequestHashes,
+        exact: Vec<(WorkerWithDpRank, TierOverlap)>,
+        now: Duration,
+        rng: &mut R,
+    ) -> Result<(Selection, Option<BookingTerms>), RouteError> {
         let overlaps = if hashes.local.is_empty() {
             Vec::new()
         } else {
@@ -217,39 +264,83 @@ impl Scheduler {
         let sel = self
             .selector
             .select(&candidates, &self.selection_request(req), rng)?;
-        if let Some(id) = req.request_id {
-            let opts = match req.overrides {
-                Some(o) => self.config().kv.with_override(o).booking(),
-                None => self.config().kv.booking(),
-            };
-            let predicted = match &self.prefill_time {
+        let Some(id) = req.request_id else {
+            self.record(sel.worker, hashes, now);
+            return Ok((sel, None));
+        };
+        let opts = match req.overrides {
+            Some(o) => self.config().kv.with_override(o).booking(),
+            None => self.config().kv.booking(),
+        };
+        let terms = BookingTerms {
+            opts,
+            predicted_prefill: match &self.prefill_time {
                 Some(m) if opts.track_prefill_tokens => m.predict(
                     req.isl.saturating_sub(sel.cached_tokens) as u64,
                     self.chunk_of(sel.worker),
                 ),
                 _ => None,
-            };
-            self.active.add_request(
-                id.to_string(),
-                sel.worker,
-                &hashes.sequence,
-                req.isl,
-                sel.cached_tokens,
-                self.block_size,
-                opts,
-                predicted,
-                now,
-            )?;
+            },
+        };
+        let booking = BookingRef {
+            worker: sel.worker,
+            hashes,
+            isl: req.isl,
+            cached_tokens: sel.cached_tokens,
+            terms,
+        };
+        self.book(id, &booking, now)?;
+        Ok((sel, Some(terms)))
+    }
+
+    /// Make a booking another router made (replica sync): the same load on the same rank as
+    /// [`schedule`](Self::schedule) booked there, and the same approximate / predicted index
+    /// records, under `id`. Errors: `id` is already booked.
+    pub fn book_remote(
+        &mut self,
+        id: &str,
+        booking: &BookingRecord,
+        now: Duration,
+    ) -> Result<(), SequenceError> {
+        let b = BookingRef {
+            worker: booking.worker,
+            hashes: &booking.hashes,
+            isl: booking.isl,
+            cached_tokens: booking.cached_tokens,
+            terms: booking.terms,
+        };
+        self.book(id, &b, now)
+    }
+
+    /// Book `b` under `id` and record its blocks in the approximate and predicted indexes:
+    /// the one booking path of local and remote requests.
+    fn book(&mut self, id: &str, b: &BookingRef<'_>, now: Duration) -> Result<(), SequenceError> {
+        self.active.add_request(
+            id.to_string(),
+            b.worker,
+            &b.hashes.sequence,
+            b.isl,
+            b.cached_tokens,
+            self.block_size,
+            b.terms.opts,
+            b.terms.predicted_prefill,
+            now,
+        )?;
+        self.record(b.worker, b.hashes, now);
+        Ok(())
+    }
+
+    /// Record a routed prompt's blocks on `worker` in the approximate and predicted indexes.
+    fn record(&mut self, worker: WorkerWithDpRank, hashes: &RequestHashes, now: Duration) {
+        if hashes.local.is_empty() {
+            return;
         }
-        if !hashes.local.is_empty() {
-            for a in [&mut self.approx, &mut self.predicted]
-                .into_iter()
-                .flatten()
-            {
-                a.record(sel.worker, &hashes.local, &hashes.sequence, now);
-            }
+        for a in [&mut self.approx, &mut self.predicted]
+            .into_iter()
+            .flatten()
+        {
+            a.record(worker, &hashes.local, &hashes.sequence, now);
         }
-        Ok(sel)
     }
 
     /// What [`schedule`](Self::schedule) would choose at `now`, changing nothing: no booking

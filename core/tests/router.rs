@@ -528,3 +528,81 @@ fn a_query_chooses_what_routing_would() {
         assert_eq!(at(1000).unwrap().overlap_blocks, 0, "expired at its TTL");
     }
 }
+
+#[test]
+fn a_remote_booking_books_what_the_schedule_booked() {
+    // Replica sync: router B applies router A's booking (rank, hashes, isl, cached tokens,
+    // options, predicted prefill) and must carry the same load and predicted blocks.
+    use kvrouter_core::prefill_time::{PrefillCoefficients, PrefillLoadModel};
+    use kvrouter_core::router::{BookingRecord, ScheduleRequest, Scheduler};
+    let kv = KvRouterConfig {
+        router_prefill_load_model: PrefillLoadModel::Aic,
+        router_prefill_time_coefficients: Some(PrefillCoefficients {
+            base_ms: 0.0,
+            per_token_ms: 1.0,
+            per_token2_ms: 0.0,
+        }),
+        router_predicted_ttl_secs: Some(60.0),
+        router_assume_kv_reuse: false,
+        ..Default::default()
+    };
+    let sched = || {
+        let mut s = Scheduler::new(
+            RouterConfig {
+                mode: RouterMode::Kv,
+                kv: kv.clone(),
+                ..Default::default()
+            },
+            BS,
+        );
+        for id in 0..3 {
+            s.add_worker(WorkerInfo {
+                worker: WorkerWithDpRank::new(id, 0),
+                ..Default::default()
+            });
+        }
+        s
+    };
+    let (mut a, mut b) = (sched(), sched());
+    let p = prompt(7, 300);
+    let hashes = RequestHashes::compute(&p, BS, &HashOptions::default());
+    let req = ScheduleRequest {
+        request_id: Some("r1"),
+        isl: p.len(),
+        ..Default::default()
+    };
+    let mut rng = StdRng::seed_from_u64(3);
+    let (sel, terms) = a
+        .schedule_booking(&req, &hashes, Vec::new(), T0, &mut rng)
+        .unwrap();
+    let terms = terms.expect("booked under an id");
+    assert_eq!(terms.predicted_prefill, Some(Duration::from_millis(300)));
+    assert!(!terms.opts.assume_kv_reuse);
+    let rec = BookingRecord {
+        worker: sel.worker,
+        hashes: hashes.clone(),
+        isl: p.len(),
+        cached_tokens: sel.cached_tokens,
+        terms,
+    };
+    b.book_remote("peer:a:r1", &rec, T0).unwrap();
+    assert!(b.book_remote("peer:a:r1", &rec, T0).is_err(), "duplicate");
+    for t in [T0, Duration::from_millis(150), Duration::from_millis(400)] {
+        assert_eq!(
+            a.active().load(sel.worker, t),
+            b.active().load(sel.worker, t),
+            "at {t:?}"
+        );
+    }
+    assert_ne!(b.active().load(sel.worker, T0), WorkerLoad::default());
+    // The predicted index saw the prompt on the same rank.
+    let now = Duration::from_millis(1);
+    assert_eq!(
+        a.overlaps(&hashes.local, Vec::new(), now),
+        b.overlaps(&hashes.local, Vec::new(), now)
+    );
+    assert!(!b.overlaps(&hashes.local, Vec::new(), now).is_empty());
+    b.mark_prefill_complete("peer:a:r1", now).unwrap();
+    b.free("peer:a:r1", now).unwrap();
+    assert_eq!(b.active().load(sel.worker, now), WorkerLoad::default());
+}
