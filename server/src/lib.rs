@@ -120,9 +120,16 @@ impl Frontend {
             EventSettings::of(&cfg.fleet, cfg.use_kv_events()),
             cfg.fleet.health_policy(),
         ));
+        // Before any worker or request: every booking is announced.
+        let endpoint = workers::spec::DEFAULT_ENDPOINT;
+        let sync = replicas::start_sync(&cfg.fleet.replicas, endpoint, &fleet.router, &metrics);
+        let sync = sync.await?;
         let mut all = cfg.static_workers()?;
         all.extend(workers);
-        fleet.register_all(all).await?;
+        if let Err(e) = fleet.register_all(all).await {
+            sync.iter().for_each(JoinHandle::abort);
+            return Err(e);
+        }
         let event_plane =
             replicas::start_event_plane(&cfg.fleet.replicas, &fleet, &metrics).await?;
 
@@ -194,6 +201,7 @@ impl Frontend {
         let state = Arc::new(app);
         let mut shutdown = Vec::new();
         let mut tasks = followed;
+        tasks.extend(sync);
         let api = listener::serve(
             cfg.http_addr()?,
             frontend::router(state),

@@ -120,6 +120,77 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+/// Why a replica sync operation (or message) was dropped or ignored.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Replica sync (`--router-replica-sync`): this router's bookings shared with the other
+/// replicas of its endpoint over NATS, and theirs mirrored here.
+#[derive(Debug, Default)]
+pub struct ReplicaSyncMetrics {
+    /// Operations (add, prefill complete, free) published.
+    pub ops_sent: Counter,
+    /// Operations received from other replicas (own echoes not counted).
+    pub ops_received: Counter,
+    /// Own operations not published, by reason: `queue_full` (outbound queue full: dropped
+    /// newest), `too_large` (one operation larger than a NATS message), `publish_error`.
+    pub ops_dropped: Family<ReasonLabels, Counter>,
+    /// Received operations or messages not applied, by reason: `malformed` (a message that is
+    /// not a valid batch, counted once), `too_large` (message over the size limit),
+    /// `invalid` (a field out of bounds), `unknown_worker`, `block_size`, `duplicate`,
+    /// `unknown_request`, `peer_limit` (the peer's booking bound), `too_many_peers`.
+    pub ops_ignored: Family<ReasonLabels, Counter>,
+    /// Other replicas' bookings mirrored here now.
+    pub remote_bookings: Gauge,
+    /// Other replicas heard from within the peer timeout.
+    pub peers: Gauge,
+    /// Other replicas' bookings freed here because the peer went silent past the timeout,
+    /// restarted, or lost messages.
+    pub peer_bookings_expired: Counter,
+}
+
+impl ReplicaSyncMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "replica_sync_ops_sent",
+            "Replica sync operations (add, prefill complete, free) published to the other replicas",
+            self.ops_sent.clone(),
+        );
+        r.register(
+            "replica_sync_ops_received",
+            "Replica sync operations received from other replicas",
+            self.ops_received.clone(),
+        );
+        r.register(
+            "replica_sync_ops_dropped",
+            "Own replica sync operations not published, by reason (queue_full, too_large, publish_error)",
+            self.ops_dropped.clone(),
+        );
+        r.register(
+            "replica_sync_ops_ignored",
+            "Received replica sync operations or messages not applied, by reason",
+            self.ops_ignored.clone(),
+        );
+        r.register(
+            "replica_sync_remote_bookings",
+            "Other replicas' bookings mirrored in this router's load view",
+            self.remote_bookings.clone(),
+        );
+        r.register(
+            "replica_sync_peers",
+            "Other router replicas heard from within the peer timeout",
+            self.peers.clone(),
+        );
+        r.register(
+            "replica_sync_peer_bookings_expired",
+            "Other replicas' bookings freed because the replica went silent, restarted or lost messages",
+            self.peer_bookings_expired.clone(),
+        );
+    }
+}
+
 /// Everything the scrape-time collector encodes.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -335,6 +406,8 @@ pub struct Metrics {
     pub discovery_watch_restarts: Counter,
     /// The NATS event plane and snapshots (`--event-plane nats`).
     pub event_plane: EventPlaneMetrics,
+    /// Replica sync (zero unless `--router-replica-sync`).
+    pub replica_sync: ReplicaSyncMetrics,
     scrape: std::sync::Arc<ScrapeCollector>,
 }
 
@@ -450,6 +523,7 @@ impl Metrics {
             discovery_changes: Family::default(),
             discovery_watch_restarts: Counter::default(),
             event_plane: EventPlaneMetrics::default(),
+            replica_sync: ReplicaSyncMetrics::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -579,6 +653,7 @@ impl Metrics {
             m.discovery_watch_restarts.clone(),
         );
         m.event_plane.register(&mut registry);
+        m.replica_sync.register(&mut registry);
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }
     }

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use kvrouter_core::event::{
@@ -26,8 +26,9 @@ use kvrouter_core::index::{shared_index, IndexOp, IndexReader, SharedIndexWriter
 use kvrouter_core::queue::{QueueMeta, RouterQueue};
 use kvrouter_core::sequences::SequenceError;
 use kvrouter_core::{
-    RequestHashes, RolePool, RouteError, RouterConfig, RouterConfigOverride, ScheduleRequest,
-    Scheduler, SelectError, Selection, WorkerInfo, WorkerRole,
+    BookingRecord, BookingTerms, RequestHashes, RolePool, RouteError, RouterConfig,
+    RouterConfigOverride, ScheduleRequest, Scheduler, SelectError, Selection, WorkerInfo,
+    WorkerRole,
 };
 use tokio::sync::oneshot;
 
@@ -80,6 +81,48 @@ struct Waiter {
     tx: oneshot::Sender<Result<Booking, RouteError>>,
 }
 
+/// Told of every booking this router makes, its first token and its end (replica sync,
+/// [`crate::replicas`]). Called on the routing path, outside the scheduler's lock: an
+/// implementation must return at once (no I/O, no waiting).
+pub trait BookingSink: Send + Sync {
+    /// Request `id` (a routed `r<n>` or an external `x:<caller id>`) was booked as
+    /// `booking`, with hashes of `block_size`-token blocks.
+    fn booked(&self, id: &str, block_size: usize, booking: BookingRecord);
+    /// Request `id`, booked on `worker`, produced its first token.
+    fn prefill_complete(&self, id: &str, worker: WorkerWithDpRank);
+    /// Request `id`, booked on `worker`, ended and released its load.
+    fn freed(&self, id: &str, worker: WorkerWithDpRank);
+}
+
+/// An operation of another router replica on one of its bookings, to mirror here under a
+/// namespaced `id` that never collides with this router's own (`peer:…`).
+#[derive(Clone, Copy, Debug)]
+pub enum RemoteOp<'a> {
+    /// Book what the peer booked; its hashes are of `block_size`-token blocks.
+    Book {
+        id: &'a str,
+        block_size: usize,
+        booking: &'a BookingRecord,
+    },
+    PrefillComplete {
+        id: &'a str,
+    },
+    Free {
+        id: &'a str,
+    },
+}
+
+/// Why a peer's operation was not mirrored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteError {
+    #[error("rank {0:?} is not in this router's routing set")]
+    UnknownWorker(WorkerWithDpRank),
+    #[error("peer hashed with {peer}-token blocks, this router with {ours}")]
+    BlockSize { peer: usize, ours: usize },
+    #[error(transparent)]
+    Booking(#[from] SequenceError),
+}
+
 /// Why a worker registration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
@@ -114,6 +157,8 @@ pub struct RouterState {
     flush_ticket: Mutex<u64>,
     /// The last flush marker the index thread has passed.
     flushed: Arc<AtomicU64>,
+    /// Where bookings are announced (replica sync), once set.
+    sink: OnceLock<Arc<dyn BookingSink>>,
 }
 
 /// Bookings made under a caller's id (the standalone router's `best_worker_id` with a
@@ -209,6 +254,7 @@ impl RouterState {
             expired_counted: AtomicU64::new(0),
             flush_ticket: Mutex::new(0),
             flushed,
+            sink: OnceLock::new(),
         });
         if state.queue_enabled() {
             let weak = Arc::downgrade(&state);
@@ -512,11 +558,13 @@ impl RouterState {
                     self.metrics.queue_pending.set(q.len() as i64);
                     return Ok(Routed::Waiting(rx));
                 }
-                s.schedule(&req, &hashes, exact, now, &mut rand::rng())
+                s.schedule_booking(&req, &hashes, exact, now, &mut rand::rng())
             } else {
-                s.schedule(&req, &hashes, exact, now, &mut rand::rng())
+                s.schedule_booking(&req, &hashes, exact, now, &mut rand::rng())
             }
-        }?;
+        };
+        let (sel, terms) = sel?;
+        self.announce(&id, &sel, terms, hashes, block_size, input.tokens.len());
         self.observe_overhead([t0, t1, t2, Instant::now()]);
         Ok(Routed::Booked(self.booked(id, sel, input.tokens.len())))
     }
@@ -610,14 +658,15 @@ impl RouterState {
                 Err(RouteError::Select(SelectError::NoWorkers))
             } else {
                 let req = schedule_request(input, Some(&id));
-                s.schedule(&req, &hashes, exact, now, &mut rand::rng())
+                s.schedule_booking(&req, &hashes, exact, now, &mut rand::rng())
             }
         };
-        self.observe_overhead([t0, t1, t2, Instant::now()]);
-        let sel = sel.map_err(|e| match e {
+        let (sel, terms) = sel.map_err(|e| match e {
             RouteError::Booking(e) => RouteError::Booking(external(e, request_id)),
             e => e,
         })?;
+        self.announce(&id, &sel, terms, hashes, block_size, input.tokens.len());
+        self.observe_overhead([t0, t1, t2, Instant::now()]);
         self.count_decision(&sel, input.tokens.len());
         Ok(sel)
     }
@@ -631,9 +680,16 @@ impl RouterState {
     ) -> Result<(), SequenceError> {
         let now = self.now();
         let id = format!("{EXTERNAL_PREFIX}{request_id}");
-        let r = self.sched().mark_prefill_complete(&id, now);
+        let r = {
+            let mut s = self.sched();
+            let worker = s.active().worker_of(&id);
+            s.mark_prefill_complete(&id, now).map(|()| worker)
+        };
+        if let (Ok(Some(w)), Some(sink)) = (&r, self.sink.get()) {
+            sink.prefill_complete(&id, *w);
+        }
         self.dispatch_queued();
-        r.map_err(|e| external(e, request_id))
+        r.map(|_| ()).map_err(|e| external(e, request_id))
     }
 
     /// A request booked by [`book_external`](Self::book_external) ended: release its load.
@@ -646,6 +702,9 @@ impl RouterState {
         let now = self.now();
         let id = format!("{EXTERNAL_PREFIX}{request_id}");
         let r = self.sched().free(&id, now);
+        if let (Ok(w), Some(sink)) = (&r, self.sink.get()) {
+            sink.freed(&id, *w);
+        }
         self.dispatch_queued();
         r.map_err(|e| external(e, request_id))
     }
@@ -698,6 +757,74 @@ impl RouterState {
         self.index.dump_events()
     }
 
+    /// Announce bookings to `sink` from now on (replica sync). Errors: one is set already.
+    pub fn set_booking_sink(&self, sink: Arc<dyn BookingSink>) -> anyhow::Result<()> {
+        self.sink
+            .set(sink)
+            .map_err(|_| anyhow::anyhow!("a booking sink is already set"))
+    }
+
+    /// Tell the sink, if any, of a booking just made (`terms` is `None` when nothing was
+    /// booked).
+    fn announce(
+        &self,
+        id: &str,
+        sel: &Selection,
+        terms: Option<BookingTerms>,
+        hashes: RequestHashes,
+        block_size: usize,
+        isl: usize,
+    ) {
+        let (Some(sink), Some(terms)) = (self.sink.get(), terms) else {
+            return;
+        };
+        let booking = BookingRecord {
+            worker: sel.worker,
+            hashes,
+            isl,
+            cached_tokens: sel.cached_tokens,
+            terms,
+        };
+        sink.booked(id, block_size, booking);
+    }
+
+    /// Mirror other replicas' operations on their bookings, in order, under one lock: a
+    /// booking only on a rank of this router's routing set and with its block size. Returns
+    /// each operation's outcome, in order. Nothing is announced to the sink.
+    pub fn apply_remote<'a>(
+        self: &Arc<Self>,
+        ops: impl IntoIterator<Item = RemoteOp<'a>>,
+    ) -> Vec<Result<(), RemoteError>> {
+        let now = self.now();
+        let out = {
+            let mut s = self.sched();
+            ops.into_iter()
+                .map(|op| match op {
+                    RemoteOp::Book {
+                        id,
+                        block_size,
+                        booking,
+                    } => {
+                        if block_size != s.block_size() {
+                            return Err(RemoteError::BlockSize {
+                                peer: block_size,
+                                ours: s.block_size(),
+                            });
+                        }
+                        if !s.workers().iter().any(|w| w.worker == booking.worker) {
+                            return Err(RemoteError::UnknownWorker(booking.worker));
+                        }
+                        Ok(s.book_remote(id, booking, now)?)
+                    }
+                    RemoteOp::PrefillComplete { id } => Ok(s.mark_prefill_complete(id, now)?),
+                    RemoteOp::Free { id } => Ok(s.free(id, now).map(|_| ())?),
+                })
+                .collect()
+        };
+        self.dispatch_queued();
+        out
+    }
+
     /// Count a routing decision in the metrics.
     fn count_decision(&self, sel: &Selection, isl: usize) {
         let m = &self.metrics;
@@ -731,7 +858,7 @@ impl RouterState {
         }
         let refresh = Duration::from_secs_f64(self.config.kv.router_overlap_refresh_after_secs);
         loop {
-            let (waiter, result) = {
+            let (waiter, result, block_size) = {
                 let mut s = self.sched();
                 let mut q = self.queue();
                 let now = self.now();
@@ -762,15 +889,25 @@ impl RouterState {
                     pool: w.pool,
                 };
                 let exact = std::mem::take(&mut w.exact);
-                let result = s.schedule(&req, &w.hashes, exact, now, &mut rand::rng());
-                (w, result)
+                let result = s.schedule_booking(&req, &w.hashes, exact, now, &mut rand::rng());
+                (w, result, s.block_size())
             };
             // Locks released: a booking dropped below (client gone) frees itself.
             self.metrics
                 .queue_wait
                 .observe(waiter.since.elapsed().as_secs_f64());
-            let Waiter { id, isl, tx, .. } = waiter;
-            let _ = tx.send(result.map(|sel| self.booked(id, sel, isl)));
+            let Waiter {
+                id,
+                isl,
+                tx,
+                hashes,
+                ..
+            } = waiter;
+            let result = result.map(|(sel, terms)| {
+                self.announce(&id, &sel, terms, hashes, block_size, isl);
+                self.booked(id, sel, isl)
+            });
+            let _ = tx.send(result);
         }
     }
 
@@ -836,7 +973,10 @@ impl Booking {
     pub fn first_token(&mut self) {
         if !std::mem::replace(&mut self.prefill_done, true) {
             let now = self.state.now();
-            let _ = self.state.sched().mark_prefill_complete(&self.id, now);
+            let r = self.state.sched().mark_prefill_complete(&self.id, now);
+            if let (Ok(()), Some(sink)) = (r, self.state.sink.get()) {
+                sink.prefill_complete(&self.id, self.selection.worker);
+            }
             self.state.dispatch_queued();
         }
     }
@@ -846,7 +986,10 @@ impl Booking {
         if !std::mem::replace(&mut self.freed, true) {
             let now = self.state.now();
             // Unknown when the worker was removed meanwhile: its load is already gone.
-            let _ = self.state.sched().free(&self.id, now);
+            let r = self.state.sched().free(&self.id, now);
+            if let (Ok(w), Some(sink)) = (r, self.state.sink.get()) {
+                sink.freed(&self.id, w);
+            }
             self.state.dispatch_queued();
         }
     }

@@ -12,7 +12,17 @@
 //! * object store bucket `namespace-ns-component-component-radix-bucket`, object `radix-state`;
 //! * replica sync on `namespace.ns.component.component.active_sequences_events`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use clap::Args;
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use crate::routing::RouterState;
+
+#[cfg(feature = "nats")]
+pub mod sync;
 
 #[cfg(feature = "nats")]
 pub mod event_plane;
@@ -90,6 +100,11 @@ pub struct ReplicaArgs {
     /// count theirs in its load view.
     #[arg(long, env = "DYN_ROUTER_REPLICA_SYNC")]
     pub router_replica_sync: bool,
+    /// With `--router-replica-sync`: a replica not heard from for this many seconds (each
+    /// sends a heartbeat every second, or every third of this if shorter) has all its
+    /// bookings freed here.
+    #[arg(long, env = "KVROUTER_REPLICA_TIMEOUT_SECS", default_value_t = 5.0)]
+    pub router_replica_timeout_secs: f64,
     /// With `--event-plane nats`: once the stream holds more than this many messages, one
     /// replica snapshots its index to the object store and purges what the snapshot covers.
     #[arg(long, env = "DYN_ROUTER_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
@@ -110,6 +125,7 @@ impl Default for ReplicaArgs {
             event_plane: EventPlane::Zmq,
             nats_server: "nats://127.0.0.1:4222".into(),
             router_replica_sync: false,
+            router_replica_timeout_secs: 5.0,
             router_snapshot_threshold: 10_000,
             router_id: None,
             router_reset_states: false,
@@ -133,11 +149,45 @@ impl ReplicaArgs {
         Ok(())
     }
 
+    /// `--router-replica-timeout-secs` as a duration. Errors: not a positive number of
+    /// seconds up to a day.
+    pub fn replica_timeout(&self) -> anyhow::Result<Duration> {
+        let s = self.router_replica_timeout_secs;
+        if !(s.is_finite() && s > 0.0 && s <= 86_400.0) {
+            anyhow::bail!("--router-replica-timeout-secs must be in (0, 86400], got {s}");
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
+
     /// The router id given, or a new random one (`router-<16 hex digits>`).
     pub fn router_id(&self) -> String {
         self.router_id
             .clone()
             .unwrap_or_else(|| format!("router-{:016x}", rand::random::<u64>()))
+    }
+}
+
+/// Start replica sync for `router` when `--router-replica-sync` is given (the replicas of
+/// `endpoint` share their bookings; [`sync`]). Returns its task, to abort on shutdown.
+///
+/// Errors: NATS asked for in a build without the `nats` feature
+/// ([`ReplicaArgs::check_build`]); invalid sync flags.
+pub async fn start_sync(
+    args: &ReplicaArgs,
+    endpoint: &str,
+    router: &Arc<RouterState>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    args.check_build()?;
+    if !args.router_replica_sync {
+        return Ok(None);
+    }
+    #[cfg(feature = "nats")]
+    return sync::start(args, endpoint, router, metrics).await.map(Some);
+    #[cfg(not(feature = "nats"))]
+    {
+        let _ = (endpoint, router, metrics);
+        anyhow::bail!("--router-replica-sync needs a build with `--features nats`")
     }
 }
 

@@ -238,6 +238,11 @@ impl Router {
             None => fleet,
         });
         let discovery = cfg.fleet.dynamic_discovery()?;
+        // Before any worker or request: every booking is announced.
+        let sync_endpoint = endpoint.unwrap_or(crate::workers::spec::DEFAULT_ENDPOINT);
+        let replicas = &cfg.fleet.replicas;
+        let sync = crate::replicas::start_sync(replicas, sync_endpoint, &fleet.router, &metrics);
+        let sync = sync.await?;
         let mut all = cfg.fleet.static_workers()?;
         all.extend(workers);
         let (ours, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|w| fleet.serves(w));
@@ -246,6 +251,9 @@ impl Router {
                 "worker of another endpoint skipped");
         }
         if let Err(e) = fleet.register_all(ours).await {
+            if let Some(t) = sync {
+                t.abort();
+            }
             fleet.shutdown().await;
             return Err(e);
         }
@@ -258,6 +266,7 @@ impl Router {
                 }
             };
         let mut tasks = vec![fleet.spawn_health_loop()];
+        tasks.extend(sync);
         if let Some(d) = discovery {
             tasks.push(d.spawn_watch(fleet.clone(), metrics.clone()));
         }
