@@ -18,6 +18,8 @@ mod nats_server;
 mod probes;
 mod queue;
 mod remote_routers;
+#[cfg(feature = "nats")]
+mod replica_sync;
 mod router_service;
 mod routing;
 mod stall;

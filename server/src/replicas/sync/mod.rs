@@ -94,6 +94,12 @@ pub async fn start(
         .await
         .with_context(|| format!("replica sync: NATS server `{}`", args.nats_server))?;
     let subject = Names::for_endpoint(endpoint).sync_subject();
+    // Subscribed before anything is published on this connection: a peer that hears this
+    // router knows it listens.
+    let sub = client
+        .subscribe(subject.clone())
+        .await
+        .with_context(|| format!("replica sync: subscribing to `{subject}`"))?;
     let (outbox, rx) = outbox::Outbox::new(epoch.clone(), metrics.clone());
     router.set_booking_sink(Arc::new(outbox))?;
     let receiver = receiver::Receiver::new(
@@ -113,5 +119,5 @@ pub async fn start(
         metrics: metrics.clone(),
     };
     let tick = (timeout / 10).max(Duration::from_millis(10));
-    Ok(tokio::spawn(transport::run(link, rx, receiver, tick)))
+    Ok(tokio::spawn(transport::run(link, rx, sub, receiver, tick)))
 }

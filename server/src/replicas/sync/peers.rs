@@ -149,13 +149,23 @@ impl Peers {
     /// their bookings, to free.
     pub fn expire(&mut self, now: Instant) -> Vec<String> {
         let timeout = self.timeout;
+        self.drop_where(|p| now.saturating_duration_since(p.last_seen) >= timeout)
+    }
+
+    /// Drop every peer (this router can no longer hear them): the scheduler ids of their
+    /// bookings, to free.
+    pub fn drop_all(&mut self) -> Vec<String> {
+        self.drop_where(|_| true)
+    }
+
+    fn drop_where(&mut self, gone: impl Fn(&Peer) -> bool) -> Vec<String> {
         let mut freed = Vec::new();
         self.peers.retain(|id, p| {
-            if now.saturating_duration_since(p.last_seen) < timeout {
+            if !gone(p) {
                 return true;
             }
             tracing::warn!(peer = %id, bookings = p.bookings.len(),
-                "router replica silent past the timeout: its bookings are freed");
+                "router replica no longer heard: its bookings are freed");
             freed.extend(drain(id, p));
             false
         });

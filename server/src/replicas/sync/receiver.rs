@@ -158,6 +158,17 @@ impl Receiver {
     /// Free the bookings of peers silent past the timeout at `now`.
     pub fn expire(&mut self, now: Instant) {
         let ids = self.peers.expire(now);
+        self.free_all_of(ids);
+    }
+
+    /// Free every peer's bookings: this router no longer hears them (its subscription
+    /// ended).
+    pub fn drop_all(&mut self) {
+        let ids = self.peers.drop_all();
+        self.free_all_of(ids);
+    }
+
+    fn free_all_of(&mut self, ids: Vec<String>) {
         if let (false, Some(state)) = (ids.is_empty(), self.state.upgrade()) {
             self.free(&state, &ids);
         }

@@ -30,17 +30,18 @@ pub struct Link {
     pub metrics: Arc<Metrics>,
 }
 
-/// Publish `outbox`'s operations and apply received messages with `receiver` until the
+/// Publish `outbox`'s operations and apply the messages of `sub` with `receiver` until the
 /// outbox closes (its router is gone) or the task is aborted.
 pub async fn run(
     link: Link,
     outbox: mpsc::Receiver<Queued>,
+    sub: async_nats::Subscriber,
     receiver: Receiver,
     expiry_tick: Duration,
 ) {
     tokio::select! {
         () = publish(&link, outbox) => {}
-        () = receive(&link, receiver, expiry_tick) => {}
+        () = receive(sub, receiver, expiry_tick) => {}
     }
 }
 
@@ -114,23 +115,19 @@ async fn send(link: &Link, seq: &mut u64, batch: &[Queued]) {
     }
 }
 
-async fn receive(link: &Link, mut receiver: Receiver, expiry_tick: Duration) {
-    let mut sub = loop {
-        match link.client.subscribe(link.subject.clone()).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, subject = %link.subject, "replica sync: cannot subscribe yet");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
+async fn receive(mut sub: async_nats::Subscriber, mut receiver: Receiver, expiry_tick: Duration) {
     let mut tick = tokio::time::interval(expiry_tick);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             m = sub.next() => match m {
                 Some(m) => receiver.on_message(&m.payload, std::time::Instant::now()),
-                None => return,
+                None => {
+                    // The client closed for good: hear no one, keep publishing what we can.
+                    tracing::error!("replica sync: subscription ended; peers' bookings freed");
+                    receiver.drop_all();
+                    return std::future::pending().await;
+                }
             },
             _ = tick.tick() => receiver.expire(std::time::Instant::now()),
         }
