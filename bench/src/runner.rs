@@ -43,6 +43,10 @@ pub struct RunOptions {
     pub label: String,
     /// Base URL, e.g. `http://127.0.0.1:8000` (a trailing `/` or `/v1` is dropped).
     pub base_url: String,
+    /// More base URLs of the same deployment (router replicas): request `i` goes to the
+    /// `i mod n`-th of `base_url` and these, a round-robin client. Router figures are
+    /// `base_url`'s alone.
+    pub more_urls: Vec<String>,
     /// Model name to send; `None` = the first id of `GET BASE/v1/models`.
     pub model: Option<String>,
     /// Completions (token ids) or chat (text).
@@ -234,12 +238,17 @@ pub async fn run(
             Some(Arc::new(texts))
         }
     };
-    let target = Arc::new(Target {
-        client: client.clone(),
-        base: base.clone(),
-        model: model.clone(),
-        timeout: opts.timeout,
-    });
+    let targets: Arc<Vec<Target>> = Arc::new(
+        std::iter::once(base.clone())
+            .chain(opts.more_urls.iter().map(|u| normalize_base(u)))
+            .map(|base| Target {
+                client: client.clone(),
+                base,
+                model: model.clone(),
+                timeout: opts.timeout,
+            })
+            .collect(),
+    );
     let before = scrape(client, &base).await;
 
     let n = requests.len();
@@ -259,11 +268,11 @@ pub async fn run(
     let deadline = opts.max_duration.map(|d| start + d);
     let (tx, mut rx) = mpsc::unbounded_channel::<RequestRecord>();
     let one = {
-        let target = target.clone();
+        let targets = targets.clone();
         let requests = requests.clone();
         let texts = texts.clone();
         move |i: usize| {
-            let target = target.clone();
+            let targets = targets.clone();
             let requests = requests.clone();
             let texts = texts.clone();
             async move {
@@ -272,7 +281,7 @@ pub async fn run(
                     Some(t) => Prompt::ChatText(t[i].clone()),
                     None => Prompt::Tokens(&r.prompt),
                 };
-                let fut = send(&target, i, prompt, r.max_tokens, start);
+                let fut = send(&targets[i % targets.len()], i, prompt, r.max_tokens, start);
                 match deadline {
                     None => fut.await,
                     Some(d) => {

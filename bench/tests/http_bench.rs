@@ -21,6 +21,7 @@ fn options(url: &str) -> RunOptions {
     RunOptions {
         label: "mock".into(),
         base_url: url.to_string(),
+        more_urls: Vec::new(),
         model: None,
         api: Api::Completions,
         tokenizer: None,
@@ -113,6 +114,67 @@ async fn sequential_run_hits_exactly_what_an_infinite_cache_hits() {
     assert_eq!(
         r.model, workers[0].info.model,
         "model discovered from /v1/models"
+    );
+    for w in workers {
+        w.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_over_several_urls_sends_to_each_in_turn() {
+    let config = MockerConfig {
+        speedup_ratio: 0.0,
+        num_gpu_blocks: 4096,
+        block_size: 16,
+        kv_events: false,
+        ..Default::default()
+    };
+    let workers = spawn_workers(&config, 2).await.unwrap();
+    let urls: Vec<String> = workers.iter().map(|w| w.info.url.clone()).collect();
+    let reqs = prefix_workload(&spec(40));
+    let client = http_client();
+    let outcome = run(
+        &client,
+        &RunOptions {
+            more_urls: vec![urls[1].clone()],
+            ..options(&urls[0])
+        },
+        Arc::new(reqs.clone()),
+        &Schedule::Closed { concurrency: 1 },
+    )
+    .await
+    .unwrap();
+    check_records(&reqs, &outcome.records, 16, true);
+    let r = &outcome.report;
+    assert_eq!(r.errors, 0);
+    // Each worker computed the uncached prompts of its half; together, all of them.
+    let mut computed = Vec::new();
+    for u in &urls {
+        let text = client
+            .get(format!("{u}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let name = "kvrouter_mocker_computed_prefill_tokens_total";
+        let v: f64 = text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        computed.push(v);
+    }
+    assert!(computed.iter().all(|&c| c > 0.0), "{computed:?}");
+    let even: usize = reqs.iter().step_by(2).map(|q| q.prompt.len()).sum();
+    assert!(
+        computed[0] <= even as f64,
+        "worker 0 took only the even requests"
+    );
+    assert_eq!(
+        computed.iter().sum::<f64>(),
+        (r.prompt_tokens - r.cached_tokens) as f64
     );
     for w in workers {
         w.stop().await;

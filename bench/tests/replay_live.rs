@@ -16,6 +16,7 @@ fn options(url: &str) -> RunOptions {
     RunOptions {
         label: "live".into(),
         base_url: url.to_string(),
+        more_urls: Vec::new(),
         model: None,
         api: Api::Completions,
         tokenizer: None,

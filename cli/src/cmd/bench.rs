@@ -97,9 +97,15 @@ pub struct Args {
         conflicts_with = "embedded"
     )]
     url: Vec<String>,
-    /// Name of each `--url` run in reports (default: "endpoint", "endpoint-2", …).
+    /// Name of each `--url` run in reports (default: "endpoint", "endpoint-2", …; with
+    /// `--round-robin`, "round-robin").
     #[arg(long)]
     label: Vec<String>,
+    /// One run over all the `--url`s, request `i` to the `i mod n`-th: several router
+    /// replicas of one deployment behind a round-robin client. Router figures (overhead,
+    /// predicted hits, requests per worker) are the first URL's.
+    #[arg(long, requires = "url")]
+    round_robin: bool,
     /// Start a fresh embedded stack (frontend + mock workers, cold caches) per `--compare`
     /// mode and run against each.
     #[arg(long)]
@@ -303,9 +309,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let outcomes = rt.block_on(async {
         let client = http_client();
         let mut outcomes = Vec::new();
-        let opts = |label: String, base_url: String| RunOptions {
+        let opts = |label: String, base_url: String, more_urls: Vec<String>| RunOptions {
             label,
             base_url,
+            more_urls,
             model: args.model.clone(),
             api: args.endpoint,
             tokenizer: tokenizer.clone(),
@@ -327,7 +334,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let stack = embedded::start(&args, mode, serving)
                     .await
                     .with_context(|| format!("starting the embedded stack ({label})"))?;
-                let o = opts(label.to_string(), stack.url());
+                let o = opts(label.to_string(), stack.url(), Vec::new());
                 let engines = embedded::engine_counters(&client, &stack).await;
                 let result = runner::run(&client, &o, requests.clone(), &schedule).await;
                 let engines_after = embedded::engine_counters(&client, &stack).await;
@@ -343,14 +350,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 outcomes.push(outcome);
             }
         } else {
-            for (i, url) in args.url.iter().enumerate() {
+            let runs: Vec<(String, Vec<String>)> = if args.round_robin {
+                vec![(args.url[0].clone(), args.url[1..].to_vec())]
+            } else {
+                args.url.iter().map(|u| (u.clone(), Vec::new())).collect()
+            };
+            for (i, (url, more)) in runs.into_iter().enumerate() {
                 let label = args.label.get(i).cloned().unwrap_or_else(|| match i {
+                    _ if args.round_robin => "round-robin".into(),
                     0 => "endpoint".into(),
                     _ => format!("endpoint-{}", i + 1),
                 });
                 let outcome = runner::run(
                     &client,
-                    &opts(label, url.clone()),
+                    &opts(label, url, more),
                     requests.clone(),
                     &schedule,
                 )
