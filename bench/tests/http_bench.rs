@@ -74,15 +74,20 @@ fn check_records(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sequential_run_hits_exactly_what_an_infinite_cache_hits() {
-    let config = MockerConfig {
+/// Mock workers without delays whose 4,096 blocks of 16 tokens never fill in these tests.
+fn infinite_cache() -> MockerConfig {
+    MockerConfig {
         speedup_ratio: 0.0,
         num_gpu_blocks: 4096,
         block_size: 16,
         kv_events: false,
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_run_hits_exactly_what_an_infinite_cache_hits() {
+    let config = infinite_cache();
     let workers = spawn_workers(&config, 1).await.unwrap();
     let reqs = prefix_workload(&spec(40));
     let b = bound(reqs.iter().map(|r| r.prompt.as_slice()), 16, 4096);
@@ -122,13 +127,7 @@ async fn sequential_run_hits_exactly_what_an_infinite_cache_hits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_over_several_urls_sends_to_each_in_turn() {
-    let config = MockerConfig {
-        speedup_ratio: 0.0,
-        num_gpu_blocks: 4096,
-        block_size: 16,
-        kv_events: false,
-        ..Default::default()
-    };
+    let config = infinite_cache();
     let workers = spawn_workers(&config, 2).await.unwrap();
     let urls: Vec<String> = workers.iter().map(|w| w.info.url.clone()).collect();
     let reqs = prefix_workload(&spec(40));

@@ -268,6 +268,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn replica_sync_flags_are_checked() {
+        let sync = ReplicaArgs {
+            router_replica_sync: true,
+            ..Default::default()
+        };
+        // A build without NATS refuses the flag instead of ignoring it.
+        assert_eq!(sync.check_build().is_ok(), cfg!(feature = "nats"));
+        assert_eq!(sync.replica_timeout().unwrap(), Duration::from_secs(5));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e9] {
+            let a = ReplicaArgs {
+                router_replica_timeout_secs: bad,
+                ..Default::default()
+            };
+            assert!(a.replica_timeout().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn names_follow_the_reference() {
         let n = Names::for_endpoint("dynamo.prefill_pool.generate");
         assert_eq!(

@@ -67,6 +67,32 @@ async fn until_peers(c: &reqwest::Client, replicas: &[&Frontend]) {
     }
 }
 
+/// A nats-server, two mock workers, and replicas `a` and `b` over them that have heard each
+/// other (peers expired after `timeout` seconds).
+struct Pair {
+    nats: NatsServer,
+    workers: Vec<RunningWorker>,
+    a: Frontend,
+    b: Frontend,
+    c: reqwest::Client,
+}
+
+async fn pair(timeout: f64) -> Pair {
+    let nats = NatsServer::start();
+    let workers = mock_workers(2, DisaggregationMode::Agg).await;
+    let a = replica("a", &nats, &workers, timeout).await;
+    let b = replica("b", &nats, &workers, timeout).await;
+    let c = client();
+    until_peers(&c, &[&a, &b]).await;
+    Pair {
+        nats,
+        workers,
+        a,
+        b,
+        c,
+    }
+}
+
 fn input(tokens: &[u32]) -> RouteInput<'_> {
     RouteInput {
         tokens,
@@ -76,12 +102,13 @@ fn input(tokens: &[u32]) -> RouteInput<'_> {
 
 #[tokio::test]
 async fn a_replica_s_bookings_show_in_the_others_load_until_it_frees_them() {
-    let nats = NatsServer::start();
-    let workers = mock_workers(2, DisaggregationMode::Agg).await;
-    let a = replica("a", &nats, &workers, 3.0).await;
-    let b = replica("b", &nats, &workers, 3.0).await;
-    let c = client();
-    until_peers(&c, &[&a, &b]).await;
+    let Pair {
+        nats: _nats,
+        workers,
+        a,
+        b,
+        c,
+    } = pair(3.0).await;
 
     // A routed request in flight on A: B carries exactly the same load.
     let p = prompt(1, 300);
@@ -145,13 +172,14 @@ async fn a_replica_s_bookings_show_in_the_others_load_until_it_frees_them() {
 
 #[tokio::test]
 async fn a_killed_replica_s_bookings_are_expired_by_the_others() {
-    let nats = NatsServer::start();
-    let workers = mock_workers(2, DisaggregationMode::Agg).await;
     let timeout = 2.0;
-    let a = replica("a", &nats, &workers, timeout).await;
-    let b = replica("b", &nats, &workers, timeout).await;
-    let c = client();
-    until_peers(&c, &[&a, &b]).await;
+    let Pair {
+        nats,
+        workers,
+        a,
+        b,
+        c,
+    } = pair(timeout).await;
     for i in 0..3 {
         // Never freed: A dies with them in flight.
         std::mem::forget(a.fleet.router.try_route(&input(&prompt(i, 300))).unwrap());
@@ -199,13 +227,14 @@ async fn a_killed_replica_s_bookings_are_expired_by_the_others() {
 
 #[tokio::test]
 async fn routing_goes_on_without_nats_and_sync_resumes_when_it_returns() {
-    let mut nats = NatsServer::start();
-    let workers = mock_workers(2, DisaggregationMode::Agg).await;
     let timeout = 1.5;
-    let a = replica("a", &nats, &workers, timeout).await;
-    let b = replica("b", &nats, &workers, timeout).await;
-    let c = client();
-    until_peers(&c, &[&a, &b]).await;
+    let Pair {
+        mut nats,
+        workers,
+        a,
+        b,
+        c,
+    } = pair(timeout).await;
     let before = a.fleet.router.try_route(&input(&prompt(1, 300))).unwrap();
     let w = before.worker().worker_id as usize;
     assert!(eventually(5.0, || loads(&b, &workers)[w].active_requests == 1).await);
