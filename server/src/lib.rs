@@ -84,7 +84,8 @@ impl Frontend {
     ///
     /// Errors: bad flags, an unreadable model directory, a port in use, a worker that cannot
     /// be registered.
-    pub async fn start(cfg: FrontendConfig, workers: Vec<WorkerSpec>) -> anyhow::Result<Self> {
+    pub async fn start(mut cfg: FrontendConfig, workers: Vec<WorkerSpec>) -> anyhow::Result<Self> {
+        cfg.fleet.replicas = cfg.fleet.replicas.resolved();
         cfg.fleet.replicas.check_build()?;
         let router_config = cfg.router_config()?;
         let (model_dir, default_name) = match &cfg.model_path {

@@ -159,7 +159,17 @@ impl ReplicaArgs {
         Ok(Duration::from_secs_f64(s))
     }
 
-    /// The router id given, or a new random one (`router-<16 hex digits>`).
+    /// These flags with the router id fixed: the one given, or a new random one. A server
+    /// resolves its flags once, so that its consumer, its sync messages and its discovery
+    /// registration carry the same id.
+    pub fn resolved(&self) -> Self {
+        let mut r = self.clone();
+        r.router_id = Some(self.router_id());
+        r
+    }
+
+    /// The router id given, or a new random one (`router-<16 hex digits>`) on every call
+    /// (see [`resolved`](Self::resolved)).
     pub fn router_id(&self) -> String {
         self.router_id
             .clone()
@@ -266,6 +276,18 @@ fn slug(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resolved_router_id_is_fixed_once() {
+        let r = ReplicaArgs::default().resolved();
+        assert_eq!(r.router_id(), r.router_id());
+        assert_eq!(r.resolved().router_id(), r.router_id());
+        let given = ReplicaArgs {
+            router_id: Some("a".into()),
+            ..Default::default()
+        };
+        assert_eq!(given.resolved().router_id(), "a");
+    }
 
     #[test]
     fn replica_sync_flags_are_checked() {

@@ -120,7 +120,11 @@ impl RouterService {
     /// skipped, with a log line), and serve the router API and the admin API.
     ///
     /// Errors: bad flags, a port in use, a worker of the endpoint that cannot be registered.
-    pub async fn start(cfg: RouterServiceConfig, workers: Vec<WorkerSpec>) -> anyhow::Result<Self> {
+    pub async fn start(
+        mut cfg: RouterServiceConfig,
+        workers: Vec<WorkerSpec>,
+    ) -> anyhow::Result<Self> {
+        cfg.fleet.replicas = cfg.fleet.replicas.resolved();
         let admin_addr = cfg.fleet.admin_addr()?;
         let http_addr = cfg.http_addr()?;
         let nofile = listener::raise_nofile_limit();

@@ -240,7 +240,7 @@ impl Router {
         let discovery = cfg.fleet.dynamic_discovery()?;
         // Before any worker or request: every booking is announced.
         let sync_endpoint = endpoint.unwrap_or(crate::workers::spec::DEFAULT_ENDPOINT);
-        let replicas = &cfg.fleet.replicas;
+        let replicas = &cfg.fleet.replicas.resolved();
         let sync = crate::replicas::start_sync(replicas, sync_endpoint, &fleet.router, &metrics);
         let sync = sync.await?;
         let mut all = cfg.fleet.static_workers()?;
@@ -257,14 +257,14 @@ impl Router {
             fleet.shutdown().await;
             return Err(e);
         }
-        let event_plane =
-            match crate::replicas::start_event_plane(&cfg.fleet.replicas, &fleet, &metrics).await {
-                Ok(p) => p,
-                Err(e) => {
-                    fleet.shutdown().await;
-                    return Err(e);
-                }
-            };
+        let event_plane = match crate::replicas::start_event_plane(replicas, &fleet, &metrics).await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                fleet.shutdown().await;
+                return Err(e);
+            }
+        };
         let mut tasks = vec![fleet.spawn_health_loop()];
         tasks.extend(sync);
         if let Some(d) = discovery {
