@@ -452,6 +452,13 @@ class KvEventPublisher:
     ``endpoint`` and ``replay_endpoint`` are where our sockets bind (port 0: a free port; read
     the actual addresses back from the properties). Data-parallel rank ``r`` of a worker is
     expected on the worker's base port + r.
+
+    With ``nats_server`` (``nats://host:port``) everything published also goes to the NATS
+    event plane: the JetStream stream of ``nats_endpoint`` (``namespace.component.endpoint``),
+    as ``kvrouter relay`` publishes a worker's events, for routers started with
+    ``--event-plane nats``; ``worker_id`` must be the id the routers register the worker
+    under. NATS may come up later (events wait in a bounded buffer); ``shutdown`` publishes
+    what is buffered first. Rank 0 only (``ValueError`` otherwise).
     """
 
     def __new__(
@@ -468,6 +475,8 @@ class KvEventPublisher:
         buffer_steps: int = 10000,
         zmq_replay_endpoint: Optional[str] = None,
         zmq_bind: bool = False,
+        nats_server: Optional[str] = None,
+        nats_endpoint: str = "dynamo.backend.generate",
     ) -> "KvEventPublisher": ...
     def publish_stored(
         self,

@@ -1,6 +1,8 @@
 //! `KvEventPublisher`: KV events of a custom engine on a ZMQ PUB socket in vLLM's wire format
 //! (with vLLM's replay ROUTER), so that a kvrouter frontend subscribes to it as to a vLLM
-//! worker. With `zmq_endpoint` it relays an engine that already publishes. The sockets, the
+//! worker. With `zmq_endpoint` it relays an engine that already publishes. With `nats_server`
+//! what it publishes also goes to the endpoint's NATS JetStream stream, through the server's
+//! relay (`kvrouter relay`), for routers started with `--event-plane nats`. The sockets, the
 //! encoding and the relay are the wire crate's; this module checks arguments and converts them.
 
 use std::sync::{Arc, RwLock};
@@ -11,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use kvrouter_core::event::BlockMmInfo;
+use kvrouter_server::replicas::relay::{Relay as NatsRelay, RelayOptions};
 use kvrouter_wire::engine::{BlockRemoved, BlockStored, EngineBatch, EngineEvent};
 use kvrouter_wire::publisher::{KvEventPublisher as WirePublisher, PublisherConfig};
 use kvrouter_wire::relay::{KvEventRelay, RelayConfig};
@@ -21,6 +24,42 @@ use crate::ints::{extract_engine_hash, extract_u32s, extract_u64s, type_name, Ra
 struct Running {
     publisher: Arc<WirePublisher>,
     relay: Option<KvEventRelay>,
+    /// With `nats_server`: the server's relay of our own socket to the endpoint's JetStream
+    /// stream, and the runtime it runs on.
+    nats: Option<(tokio::runtime::Runtime, NatsRelay)>,
+}
+
+/// Starts relaying what `publisher` sends to `endpoint`'s JetStream stream on `server`, as
+/// `kvrouter relay` does for a worker `worker_id` publishing there.
+fn start_nats(
+    publisher: &WirePublisher,
+    worker_id: u64,
+    kv_block_size: u32,
+    server: String,
+    endpoint: String,
+) -> anyhow::Result<(tokio::runtime::Runtime, NatsRelay)> {
+    kvrouter_server::workers::spec::validate_endpoint_name(&endpoint)
+        .map_err(|e| anyhow::anyhow!("nats_endpoint: {e}"))?;
+    let spec: kvrouter_server::WorkerSpec = serde_json::from_value(serde_json::json!({
+        "id": worker_id,
+        "url": "http://127.0.0.1:1",
+        "kv_events_endpoint": publisher.endpoint(),
+        "replay_endpoint": publisher.replay_endpoint(),
+        "block_size": kv_block_size,
+        "endpoint": endpoint,
+    }))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kvrouter-nats-relay")
+        .enable_all()
+        .build()?;
+    let opts = RelayOptions {
+        nats_server: server,
+        endpoint,
+        ..Default::default()
+    };
+    let relay = rt.block_on(NatsRelay::start(opts, vec![spec]))?;
+    Ok((rt, relay))
 }
 
 /// Publishes KV events in vLLM's ZMQ wire format: a PUB socket sending `[topic, seq, msgpack
@@ -199,7 +238,7 @@ impl KvEventPublisher {
 impl KvEventPublisher {
     #[new]
     #[pyo3(
-        text_signature = "(worker_id, kv_block_size, dp_rank=0, zmq_endpoint=None, zmq_topic=None, *, endpoint='tcp://127.0.0.1:0', replay_endpoint='tcp://127.0.0.1:0', topic='', buffer_steps=10000, zmq_replay_endpoint=None, zmq_bind=False)"
+        text_signature = "(worker_id, kv_block_size, dp_rank=0, zmq_endpoint=None, zmq_topic=None, *, endpoint='tcp://127.0.0.1:0', replay_endpoint='tcp://127.0.0.1:0', topic='', buffer_steps=10000, zmq_replay_endpoint=None, zmq_bind=False, nats_server=None, nats_endpoint='dynamo.backend.generate')"
     )]
     #[pyo3(signature = (
         worker_id,
@@ -214,6 +253,8 @@ impl KvEventPublisher {
         buffer_steps=10_000,
         zmq_replay_endpoint=None,
         zmq_bind=false,
+        nats_server=None,
+        nats_endpoint=kvrouter_server::workers::spec::DEFAULT_ENDPOINT.to_string(),
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -229,9 +270,17 @@ impl KvEventPublisher {
         buffer_steps: usize,
         zmq_replay_endpoint: Option<String>,
         zmq_bind: bool,
+        nats_server: Option<String>,
+        nats_endpoint: String,
     ) -> PyResult<Self> {
         if kv_block_size == 0 {
             return Err(PyValueError::new_err("kv_block_size must be > 0"));
+        }
+        if nats_server.is_some() && dp_rank != 0 {
+            // The relay subscribes per worker rank on the worker's base port + rank.
+            return Err(PyValueError::new_err(
+                "nats_server relays rank 0 only: give each data-parallel rank its own worker_id",
+            ));
         }
         if zmq_endpoint.is_none()
             && (zmq_topic.is_some() || zmq_replay_endpoint.is_some() || zmq_bind)
@@ -267,6 +316,13 @@ impl KvEventPublisher {
                     .map_err(runtime_err)?,
                 ),
             };
+            let nats = match nats_server {
+                None => None,
+                Some(server) => Some(
+                    start_nats(&publisher, worker_id, kv_block_size, server, nats_endpoint)
+                        .map_err(|e| PyValueError::new_err(format!("{e:#}")))?,
+                ),
+            };
             Ok(Self {
                 worker_id,
                 kv_block_size,
@@ -274,7 +330,11 @@ impl KvEventPublisher {
                 topic,
                 endpoint: publisher.endpoint().to_owned(),
                 replay_endpoint: publisher.replay_endpoint().map(str::to_owned),
-                running: RwLock::new(Some(Running { publisher, relay })),
+                running: RwLock::new(Some(Running {
+                    publisher,
+                    relay,
+                    nats,
+                })),
             })
         })
     }
@@ -359,6 +419,11 @@ impl KvEventPublisher {
             py.detach(move || {
                 if let Some(relay) = r.relay {
                     relay.stop();
+                }
+                // What was published reaches NATS before the socket closes.
+                if let Some((rt, relay)) = r.nats {
+                    rt.block_on(relay.stop());
+                    rt.shutdown_timeout(std::time::Duration::from_secs(3));
                 }
                 drop(r.publisher);
             });

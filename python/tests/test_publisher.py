@@ -332,3 +332,82 @@ def test_relay_normalises_and_clears_on_gaps_and_restarts(zctx: Ctx) -> None:
         sub.close()
         pub.shutdown()
         engine.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _stream_messages(url: str, stream: str) -> List[Any]:
+    """Every message of a JetStream stream, decoded from JSON (read with the nats-py client)."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            m = await js.get_msg(stream, seq)
+            assert m.data is not None
+            out.append((m.subject, json.loads(m.data)))
+        return out
+    finally:
+        await nc.close()
+
+
+def test_nats_server_publishes_to_the_event_plane(tmp_path: pathlib.Path) -> None:
+    """With `nats_server` what the publisher sends also lands in the endpoint's JetStream stream
+    (a real nats-server, read back with the nats-py client), as `kvrouter relay` publishes it:
+    JSON arrays of §3.1 RouterEvents of our worker, ids from 0, the router's local hashes."""
+    import asyncio
+    import shutil
+
+    server = shutil.which(os.environ.get("KVROUTER_NATS_SERVER", "nats-server"))
+    assert server, "nats-server is not installed (scripts/test installs Debian's)"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [server, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        import socket
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, what="nats-server")
+        with pytest.raises(ValueError, match="rank 0"):
+            KvEventPublisher(worker_id=7, kv_block_size=16, dp_rank=1, nats_server=url)
+        with pytest.raises(ValueError, match="nats_endpoint"):
+            KvEventPublisher(worker_id=7, kv_block_size=16, nats_server=url, nats_endpoint="x")
+        with KvEventPublisher(worker_id=7, kv_block_size=16, nats_server=url) as pub:
+            time.sleep(0.3)  # the relay's subscriber joins (a late join is replayed anyway)
+            pub.publish_stored(TOKENS, 16, [11, 12, 13])
+            pub.publish_removed([13])
+        # shutdown() publishes what the relay buffered before returning.
+        msgs = asyncio.run(_stream_messages(url, "namespace-dynamo-component-backend-kv-events"))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert msgs, "nothing reached the stream"
+    assert {s for s, _ in msgs} == {"namespace.dynamo.component.backend.kv_events.7"}
+    events = [e for _, arr in msgs for e in arr]
+    assert [e["worker_id"] for e in events] == [7] * len(events)
+    assert [e["event"]["event_id"] for e in events] == list(range(len(events)))
+    stored = [e["event"]["data"]["stored"] for e in events if "stored" in e["event"]["data"]]
+    removed = [e["event"]["data"]["removed"] for e in events if "removed" in e["event"]["data"]]
+    assert len(stored) == 1 and len(removed) == 1
+    assert [b["block_hash"] for b in stored[0]["blocks"]] == [11, 12, 13]
+    assert [b["tokens_hash"] for b in stored[0]["blocks"]] == compute_block_hash_for_seq(TOKENS, 16)
+    assert removed[0]["block_hashes"] == [13]
