@@ -184,7 +184,10 @@ async fn time_catch_up(
     let m = &peer.metrics().event_plane;
     let t = Instant::now();
     while m.snapshots_taken.get() == 0 {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(300), "no snapshot after 300 s");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "no snapshot after 300 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let entries = peer.fleet().router.index().current_size();

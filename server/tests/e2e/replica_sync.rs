@@ -365,3 +365,101 @@ async fn hostile_messages_on_the_subject_are_counted_and_change_nothing() {
     assert_eq!(st, 200);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn standalone_router_replicas_share_external_bookings() {
+    // `kvrouter router --router-replica-sync`: a `best_worker_id` booked on one replica counts
+    // in the other's `get_potential_loads` until `free`.
+    use kvrouter_server::router_service::{RouterService, RouterServiceConfig};
+    use serde_json::{json, Value};
+    let nats = NatsServer::start();
+    let workers = mock_workers(2, DisaggregationMode::Agg).await;
+    let mut replicas = Vec::new();
+    for id in ["ra", "rb"] {
+        let mut cfg = RouterServiceConfig::new(DEFAULT_ENDPOINT, 64);
+        cfg.http_port = 0;
+        cfg.fleet.admin_port = 0;
+        cfg.fleet.health_interval_ms = 100;
+        let r = &mut cfg.fleet.replicas;
+        r.router_replica_sync = true;
+        r.nats_server = nats.url();
+        r.router_id = Some(id.into());
+        replicas.push(
+            RouterService::start(cfg, workers.iter().map(worker_spec).collect())
+                .await
+                .expect("router replica starts"),
+        );
+    }
+    let c = client();
+    let active = |loads: &Value| -> u64 {
+        loads
+            .as_array()
+            .expect("loads")
+            .iter()
+            .map(|l| l["active_requests"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let p = prompt(5, 640);
+    // Both replicas subscribed before the booking (sync is fire-and-forget).
+    for r in &replicas {
+        let mut peers = 0.0;
+        for _ in 0..500 {
+            peers = metric(
+                &metrics_text(&c, &r.url()).await,
+                "kvrouter_replica_sync_peers",
+            );
+            if peers == 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(peers, 1.0, "replica {} never saw its peer", r.url());
+    }
+    let a = replicas[0].url();
+    router_call(
+        &c,
+        &a,
+        "best_worker_id",
+        json!({"token_ids": p, "request_id": "req-1"}),
+    )
+    .await;
+    let seen = |want: u64| {
+        let (c, b, p) = (c.clone(), replicas[1].url(), p.clone());
+        async move {
+            for _ in 0..500 {
+                let l = router_call(&c, &b, "get_potential_loads", json!({ "token_ids": p })).await;
+                if active(&l) == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    };
+    assert!(seen(1).await, "replica b never counted a's booking");
+    router_call(&c, &a, "free", json!({"request_id": "req-1"})).await;
+    assert!(seen(0).await, "replica b kept a's freed booking");
+    for r in replicas {
+        r.stop().await;
+    }
+    for w in workers {
+        w.stop().await;
+    }
+}
+
+/// A `kvrouter router` call that must succeed; its JSON answer.
+async fn router_call(
+    c: &reqwest::Client,
+    base: &str,
+    method: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let resp = c
+        .post(format!("{base}/v1/router/{method}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    assert!(resp.status().is_success(), "{method}: {}", resp.status());
+    resp.json().await.expect("json")
+}
