@@ -15,6 +15,11 @@ pub struct MockerArgs {
     /// Independent engines to start (ports: base + i).
     #[arg(long, default_value_t = 1)]
     pub num_workers: usize,
+    /// Print an explicit worker `id` in each JSON line, this plus the worker's index: the ids
+    /// relays and router replicas must agree on (`--event-plane nats`). Default: no `id`
+    /// (routers number workers in registration order).
+    #[arg(long, value_name = "N")]
+    pub worker_id_base: Option<u64>,
     /// HF-style model directory (tokenizer.json, tokenizer_config.json): enables text prompts,
     /// output text and /v1/chat/completions.
     #[arg(long)]
@@ -185,7 +190,11 @@ pub fn run(args: MockerArgs) -> anyhow::Result<()> {
         let workers = spawn_workers(&config, args.num_workers).await?;
         let mut stdout = std::io::stdout().lock();
         for w in &workers {
-            writeln!(stdout, "{}", serde_json::to_string(&w.info)?)?;
+            let mut line = serde_json::to_value(&w.info)?;
+            if let Some(base) = args.worker_id_base {
+                line["id"] = serde_json::json!(base.saturating_add(w.info.index as u64));
+            }
+            writeln!(stdout, "{line}")?;
         }
         stdout.flush()?;
         drop(stdout);
