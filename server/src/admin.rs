@@ -7,7 +7,9 @@
 //! * `POST /v1/workers` — register one (a [`WorkerSpec`] JSON object, at most 64 KiB) → 201
 //!   with the spec (id and block size filled in); 400 for an invalid or conflicting spec, 413
 //!   for a body over the limit;
-//! * `DELETE /v1/workers/{id}` — deregister → 200 with the spec, 404 if unknown.
+//! * `DELETE /v1/workers/{id}` — deregister → 200 with the spec, 404 if unknown;
+//! * `GET /v1/dashboard` — the live dashboard's data; `GET /dashboard` — its page, the one
+//!   route served without the token (it holds no data; see [`crate::dashboard`]).
 
 use std::sync::Arc;
 
@@ -27,6 +29,7 @@ use crate::workers::spec::WorkerSpec;
 struct Admin {
     fleet: Arc<Fleet>,
     token: Option<String>,
+    dashboard: crate::dashboard::Dashboard,
 }
 
 /// Serve the admin API for `fleet` on `addr` (listener label `admin`). Errors: the address
@@ -38,16 +41,30 @@ pub async fn serve(
     limits: crate::listener::ListenerLimits,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<crate::listener::Served> {
-    crate::listener::serve(addr, router(fleet, token), limits, "admin", metrics).await
+    let app = router(fleet, token, metrics.clone());
+    crate::listener::serve(addr, app, limits, "admin", metrics).await
 }
 
-/// The admin routes for `fleet`; `token`: required `Authorization: Bearer` value.
-pub fn router(fleet: Arc<Fleet>, token: Option<String>) -> axum::Router {
-    let state = Arc::new(Admin { fleet, token });
+/// The admin routes for `fleet`; `token`: required `Authorization: Bearer` value (on every
+/// route but the dashboard's page); `metrics`: what the dashboard samples.
+pub fn router(
+    fleet: Arc<Fleet>,
+    token: Option<String>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> axum::Router {
+    let dashboard = crate::dashboard::Dashboard::start(fleet.clone(), metrics);
+    let state = Arc::new(Admin {
+        fleet,
+        token,
+        dashboard,
+    });
     axum::Router::new()
         .route("/v1/workers", get(list).post(register))
         .route("/v1/workers/{id}", delete(deregister))
+        .route("/v1/dashboard", get(dashboard_data))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        // After the auth layer: the page is static and holds no data.
+        .route("/dashboard", get(dashboard_page))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)
 }
@@ -121,6 +138,14 @@ async fn list(State(a): State<Arc<Admin>>) -> Response {
         })
         .collect();
     axum::Json(json!({ "workers": workers })).into_response()
+}
+
+async fn dashboard_data(State(a): State<Arc<Admin>>) -> Response {
+    axum::Json(a.dashboard.json(&a.fleet)).into_response()
+}
+
+async fn dashboard_page() -> Response {
+    crate::dashboard::page()
 }
 
 /// Largest registration body accepted, bytes (a worker spec is a few hundred).

@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod frontend;
 pub mod listener;
