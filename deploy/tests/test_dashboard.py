@@ -131,6 +131,10 @@ def test_dashboard_in_chromium_during_a_benchmark(up):
         else:
             pytest.fail(f"no load in the dashboard's series after 30 s: {d}")
 
+        indexed = d["indexed_blocks"]
+        assert sorted(indexed) == [str(i) for i in range(WORKERS)], indexed
+        assert sum(indexed.values()) > 0, indexed
+
         dom = browse(up, up.tmp / "dom.png")
         assert 'data-state="ok"' in dom, dom[-3000:]
         rows = re.findall(r'<tr class="worker" data-worker-id="(\d+)"', dom)

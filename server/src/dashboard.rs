@@ -278,7 +278,8 @@ impl Dashboard {
     }
 
     /// `GET /v1/dashboard`'s body: `window_secs`, `now` (the fleet this instant, same fields
-    /// as a sample without the rates) and `series` (one array per [`Sample`] field, oldest
+    /// as a sample without the rates), `indexed_blocks` (worker id → blocks it holds in the
+    /// index, all ranks and tiers) and `series` (one array per [`Sample`] field, oldest
     /// first; `null` where a rate had nothing to divide by).
     pub fn json(&self, fleet: &Fleet) -> serde_json::Value {
         let mut now = Sample {
@@ -286,12 +287,28 @@ impl Dashboard {
             ..Default::default()
         };
         fill_fleet(&mut now, fleet, &self.metrics);
+        // Blocks each worker holds in the index, all ranks and tiers, by worker id.
+        let workers = fleet.registry.all();
+        let indexed: serde_json::Map<String, serde_json::Value> = fleet
+            .router
+            .index()
+            .with(|t| {
+                workers
+                    .iter()
+                    .map(|w| {
+                        let n: usize = w.spec.ranks().map(|r| t.worker_blocks(r)).sum();
+                        (w.id().to_string(), json!(n))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let col = |f: fn(&Sample) -> serde_json::Value| -> Vec<serde_json::Value> {
             ring.iter().map(f).collect()
         };
         json!({
             "window_secs": WINDOW_SECS,
+            "indexed_blocks": indexed,
             "now": {
                 "t": now.t,
                 "inflight": now.inflight,

@@ -267,6 +267,15 @@ impl KvIndex {
         self.blocks
     }
 
+    /// Blocks `worker` holds (its share of [`KvIndex::current_size`]); constant time, for
+    /// per-worker views such as the dashboard.
+    pub fn worker_blocks(&self, worker: WorkerWithDpRank) -> usize {
+        self.slot_of
+            .get(&worker)
+            .and_then(|&s| self.slots.get(s as usize)?.as_ref())
+            .map_or(0, |w| w.lookup.len())
+    }
+
     /// Worker ranks the index knows (those that ever stored a block and were not removed).
     pub fn workers(&self) -> Vec<WorkerWithDpRank> {
         let mut v: Vec<_> = self.slot_of.keys().copied().collect();
@@ -1116,6 +1125,30 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         all.len() < n
+    }
+
+    #[test]
+    fn worker_blocks_count_each_ranks_share() {
+        let w = |id, r| WorkerWithDpRank::new(id, r);
+        let mut idx = KvIndex::new();
+        let blocks =
+            |from: u64, n: u64| (from..from + n).map(|h| (ExternalHash(h), LocalBlockHash(h)));
+        idx.apply(&stored_event(w(1, 0), 0, None, blocks(100, 5)))
+            .unwrap();
+        idx.apply(&stored_event(w(1, 1), 0, None, blocks(100, 3)))
+            .unwrap();
+        idx.apply(&stored_event(w(2, 0), 0, None, blocks(100, 2)))
+            .unwrap();
+        assert_eq!(idx.worker_blocks(w(1, 0)), 5);
+        assert_eq!(idx.worker_blocks(w(1, 1)), 3);
+        assert_eq!(idx.worker_blocks(w(2, 0)), 2);
+        assert_eq!(idx.worker_blocks(w(3, 0)), 0);
+        assert_eq!(idx.current_size(), 10);
+        idx.apply(&removed_event(w(1, 0), 1, vec![ExternalHash(104)]))
+            .unwrap();
+        assert_eq!(idx.worker_blocks(w(1, 0)), 4);
+        idx.clear_worker_rank(w(1, 1));
+        assert_eq!(idx.worker_blocks(w(1, 1)), 0);
     }
 
     /// The short-store set probes: hashes that all want its first slot (`i · SET_MUL⁻¹`), hashes

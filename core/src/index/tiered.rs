@@ -129,6 +129,13 @@ impl TieredIndex {
         self.device.current_size() + self.host.current_size() + self.disk.current_size()
     }
 
+    /// Blocks `worker` holds across tiers.
+    pub fn worker_blocks(&self, worker: WorkerWithDpRank) -> usize {
+        self.device.worker_blocks(worker)
+            + self.host.worker_blocks(worker)
+            + self.disk.worker_blocks(worker)
+    }
+
     pub fn remove_worker(&mut self, worker_id: WorkerId) {
         self.device.remove_worker(worker_id);
         self.host.remove_worker(worker_id);
