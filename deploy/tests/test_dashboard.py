@@ -70,11 +70,12 @@ def up(kvrouter_bin, tmp_path_factory):
     stop(u.proc)
 
 
-def browse(up: Up, out: Path, *, screenshot: bool = False, budget_ms: int = 4000) -> str:
+def browse(up: Up, out: Path, *, screenshot: bool = False, budget_ms: int = 4000,
+           token: str | None = TOKEN) -> str:
     """The dashboard as the browser renders it after `budget_ms` of (virtual) time: the DOM
     (`--dump-dom`), or a PNG written to `out`."""
     profile = out.parent / f"chromium-profile-{time.monotonic_ns()}"
-    url = f"http://127.0.0.1:{up.admin}/dashboard#token={TOKEN}"
+    url = f"http://127.0.0.1:{up.admin}/dashboard" + (f"#token={token}" if token else "")
     what = [f"--screenshot={out}"] if screenshot else ["--dump-dom"]
     r = subprocess.run(
         [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -110,6 +111,13 @@ def test_page_is_served_and_its_data_needs_the_token(up):
     assert set(d["series"]) >= {"t", "requests_per_s", "ttft_mean_s", "predicted_hit_rate",
                                 "reported_hit_rate", "inflight"}
     assert len({len(v) for v in d["series"].values()}) == 1, "series of different lengths"
+
+
+def test_without_the_token_the_page_asks_for_it(up):
+    dom = browse(up, up.tmp / "no-token.png", token=None)
+    assert 'data-state="auth"' in dom, dom[-3000:]
+    assert '<form id="auth" autocomplete="off" class="show">' in dom
+    assert '<tr class="worker"' not in dom
 
 
 def test_dashboard_in_chromium_during_a_benchmark(up):
