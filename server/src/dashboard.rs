@@ -156,6 +156,11 @@ pub struct Sample {
     pub index_entries: u64,
 }
 
+/// `v` to `1/scale` (the series' payload: a 10-minute ring polled every 1.5 s).
+fn round(v: f64, scale: f64) -> f64 {
+    (v * scale).round() / scale
+}
+
 fn ratio(num: u64, den: u64) -> Option<f64> {
     (den > 0).then(|| num as f64 / den as f64)
 }
@@ -321,12 +326,12 @@ impl Dashboard {
                 "requests_total": self.hists.read().duration_count,
             },
             "series": {
-                "t": col(|s| json!(s.t)),
-                "requests_per_s": col(|s| json!(s.requests_per_s)),
-                "output_tokens_per_s": col(|s| json!(s.output_tokens_per_s)),
-                "ttft_mean_s": col(|s| json!(s.ttft_mean_s)),
-                "predicted_hit_rate": col(|s| json!(s.predicted_hit_rate)),
-                "reported_hit_rate": col(|s| json!(s.reported_hit_rate)),
+                "t": col(|s| json!(round(s.t, 1e3))),
+                "requests_per_s": col(|s| json!(round(s.requests_per_s, 1e3))),
+                "output_tokens_per_s": col(|s| json!(round(s.output_tokens_per_s, 1e3))),
+                "ttft_mean_s": col(|s| json!(s.ttft_mean_s.map(|v| round(v, 1e6)))),
+                "predicted_hit_rate": col(|s| json!(s.predicted_hit_rate.map(|v| round(v, 1e4)))),
+                "reported_hit_rate": col(|s| json!(s.reported_hit_rate.map(|v| round(v, 1e4)))),
                 "inflight": col(|s| json!(s.inflight)),
                 "active_requests": col(|s| json!(s.active_requests)),
                 "active_prefill_tokens": col(|s| json!(s.active_prefill_tokens)),
