@@ -3,7 +3,8 @@
 //!
 //! * `GET /v1/workers` — every worker with its spec, health state (`healthy` | `suspect` |
 //!   `removed`, consecutive failures, seconds in it) and per rank its booked load and its KV
-//!   event subscriber (state and every counter);
+//!   event subscriber (state and every counter), and its closed-loop `accuracy` (predicted
+//!   against engine-reported cached tokens, verdict, likely cause: [`crate::workers::accuracy`]);
 //! * `POST /v1/workers` — register one (a [`WorkerSpec`] JSON object, at most 64 KiB) → 201
 //!   with the spec (id and block size filled in); 400 for an invalid or conflicting spec, 413
 //!   for a body over the limit;
@@ -134,6 +135,7 @@ async fn list(State(a): State<Arc<Admin>>) -> Response {
                 "consecutive_failures": h.failures,
                 "health_since_secs": h.since.elapsed().as_secs_f64(),
                 "ranks": ranks,
+                "accuracy": w.accuracy(),
             })
         })
         .collect();

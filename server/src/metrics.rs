@@ -191,6 +191,104 @@ impl ReplicaSyncMetrics {
     }
 }
 
+/// A worker.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MismatchLabels {
+    worker_id: String,
+    /// `under` (reported more than a block above predicted) or `over`.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    worker_id: String,
+    verdict: &'static str,
+}
+
+fn error_block_buckets() -> Histogram {
+    // 0 (agreement), then 1 … 1,024 blocks.
+    Histogram::new([0.0].into_iter().chain(exponential_buckets(1.0, 2.0, 11)))
+}
+
+/// Closed-loop accuracy per worker ([`crate::workers::accuracy`]): the cached tokens the
+/// router predicted against those the engine reported, per request compared.
+#[derive(Debug)]
+pub struct AccuracyMetrics {
+    predicted: Family<WorkerLabels, Counter>,
+    reported: Family<WorkerLabels, Counter>,
+    requests: Family<WorkerLabels, Counter>,
+    mismatches: Family<MismatchLabels, Counter>,
+    error_blocks: Family<WorkerLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for AccuracyMetrics {
+    fn default() -> Self {
+        Self {
+            predicted: Family::default(),
+            reported: Family::default(),
+            requests: Family::default(),
+            mismatches: Family::default(),
+            error_blocks: Family::new_with_constructor(error_block_buckets as fn() -> Histogram),
+        }
+    }
+}
+
+impl AccuracyMetrics {
+    /// Count one comparison on `worker_id` with blocks of `block_size` tokens.
+    pub fn record(&self, worker_id: u64, s: &crate::workers::accuracy::Sample, block_size: usize) {
+        let w = WorkerLabels {
+            worker_id: worker_id.to_string(),
+        };
+        self.predicted.get_or_create(&w).inc_by(s.predicted);
+        self.reported.get_or_create(&w).inc_by(s.reported);
+        self.requests.get_or_create(&w).inc();
+        self.error_blocks
+            .get_or_create(&w)
+            .observe(s.error_blocks(block_size) as f64);
+        if let Some(direction) = s.mismatch(block_size) {
+            self.mismatches
+                .get_or_create(&MismatchLabels {
+                    worker_id: w.worker_id,
+                    direction,
+                })
+                .inc();
+        }
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "worker_predicted_cached_tokens",
+            "Prompt tokens the router predicted the worker held, over the requests compared with the engine's report",
+            self.predicted.clone(),
+        );
+        r.register(
+            "worker_reported_cached_tokens",
+            "Prompt tokens the worker's engine reported as prefix-cache hits (usage.prompt_tokens_details.cached_tokens), over the requests compared",
+            self.reported.clone(),
+        );
+        r.register(
+            "worker_accuracy_requests",
+            "Requests whose predicted cached tokens were compared with the engine's report",
+            self.requests.clone(),
+        );
+        r.register(
+            "worker_accuracy_mismatches",
+            "Requests whose prediction and report disagree by more than a block: direction under (engine hit more than predicted) or over",
+            self.mismatches.clone(),
+        );
+        r.register(
+            "worker_cached_tokens_error_blocks",
+            "Per request, |predicted - reported| cached tokens in KV blocks",
+            self.error_blocks.clone(),
+        );
+    }
+}
+
 /// Everything the scrape-time collector encodes.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -201,6 +299,9 @@ pub struct Snapshot {
     pub prompt_cache: Option<kvrouter_preprocess::PromptCacheStats>,
     /// The `aic` prefill load model's coefficients in use (given or fitted), when known.
     pub prefill_coefficients: Option<kvrouter_core::prefill_time::PrefillCoefficients>,
+    /// Each worker's accuracy verdict (`unknown` | `ok` | `under_predicting` |
+    /// `over_predicting`).
+    pub accuracy: Vec<(u64, crate::workers::accuracy::Verdict)>,
 }
 
 /// `(worker_id, dp_rank, kind)` of rejected KV events.
@@ -318,6 +419,21 @@ impl Collector for ScrapeCollector {
             };
             ConstCounter::new(v).encode(f.encode_family(&l)?)?;
         }
+        let mut f = enc.encode_descriptor(
+            "worker_accuracy_verdict",
+            "1 for the worker's closed-loop accuracy verdict over its last requests: unknown (too few compared), ok, under_predicting (engine hits the router did not predict), over_predicting",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (w, current) in &snap.accuracy {
+            for v in crate::workers::accuracy::Verdict::ALL {
+                let l = VerdictLabels {
+                    worker_id: w.to_string(),
+                    verdict: v.as_str(),
+                };
+                ConstGauge::new((*current == v) as i64).encode(f.encode_family(&l)?)?;
+            }
+        }
         let f = enc.encode_descriptor(
             "kv_index_entries",
             "(block, rank) entries in the exact KV index",
@@ -408,6 +524,8 @@ pub struct Metrics {
     pub event_plane: EventPlaneMetrics,
     /// Replica sync (zero unless `--router-replica-sync`).
     pub replica_sync: ReplicaSyncMetrics,
+    /// Predicted against engine-reported cached tokens, per worker.
+    pub accuracy: AccuracyMetrics,
     scrape: std::sync::Arc<ScrapeCollector>,
 }
 
@@ -524,6 +642,7 @@ impl Metrics {
             discovery_watch_restarts: Counter::default(),
             event_plane: EventPlaneMetrics::default(),
             replica_sync: ReplicaSyncMetrics::default(),
+            accuracy: AccuracyMetrics::default(),
             scrape: Default::default(),
             registry: Registry::default(),
         };
@@ -654,6 +773,7 @@ impl Metrics {
         );
         m.event_plane.register(&mut registry);
         m.replica_sync.register(&mut registry);
+        m.accuracy.register(&mut registry);
         registry.register_collector(Box::new(m.scrape.clone()));
         Self { registry, ..m }
     }

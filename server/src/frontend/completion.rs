@@ -17,7 +17,8 @@ use super::request::{parse_request, Endpoint, ParsedRequest};
 use super::response::Shape;
 use super::stream::{Flow, Tracker};
 use super::{
-    AppState, DP_RANK_HEADER, POOL_HEADER, PREFILL_WORKER_HEADER, REQUEST_ID_HEADER, WORKER_HEADER,
+    AppState, DP_RANK_HEADER, POOL_HEADER, PREDICTED_CACHED_HEADER, PREFILL_WORKER_HEADER,
+    REQUEST_ID_HEADER, WORKER_HEADER,
 };
 use crate::error::{route_error, ApiError};
 use crate::routing::RouteInput;
@@ -63,6 +64,7 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
             }
             Ok(started) => {
                 let rank = started.lease.worker();
+                let predicted = started.lease.predicted_cached_tokens();
                 let flow = Flow::new(
                     s.clone(),
                     shape,
@@ -72,6 +74,11 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                     started.stream,
                     req.output.clone(),
                 );
+                let flow = if started.prefill_worker.is_some() {
+                    flow.without_accuracy()
+                } else {
+                    flow
+                };
                 let mut resp = if req.stream {
                     let body = Body::from_stream(flow.into_sse());
                     Response::builder()
@@ -86,6 +93,9 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                 let h = resp.headers_mut();
                 h.insert(WORKER_HEADER, HeaderValue::from(rank.worker_id));
                 h.insert(DP_RANK_HEADER, HeaderValue::from(rank.dp_rank));
+                if let Some(p) = predicted {
+                    h.insert(PREDICTED_CACHED_HEADER, HeaderValue::from(p));
+                }
                 if let Some(p) = started.prefill_worker {
                     h.insert(PREFILL_WORKER_HEADER, HeaderValue::from(p));
                 }

@@ -39,6 +39,15 @@ impl Lease {
         }
     }
 
+    /// The cached tokens this frontend's router predicted on the worker (`None` when another
+    /// router chose it).
+    pub fn predicted_cached_tokens(&self) -> Option<usize> {
+        match self {
+            Lease::Local(b) => Some(b.selection().cached_tokens),
+            Lease::Remote(_) => None,
+        }
+    }
+
     /// Whether the worker is one of this frontend's (a failure may make it suspect here).
     pub fn is_local(&self) -> bool {
         matches!(self, Lease::Local(_))

@@ -44,6 +44,10 @@ use request::Limits;
 pub const WORKER_HEADER: &str = "x-kvrouter-worker-id";
 /// Response header naming the data-parallel rank that served the request.
 pub const DP_RANK_HEADER: &str = "x-kvrouter-dp-rank";
+/// Response header: the prompt tokens the router predicted the serving worker had cached (its
+/// routing decision), to compare with the usage's `prompt_tokens_details.cached_tokens`
+/// (`kvrouter doctor`). Absent when another router chose the worker.
+pub const PREDICTED_CACHED_HEADER: &str = "x-kvrouter-predicted-cached-tokens";
 /// Response header: the prefill worker of a disaggregated request.
 pub const PREFILL_WORKER_HEADER: &str = "x-kvrouter-prefill-worker-id";
 /// Response header: the router pool (`--pool NAME=URL`) that chose the worker.

@@ -145,6 +145,7 @@ pub fn snapshot(fleet: &Fleet) -> Snapshot {
         let health = w.health().health;
         let stats = w.event_stats();
         let loads = fleet.router.loads(w.spec.ranks());
+        snap.accuracy.push((w.id(), w.accuracy_verdict()));
         for (i, rank) in w.spec.ranks().enumerate() {
             let load = loads[i];
             let sub = stats.iter().find(|(r, _)| *r == rank).map(|(_, st)| st);

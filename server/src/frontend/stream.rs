@@ -25,6 +25,7 @@ use super::response::{usage, Shape};
 use super::AppState;
 use crate::error::{worker_error, ApiError};
 use crate::metrics::{Metrics, RequestLabels};
+use crate::workers::accuracy::Sample;
 use crate::workers::client::{WorkerError, WorkerEvent, WorkerStream};
 
 /// Output bytes gathered before a write is handed to the connection.
@@ -103,6 +104,9 @@ pub struct Flow {
     last_token: Option<Instant>,
     done: bool,
     out: BytesMut,
+    /// Whether the prediction is compared with the engine's report at the end (not for a
+    /// disaggregated request: its decode worker's hits are the transferred KV).
+    compare: bool,
 }
 
 /// What one worker event did to the request.
@@ -135,7 +139,42 @@ impl Flow {
             last_token: None,
             done: false,
             out: BytesMut::new(),
+            compare: true,
         }
+    }
+
+    /// Do not compare the prediction with the engine's report.
+    pub fn without_accuracy(mut self) -> Self {
+        self.compare = false;
+        self
+    }
+
+    /// Compare the cached tokens the router predicted with those the engine reported, when
+    /// this router chose the worker and the engine reported a count
+    /// ([`crate::workers::accuracy`]).
+    fn compare_accuracy(&self) {
+        if !self.compare {
+            return;
+        }
+        let Some(predicted) = self.booking.predicted_cached_tokens() else {
+            return;
+        };
+        let Some(reported) = self
+            .usage
+            .as_ref()
+            .and_then(|u| u.pointer("/prompt_tokens_details/cached_tokens"))
+            .and_then(Value::as_u64)
+        else {
+            return;
+        };
+        let id = self.booking.worker().worker_id;
+        let Some(w) = self.state.fleet.registry.get(id) else {
+            return;
+        };
+        let sample = Sample::new(predicted as u64, reported, self.prompt_tokens as u64);
+        let bs = w.spec.block_size.unwrap_or(0);
+        self.state.metrics.accuracy.record(id, &sample, bs);
+        w.record_accuracy(sample);
     }
 
     /// Account for an event with output: first token, TTFT / ITL, token count.
@@ -243,6 +282,7 @@ impl Flow {
     /// The request ended well: book-keeping and the final usage.
     fn succeed(&mut self) -> Value {
         self.booking.free();
+        self.compare_accuracy();
         let u = usage(
             self.usage.as_ref(),
             self.prompt_tokens,

@@ -4,6 +4,7 @@
 //! small HTTP/1.1 client of [`http1`]), and a routed request started on its worker
 //! ([`dispatch`]); a `kvrouter router` asked to choose the worker instead ([`remote_router`]).
 
+pub mod accuracy;
 pub mod client;
 pub mod discovery;
 pub mod dispatch;

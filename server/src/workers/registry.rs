@@ -19,6 +19,7 @@ use std::time::Instant;
 use kvrouter_core::event::{WorkerId, WorkerWithDpRank};
 use kvrouter_wire::subscriber::{KvEventSubscriber, SubscriberStats};
 
+use super::accuracy::{Accuracy, Cause, EventFlow, Report, Sample, Verdict};
 use super::spec::WorkerSpec;
 
 /// Where a worker stands (see the module doc).
@@ -59,6 +60,8 @@ pub struct Worker {
     pub source: String,
     health: Mutex<HealthState>,
     subscribers: Mutex<Vec<KvEventSubscriber>>,
+    /// Predicted against reported cached tokens ([`super::accuracy`]).
+    accuracy: Mutex<Accuracy>,
 }
 
 impl Worker {
@@ -99,6 +102,60 @@ impl Worker {
             .ranks()
             .zip(subs.iter().map(|s| s.stats()))
             .collect()
+    }
+
+    /// Its KV event flow, summed over its ranks.
+    pub fn event_flow(&self) -> EventFlow {
+        let stats = self.event_stats();
+        EventFlow::from_stats(stats.iter().map(|(_, st)| st))
+    }
+
+    /// Compare one request's predicted cached tokens with those the engine reported. When
+    /// its verdict has just turned bad, logs one warning naming the likely cause and returns
+    /// it.
+    pub fn record_accuracy(&self, sample: Sample) -> Option<(Verdict, Cause)> {
+        let bs = self.spec.block_size.unwrap_or(0);
+        let turned = self
+            .accuracy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(sample, bs)?;
+        let flow = self.event_flow();
+        let cause = Cause::of(turned, &flow)?;
+        let r = self.accuracy();
+        tracing::warn!(
+            worker_id = self.id(),
+            url = %self.spec.url,
+            verdict = turned.as_str(),
+            cause = cause.as_str(),
+            window_requests = r.window_requests,
+            predicted_tokens = r.window_predicted_tokens,
+            reported_tokens = r.window_reported_tokens,
+            block_size = bs,
+            events_received = flow.received,
+            events_applied = flow.applied,
+            events_filtered = flow.filtered,
+            "KV routing accuracy: router predictions and engine-reported cache hits diverge: {}",
+            cause.advice()
+        );
+        Some((turned, cause))
+    }
+
+    /// Its accuracy verdict now.
+    pub fn accuracy_verdict(&self) -> Verdict {
+        self.accuracy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .verdict(self.spec.block_size.unwrap_or(0))
+    }
+
+    /// Its accuracy: totals, window and verdict with the likely cause.
+    pub fn accuracy(&self) -> Report {
+        let flow = self.event_flow();
+        self.accuracy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report(self.spec.block_size.unwrap_or(0), flow)
     }
 
     /// Stop its subscribers (joins their threads; call off the async runtime).
@@ -152,6 +209,7 @@ impl Registry {
                 since: Instant::now(),
             }),
             subscribers: Mutex::new(Vec::new()),
+            accuracy: Mutex::default(),
         });
         map.insert(id, w.clone());
         Ok(w)

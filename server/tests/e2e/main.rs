@@ -1,5 +1,6 @@
 //! End-to-end tests on real sockets: an embedded stack (frontend + in-process mock workers
 //! over loopback HTTP and ZMQ) driven by a real HTTP client.
+mod accuracy;
 mod admin;
 mod api;
 mod common;
