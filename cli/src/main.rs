@@ -49,6 +49,10 @@ enum Command {
     Events(cmd::events::Args),
     /// Run CPU-only mock inference engines (vLLM-compatible HTTP API and KV events).
     Mocker(cmd::mocker::Args),
+    /// Check a running deployment's KV routing per worker: probe each worker with a repeated
+    /// prompt, compare the router's predicted cache hits with the engine's, check block sizes
+    /// and KV event flow; exits non-zero when a worker fails.
+    Doctor(cmd::doctor::Args),
     /// Benchmark an OpenAI-compatible endpoint (or embedded stacks per router mode) over HTTP.
     Bench(cmd::bench::Args),
     /// Replay a trace offline through mock engines and the router core in virtual time
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Command::Hash(a) => cmd::hash::run(a),
         Command::Events(a) => cmd::events::run(a),
         Command::Mocker(a) => cmd::mocker::run(a),
+        Command::Doctor(a) => cmd::doctor::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Replay(a) => cmd::replay::run(*a),
     }

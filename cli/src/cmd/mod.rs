@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod doctor;
 pub mod events;
 pub mod frontend;
 pub mod hash;

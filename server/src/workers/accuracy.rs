@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 
 use kvrouter_wire::subscriber::{SubscriberState, SubscriberStats};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Comparisons kept per worker.
 pub const WINDOW: usize = 32;
@@ -34,7 +34,7 @@ pub const WINDOW: usize = 32;
 pub const MIN_SAMPLES: usize = 8;
 
 /// The verdict on a worker's predictions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Unknown,
@@ -67,7 +67,7 @@ impl Verdict {
 }
 
 /// What a worker's KV events looked like, summed over its ranks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventFlow {
     /// Whether this router subscribes to the worker's events itself (false: approximate
     /// mode, or events from the NATS event plane).
@@ -105,7 +105,7 @@ impl EventFlow {
 }
 
 /// The likely cause of a bad verdict.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
     /// Under-predicting, and this router does not read the worker's events itself.
