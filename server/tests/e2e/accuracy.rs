@@ -2,7 +2,8 @@
 //! ones, per worker — agreement on a healthy stack; predictions stuck at 0 while the engines
 //! hit when the router's block size is not the engines', with one warning naming the cause.
 use std::io::Write;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvrouter_core::RouterMode;
 use kvrouter_mocker::DisaggregationMode;
@@ -258,4 +259,63 @@ async fn a_block_size_mismatch_is_caught_and_named() {
     for w in workers {
         w.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_huge_reports_are_skipped_or_clamped() {
+    use axum::routing::{get, post};
+    // A scripted worker whose usage reports, in turn, each of these as cached_tokens.
+    const REPORTS: [&str; 7] = [
+        "\"garbage\"",
+        "-5",
+        "1e300",
+        "18446744073709551615",
+        "99999999999999999999999",
+        "null",
+        "7",
+    ];
+    let n = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/v1/completions",
+            post(move || {
+                let i = n.fetch_add(1, Ordering::Relaxed) % REPORTS.len();
+                async move {
+                    let body = format!(
+                        "data: {{\"choices\":[{{\"index\":0,\"text\":\"x\",\"token_ids\":[1],\"finish_reason\":\"stop\"}}]}}\n\n\
+                         data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":100,\"completion_tokens\":1,\"prompt_tokens_details\":{{\"cached_tokens\":{}}}}}}}\n\n\
+                         data: [DONE]\n\n",
+                        REPORTS[i]
+                    );
+                    ([("content-type", "text/event-stream")], body)
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let waddr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let fc = FrontendConfig {
+        router_mode: RouterMode::Kv,
+        kv_cache_block_size: Some(16),
+        ..FrontendConfig::default()
+    };
+    let spec = kvrouter_server::WorkerSpec::from_url(&format!("http://{waddr}"));
+    let f = Frontend::start(fc, vec![spec]).await.unwrap();
+    let (c, url) = (client(), f.url());
+    for _ in 0..REPORTS.len() {
+        let (st, _, v) = complete(&c, &url, completion_body(&prompt(300, 100), 1)).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let w = &workers_json(&c, &f.admin_url().unwrap()).await[0];
+    let a = &w["accuracy"];
+    // Only the two unsigned integers were compared; the huge one clamped to the prompt.
+    assert_eq!(a["requests"], 2, "{a}");
+    assert_eq!(a["reported_cached_tokens"], 100 + 7, "{a}");
+    let m = metrics_text(&c, &url).await;
+    assert_eq!(
+        metric(&m, "kvrouter_worker_reported_cached_tokens_total"),
+        107.0
+    );
+    f.stop().await;
 }
