@@ -160,18 +160,26 @@ impl MockerArgs {
 }
 
 /// Resolves on Ctrl-C, or SIGTERM on Unix (also what `kvrouter up` / `frontend` wait for).
-pub async fn shutdown_signal() -> std::io::Result<()> {
+///
+/// The SIGTERM handler is installed when this is called, not when the future is first
+/// polled: call it before announcing readiness, so that a SIGTERM sent right after cannot
+/// reach the default handler (which kills the process). Call it inside a Tokio runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = std::io::Result<()>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        #[cfg(unix)]
+        {
+            let mut term = term?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r,
+                _ = term.recv() => Ok(()),
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await
+        }
     }
 }
 
@@ -187,6 +195,7 @@ pub fn run(args: MockerArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let stop = shutdown_signal();
         let workers = spawn_workers(&config, args.num_workers).await?;
         let mut stdout = std::io::stdout().lock();
         for w in &workers {
@@ -198,7 +207,7 @@ pub fn run(args: MockerArgs) -> anyhow::Result<()> {
         }
         stdout.flush()?;
         drop(stdout);
-        shutdown_signal().await?;
+        stop.await?;
         for w in workers {
             w.stop().await;
         }

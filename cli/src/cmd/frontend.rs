@@ -15,12 +15,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let stop = super::shutdown_signal();
         let f = Frontend::start(args.frontend, Vec::new()).await?;
         eprintln!("kvrouter frontend: serving {} on {}", f.model_name, f.url());
         if let Some(a) = f.admin_url() {
             eprintln!("kvrouter frontend: admin API on {a}/v1/workers");
         }
-        super::shutdown_signal().await?;
+        stop.await?;
         f.stop().await;
         Ok(())
     })

@@ -42,6 +42,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Installed before anything is announced: a SIGTERM right after must withdraw.
+        let stop = super::shutdown_signal();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let announced = tokio::spawn({
@@ -65,11 +67,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let endpoint = args.workers.endpoint.clone();
             args.relay_args
                 .run_until(&endpoint, specs, async {
-                    let _ = super::shutdown_signal().await;
+                    let _ = stop.await;
                 })
                 .await
         } else {
-            super::shutdown_signal().await.map_err(Into::into)
+            stop.await.map_err(Into::into)
         };
         // Withdrawn whatever happened to the relay.
         let _ = tx.send(());

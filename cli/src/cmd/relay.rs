@@ -33,9 +33,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Installed before the relay says it runs: a SIGTERM right after must stop it cleanly.
+        let stop = super::shutdown_signal();
         args.relay
             .run_until(&args.workers.endpoint, specs, async {
-                let _ = super::shutdown_signal().await;
+                let _ = stop.await;
             })
             .await
     })

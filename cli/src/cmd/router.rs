@@ -17,6 +17,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let stop = super::shutdown_signal();
         let r = RouterService::start(args.router, Vec::new()).await?;
         eprintln!(
             "kvrouter router: routing {} on {}/v1/router",
@@ -26,7 +27,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(a) = r.admin_url() {
             eprintln!("kvrouter router: admin API on {a}/v1/workers");
         }
-        super::shutdown_signal().await?;
+        stop.await?;
         r.stop().await;
         Ok(())
     })

@@ -58,6 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let stop = super::shutdown_signal();
         let stack = EmbeddedStack::start(cfg).await?;
         let url = stack.url();
         eprintln!(
@@ -72,7 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(a) = stack.frontend.admin_url() {
             eprintln!("  admin       {a}/v1/workers");
         }
-        super::shutdown_signal().await?;
+        stop.await?;
         stack.stop().await;
         Ok(())
     })
