@@ -678,18 +678,37 @@ impl RouterState {
         self: &Arc<Self>,
         request_id: &str,
     ) -> Result<(), SequenceError> {
-        let now = self.now();
         let id = format!("{EXTERNAL_PREFIX}{request_id}");
+        self.complete_prefill(&id)
+            .map_err(|e| external(e, request_id))
+    }
+
+    /// Booking `id` produced its first token: out of the prefill load, announced to the sink,
+    /// waiting requests dispatched.
+    fn complete_prefill(self: &Arc<Self>, id: &str) -> Result<(), SequenceError> {
+        let now = self.now();
         let r = {
             let mut s = self.sched();
-            let worker = s.active().worker_of(&id);
-            s.mark_prefill_complete(&id, now).map(|()| worker)
+            let worker = s.active().worker_of(id);
+            s.mark_prefill_complete(id, now).map(|()| worker)
         };
         if let (Ok(Some(w)), Some(sink)) = (&r, self.sink.get()) {
-            sink.prefill_complete(&id, *w);
+            sink.prefill_complete(id, *w);
         }
         self.dispatch_queued();
-        r.map(|_| ()).map_err(|e| external(e, request_id))
+        r.map(|_| ())
+    }
+
+    /// Booking `id` ended: its load released, announced to the sink, waiting requests
+    /// dispatched. Returns the rank it was booked on.
+    fn release(self: &Arc<Self>, id: &str) -> Result<WorkerWithDpRank, SequenceError> {
+        let now = self.now();
+        let r = self.sched().free(id, now);
+        if let (Ok(w), Some(sink)) = (&r, self.sink.get()) {
+            sink.freed(id, *w);
+        }
+        self.dispatch_queued();
+        r
     }
 
     /// A request booked by [`book_external`](Self::book_external) ended: release its load.
@@ -699,14 +718,8 @@ impl RouterState {
         self: &Arc<Self>,
         request_id: &str,
     ) -> Result<WorkerWithDpRank, SequenceError> {
-        let now = self.now();
         let id = format!("{EXTERNAL_PREFIX}{request_id}");
-        let r = self.sched().free(&id, now);
-        if let (Ok(w), Some(sink)) = (&r, self.sink.get()) {
-            sink.freed(&id, *w);
-        }
-        self.dispatch_queued();
-        r.map_err(|e| external(e, request_id))
+        self.release(&id).map_err(|e| external(e, request_id))
     }
 
     /// Per rank in the routing set: its load now if `input` were added (Dynamo
@@ -972,25 +985,15 @@ impl Booking {
     /// The first token arrived: the prompt's tokens leave the prefill load.
     pub fn first_token(&mut self) {
         if !std::mem::replace(&mut self.prefill_done, true) {
-            let now = self.state.now();
-            let r = self.state.sched().mark_prefill_complete(&self.id, now);
-            if let (Ok(()), Some(sink)) = (r, self.state.sink.get()) {
-                sink.prefill_complete(&self.id, self.selection.worker);
-            }
-            self.state.dispatch_queued();
+            let _ = self.state.complete_prefill(&self.id);
         }
     }
 
     /// Release the load now (also done on drop).
     pub fn free(&mut self) {
         if !std::mem::replace(&mut self.freed, true) {
-            let now = self.state.now();
             // Unknown when the worker was removed meanwhile: its load is already gone.
-            let r = self.state.sched().free(&self.id, now);
-            if let (Ok(w), Some(sink)) = (r, self.state.sink.get()) {
-                sink.freed(&self.id, w);
-            }
-            self.state.dispatch_queued();
+            let _ = self.state.release(&self.id);
         }
     }
 }
