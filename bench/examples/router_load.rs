@@ -15,7 +15,7 @@
 //! request, for comparison; `--max-tokens N` for longer outputs, `ignore_eos`).
 use std::time::{Duration, Instant};
 
-use kvrouter_bench::scrape::Samples;
+use kvrouter_bench::scrape::{RouterFigures, Samples, STAGES};
 use kvrouter_bench::stats::percentile;
 use serde_json::json;
 
@@ -87,21 +87,13 @@ fn cpu_time(pid: u32) -> Duration {
 }
 
 /// `(sum, count)` of the routing overhead histogram's `total` stage.
-async fn overhead(c: &reqwest::Client, url: &str) -> Option<(f64, f64)> {
-    let text = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let s = Samples::parse(&text);
-    let f = [("stage", "total")];
-    Some((
-        s.sum("kvrouter_router_overhead_seconds_sum", &f)?,
-        s.sum("kvrouter_router_overhead_seconds_count", &f)?,
-    ))
+/// The frontend's metrics now (empty if it cannot be read).
+async fn scrape(c: &reqwest::Client, url: &str) -> Samples {
+    let text = match c.get(format!("{url}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    Samples::parse(&text)
 }
 
 #[tokio::main]
@@ -158,7 +150,7 @@ async fn main() -> Result<(), String> {
         }
         let _ = r.bytes().await;
     }
-    let before = overhead(&c, &a.url).await;
+    let before = scrape(&c, &a.url).await;
     let cpu0: Vec<Duration> = a.pids.iter().map(|&p| cpu_time(p)).collect();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(a.secs);
@@ -204,7 +196,7 @@ async fn main() -> Result<(), String> {
         .zip(&cpu0)
         .map(|(&p, &c0)| cpu_time(p).saturating_sub(c0))
         .collect();
-    let after = overhead(&c, &a.url).await;
+    let after = scrape(&c, &a.url).await;
     lat.sort_by(f64::total_cmp);
     let n = lat.len();
     let p = |q: f64| percentile(&lat, q).unwrap_or(f64::NAN);
@@ -221,13 +213,13 @@ async fn main() -> Result<(), String> {
         p(99.0),
         lat.last().copied().unwrap_or(f64::NAN)
     );
-    if let (Some((s0, n0)), Some((s1, n1))) = (before, after) {
-        if n1 > n0 {
-            println!(
-                "routing (kvrouter_router_overhead_seconds total): {:.1} µs/call over {} calls",
-                (s1 - s0) / (n1 - n0) * 1e6,
-                n1 - n0
-            );
+    if let Some(f) = RouterFigures::between(&before, &after) {
+        for stage in STAGES {
+            if let (Some(mean), Some(p50)) =
+                (f.overhead_us.get(stage), f.overhead_p50_us.get(stage))
+            {
+                println!("routing {stage:>12} (kvrouter_router_overhead_seconds): mean {mean:.1} µs, p50 {p50:.1} µs");
+            }
         }
     }
     let per_call = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1) as f64;

@@ -3,8 +3,8 @@
 //! kvrouter's frontend exposes `kvrouter_router_predicted_cached_tokens_total` and
 //! `kvrouter_router_routed_input_tokens_total` (predicted hit rate = Δ first / Δ second) and the
 //! histogram `kvrouter_router_overhead_seconds{stage=…}` (stages `hashing`, `find_matches`,
-//! `selection`, `total`; mean = Δ `_sum` / Δ `_count`). Another router simply lacks them: every
-//! figure is then `None`.
+//! `selection`, `total`; mean = Δ `_sum` / Δ `_count`, p50 interpolated in the Δ buckets).
+//! Another router simply lacks them: every figure is then `None`.
 
 use std::collections::BTreeMap;
 
@@ -138,6 +138,10 @@ pub struct RouterFigures {
     /// Mean routing overhead per request and stage, µs (`hashing`, `find_matches`,
     /// `selection`, `total`; stages the router does not report are absent).
     pub overhead_us: BTreeMap<String, f64>,
+    /// Median routing overhead per stage, µs, from the histogram's buckets as Prometheus's
+    /// `histogram_quantile(0.5, …)` reads them (linear inside the bucket holding the median).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub overhead_p50_us: BTreeMap<String, f64>,
     /// Requests routed to each rank over the run (`kvrouter_router_decisions_total`), keyed
     /// by worker id (`id:rank` when the dp rank is not 0); empty when not exposed.
     pub requests_per_worker: BTreeMap<String, u64>,
@@ -166,6 +170,27 @@ impl RouterFigures {
                 }
             }
         }
+        let mut overhead_p50_us = BTreeMap::new();
+        for stage in STAGES {
+            let mut buckets: Vec<(f64, f64)> = after
+                .series(&format!("{OVERHEAD}_bucket"))
+                .filter(|(l, _)| l.iter().any(|(k, v)| k == "stage" && v == stage))
+                .filter_map(|(l, v)| {
+                    let le = l.iter().find(|(k, _)| k == "le")?.1.as_str();
+                    let bound = match le {
+                        "+Inf" => f64::INFINITY,
+                        b => b.parse().ok()?,
+                    };
+                    let f = [("stage", stage), ("le", le)];
+                    let was = before.sum(&format!("{OVERHEAD}_bucket"), &f);
+                    Some((bound, v - was.unwrap_or(0.0)))
+                })
+                .collect();
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if let Some(q) = histogram_quantile(0.5, &buckets) {
+                overhead_p50_us.insert(stage.to_string(), q * 1e6);
+            }
+        }
         let mut requests_per_worker = BTreeMap::new();
         for (labels, v) in after.series(DECISIONS) {
             let get = |k: &str| {
@@ -190,9 +215,32 @@ impl RouterFigures {
             .then_some(RouterFigures {
                 predicted_hit_rate,
                 overhead_us,
+                overhead_p50_us,
                 requests_per_worker,
             })
     }
+}
+
+/// Quantile `q` (0–1) of a histogram given as cumulative `(upper bound, count)` buckets sorted
+/// by bound, the last `+Inf`: Prometheus's `histogram_quantile` (linear interpolation inside
+/// the bucket that holds rank `q × total`, from 0 for the first bucket; the largest finite
+/// bound when the rank falls in `+Inf`). `None` without observations.
+pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if !(total > 0.0) {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total;
+    let i = buckets.iter().position(|&(_, c)| c >= rank)?;
+    let (hi, c_hi) = buckets[i];
+    if hi.is_infinite() {
+        return buckets[..i].last().map(|b| b.0);
+    }
+    let (lo, c_lo) = if i == 0 { (0.0, 0.0) } else { buckets[i - 1] };
+    if c_hi <= c_lo {
+        return Some(hi);
+    }
+    Some(lo + (hi - lo) * (rank - c_lo) / (c_hi - c_lo))
 }
 
 #[cfg(test)]
@@ -236,8 +284,42 @@ mod tests {
             after.sum("kvrouter_router_overhead_seconds_bucket", &[("le", "+Inf")]),
             Some(f64::INFINITY)
         );
+        // No buckets for the stages above but +Inf's infinite count: no median.
+        assert!(f.overhead_p50_us.is_empty(), "{:?}", f);
         // A router without these metrics (a mock worker's vllm:* only).
         let vllm = Samples::parse("vllm:num_requests_running{model_name=\"m\"} 0\n");
         assert_eq!(RouterFigures::between(&Samples::default(), &vllm), None);
+    }
+
+    #[test]
+    fn the_median_is_interpolated_in_the_delta_buckets() {
+        let b = |c: [u32; 4]| {
+            Samples::parse(&format!(
+                "kvrouter_router_overhead_seconds_bucket{{stage=\"total\",le=\"0.00001\"}} {}\n\
+                 kvrouter_router_overhead_seconds_bucket{{stage=\"total\",le=\"0.00003\"}} {}\n\
+                 kvrouter_router_overhead_seconds_bucket{{stage=\"total\",le=\"0.00005\"}} {}\n\
+                 kvrouter_router_overhead_seconds_bucket{{stage=\"total\",le=\"+Inf\"}} {}\n\
+                 kvrouter_router_overhead_seconds_sum{{stage=\"total\"}} 1\n\
+                 kvrouter_router_overhead_seconds_count{{stage=\"total\"}} {}\n",
+                c[0], c[1], c[2], c[3], c[3]
+            ))
+        };
+        // Before: 100 fast calls. The run adds 10 under 10 µs, 30 in 10–30 µs, 60 in 30–50 µs:
+        // rank 50 is 10 into the last finite bucket's 60.
+        let f = RouterFigures::between(&b([100, 100, 100, 100]), &b([110, 140, 200, 200])).unwrap();
+        let p50 = f.overhead_p50_us["total"];
+        assert!((p50 - (30.0 + 20.0 * 10.0 / 60.0)).abs() < 1e-6, "{p50}");
+        assert_eq!(
+            histogram_quantile(0.5, &[(1.0, 0.0), (f64::INFINITY, 0.0)]),
+            None
+        );
+        assert_eq!(
+            histogram_quantile(0.5, &[(1.0, 1.0), (f64::INFINITY, 5.0)]),
+            Some(1.0)
+        );
+        assert_eq!(
+            histogram_quantile(0.5, &[(2.0, 4.0), (f64::INFINITY, 4.0)]),
+            Some(1.0)
+        );
     }
 }

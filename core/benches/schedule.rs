@@ -4,10 +4,14 @@
 //!
 //! `cargo bench -p kvrouter-core --bench schedule`. Half the ranks carry a booking, a few
 //! hold part of the prompt, so costs differ and most ranks still tie (idle ones).
+//!
+//! `schedule_and_free_cold` first overwrites 4 MiB (twice this machine's per-core L2), as the
+//! server's other work (HTTP, event apply) does between two requests: the ranks' state is read
+//! from L3 or memory, not L1.
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use kvrouter_core::hash::HashOptions;
 use kvrouter_core::index::TierOverlap;
 use kvrouter_core::{
@@ -88,6 +92,51 @@ fn bench(c: &mut Criterion) {
                 s.free("r", Duration::ZERO).unwrap();
                 sel.worker
             })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("schedule_and_free_cold");
+    let mut scratch = vec![0u8; 4 << 20];
+    for n in [128u64, 1000] {
+        let mut s = scheduler(n);
+        let exact: Vec<(WorkerWithDpRank, TierOverlap)> = (0..n.min(8))
+            .map(|w| {
+                let t = TierOverlap {
+                    device: (w as u32 + 1) * 3,
+                    ..Default::default()
+                };
+                (WorkerWithDpRank::new(w * 7 % n, 0), t)
+            })
+            .collect();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut round = 0u8;
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter_batched(
+                || {
+                    round = round.wrapping_add(1);
+                    for x in scratch.iter_mut().step_by(64) {
+                        *x = round;
+                    }
+                    exact.clone()
+                },
+                |exact| {
+                    let req = ScheduleRequest {
+                        request_id: Some("r"),
+                        isl: tokens.len(),
+                        pinned_worker: None,
+                        dp_rank: None,
+                        overrides: None,
+                        pool: Default::default(),
+                    };
+                    let sel = s
+                        .schedule(&req, &hashes, exact, Duration::ZERO, &mut rng)
+                        .unwrap();
+                    s.free("r", Duration::ZERO).unwrap();
+                    sel.worker
+                },
+                BatchSize::PerIteration,
+            )
         });
     }
     g.finish();

@@ -13,7 +13,7 @@ use crate::hash::{
     compute_block_hashes, compute_sequence_hashes, HashOptions, LocalBlockHash, SequenceHash,
 };
 use crate::index::{
-    ApproxConfig, ApproxIndex, IndexError, OverlapScores, TierOverlap, TieredIndex,
+    ApproxConfig, ApproxIndex, FastMap, IndexError, OverlapScores, TierOverlap, TieredIndex,
 };
 use crate::prefill_time::{PrefillCoefficients, PrefillLoadModel, PrefillTimeModel};
 use crate::selection::{
@@ -128,7 +128,10 @@ struct BookingRef<'a> {
 pub struct Scheduler {
     selector: Selector,
     block_size: usize,
+    /// Registered ranks, in registration order (round-robin follows it).
     workers: Vec<WorkerInfo>,
+    /// Where each rank is in `workers`.
+    positions: FastMap<WorkerWithDpRank, usize>,
     approx: Option<ApproxIndex>,
     predicted: Option<ApproxIndex>,
     active: ActiveSequences,
@@ -166,6 +169,7 @@ impl Scheduler {
             selector: Selector::new(config),
             block_size,
             workers: Vec::new(),
+            positions: FastMap::default(),
             approx,
             predicted,
             active,
@@ -193,16 +197,27 @@ impl Scheduler {
 
     /// Register (or update) a worker rank.
     pub fn add_worker(&mut self, info: WorkerInfo) {
-        match self.workers.iter_mut().find(|w| w.worker == info.worker) {
-            Some(w) => *w = info,
-            None => self.workers.push(info),
+        match self.positions.get(&info.worker) {
+            Some(&i) => self.workers[i] = info,
+            None => {
+                self.positions.insert(info.worker, self.workers.len());
+                self.workers.push(info);
+            }
         }
+    }
+
+    /// Take a worker's ranks out of `workers` and `positions`.
+    fn drop_ranks(&mut self, worker_id: WorkerId) {
+        self.workers.retain(|w| w.worker.worker_id != worker_id);
+        self.positions.clear();
+        self.positions
+            .extend(self.workers.iter().enumerate().map(|(i, w)| (w.worker, i)));
     }
 
     /// Forget every rank of a worker: registry, approximate blocks, booked requests (a later
     /// `free` of one of those requests is an unknown-request error, harmless).
     pub fn remove_worker(&mut self, worker_id: WorkerId) {
-        self.workers.retain(|w| w.worker.worker_id != worker_id);
+        self.drop_ranks(worker_id);
         if let Some(a) = &mut self.approx {
             a.remove_worker(worker_id);
         }
@@ -216,7 +231,7 @@ impl Scheduler {
     /// in-flight requests still count as its load) and its approximate / predicted blocks.
     /// [`add_worker`](Self::add_worker) puts it back.
     pub fn withdraw_worker(&mut self, worker_id: WorkerId) {
-        self.workers.retain(|w| w.worker.worker_id != worker_id);
+        self.drop_ranks(worker_id);
     }
 
     pub fn workers(&self) -> &[WorkerInfo] {
@@ -507,17 +522,45 @@ impl Scheduler {
         isl: usize,
         now: Duration,
     ) -> Vec<PotentialLoad> {
-        let opts = self.config().kv.booking();
-        self.workers
+        let mut loads: Vec<PotentialLoad> = self
+            .workers
             .iter()
-            .map(|w| {
-                self.active
-                    .potential_load(w.worker, sequence, isl, self.block_size, opts, now)
-            })
-            .collect()
+            .map(|w| self.idle_load(w.worker, isl))
+            .collect();
+        self.patch_booked(sequence, isl, now, |i, load| loads[i] = load);
+        loads
     }
 
-    /// Every registered rank with its overlap and its load with the request added.
+    /// The potential load of rank `worker` with nothing booked, for a request of `isl` tokens.
+    fn idle_load(&self, worker: WorkerWithDpRank, isl: usize) -> PotentialLoad {
+        let opts = self.config().kv.booking();
+        PotentialLoad {
+            worker,
+            ..ActiveSequences::idle_potential_load(isl, self.block_size, opts)
+        }
+    }
+
+    /// Calls `f(position in workers, potential load)` for every registered rank that has a
+    /// booking; the others have [`idle_load`](Self::idle_load).
+    fn patch_booked(
+        &self,
+        sequence: &[SequenceHash],
+        isl: usize,
+        now: Duration,
+        mut f: impl FnMut(usize, PotentialLoad),
+    ) {
+        let opts = self.config().kv.booking();
+        self.active
+            .for_each_booked_load(sequence, isl, self.block_size, opts, now, |load| {
+                if let Some(&i) = self.positions.get(&load.worker) {
+                    f(i, load);
+                }
+            });
+    }
+
+    /// Every registered rank in `pool` with its overlap and its load with the request added,
+    /// in registration order. Idle ranks are written in one pass; only the ranks that carry a
+    /// booking or hold part of the prompt are looked up (a few, even among a thousand).
     fn candidates(
         &self,
         overlaps: Vec<(WorkerWithDpRank, TierOverlap)>,
@@ -526,32 +569,44 @@ impl Scheduler {
         pool: RolePool,
         now: Duration,
     ) -> Vec<Candidate> {
-        // Sorted once, searched per rank: cheaper than a hash map for the few ranks that
-        // usually overlap, and than building one per request.
-        let mut overlaps = overlaps;
-        overlaps.sort_unstable_by_key(|(w, _)| *w);
-        let overlap_of = |w: &WorkerWithDpRank| -> TierOverlap {
-            overlaps
-                .binary_search_by_key(w, |(x, _)| *x)
-                .map_or_else(|_| TierOverlap::default(), |i| overlaps[i].1)
-        };
-        let opts = self.config().kv.booking();
-        self.workers
-            .iter()
-            .filter(|info| pool.admits(info.role))
-            .map(|info| Candidate {
+        let idle = self.idle_load(WorkerWithDpRank::default(), isl);
+        // Position in `workers` -> position in the candidates (NONE: not in the pool).
+        const NONE: u32 = u32::MAX;
+        let mut slot: Vec<u32> = Vec::new();
+        let mut out = Vec::with_capacity(self.workers.len());
+        for info in &self.workers {
+            let admitted = pool.admits(info.role);
+            if pool != RolePool::Any {
+                slot.push(if admitted { out.len() as u32 } else { NONE });
+            }
+            if !admitted {
+                continue;
+            }
+            out.push(Candidate {
                 info: *info,
-                overlap: overlap_of(&info.worker),
-                load: self.active.potential_load(
-                    info.worker,
-                    sequence,
-                    isl,
-                    self.block_size,
-                    opts,
-                    now,
-                ),
-            })
-            .collect()
+                overlap: TierOverlap::default(),
+                load: PotentialLoad {
+                    worker: info.worker,
+                    ..idle
+                },
+            });
+        }
+        let at = |i: usize| match slot.get(i) {
+            None => Some(i),
+            Some(&NONE) => None,
+            Some(&j) => Some(j as usize),
+        };
+        self.patch_booked(sequence, isl, now, |i, load| {
+            if let Some(j) = at(i) {
+                out[j].load = load;
+            }
+        });
+        for (w, o) in overlaps {
+            if let Some(j) = self.positions.get(&w).and_then(|&i| at(i)) {
+                out[j].overlap = o;
+            }
+        }
+        out
     }
 }
 

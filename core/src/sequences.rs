@@ -181,6 +181,7 @@ pub enum SequenceError {
 /// Active requests per worker rank.
 #[derive(Debug)]
 pub struct ActiveSequences {
+    /// Ranks with at least one booking (a rank is dropped with its last one).
     ranks: FastMap<WorkerWithDpRank, RankState>,
     requests: FastMap<RequestId, Booking>,
     /// Booking order, for expiry; entries of freed requests are skipped lazily.
@@ -329,7 +330,12 @@ impl ActiveSequences {
                     }
                 }
             }
-            if rank.blocks.capacity() > 4 * rank.blocks.len() + 256 {
+            if rank.requests == 0 {
+                // Nothing left: forget the rank, so that routing visits only loaded ones.
+                debug_assert!(rank.blocks.is_empty() && rank.private_blocks == 0);
+                debug_assert!(rank.prefill_tokens == 0 && rank.prefills.is_empty());
+                self.ranks.remove(&b.worker);
+            } else if rank.blocks.capacity() > 4 * rank.blocks.len() + 256 {
                 rank.blocks.shrink_to_fit();
             }
         }
@@ -387,30 +393,49 @@ impl ActiveSequences {
         opts: BookingOptions,
         now: Duration,
     ) -> PotentialLoad {
-        let total = crate::hash::request_blocks(isl, block_size) as u64;
         let rank = self.ranks.get(&worker);
-        let load = rank.map_or_else(WorkerLoad::default, |r| r.load(now));
-        let new_blocks = match (opts.track_active_blocks, opts.assume_kv_reuse) {
-            (false, _) => 0,
-            (true, false) => total,
-            (true, true) => {
-                let already = rank.map_or(0, |r| r.active_prefix(seq)) as u64;
-                total.saturating_sub(already)
-            }
-        };
-        let prefill = if opts.track_prefill_tokens {
-            load.active_prefill_tokens
-        } else {
-            0
-        };
-        PotentialLoad {
-            worker,
-            potential_prefill_tokens: prefill + isl as u64,
-            potential_decode_blocks: load.active_decode_blocks + new_blocks,
-            active_requests: load.active_requests,
-            active_prefill_tokens: prefill,
-            active_decode_blocks: load.active_decode_blocks,
+        potential(worker, rank, seq, isl, block_size, opts, now)
+    }
+
+    /// The potential load of a rank with nothing booked (`worker` left default): what every
+    /// rank [`for_each_booked_load`](Self::for_each_booked_load) does not visit has.
+    pub fn idle_potential_load(
+        isl: usize,
+        block_size: usize,
+        opts: BookingOptions,
+    ) -> PotentialLoad {
+        potential(
+            WorkerWithDpRank::default(),
+            None,
+            &[],
+            isl,
+            block_size,
+            opts,
+            Duration::ZERO,
+        )
+    }
+
+    /// Calls `f` with the [`potential_load`](Self::potential_load) of every rank that has a
+    /// booking, in no particular order. A rank whose last booking ended is forgotten, so this
+    /// visits as many ranks as carry load, not as many as are registered: routing among a
+    /// thousand mostly idle ranks looks up a few, not a thousand.
+    pub fn for_each_booked_load(
+        &self,
+        seq: &[SequenceHash],
+        isl: usize,
+        block_size: usize,
+        opts: BookingOptions,
+        now: Duration,
+        mut f: impl FnMut(PotentialLoad),
+    ) {
+        for (w, r) in &self.ranks {
+            f(potential(*w, Some(r), seq, isl, block_size, opts, now));
         }
+    }
+
+    /// Ranks with at least one booking.
+    pub fn booked_ranks(&self) -> usize {
+        self.ranks.len()
     }
 
     /// Number of active requests across all ranks.
@@ -421,6 +446,42 @@ impl ActiveSequences {
     /// Rank a request is booked on, if active.
     pub fn worker_of(&self, id: &str) -> Option<WorkerWithDpRank> {
         self.requests.get(id).map(|b| b.worker)
+    }
+}
+
+/// A rank's load at `now` (`rank` None: nothing booked) with a request of `isl` tokens and
+/// sequence hashes `seq` added.
+fn potential(
+    worker: WorkerWithDpRank,
+    rank: Option<&RankState>,
+    seq: &[SequenceHash],
+    isl: usize,
+    block_size: usize,
+    opts: BookingOptions,
+    now: Duration,
+) -> PotentialLoad {
+    let total = crate::hash::request_blocks(isl, block_size) as u64;
+    let load = rank.map_or_else(WorkerLoad::default, |r| r.load(now));
+    let new_blocks = match (opts.track_active_blocks, opts.assume_kv_reuse) {
+        (false, _) => 0,
+        (true, false) => total,
+        (true, true) => {
+            let already = rank.map_or(0, |r| r.active_prefix(seq)) as u64;
+            total.saturating_sub(already)
+        }
+    };
+    let prefill = if opts.track_prefill_tokens {
+        load.active_prefill_tokens
+    } else {
+        0
+    };
+    PotentialLoad {
+        worker,
+        potential_prefill_tokens: prefill + isl as u64,
+        potential_decode_blocks: load.active_decode_blocks + new_blocks,
+        active_requests: load.active_requests,
+        active_prefill_tokens: prefill,
+        active_decode_blocks: load.active_decode_blocks,
     }
 }
 
@@ -493,6 +554,37 @@ mod tests {
         assert_eq!(a.load(W, T0), WorkerLoad::default());
         assert!(a.free("b", T0).is_err());
         assert!(a.mark_prefill_complete("zz", T0).is_err());
+        // An idle rank is forgotten: routing visits only ranks that carry load.
+        assert_eq!(a.booked_ranks(), 0);
+    }
+
+    #[test]
+    fn booked_loads_are_each_ranks_potential_load_and_idle_ranks_the_idle_one() {
+        let mut a = ActiveSequences::default();
+        let o = BookingOptions::default();
+        let w2 = WorkerWithDpRank::new(2, 1);
+        let p: Vec<u32> = (0..16).collect();
+        a.add_request("a".into(), W, &seq(&p), 16, 4, 4, o, None, T0)
+            .unwrap();
+        a.add_request("b".into(), w2, &seq(&p[..8]), 8, 0, 4, o, None, T0)
+            .unwrap();
+        let mut seen = Vec::new();
+        a.for_each_booked_load(&seq(&p), 16, 4, o, T0, |l| seen.push(l));
+        seen.sort_by_key(|l| l.worker);
+        let expect = [W, w2].map(|w| a.potential_load(w, &seq(&p), 16, 4, o, T0));
+        assert_eq!(seen, expect);
+        // Blocks already active on a rank are not counted twice.
+        assert_eq!(seen[1].potential_decode_blocks, 2 + 2);
+        let idle = WorkerWithDpRank::new(9, 0);
+        assert_eq!(
+            PotentialLoad {
+                worker: idle,
+                ..ActiveSequences::idle_potential_load(16, 4, o)
+            },
+            a.potential_load(idle, &seq(&p), 16, 4, o, T0)
+        );
+        a.free("a", T0).unwrap();
+        assert_eq!(a.booked_ranks(), 1);
     }
 
     #[test]

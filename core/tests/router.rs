@@ -606,3 +606,82 @@ fn a_remote_booking_books_what_the_schedule_booked() {
     b.free("peer:a:r1", now).unwrap();
     assert_eq!(b.active().load(sel.worker, now), WorkerLoad::default());
 }
+
+/// Candidates are built for the ranks of the pool only, each with its own overlap and load
+/// (ranks with neither are idle), whatever the registration order and after a rank leaves.
+#[test]
+fn a_role_pool_sees_each_ranks_own_overlap_and_load() {
+    use kvrouter_core::index::TierOverlap;
+    use kvrouter_core::selection::{RolePool, WorkerRole};
+    use kvrouter_core::{ScheduleRequest, Scheduler};
+
+    let mut s = Scheduler::new(
+        RouterConfig {
+            mode: RouterMode::Kv,
+            ..Default::default()
+        },
+        BS,
+    );
+    let rank = |id| WorkerWithDpRank::new(id, 0);
+    for (id, role) in [
+        (1, WorkerRole::Decode),
+        (2, WorkerRole::Prefill),
+        (3, WorkerRole::Both),
+        (4, WorkerRole::Prefill),
+        (5, WorkerRole::Prefill),
+    ] {
+        s.add_worker(WorkerInfo {
+            worker: rank(id),
+            role,
+            ..Default::default()
+        });
+    }
+    s.remove_worker(2);
+    let p = prompt(7, 128);
+    let h = RequestHashes::compute(&p, BS, &HashOptions::default());
+    let mut rng = StdRng::seed_from_u64(1);
+    let book = |s: &mut Scheduler, id: &str, w: u64, exact: Vec<_>| {
+        let req = ScheduleRequest {
+            request_id: Some(id),
+            isl: p.len(),
+            pinned_worker: Some(w),
+            pool: RolePool::Any,
+            ..Default::default()
+        };
+        s.schedule(&req, &h, exact, T0, &mut StdRng::seed_from_u64(2))
+            .unwrap()
+    };
+    // Load on prefill rank 4: two bookings of the prompt.
+    book(&mut s, "a", 4, Vec::new());
+    book(&mut s, "b", 4, Vec::new());
+    let overlap = |d| TierOverlap {
+        device: d,
+        ..Default::default()
+    };
+    // The decode rank holds the whole prompt, prefill rank 4 half of it: among prefill ranks
+    // 4 has the overlap but two prefills queued, 5 nothing and no load.
+    let exact = vec![(rank(1), overlap(8)), (rank(4), overlap(4))];
+    let req = ScheduleRequest {
+        isl: p.len(),
+        pool: RolePool::Only(WorkerRole::Prefill),
+        ..Default::default()
+    };
+    let sel = s.schedule(&req, &h, exact.clone(), T0, &mut rng).unwrap();
+    assert_eq!(sel.worker, rank(5));
+    assert_eq!(
+        sel.max_overlap_blocks, 4,
+        "rank 1's overlap is not in the pool"
+    );
+    // Without the load, rank 4's overlap wins.
+    s.free("a", T0).unwrap();
+    s.free("b", T0).unwrap();
+    let sel = s.schedule(&req, &h, exact.clone(), T0, &mut rng).unwrap();
+    assert_eq!((sel.worker, sel.overlap_blocks), (rank(4), 4));
+    // The aggregated pool (decode and both) takes the decode rank's overlap.
+    let req = ScheduleRequest {
+        pool: RolePool::Aggregated,
+        ..req
+    };
+    let sel = s.schedule(&req, &h, exact, T0, &mut rng).unwrap();
+    assert_eq!((sel.worker, sel.overlap_blocks), (rank(1), 8));
+}
