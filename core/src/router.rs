@@ -132,6 +132,8 @@ pub struct Scheduler {
     workers: Vec<WorkerInfo>,
     /// Where each rank is in `workers`.
     positions: FastMap<WorkerWithDpRank, usize>,
+    /// The candidates' buffer, reused by every [`schedule`](Self::schedule).
+    scratch: Vec<Candidate>,
     approx: Option<ApproxIndex>,
     predicted: Option<ApproxIndex>,
     active: ActiveSequences,
@@ -170,6 +172,7 @@ impl Scheduler {
             block_size,
             workers: Vec::new(),
             positions: FastMap::default(),
+            scratch: Vec::new(),
             approx,
             predicted,
             active,
@@ -275,10 +278,21 @@ impl Scheduler {
         } else {
             self.overlaps(&hashes.local, exact, now)
         };
-        let candidates = self.candidates(overlaps, &hashes.sequence, req.isl, req.pool, now);
+        // The candidates' buffer is kept between requests: 128 KB with 1,000 ranks.
+        let mut candidates = std::mem::take(&mut self.scratch);
+        self.candidates(
+            &mut candidates,
+            overlaps,
+            &hashes.sequence,
+            req.isl,
+            req.pool,
+            now,
+        );
         let sel = self
             .selector
-            .select(&candidates, &self.selection_request(req), rng)?;
+            .select(&candidates, &self.selection_request(req), rng);
+        self.scratch = candidates;
+        let sel = sel?;
         let Some(id) = req.request_id else {
             self.record(sel.worker, hashes, now);
             return Ok((sel, None));
@@ -375,7 +389,15 @@ impl Scheduler {
         } else {
             self.overlaps_at(hashes, exact, now)
         };
-        let candidates = self.candidates(overlaps, &hashes.sequence, req.isl, req.pool, now);
+        let mut candidates = Vec::new();
+        self.candidates(
+            &mut candidates,
+            overlaps,
+            &hashes.sequence,
+            req.isl,
+            req.pool,
+            now,
+        );
         self.selector
             .peek(&candidates, &self.selection_request(req), rng)
     }
@@ -563,17 +585,19 @@ impl Scheduler {
     /// booking or hold part of the prompt are looked up (a few, even among a thousand).
     fn candidates(
         &self,
+        out: &mut Vec<Candidate>,
         overlaps: Vec<(WorkerWithDpRank, TierOverlap)>,
         sequence: &[SequenceHash],
         isl: usize,
         pool: RolePool,
         now: Duration,
-    ) -> Vec<Candidate> {
+    ) {
         let idle = self.idle_load(WorkerWithDpRank::default(), isl);
         // Position in `workers` -> position in the candidates (NONE: not in the pool).
         const NONE: u32 = u32::MAX;
         let mut slot: Vec<u32> = Vec::new();
-        let mut out = Vec::with_capacity(self.workers.len());
+        out.clear();
+        out.reserve(self.workers.len());
         for info in &self.workers {
             let admitted = pool.admits(info.role);
             if pool != RolePool::Any {
@@ -606,7 +630,6 @@ impl Scheduler {
                 out[j].overlap = o;
             }
         }
-        out
     }
 }
 
