@@ -226,8 +226,9 @@ impl RouterFigures {
 /// the bucket that holds rank `q × total`, from 0 for the first bucket; the largest finite
 /// bound when the rank falls in `+Inf`). `None` without observations.
 pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    // Also None for a NaN count.
     let total = buckets.last()?.1;
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return None;
     }
     let rank = q.clamp(0.0, 1.0) * total;
