@@ -191,10 +191,11 @@ impl Frontend {
             .iter()
             .chain(app.pools.iter().flat_map(|p| p.routers()));
         for r in named.filter(|r| r.endpoint().is_some()) {
-            let Some(d) = &discovery else {
+            let Some(d) = discovery.as_ref().filter(|d| d.follows_routers()) else {
                 anyhow::bail!(
                     "router `{}` is given by endpoint name: its replicas come from discovery; \
-                     give --discovery-backend file or etcd",
+                     give --discovery-backend file or etcd (in Kubernetes, give the router's \
+                     Service URL)",
                     r.name
                 );
             };

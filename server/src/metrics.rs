@@ -526,6 +526,9 @@ pub struct Metrics {
     pub discovery_changes: Family<ChangeLabels, Counter>,
     /// Discovery watches restarted (after an error or a compacted history).
     pub discovery_watch_restarts: Counter,
+    /// Registrations and worker pods skipped: unreadable (malformed JSON or annotations) or
+    /// refused; each counted once per content.
+    pub discovery_rejected: Counter,
     /// The NATS event plane and snapshots (`--event-plane nats`).
     pub event_plane: EventPlaneMetrics,
     /// Replica sync (zero unless `--router-replica-sync`).
@@ -646,6 +649,7 @@ impl Metrics {
             service_calls: Family::default(),
             discovery_changes: Family::default(),
             discovery_watch_restarts: Counter::default(),
+            discovery_rejected: Counter::default(),
             event_plane: EventPlaneMetrics::default(),
             replica_sync: ReplicaSyncMetrics::default(),
             accuracy: AccuracyMetrics::default(),
@@ -774,8 +778,13 @@ impl Metrics {
         );
         registry.register(
             "discovery_watch_restarts",
-            "Discovery watches restarted after an error (etcd restarted or unreachable, history compacted)",
+            "Discovery watches restarted after an error (etcd or the Kubernetes API restarted or unreachable, history compacted or expired)",
             m.discovery_watch_restarts.clone(),
+        );
+        registry.register(
+            "discovery_rejected",
+            "Registrations and worker pods discovery skipped, once per content: unreadable (malformed JSON, kvrouter.dev/* annotations) or refused (e.g. a block size that disagrees)",
+            m.discovery_rejected.clone(),
         );
         m.event_plane.register(&mut registry);
         m.replica_sync.register(&mut registry);

@@ -71,7 +71,9 @@ pub struct FleetArgs {
     pub worker_timeout_secs: f64,
     /// Where else workers come from: `mem` (only the sources above), `file` (registrations
     /// under `--file-kv`) or `etcd` (under `--etcd-prefix` on `ETCD_ENDPOINTS`; a build with
-    /// `--features etcd`), written by `kvrouter register` and watched while running.
+    /// `--features etcd`), written by `kvrouter register` and watched while running; or
+    /// `kubernetes` (the ready pods of `--namespace` matching `--worker-selector`, described
+    /// by their kvrouter.dev/* annotations; a build with `--features kubernetes`).
     #[arg(
         long,
         alias = "discovery",
@@ -87,8 +89,7 @@ pub struct FleetArgs {
     pub replicas: crate::replicas::ReplicaArgs,
 }
 
-/// Dynamic discovery backends (the reference's `--discovery-backend`; `kubernetes` is not
-/// built yet).
+/// Dynamic discovery backends (the reference's `--discovery-backend`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DiscoveryBackend {
     /// No dynamic discovery: `--worker`, `--workers-file` and the admin API.
@@ -98,6 +99,8 @@ pub enum DiscoveryBackend {
     File,
     /// Registration keys in etcd (`crate::workers::discovery::etcd`).
     Etcd,
+    /// Worker pods through the Kubernetes API (`crate::workers::discovery::kubernetes`).
+    Kubernetes,
 }
 
 /// Where the discovery backends keep registrations, and their timing (shared with `kvrouter
@@ -137,16 +140,35 @@ pub struct DiscoveryArgs {
     /// between two looks at the registered routers (`--prefill-router ENDPOINT`).
     #[arg(long, env = "KVROUTER_DISCOVERY_POLL_MS", default_value_t = 500)]
     pub discovery_poll_ms: u64,
+    /// Kubernetes backend: label selector of the worker pods (`key=value,key!=value,key in
+    /// (a,b)`, as `kubectl get pods -l`).
+    #[arg(
+        long,
+        env = "KVROUTER_WORKER_SELECTOR",
+        default_value = "kvrouter.dev/worker=true"
+    )]
+    pub worker_selector: String,
+    /// Kubernetes backend: namespace of the worker pods. Default: the client configuration's
+    /// (the service account's namespace in a pod, the kubeconfig context's outside).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Kubernetes backend: a kubeconfig file to use. Default: `KUBECONFIG`, then
+    /// `~/.kube/config`, then the pod's service account (in a cluster).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl DiscoveryArgs {
     /// The backend's settings (`None` for `mem`). Errors: a lease or poll interval that is
-    /// not positive; `etcd` in a build without the `etcd` feature.
+    /// not positive; `etcd` or `kubernetes` in a build without its feature; an empty
+    /// worker selector.
     pub fn discovery(
         &self,
         backend: DiscoveryBackend,
     ) -> anyhow::Result<Option<crate::workers::discovery::Discovery>> {
-        use crate::workers::discovery::{Discovery, EtcdDiscovery, FileDiscovery};
+        use crate::workers::discovery::{
+            Discovery, EtcdDiscovery, FileDiscovery, KubernetesDiscovery,
+        };
         if !(self.discovery_lease_secs > 0.0 && self.discovery_lease_secs.is_finite())
             || self.discovery_poll_ms == 0
         {
@@ -183,6 +205,24 @@ impl DiscoveryArgs {
                     router_prefix: dir(&self.etcd_router_prefix),
                     lease,
                     poll: Duration::from_millis(self.discovery_poll_ms),
+                }))
+            }
+            DiscoveryBackend::Kubernetes => {
+                if !cfg!(feature = "kubernetes") {
+                    anyhow::bail!(
+                        "--discovery-backend kubernetes: this kvrouter was built without \
+                         Kubernetes support; build it with `--features kubernetes`"
+                    );
+                }
+                if self.worker_selector.trim().is_empty() {
+                    anyhow::bail!(
+                        "--worker-selector is empty: it would take every pod of the namespace"
+                    );
+                }
+                Some(Discovery::Kubernetes(KubernetesDiscovery {
+                    namespace: self.namespace.clone().filter(|n| !n.is_empty()),
+                    selector: self.worker_selector.clone(),
+                    kubeconfig: self.kubeconfig.clone(),
                 }))
             }
         })

@@ -5,15 +5,21 @@
 //! deregisters what is gone (index entries and load cleared):
 //!
 //! * [`file`] — files under a root directory, leases by modification time (no server);
-//! * [`etcd`] — keys under a prefix with etcd leases, watched (`--features etcd`).
+//! * [`etcd`] — keys under a prefix with etcd leases, watched (`--features etcd`);
+//! * [`kubernetes`] — worker pods selected by labels, described by their `kvrouter.dev/*`
+//!   annotations, watched through the Kubernetes API (`--features kubernetes`; no sidecar:
+//!   a pod's key is `namespace/name` and its registration is built from the pod).
 //!
 //! A standalone router takes only its `--endpoint`'s registrations; the frontend takes all.
 //! Standalone routers announce themselves too ([`routers`]), so that a frontend finds the
-//! replicas of a router by endpoint name.
+//! replicas of a router by endpoint name (file and etcd; in Kubernetes a router's replicas
+//! are reached through its Service).
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod routers;
 
 use std::collections::HashMap;
@@ -42,11 +48,26 @@ pub struct EtcdDiscovery {
     pub poll: std::time::Duration,
 }
 
+/// The Kubernetes backend's settings (used with `--features kubernetes`).
+#[derive(Clone, Debug)]
+pub struct KubernetesDiscovery {
+    /// Namespace of the worker pods (`--namespace`, `POD_NAMESPACE`); `None`: the client
+    /// configuration's (the service account's in a cluster, the kubeconfig context's outside).
+    pub namespace: Option<String>,
+    /// Label selector of the worker pods, e.g. `kvrouter.dev/worker=true` or
+    /// `app=vllm,role in (decode)`.
+    pub selector: String,
+    /// A kubeconfig file to use instead of the inferred configuration (`KUBECONFIG`, then
+    /// `~/.kube/config`, then the in-cluster service account).
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
 /// A configured discovery backend.
 #[derive(Clone, Debug)]
 pub enum Discovery {
     File(FileDiscovery),
     Etcd(EtcdDiscovery),
+    Kubernetes(KubernetesDiscovery),
 }
 
 impl Discovery {
@@ -62,6 +83,12 @@ impl Discovery {
             Discovery::Etcd(cfg) => etcd::spawn_watch(fleet, cfg, metrics),
             #[cfg(not(feature = "etcd"))]
             Discovery::Etcd(_) => unreachable!("refused by the flags without the etcd feature"),
+            #[cfg(feature = "kubernetes")]
+            Discovery::Kubernetes(cfg) => kubernetes::spawn_watch(fleet, cfg, metrics),
+            #[cfg(not(feature = "kubernetes"))]
+            Discovery::Kubernetes(_) => {
+                unreachable!("refused by the flags without the kubernetes feature")
+            }
         }
     }
 
@@ -87,15 +114,29 @@ impl Discovery {
                 drop(ready);
                 anyhow::bail!("built without etcd support")
             }
+            Discovery::Kubernetes(_) => {
+                drop(ready);
+                anyhow::bail!(
+                    "kubernetes discovery needs no sidecar: routers read the worker pods' \
+                     kvrouter.dev/* annotations (README \"Deploy on Kubernetes\")"
+                )
+            }
         }
     }
 
-    /// Where each spec's registration lives: a file path or an etcd key.
+    /// Where each spec's registration lives: a file path or an etcd key (for Kubernetes:
+    /// the pod, which is not known from the spec).
     pub fn location(&self, spec: &WorkerSpec) -> String {
         match self {
             Discovery::File(cfg) => registration_path(&cfg.root, spec).display().to_string(),
             Discovery::Etcd(cfg) => format!("{}{}", cfg.prefix, registration_key(spec)),
+            Discovery::Kubernetes(_) => format!("kubernetes pod of {}", spec.url),
         }
+    }
+
+    /// Whether routers can be followed by endpoint name ([`routers`]): file and etcd.
+    pub fn follows_routers(&self) -> bool {
+        !matches!(self, Discovery::Kubernetes(_))
     }
 }
 
@@ -111,10 +152,11 @@ pub struct Registrations {
 
 impl Registrations {
     /// Bring `fleet` in step with `live` (key → registration JSON) of backend `backend`
-    /// (`file`, `etcd`: a worker's source is `backend:key`): deregister the workers of keys
-    /// gone or changed, then register new and changed keys' workers. A registration that does
-    /// not parse, names another endpoint or is refused is logged once per content and left
-    /// alone.
+    /// (`file`, `etcd`, `kubernetes`: a worker's source is `backend:key`): deregister the
+    /// workers of keys gone or changed, then register new and changed keys' workers. A
+    /// registration that does not parse or is refused is logged and counted
+    /// (`discovery_rejected`) once per content and left alone; one of another endpoint is
+    /// left alone.
     pub async fn sync(
         &mut self,
         backend: &str,
@@ -145,42 +187,59 @@ impl Registrations {
             if self.keys.contains_key(key) {
                 continue;
             }
-            let id = admit(fleet, &format!("{backend}:{key}"), bytes).await;
-            if id.is_some() {
-                count("added");
-            }
+            let id = match admit(fleet, &format!("{backend}:{key}"), bytes).await {
+                Admission::Registered(id) => {
+                    count("added");
+                    Some(id)
+                }
+                Admission::OtherEndpoint => None,
+                Admission::Rejected => {
+                    metrics.discovery_rejected.inc();
+                    None
+                }
+            };
             self.keys.insert(key.clone(), (bytes.clone(), id));
         }
     }
 }
 
-/// Register the worker of one registration (`source` names it in logs and the admin API);
-/// `None` when it is too large, does not parse, serves another endpoint or is refused.
-async fn admit(fleet: &Arc<Fleet>, source: &str, bytes: &[u8]) -> Option<WorkerId> {
+/// What became of one registration.
+enum Admission {
+    /// Its worker is registered under this id.
+    Registered(WorkerId),
+    /// It serves an endpoint this router does not route.
+    OtherEndpoint,
+    /// Too large, not a registration, or refused (logged).
+    Rejected,
+}
+
+/// Register the worker of one registration (`source` names it in logs and the admin API).
+async fn admit(fleet: &Arc<Fleet>, source: &str, bytes: &[u8]) -> Admission {
     if bytes.len() > MAX_REGISTRATION_BYTES {
         tracing::warn!(
             source,
             len = bytes.len(),
             "discovery: registration too large"
         );
-        return None;
+        return Admission::Rejected;
     }
     let spec = match serde_json::from_slice::<WorkerSpec>(bytes) {
         Ok(spec) if fleet.serves(&spec) => spec,
-        Ok(_) => return None,
+        Ok(_) => return Admission::OtherEndpoint,
         Err(e) => {
             tracing::warn!(source, "discovery: not a worker registration: {e}");
-            return None;
+            return Admission::Rejected;
         }
     };
     let (f, src) = (fleet.clone(), source.to_string());
     match tokio::task::spawn_blocking(move || f.register_from(spec, src)).await {
-        Ok(Ok(spec)) => spec.id,
+        Ok(Ok(WorkerSpec { id: Some(id), .. })) => Admission::Registered(id),
+        Ok(Ok(_)) => Admission::Rejected,
         Ok(Err(e)) => {
             tracing::warn!(source, "discovery: registration refused: {e}");
-            None
+            Admission::Rejected
         }
-        Err(_) => None,
+        Err(_) => Admission::Rejected,
     }
 }
 

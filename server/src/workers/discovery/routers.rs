@@ -8,7 +8,8 @@
 //! a worker's: the file `ROOT/_routers/ns/component/endpoint/<router_id>.json` (out of reach of
 //! the workers' scan, which stops three levels down), or the etcd key
 //! `ROUTER_PREFIX<ns>/<component>/<endpoint>/<router_id>` (`--etcd-router-prefix`, default
-//! `v1/kvrouter/routers/`).
+//! `v1/kvrouter/routers/`). Kubernetes discovery announces nothing and follows no router by
+//! name: there a router's replicas are reached through its Service.
 
 use std::sync::Arc;
 
@@ -82,6 +83,11 @@ pub async fn announce(
             drop(ready);
             anyhow::bail!("built without etcd support")
         }
+        // A router's pods are reached through its Service: nothing to announce.
+        Discovery::Kubernetes(_) => {
+            let _ = ready.send(());
+            stop.await;
+        }
     }
     Ok(())
 }
@@ -102,6 +108,9 @@ pub async fn list(d: &Discovery, endpoint: &str) -> anyhow::Result<Vec<RouterReg
         }
         #[cfg(not(feature = "etcd"))]
         Discovery::Etcd(_) => anyhow::bail!("built without etcd support"),
+        Discovery::Kubernetes(_) => anyhow::bail!(
+            "kubernetes discovery does not follow routers by endpoint name: give the router's Service URL"
+        ),
     };
     let mut out: Vec<RouterRegistration> = live
         .values()
@@ -127,6 +136,7 @@ pub fn follow(d: Discovery, router: Arc<RemoteRouter>) -> tokio::task::JoinHandl
         let poll = match &d {
             Discovery::File(c) => c.poll,
             Discovery::Etcd(c) => c.poll,
+            Discovery::Kubernetes(_) => std::time::Duration::from_secs(1),
         };
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
