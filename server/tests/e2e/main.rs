@@ -12,6 +12,8 @@ mod etcd_discovery;
 #[cfg(feature = "nats")]
 mod event_plane;
 mod fidelity;
+#[cfg(feature = "kubernetes")]
+mod kubernetes_discovery;
 mod lifecycle;
 mod limits;
 #[cfg(feature = "nats")]

@@ -10,15 +10,15 @@
 //! The watch is resumed from the last `resourceVersion` seen (events and bookmarks) when its
 //! connection ends or breaks; an expired version (`410 Gone`, as an `ERROR` event or a
 //! response) makes it list again, which replaces the view (a pod deleted meanwhile goes).
-//! Failed calls are retried with a backoff of 0.1 s doubling to 5 s, each counted in
-//! `discovery_watch_restarts`. The role it needs: `get`, `list` and `watch` on `pods` in the
+//! Failed calls are retried with a backoff of 0.1 s doubling to 5 s; they and watches cut
+//! short (a broken connection) are counted in `discovery_watch_restarts`. The role it needs: `get`, `list` and `watch` on `pods` in the
 //! namespace.
 
 pub mod pod;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
@@ -36,6 +36,8 @@ const PAGE: u32 = 500;
 /// Seconds the API server keeps one watch open before it ends it (kube's read timeout is
 /// 295 s: below it, a quiet watch is not taken for a dead connection).
 const WATCH_SECS: u32 = 290;
+/// A watch that ends sooner than this was cut short.
+const EARLY_END: Duration = Duration::from_secs(WATCH_SECS as u64 - 10);
 
 /// The client and namespace of `cfg`. Errors: no kubeconfig and not in a cluster, an
 /// unreadable kubeconfig, a client that cannot be built.
@@ -67,13 +69,19 @@ pub fn spawn_watch(
             match connect(&cfg).await {
                 Ok(c) => break c,
                 Err(e) => {
-                    tracing::error!("discovery: no Kubernetes client configuration: {e}; retrying in 5 s");
+                    tracing::error!(
+                        "discovery: no Kubernetes client configuration: {e}; retrying in 5 s"
+                    );
                     metrics.discovery_watch_restarts.inc();
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             }
         };
-        tracing::info!(namespace, selector = cfg.selector, "discovery: watching worker pods");
+        tracing::info!(
+            namespace,
+            selector = cfg.selector,
+            "discovery: watching worker pods"
+        );
         let mut w = PodWatch {
             api: Api::namespaced(client, &namespace),
             selector: cfg.selector,
@@ -85,22 +93,41 @@ pub fn spawn_watch(
             version: None,
         };
         loop {
-            let step = match w.version.clone() {
-                None => w.list().await,
-                Some(from) => w.watch(&from).await,
+            let started = Instant::now();
+            let (watching, step) = match w.version.clone() {
+                None => (false, w.list().await),
+                Some(from) => (true, w.watch(&from).await),
             };
             match step {
-                Ok(()) => {
+                // The server ended the watch at its timeout: watch on.
+                Ok(()) if !watching || started.elapsed() >= EARLY_END => {
                     backoff = Duration::from_millis(100);
                     continue;
                 }
-                Err(e) if is_gone(&e) => {
-                    tracing::info!("discovery: pods: {e}; listing again");
-                    w.version = None;
+                // Ended early: the connection broke (kube reports that as the end of the
+                // stream) or the server went away. Resumed from the last version seen; one
+                // that keeps ending at once is not hammered.
+                Ok(()) => {
+                    tracing::info!(
+                        "discovery: pod watch ended after {:.1?}; watching again",
+                        started.elapsed()
+                    );
+                    w.metrics.discovery_watch_restarts.inc();
+                    if started.elapsed() >= Duration::from_secs(1) {
+                        backoff = Duration::from_millis(100);
+                        continue;
+                    }
                 }
-                Err(e) => tracing::warn!("discovery: pods: {e}; retrying in {backoff:?}"),
+                Err(e) => {
+                    if is_gone(&e) {
+                        tracing::info!("discovery: pods: {e}; listing again");
+                        w.version = None;
+                    } else {
+                        tracing::warn!("discovery: pods: {e}; retrying in {backoff:?}");
+                    }
+                    w.metrics.discovery_watch_restarts.inc();
+                }
             }
-            w.metrics.discovery_watch_restarts.inc();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -155,7 +182,12 @@ impl PodWatch {
             }
             self.apply(p);
         }
-        tracing::debug!(pods = pods.len(), version, workers = self.live.len(), "discovery: pods listed");
+        tracing::debug!(
+            pods = pods.len(),
+            version,
+            workers = self.live.len(),
+            "discovery: pods listed"
+        );
         self.version = Some(version);
         self.sync().await;
         Ok(())
@@ -209,7 +241,8 @@ impl PodWatch {
                 // Not read as a spec: a restarted engine's registration differs, so it is
                 // registered again with an empty index.
                 v["container_restarts"] = restarts.into();
-                self.live.insert(key, serde_json::to_vec(&v).unwrap_or_default());
+                self.live
+                    .insert(key, serde_json::to_vec(&v).unwrap_or_default());
             }
             PodWorker::NotReady => {
                 self.invalid.remove(&key);

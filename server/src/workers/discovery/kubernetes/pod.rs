@@ -119,7 +119,10 @@ pub fn spec_of(
             })
             .transpose()
     };
-    fn number<T: std::str::FromStr>(a: &BTreeMap<&str, &str>, name: &str) -> Result<Option<T>, String> {
+    fn number<T: std::str::FromStr>(
+        a: &BTreeMap<&str, &str>,
+        name: &str,
+    ) -> Result<Option<T>, String> {
         a.get(name)
             .map(|v| {
                 v.parse::<T>()
@@ -192,7 +195,10 @@ mod tests {
         a.insert("kubectl.kubernetes.io/restartedAt".into(), "x".into());
         let s = spec_of(&a, "10.244.1.17", UID).unwrap();
         assert_eq!(s.url, "http://10.244.1.17:8000");
-        assert_eq!(s.kv_events_endpoint.as_deref(), Some("tcp://10.244.1.17:5557"));
+        assert_eq!(
+            s.kv_events_endpoint.as_deref(),
+            Some("tcp://10.244.1.17:5557")
+        );
         assert_eq!(s.replay_endpoint.as_deref(), Some("tcp://10.244.1.17:5558"));
         assert_eq!(s.block_size, Some(16));
         assert_eq!(s.role, kvrouter_core::WorkerRole::Decode);
@@ -203,15 +209,33 @@ mod tests {
         assert_eq!(s.max_num_batched_tokens, Some(8192));
         let id = s.id.unwrap();
         assert!(id < 1 << 53);
-        assert_eq!(spec_of(&a, "10.244.9.9", UID).unwrap().id, Some(id), "id from the UID");
-        assert_ne!(spec_of(&a, "10.244.1.17", "other-uid").unwrap().id, Some(id));
+        assert_eq!(
+            spec_of(&a, "10.244.9.9", UID).unwrap().id,
+            Some(id),
+            "id from the UID"
+        );
+        assert_ne!(
+            spec_of(&a, "10.244.1.17", "other-uid").unwrap().id,
+            Some(id)
+        );
         // IPv6 pod addresses are bracketed.
-        let s = spec_of(&annotations(&[("http-port", "8000"), ("kv-events-port", "5557")]), "fd00::17", UID).unwrap();
+        let s = spec_of(
+            &annotations(&[("http-port", "8000"), ("kv-events-port", "5557")]),
+            "fd00::17",
+            UID,
+        )
+        .unwrap();
         assert_eq!(s.url, "http://[fd00::17]:8000");
-        assert_eq!(s.kv_events_endpoint.as_deref(), Some("tcp://[fd00::17]:5557"));
+        assert_eq!(
+            s.kv_events_endpoint.as_deref(),
+            Some("tcp://[fd00::17]:5557")
+        );
         // Only the HTTP port is required.
         let s = spec_of(&annotations(&[("http-port", "30000")]), "10.0.0.1", UID).unwrap();
-        assert_eq!((s.kv_events_endpoint, s.block_size, s.dp_size), (None, None, 1));
+        assert_eq!(
+            (s.kv_events_endpoint, s.block_size, s.dp_size),
+            (None, None, 1)
+        );
     }
 
     #[test]
@@ -219,24 +243,57 @@ mod tests {
         let base = [("http-port", "8000"), ("kv-events-port", "5557")];
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[], "no kvrouter.dev/http-port"),
-            (&[("http-port", "http")], "kvrouter.dev/http-port: not a port"),
+            (
+                &[("http-port", "http")],
+                "kvrouter.dev/http-port: not a port",
+            ),
             (&[("http-port", "0")], "kvrouter.dev/http-port: not a port"),
-            (&[("http-port", "65536")], "kvrouter.dev/http-port: not a port"),
+            (
+                &[("http-port", "65536")],
+                "kvrouter.dev/http-port: not a port",
+            ),
             (&[("http-port", "-1")], "kvrouter.dev/http-port: not a port"),
-            (&[("kv-events-port", "5557/tcp")], "kvrouter.dev/kv-events-port: not a port"),
-            (&[("block-size", "99999999999999999999999999")], "kvrouter.dev/block-size: not a whole number"),
+            (
+                &[("kv-events-port", "5557/tcp")],
+                "kvrouter.dev/kv-events-port: not a port",
+            ),
+            (
+                &[("block-size", "99999999999999999999999999")],
+                "kvrouter.dev/block-size: not a whole number",
+            ),
             (&[("block-size", "1000000")], "block_size must be 1..=4096"),
             (&[("block-size", "0")], "block_size must be 1..=4096"),
-            (&[("block-size", "16.5")], "kvrouter.dev/block-size: not a whole number"),
-            (&[("role", "leader")], "kvrouter.dev/role: not both, prefill or decode"),
-            (&[("role", "Decode")], "kvrouter.dev/role: not both, prefill or decode"),
+            (
+                &[("block-size", "16.5")],
+                "kvrouter.dev/block-size: not a whole number",
+            ),
+            (
+                &[("role", "leader")],
+                "kvrouter.dev/role: not both, prefill or decode",
+            ),
+            (
+                &[("role", "Decode")],
+                "kvrouter.dev/role: not both, prefill or decode",
+            ),
             (&[("dp-size", "100000")], "dp_size must be 1..=256"),
             (&[("dp-size", "0")], "dp_size must be 1..=256"),
-            (&[("endpoint", "no-dots")], "endpoint must be namespace.component.endpoint"),
+            (
+                &[("endpoint", "no-dots")],
+                "endpoint must be namespace.component.endpoint",
+            ),
             (&[("total-kv-blocks", "0")], "total_kv_blocks must be > 0"),
-            (&[("kv-events-port", "65535"), ("dp-size", "4")], "kv-events-port must be"),
-            (&[("blocksize", "16")], "unknown annotation kvrouter.dev/blocksize"),
-            (&[("model", &"m".repeat(300))], "model is longer than 256 bytes"),
+            (
+                &[("kv-events-port", "65535"), ("dp-size", "4")],
+                "kv-events-port must be",
+            ),
+            (
+                &[("blocksize", "16")],
+                "unknown annotation kvrouter.dev/blocksize",
+            ),
+            (
+                &[("model", &"m".repeat(300))],
+                "model is longer than 256 bytes",
+            ),
         ];
         for (extra, want) in cases {
             let mut pairs: Vec<(&str, &str)> = base
@@ -252,8 +309,12 @@ mod tests {
             assert!(e.contains(want), "{pairs:?}: {e}");
         }
         // A replay port without a KV events port.
-        let e = spec_of(&annotations(&[("http-port", "1"), ("kv-replay-port", "2")]), "10.0.0.1", UID)
-            .unwrap_err();
+        let e = spec_of(
+            &annotations(&[("http-port", "1"), ("kv-replay-port", "2")]),
+            "10.0.0.1",
+            UID,
+        )
+        .unwrap_err();
         assert!(e.contains("kv-replay-port needs a kv-events-port"), "{e}");
     }
 
@@ -294,8 +355,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(worker_of(&pod(ready_pod("False", Some("10.244.0.5")))), PodWorker::NotReady);
-        assert_eq!(worker_of(&pod(ready_pod("True", None))), PodWorker::NotReady);
+        assert_eq!(
+            worker_of(&pod(ready_pod("False", Some("10.244.0.5")))),
+            PodWorker::NotReady
+        );
+        assert_eq!(
+            worker_of(&pod(ready_pod("True", None))),
+            PodWorker::NotReady
+        );
         let mut terminating = ready_pod("True", Some("10.244.0.5"));
         terminating["metadata"]["deletionTimestamp"] = "2025-06-01T10:00:00Z".into();
         assert_eq!(worker_of(&pod(terminating)), PodWorker::NotReady);
@@ -304,7 +371,9 @@ mod tests {
         pending["status"] = serde_json::json!({"phase": "Pending"});
         assert_eq!(worker_of(&pod(pending.clone())), PodWorker::NotReady);
         pending["metadata"]["annotations"]["kvrouter.dev/block-size"] = "huge".into();
-        assert!(matches!(worker_of(&pod(pending)), PodWorker::Invalid(e) if e.contains("block-size")));
+        assert!(
+            matches!(worker_of(&pod(pending)), PodWorker::Invalid(e) if e.contains("block-size"))
+        );
         // No annotations at all: not a worker, said so.
         let mut bare = ready_pod("True", Some("10.244.0.5"));
         bare["metadata"]["annotations"] = serde_json::Value::Null;
