@@ -705,3 +705,37 @@ async fn the_pod_watch_resumes_after_a_dropped_connection_and_lists_again_after_
         w.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_router_takes_the_pods_of_its_endpoint_only() {
+    use kvrouter_server::router_service::{RouterService, RouterServiceConfig};
+    let api = FakeApi::start().await;
+    let w = mock_workers(2, DisaggregationMode::Agg).await;
+    let mut prefill = worker_pod("pod-vllm-ready.json", "vllm-prefill-0", UIDS[0], &w[0]);
+    prefill["metadata"]["annotations"]["kvrouter.dev/endpoint"] = "dynamo.prefill.generate".into();
+    prefill["metadata"]["annotations"]["kvrouter.dev/role"] = "prefill".into();
+    api.put(prefill);
+    // No endpoint annotation: the default endpoint's (the frontend's) worker.
+    api.put(worker_pod("pod-vllm-ready.json", "vllm-0", UIDS[1], &w[1]));
+    let mut rc = RouterServiceConfig::new("dynamo.prefill.generate", 64);
+    rc.fleet.discovery_backend = DiscoveryBackend::Kubernetes;
+    rc.fleet.discovery.kubeconfig = Some(api.kubeconfig());
+    let r = RouterService::start(rc, Vec::new())
+        .await
+        .expect("router starts (it announces nothing in Kubernetes)");
+    let want = vec![w[0].info.url.clone()];
+    assert!(
+        eventually(5.0, || routable_urls(&r.fleet) == want).await,
+        "{:?}",
+        routable_urls(&r.fleet)
+    );
+    let spec = r.fleet.registry.get(id_of(UIDS[0])).expect("by the pod's id").spec.clone();
+    assert_eq!(spec.role, kvrouter_core::WorkerRole::Prefill);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(routable_urls(&r.fleet), want, "the other endpoint's pod stays out");
+    assert_eq!(api.lock().unauthorized, 0);
+    r.stop().await;
+    for w in w {
+        w.stop().await;
+    }
+}
