@@ -815,14 +815,19 @@ impl Metrics {
     /// Every metric in `format`, with `snap` as the scrape-time state.
     pub fn render_as(&self, snap: Snapshot, format: Format) -> String {
         *self.scrape.snap.lock().unwrap_or_else(|e| e.into_inner()) = snap;
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::warn!("encoding metrics: {e}");
-        }
-        match format {
-            Format::OpenMetrics => out,
-            Format::Classic => to_classic(&out),
-        }
+        encode(&self.registry, format)
+    }
+}
+
+/// Every metric of `registry` in `format` (also the relay's status server's).
+pub fn encode(registry: &Registry, format: Format) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::warn!("encoding metrics: {e}");
+    }
+    match format {
+        Format::OpenMetrics => out,
+        Format::Classic => to_classic(&out),
     }
 }
 

@@ -38,7 +38,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(discovery) = args.discovery.discovery(args.discovery_backend)? else {
         anyhow::bail!("--discovery-backend mem has nowhere to register: use file or etcd");
     };
-    if matches!(discovery, kvrouter_server::workers::discovery::Discovery::Kubernetes(_)) {
+    if matches!(
+        discovery,
+        kvrouter_server::workers::discovery::Discovery::Kubernetes(_)
+    ) {
         anyhow::bail!(
             "--discovery-backend kubernetes needs no sidecar: annotate the worker pods \
              (kvrouter.dev/http-port, ...; README \"Deploy on Kubernetes\")"

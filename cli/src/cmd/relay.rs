@@ -23,6 +23,14 @@ pub struct RelayArgs {
     /// their worker rank is re-dumped (a clear and what it holds) once NATS is back.
     #[arg(long, env = "KVROUTER_RELAY_BUFFER_EVENTS", default_value_t = 200_000)]
     pub relay_buffer_events: usize,
+    /// Serve `/live` and `/metrics` (`kvrouter_relay_*`: events relayed, publish failures,
+    /// dropped events, recoveries) on this port, the reference's system status port; off
+    /// when not given.
+    #[arg(long, alias = "metrics-port", env = "DYN_SYSTEM_PORT")]
+    pub system_port: Option<u16>,
+    /// Address of the status server (`--system-port`).
+    #[arg(long, env = "DYN_SYSTEM_HOST", default_value = "0.0.0.0")]
+    pub system_host: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -56,6 +64,16 @@ impl RelayArgs {
         #[cfg(feature = "nats")]
         {
             use kvrouter_server::replicas::relay::{Relay, RelayOptions};
+            let status_addr: Option<std::net::SocketAddr> =
+                match self.system_port {
+                    Some(port) => {
+                        let host = kvrouter_server::config::bracket(&self.system_host);
+                        Some(format!("{host}:{port}").parse().map_err(|e| {
+                            anyhow::anyhow!("--system-host {}: {e}", self.system_host)
+                        })?)
+                    }
+                    None => None,
+                };
             let n = specs.len();
             let relay = Relay::start(
                 RelayOptions {
@@ -67,6 +85,25 @@ impl RelayArgs {
                 specs,
             )
             .await?;
+            let status = match status_addr {
+                Some(addr) => {
+                    let started = kvrouter_server::replicas::relay_status::StatusServer::start(
+                        addr,
+                        relay.metrics(),
+                    )
+                    .await;
+                    let s = match started {
+                        Ok(s) => s,
+                        Err(e) => {
+                            relay.stop().await;
+                            return Err(e);
+                        }
+                    };
+                    eprintln!("kvrouter relay: /live and /metrics on http://{}", s.addr);
+                    Some(s)
+                }
+                None => None,
+            };
             eprintln!(
                 "kvrouter relay: relaying {n} worker(s) to {} on {}",
                 endpoint, self.nats_server
@@ -74,6 +111,9 @@ impl RelayArgs {
             stop.await;
             let stats = relay.stats();
             relay.stop().await;
+            if let Some(s) = status {
+                s.stop().await;
+            }
             eprintln!("kvrouter relay: stopped ({stats:?})");
             Ok(())
         }

@@ -348,7 +348,7 @@ impl ListenerArgs {
 }
 
 /// `host` as the host part of `host:port` (IPv6 bracketed).
-pub(crate) fn bracket(host: &str) -> String {
+pub fn bracket(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
     } else {

@@ -16,7 +16,7 @@ use kvrouter_core::{RouterConfig, RouterMode, WorkerRole};
 
 use crate::workers::spec::WorkerSpec;
 
-pub(crate) use fleet_args::bracket;
+pub use fleet_args::bracket;
 pub use fleet_args::{DiscoveryArgs, DiscoveryBackend, FleetArgs, ListenerArgs};
 pub use router_args::RouterArgs;
 

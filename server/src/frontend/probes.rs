@@ -177,14 +177,23 @@ pub async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Resp
 /// A scrape of `metrics` with `snap` as the scrape-time state, in the format the request's
 /// `Accept` header asks for.
 pub fn scrape(metrics: &Metrics, snap: Snapshot, headers: &HeaderMap) -> Response {
+    let format = requested_format(headers);
+    metrics_response(metrics.render_as(snap, format), format)
+}
+
+/// The text format a scrape's `Accept` headers ask for ([`Format::negotiate`]).
+pub fn requested_format(headers: &HeaderMap) -> Format {
     let accept = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
         .join(",");
-    let format = Format::negotiate(Some(accept.as_str()).filter(|a| !a.is_empty()));
-    let text = metrics.render_as(snap, format);
+    Format::negotiate(Some(accept.as_str()).filter(|a| !a.is_empty()))
+}
+
+/// A scrape's response: `text` in `format`, with its content type.
+pub fn metrics_response(text: String, format: Format) -> Response {
     (
         [
             (

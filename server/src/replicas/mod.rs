@@ -29,6 +29,8 @@ pub mod event_plane;
 #[cfg(feature = "nats")]
 pub mod relay;
 #[cfg(feature = "nats")]
+pub mod relay_status;
+#[cfg(feature = "nats")]
 pub mod snapshot;
 #[cfg(feature = "nats")]
 pub mod stream;

@@ -23,8 +23,6 @@
 //! their events to the async task that does everything else.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -33,6 +31,9 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
 use kvrouter_core::index::TieredIndex;
 use kvrouter_wire::subscriber::KvEventSubscriber;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -97,26 +98,83 @@ pub struct RelayStats {
     pub redump_requests: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    events_in: AtomicU64,
-    events_published: AtomicU64,
-    messages_published: AtomicU64,
-    publish_failures: AtomicU64,
-    dropped_events: AtomicU64,
-    recoveries: AtomicU64,
-    redump_requests: AtomicU64,
+/// The relay's counters and gauges as Prometheus metrics, shared with its status server
+/// (`kvrouter relay --system-port`, [`super::relay_status`]); cloning shares them.
+#[derive(Clone, Debug, Default)]
+pub struct RelayMetrics {
+    events_in: Counter,
+    events_published: Counter,
+    messages_published: Counter,
+    publish_failures: Counter,
+    dropped_events: Counter,
+    recoveries: Counter,
+    redump_requests: Counter,
+    /// Events waiting to be published (the buffer's fill).
+    buffered_events: Gauge,
+    /// 1 while NATS is connected and the stream takes messages, else 0.
+    publishing: Gauge,
 }
 
-fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+impl RelayMetrics {
+    /// Register every metric in `r` (names under the registry's prefix, e.g. `kvrouter_`).
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "relay_events_received",
+            "KV events received from the engines' ZMQ publishers",
+            self.events_in.clone(),
+        );
+        r.register(
+            "relay_events_published",
+            "KV events whose message JetStream acknowledged",
+            self.events_published.clone(),
+        );
+        r.register(
+            "relay_messages_published",
+            "Messages JetStream acknowledged",
+            self.messages_published.clone(),
+        );
+        r.register(
+            "relay_publish_failures",
+            "Publishes not acknowledged (timeout, NATS down, no stream): their rank is recovered",
+            self.publish_failures.clone(),
+        );
+        r.register(
+            "relay_dropped_events",
+            "Events dropped from a full buffer (a gap routers see): their rank is recovered",
+            self.dropped_events.clone(),
+        );
+        r.register(
+            "relay_recoveries",
+            "Recoveries published: a clear and a re-dump of one rank, after a gap or a router's request",
+            self.recoveries.clone(),
+        );
+        r.register(
+            "relay_redump_requests",
+            "Re-dump requests from routers that saw a gap and started a recovery",
+            self.redump_requests.clone(),
+        );
+        r.register(
+            "relay_buffered_events",
+            "Events waiting to be published",
+            self.buffered_events.clone(),
+        );
+        r.register(
+            "relay_publishing",
+            "1 while NATS is connected and the stream takes messages, else 0",
+            self.publishing.clone(),
+        );
+    }
+}
+
+fn add(c: &Counter, n: u64) {
+    c.inc_by(n);
 }
 
 /// A running relay. Dropping it without [`stop`](Self::stop) stops it without draining.
 pub struct Relay {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
-    counters: Arc<Counters>,
+    counters: RelayMetrics,
 }
 
 impl Relay {
@@ -175,7 +233,7 @@ impl Relay {
             .name("relay-bridge".into())
             .spawn(move || bridge(rx, chunk_tx))
             .context("starting the relay thread")?;
-        let counters = Arc::new(Counters::default());
+        let counters = RelayMetrics::default();
         let (stop_tx, stop_rx) = oneshot::channel();
         let state = Pump {
             js: stream::jetstream(client.clone()),
@@ -200,8 +258,8 @@ impl Relay {
 
     /// The counters.
     pub fn stats(&self) -> RelayStats {
-        let c = &*self.counters;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        let g = |a: &Counter| a.get();
         RelayStats {
             events_in: g(&c.events_in),
             events_published: g(&c.events_published),
@@ -211,6 +269,11 @@ impl Relay {
             recoveries: g(&c.recoveries),
             redump_requests: g(&c.redump_requests),
         }
+    }
+
+    /// Its metrics, live (for a status server).
+    pub fn metrics(&self) -> RelayMetrics {
+        self.counters.clone()
     }
 
     /// Stops the subscribers, publishes what is buffered (for at most 3 s while NATS is
@@ -286,7 +349,7 @@ struct Pump {
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
     names: Names,
-    counters: Arc<Counters>,
+    counters: RelayMetrics,
     ranks: HashMap<WorkerWithDpRank, Rank>,
     queue: VecDeque<Outgoing>,
     queued_events: usize,
@@ -309,6 +372,10 @@ impl Pump {
         loop {
             self.recover_dirty();
             self.publish().await;
+            let c = &self.counters;
+            c.buffered_events.set(self.queued_events as i64);
+            c.publishing
+                .set(i64::from(self.stream_ok && self.connected()));
             tokio::select! {
                 _ = &mut stop => break,
                 chunk = chunks.recv() => match chunk {

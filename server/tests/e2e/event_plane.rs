@@ -13,6 +13,7 @@ use kvrouter_core::RouterMode;
 use kvrouter_mocker::{DisaggregationMode, RunningWorker};
 use kvrouter_server::config::FrontendConfig;
 use kvrouter_server::replicas::relay::{Relay, RelayOptions};
+use kvrouter_server::replicas::relay_status::StatusServer;
 use kvrouter_server::replicas::snapshot;
 use kvrouter_server::replicas::{EventPlane, Names};
 use kvrouter_server::router_service::{Router, RouterServiceConfig};
@@ -519,11 +520,22 @@ async fn a_relay_buffer_overflow_is_recovered_not_lost() {
     let mut nats = NatsServer::start();
     let (ws, specs) = workers(1).await;
     let relay = relay_buffering(&nats, &specs, 4).await;
+    // Its status server (`kvrouter relay --system-port`) shows what happens.
+    let status = StatusServer::start("127.0.0.1:0".parse().unwrap(), relay.metrics())
+        .await
+        .expect("status server starts");
+    let status_url = format!("http://{}", status.addr);
     let a = replica(&nats, "a", &specs, |_| {}).await;
     let c = client();
     let first = prompt(500, 256);
     run_on(&c, &ws[0], &first).await;
     assert!(eventually(10.0, || cached_on(a.fleet(), &first) == Some(1)).await);
+    let m = metrics_text(&c, &status_url).await;
+    assert!(
+        metric(&m, "kvrouter_relay_events_published_total") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "kvrouter_relay_publishing"), 1.0, "{m}");
     nats.kill();
     // Ten events while NATS is down, four buffered at most: some are dropped.
     let down: Vec<Vec<u32>> = (0..10).map(|i| prompt(510 + i, 256)).collect();
@@ -535,6 +547,17 @@ async fn a_relay_buffer_overflow_is_recovered_not_lost() {
         "{:?}",
         relay.stats()
     );
+    let m = metrics_text(&c, &status_url).await;
+    assert!(
+        metric(&m, "kvrouter_relay_dropped_events_total") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "kvrouter_relay_publishing"),
+        0.0,
+        "NATS is down: {m}"
+    );
+    assert!(metric(&m, "kvrouter_relay_buffered_events") <= 4.0, "{m}");
     nats.restart();
     // The rank is re-dumped: every prompt is known again, none lost silently.
     assert!(
@@ -550,8 +573,29 @@ async fn a_relay_buffer_overflow_is_recovered_not_lost() {
     );
     assert!(relay.stats().recoveries >= 1);
     assert!(ep(&a).gaps_recovered.get() >= 1);
+    let m = metrics_text(&c, &status_url).await;
+    assert!(metric(&m, "kvrouter_relay_recoveries_total") >= 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "kvrouter_relay_events_received_total"),
+        relay.stats().events_in as f64
+    );
+    assert_eq!(get_status(&c, &format!("{status_url}/live")).await, 200);
+    let om = c
+        .get(format!("{status_url}/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        om.ends_with("# EOF\n") && om.contains("# TYPE kvrouter_relay_recoveries counter"),
+        "{om}"
+    );
     a.stop().await;
     relay.stop().await;
+    status.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -729,10 +729,20 @@ async fn a_standalone_router_takes_the_pods_of_its_endpoint_only() {
         "{:?}",
         routable_urls(&r.fleet)
     );
-    let spec = r.fleet.registry.get(id_of(UIDS[0])).expect("by the pod's id").spec.clone();
+    let spec = r
+        .fleet
+        .registry
+        .get(id_of(UIDS[0]))
+        .expect("by the pod's id")
+        .spec
+        .clone();
     assert_eq!(spec.role, kvrouter_core::WorkerRole::Prefill);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(routable_urls(&r.fleet), want, "the other endpoint's pod stays out");
+    assert_eq!(
+        routable_urls(&r.fleet),
+        want,
+        "the other endpoint's pod stays out"
+    );
     assert_eq!(api.lock().unauthorized, 0);
     r.stop().await;
     for w in w {
