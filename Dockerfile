@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# kvrouter's container image: the `kvrouter` binary (etcd discovery and the NATS event plane
-# built in) on a slim Debian, as a non-root user, with the vendored Qwen3 tokenizer.
+# kvrouter's container image: the `kvrouter` binary (etcd and Kubernetes discovery and the
+# NATS event plane built in) on a slim Debian, as a non-root user, with the vendored Qwen3 tokenizer.
 #
 #   docker build -t kvrouter .
 #   docker run --rm -p 8000:8000 kvrouter up --http-host 0.0.0.0      # frontend + 4 mock workers
@@ -23,7 +23,7 @@ WORKDIR /usr/src/kvrouter
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/src/kvrouter/target \
-    cargo build --release --locked -p kvrouter --features etcd,nats \
+    cargo build --release --locked -p kvrouter --features etcd,nats,kubernetes \
  && install -m 0755 target/release/kvrouter /usr/local/bin/kvrouter
 
 FROM debian:bookworm-slim AS runtime

@@ -64,7 +64,7 @@ def test_stages_and_locked_build():
     assert froms[0].startswith("rust:") and froms[0].endswith(" AS build"), froms[0]
     assert re.match(r"debian:\S+-slim AS runtime$", froms[1]), froms[1]
     runs = " ".join(a for st, i, a in instructions() if st == stage_of("build") and i == "RUN")
-    assert "cargo build --release --locked -p kvrouter --features etcd,nats" in runs
+    assert "cargo build --release --locked -p kvrouter --features etcd,nats,kubernetes" in runs
     assert "protobuf-compiler" in runs
     assert final("ENTRYPOINT") == ['["kvrouter"]']
 

@@ -8,19 +8,23 @@ rendered configuration and must come up with the workers it was given."""
 from __future__ import annotations
 
 import functools
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
+import threading
+import time
+import uuid
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import DEPLOY, free_port, stop, wait_for
+from conftest import DEPLOY, free_port, http_get, stop, wait_for
 
 K8S = DEPLOY / "kubernetes"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
@@ -180,12 +184,16 @@ def test_references_resolve(target):
     assert not errors, "\n".join(errors)
 
 
-def test_discovery_role_reads_pods_and_endpointslices():
+def test_discovery_role_grants_what_kubernetes_discovery_uses():
+    """Kubernetes discovery (server/src/workers/discovery/kubernetes) lists and watches pods in
+    its namespace, nothing else: the Role grants exactly that."""
     role = objects("base", "Role")[0]
     rules = {(g, r): set(rule["verbs"]) for rule in role["rules"]
              for g in rule["apiGroups"] for r in rule["resources"]}
-    assert rules == {("", "pods"): {"get", "list", "watch"},
-                     ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"}}
+    assert rules == {("", "pods"): {"list", "watch"}}
+    code = (DEPLOY.parent / "server/src/workers/discovery/kubernetes/mod.rs").read_text()
+    calls = set(re.findall(r"self\.api\.(\w+)\(", code))
+    assert calls == {"list", "watch"}, calls
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -195,10 +203,19 @@ def test_kvrouter_containers_are_probed_limited_and_unprivileged(target):
     for w, c in found:
         name = f"{w['metadata']['name']}/{c['name']}"
         assert c["livenessProbe"]["httpGet"]["path"] == "/live", name
-        assert c["readinessProbe"]["httpGet"]["path"] == "/ready", name
+        if c["args"][0] == "relay":
+            # A sidecar: no readiness probe, which would take its engine out of Services.
+            assert "readinessProbe" not in c, name
+            port = c["livenessProbe"]["httpGet"]["port"]
+            status = next(p["containerPort"] for p in c["ports"] if p["name"] == port)
+            assert f"--system-port={status}" in c["args"], name
+        else:
+            assert c["readinessProbe"]["httpGet"]["path"] == "/ready", name
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], name
         pod = w["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        non_root = c.get("securityContext", {}).get("runAsNonRoot",
+                                                    pod.get("securityContext", {}).get("runAsNonRoot"))
+        assert non_root is True, name
         assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
     deployments = [w for w, _ in found if w["metadata"]["name"] == "kvrouter-frontend"]
     assert deployments, "no frontend"
@@ -217,15 +234,54 @@ def help_text(kvrouter_bin: str, command: str) -> str:
     return out.stdout
 
 
-def container_env(target: str, c: dict) -> dict[str, str | None]:
-    """The container's environment as Kubernetes gives it (ConfigMaps resolved); a value from
-    the downward API is None."""
+def container_env(target: str, c: dict, pod: str | None = None) -> dict[str, str | None]:
+    """The container's environment as Kubernetes gives it (ConfigMaps resolved). A value from
+    the downward API is None, or with `pod` (a pod's name, e.g. `vllm-0`) what that pod of the
+    render would get: its name, namespace or ordinal."""
     env: dict[str, str | None] = {}
     for src in c.get("envFrom", []):
         env.update(by_name(target, "ConfigMap", src["configMapRef"]["name"])["data"])
     for e in c.get("env", []):
         env[e["name"]] = e.get("value")
+        field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        if field and pod is not None:
+            env[e["name"]] = {
+                "metadata.name": pod,
+                "metadata.namespace": "kvrouter",
+                "metadata.labels['apps.kubernetes.io/pod-index']": pod.rpartition("-")[2],
+            }[field]
     return env
+
+
+def expand(arg: str, env: dict[str, str | None]) -> str:
+    """`$(VAR)` references in an argument expanded from the container's environment, as the
+    kubelet does."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1)) or m.group(0), arg)
+
+
+def discovers_pods(target: str, c: dict) -> bool:
+    """Whether this kvrouter container finds its workers by Kubernetes discovery."""
+    args = dict(a.partition("=")[::2] for a in c["args"][1:])
+    backend = args.get("--discovery-backend") or args.get("--discovery") \
+        or container_env(target, c).get("DYN_DISCOVERY_BACKEND")
+    return backend == "kubernetes"
+
+
+def worker_selector(target: str, c: dict) -> dict[str, str]:
+    """The equality label selector a discovering container watches pods with."""
+    args = dict(a.partition("=")[::2] for a in c["args"][1:])
+    sel = args.get("--worker-selector") or container_env(target, c).get("KVROUTER_WORKER_SELECTOR") \
+        or "kvrouter.dev/worker=true"
+    terms = [t.split("=", 1) for t in sel.split(",")]
+    assert all(len(t) == 2 and "!" not in t[0] for t in terms), f"not an equality selector: {sel}"
+    return dict(terms)
+
+
+def selected_pods(target: str, selector: dict[str, str]) -> list[tuple[dict, str]]:
+    """The worker pods of the render `selector` selects: (StatefulSet, pod name)."""
+    return [(s, f"{s['metadata']['name']}-{i}") for s in objects(target, "StatefulSet")
+            if selects(selector, s["spec"]["template"]["metadata"]["labels"])
+            for i in range(s["spec"]["replicas"])]
 
 
 def flags(args: list[str]) -> list[str]:
@@ -271,13 +327,93 @@ def nats_url():
     shutil.rmtree(f"/tmp/kvrouter-deploy-nats-{port}", ignore_errors=True)
 
 
+class FakeKubeApi:
+    """Just enough of the Kubernetes API for a discovering kvrouter: `GET
+    /api/v1/namespaces/kvrouter/pods` lists `pods` (a PodList), and with `watch=true` holds the
+    watch open without events until stopped. Requests must carry the kubeconfig's token and
+    the expected label selector (anything else is answered 403)."""
+
+    TOKEN = "deploy-test-token"
+
+    def __init__(self, pods: list[dict], selector: str):
+        self.pods, self.selector, self.seen = pods, selector, []
+        self.stopping = threading.Event()
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                url = urlparse(self.path)
+                q = {k: v[0] for k, v in parse_qs(url.query).items()}
+                api.seen.append((url.path, q))
+                if (url.path != "/api/v1/namespaces/kvrouter/pods"
+                        or self.headers.get("Authorization") != f"Bearer {api.TOKEN}"
+                        or q.get("labelSelector") != api.selector):
+                    self.send_response(403)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if q.get("watch") in ("true", "1"):
+                    self.end_headers()  # a close-delimited stream of events: none come
+                    api.stopping.wait(60)
+                    return
+                body = json.dumps({"kind": "PodList", "apiVersion": "v1",
+                                   "metadata": {"resourceVersion": "1000"},
+                                   "items": api.pods}).encode()
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self, path: Path) -> Path:
+        host, port = self.server.server_address[:2]
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": f"http://{host}:{port}"}}],
+            "users": [{"name": "test", "user": {"token": self.TOKEN}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+        }))
+        return path
+
+    def stop(self):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def pod_of(sts: dict, name: str, ip: str) -> dict:
+    """A ready pod of StatefulSet `sts` as the API server lists it, at `ip`."""
+    template = sts["spec"]["template"]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "kvrouter", "uid": str(uuid.uuid4()),
+                     "resourceVersion": "1000",
+                     "labels": {**template["metadata"]["labels"],
+                                "apps.kubernetes.io/pod-index": name.rpartition("-")[2]},
+                     "annotations": template["metadata"].get("annotations", {})},
+        "spec": template["spec"],
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                   "conditions": [{"type": "Ready", "status": "True"},
+                                  {"type": "ContainersReady", "status": "True"}]},
+    }
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_kvrouter_containers_start_with_their_rendered_configuration(target, kvrouter_bin,
                                                                      tmp_path, nats_url):
     """Each kvrouter container runs as the manifests configure it — its args, its variables,
-    its mounted workers file — on loopback ports instead of the pod's: it must start, serve
-    /live, and register exactly the workers of its workers file (their DNS names do not
-    resolve here: they stay out of the routing set, as on a cluster before the pods are up)."""
+    its mounted files — on loopback ports instead of the pod's: it must start and serve /live.
+    A frontend or router must register exactly its workers: those of its workers file (their
+    DNS names do not resolve here: they stay out of the routing set, as on a cluster before
+    the pods are up), or with Kubernetes discovery the ready pods its selector selects, listed
+    by a fake API server through a kubeconfig (each at its own loopback address). A relay
+    sidecar must serve /metrics and reach NATS."""
     for w, c in kvrouter_containers(target):
         name = w["metadata"]["name"]
         spec = w["spec"]["template"]["spec"]
@@ -298,9 +434,11 @@ def test_kvrouter_containers_start_with_their_rendered_configuration(target, kvr
             return value
 
         port, admin = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIXES)}
-        for k, v in container_env(target, c).items():
-            env[k] = local(v if v is not None else f"{name}-0")
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(ENV_PREFIXES) and k not in ("KUBECONFIG", "POD_NAMESPACE")}
+        pod_env = container_env(target, c, f"{name}-0")
+        for k, v in pod_env.items():
+            env[k] = local(v or "")
         env.update({"DYN_HTTP_HOST": "127.0.0.1", "DYN_HTTP_PORT": str(port),
                     "KVROUTER_ROUTER_HTTP_HOST": "127.0.0.1",
                     "KVROUTER_ROUTER_HTTP_PORT": str(port), "KVROUTER_ADMIN_PORT": str(admin)})
@@ -308,31 +446,61 @@ def test_kvrouter_containers_start_with_their_rendered_configuration(target, kvr
             env["NATS_SERVER"] = nats_url
         args = []
         for a in c["args"]:
+            a = expand(a, pod_env)
             f, _, v = a.partition("=")
-            if f == "--http-port":
-                a = f"--http-port={port}"
-            elif f == "--http-host":
-                a = "--http-host=127.0.0.1"
+            if f in ("--http-port", "--system-port"):
+                a = f"{f}={port}"
+            elif f in ("--http-host", "--system-host"):
+                a = f"{f}=127.0.0.1"
             elif v:
                 a = f"{f}={local(v)}"
             args.append(a)
-        workers_file = next((local(v) for k, v in
-                             [*(a.partition("=")[::2] for a in c["args"]),
-                              ("--workers-file", env.get("KVROUTER_WORKERS_FILE") or "")]
-                             if k == "--workers-file" and v), None)
-        assert workers_file, f"{name}: no workers file"
-        expected = {json.loads(l)["url"] for l in Path(workers_file).read_text().splitlines() if l.strip()}
-        log = (tmp_path / f"{name}.log").open("w")
+        api = None
+        if c["args"][0] == "relay":
+            expected = None
+        elif discovers_pods(target, c):
+            selector = worker_selector(target, c)
+            chosen = selected_pods(target, selector)
+            assert chosen, f"{name}: its selector {selector} selects no worker pod"
+            pods = [pod_of(sts, pod, f"127.0.0.{10 + i}") for i, (sts, pod) in enumerate(chosen)]
+            api = FakeKubeApi(pods, ",".join(f"{k}={v}" for k, v in selector.items()))
+            env["KUBECONFIG"] = str(api.kubeconfig(tmp_path / f"{name}.kubeconfig"))
+            expected = {f"http://{p['status']['podIP']}:{p['metadata']['annotations']['kvrouter.dev/http-port']}"
+                        for p in pods}
+        else:
+            workers_file = next((local(v) for k, v in
+                                 [*(a.partition("=")[::2] for a in c["args"]),
+                                  ("--workers-file", env.get("KVROUTER_WORKERS_FILE") or "")]
+                                 if k == "--workers-file" and v), None)
+            assert workers_file, f"{name}: no workers file"
+            expected = {json.loads(l)["url"] for l in Path(workers_file).read_text().splitlines() if l.strip()}
+        log = (tmp_path / f"{name}-{c['name']}.log").open("w")
         proc = subprocess.Popen([kvrouter_bin, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for(f"http://127.0.0.1:{port}/live", proc)
-            body = wait_for(f"http://127.0.0.1:{admin}/v1/workers", proc)
-            got = {wk["spec"]["url"] for wk in json.loads(body)["workers"]}
-            assert got == expected, f"{name}: registered {got}, workers file has {expected}"
+            if expected is None:
+                deadline = time.monotonic() + 30
+                while "kvrouter_relay_publishing 1" not in http_get(f"http://127.0.0.1:{port}/metrics")[1].decode():
+                    assert time.monotonic() < deadline, f"{name}/{c['name']}: the relay never reached NATS"
+                    time.sleep(0.2)
+                continue
+            deadline = time.monotonic() + 30
+            while True:
+                workers = json.loads(wait_for(f"http://127.0.0.1:{admin}/v1/workers", proc))["workers"]
+                got = {wk["spec"]["url"] for wk in workers}
+                if got == expected or api is None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert got == expected, f"{name}: registered {got}, expected {expected}"
+            if api is not None:
+                assert {wk["source"] for wk in workers} == {f"kubernetes:kvrouter/{p['metadata']['name']}" for p in pods}
+                assert any(q.get("watch") == "true" for _, q in api.seen), api.seen
         finally:
             stop(proc)
             log.close()
-        assert "Error" not in (tmp_path / f"{name}.log").read_text().split("\n")[0]
+            if api is not None:
+                api.stop()
+        assert "Error" not in (tmp_path / f"{name}-{c['name']}.log").read_text().split("\n")[0]
 
 
 # --- Workers files against the worker pods ----------------------------------------------------
@@ -378,22 +546,42 @@ WORKER_TARGETS = [f"overlays/{o}" for o in OVERLAYS]
 def test_workers_files_agree_with_the_worker_pods(target):
     """Each workers-file entry names a pod of a StatefulSet through its headless Service, with
     the ports, block size, role and model the pod's engine flags and kvrouter.dev/*
-    annotations say; each worker pod is in a workers file; the kvrouter reading the file uses
-    the same block size. A block size that differs anywhere is the silent failure of KV
+    annotations say; each worker pod is in a workers file or selected by a frontend's
+    Kubernetes discovery (whose annotations must then say what its engine does); the kvrouter
+    reading them uses the same block size. A block size that differs anywhere is the silent failure of KV
     routing (no overlap ever found)."""
     errors = []
     listed = set()
     for w, c in kvrouter_containers(target):
+        if c["args"][0] == "relay":
+            continue  # test_relay_sidecars_relay_their_own_pod
         env = container_env(target, c)
         args = dict(a.partition("=")[::2] for a in c["args"][1:])
         router_block = int(args.get("--router-block-size") or env.get("DYN_KV_CACHE_BLOCK_SIZE") or 0)
         spec = w["spec"]["template"]["spec"]
-        path = args.get("--workers-file") or env["KVROUTER_WORKERS_FILE"]
-        mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
-        vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-        data = by_name(target, "ConfigMap", vol["configMap"]["name"])["data"]
-        lines = [json.loads(l) for l in data[path[len(mount["mountPath"]) + 1:]].splitlines() if l.strip()]
-        assert lines, f"{w['metadata']['name']}: empty workers file"
+        if discovers_pods(target, c):
+            # What Kubernetes discovery reads from each selected pod's annotations, checked as a
+            # workers-file line naming the pod.
+            lines = []
+            for sts, pod in selected_pods(target, worker_selector(target, c)):
+                ann = {k.removeprefix("kvrouter.dev/"): v for k, v in
+                       sts["spec"]["template"]["metadata"].get("annotations", {}).items()}
+                host = f"{pod}.{sts['spec']['serviceName']}"
+                lines.append({
+                    "url": f"http://{host}:{ann.get('http-port', 0)}",
+                    "kv_events_endpoint": f"tcp://{host}:{ann.get('kv-events-port', 0)}",
+                    "replay_endpoint": f"tcp://{host}:{ann.get('kv-replay-port', 0)}",
+                    "block_size": int(ann.get("block-size", 0)),
+                    "model": ann.get("model"), "role": ann.get("role", "both"),
+                })
+            assert lines, f"{w['metadata']['name']}: its selector selects no worker pod"
+        else:
+            path = args.get("--workers-file") or env["KVROUTER_WORKERS_FILE"]
+            mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+            vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+            data = by_name(target, "ConfigMap", vol["configMap"]["name"])["data"]
+            lines = [json.loads(l) for l in data[path[len(mount["mountPath"]) + 1:]].splitlines() if l.strip()]
+            assert lines, f"{w['metadata']['name']}: empty workers file"
         for e in lines:
             u = urlparse(e["url"])
             pod, _, svc_name = u.hostname.partition(".")
@@ -439,3 +627,30 @@ def test_workers_files_agree_with_the_worker_pods(target):
             if f"{sts['metadata']['name']}-{i}" not in listed:
                 errors.append(f"pod {sts['metadata']['name']}-{i} is in no workers file")
     assert not errors, "\n".join(errors)
+
+
+def test_relay_sidecars_relay_their_own_pod():
+    """A relay sidecar (replicas-nats) relays its own pod's engine — on the pod's loopback, at
+    the ports and block size the engine flags say — under the id the frontends' workers file
+    gives that pod, for every ordinal of the StatefulSet."""
+    target = "overlays/replicas-nats"
+    relays = [(w, c) for w, c in kvrouter_containers(target) if c["args"][0] == "relay"]
+    assert relays, "no relay sidecar"
+    env = container_env(target, next(c for w, c in kvrouter_containers(target) if w["kind"] == "Deployment"))
+    assert env["DYN_EVENT_PLANE"] == "nats"
+    entries = {urlparse(e["url"]).hostname.partition(".")[0]: e for e in
+               map(json.loads, filter(str.strip, by_name(target, "ConfigMap", next(
+                   v["configMap"]["name"] for v in objects(target, "Deployment")[0]["spec"]["template"]["spec"]["volumes"]
+                   if "configMap" in v))["data"]["workers.jsonl"].splitlines()))}
+    for sts, c in relays:
+        eng = engine_settings(sts["spec"]["template"]["spec"]["containers"][0])
+        for i in range(sts["spec"]["replicas"]):
+            pod = f"{sts['metadata']['name']}-{i}"
+            args = [expand(a, container_env(target, c, pod)) for a in c["args"]]
+            (spec,) = [json.loads(a.partition("=")[2]) for a in args if a.startswith("--worker-json=")]
+            assert spec["id"] == entries[pod]["id"], (pod, spec, entries[pod])
+            assert spec["url"] == f"http://127.0.0.1:{eng['http_port']}", spec
+            assert spec["kv_events_endpoint"] == f"tcp://127.0.0.1:{eng['kv_events_port']}", spec
+            assert spec["replay_endpoint"] == f"tcp://127.0.0.1:{eng['kv_replay_port']}", spec
+            assert spec["block_size"] == eng["block_size"] == entries[pod]["block_size"], spec
+        assert container_env(target, c)["NATS_SERVER"] == env["NATS_SERVER"]
