@@ -50,7 +50,7 @@ pub const ANNOTATIONS: [&str; 10] = [
 pub enum PodWorker {
     /// Ready, with an address: this worker, and the restarts of the pod's containers (an
     /// engine restarted in place starts with an empty cache: its registration is renewed).
-    Ready(WorkerSpec, u64),
+    Ready(Box<WorkerSpec>, u64),
     /// Not ready, terminating or without an address yet (its annotations read).
     NotReady,
     /// Its annotations do not describe a worker: why.
@@ -83,7 +83,7 @@ pub fn worker_of(pod: &Pod) -> PodWorker {
                 .map(|c| u64::try_from(c.restart_count).unwrap_or(0))
                 .sum()
         });
-    PodWorker::Ready(spec, restarts)
+    PodWorker::Ready(Box::new(spec), restarts)
 }
 
 /// The worker described by `annotations` on a pod at `ip` with UID `uid`. Errors: a missing
