@@ -58,3 +58,20 @@ fn announces_refreshes_and_withdraws_a_registration() {
     assert!(!bad.status.success(), "nothing to register is an error");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn kubernetes_discovery_needs_no_register_sidecar() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvrouter"))
+        .args(["register", "--discovery", "kubernetes", "--worker-json"])
+        .arg(r#"{"url": "http://127.0.0.1:9"}"#)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let why = if cfg!(feature = "kubernetes") {
+        "needs no sidecar: annotate the worker pods"
+    } else {
+        "--features kubernetes"
+    };
+    assert!(err.contains(why), "{err}");
+}

@@ -1,5 +1,6 @@
 //! `kvrouter relay` end to end: the real binary starts relaying a worker's KV events (NATS
-//! may come up later: it keeps reconnecting), stops cleanly on SIGTERM, and refuses a worker
+//! may come up later: it keeps reconnecting), serves `/live` and `/metrics` on its
+//! `--system-port`, stops cleanly on SIGTERM, and refuses a worker
 //! the routers could not recognise (no `id`). A build without `--features nats` refuses to
 //! relay with a clear message.
 use std::io::{BufRead, BufReader};
@@ -14,6 +15,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `GET path` on 127.0.0.1:`port`: the whole response.
+fn get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 #[test]
 fn relays_until_sigterm_and_refuses_workers_without_id() {
     let nats = format!("nats://127.0.0.1:{}", free_port());
@@ -21,8 +36,15 @@ fn relays_until_sigterm_and_refuses_workers_without_id() {
         r#"{{"id": 7, "url": "http://127.0.0.1:9", "block_size": 16, "kv_events_endpoint": "tcp://127.0.0.1:{}"}}"#,
         free_port()
     );
+    let status = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvrouter"))
         .args(["relay", "--nats-server", &nats, "--worker-json", &worker])
+        .args([
+            "--system-port",
+            &status.to_string(),
+            "--system-host",
+            "127.0.0.1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -45,6 +67,22 @@ fn relays_until_sigterm_and_refuses_workers_without_id() {
     assert!(
         text.contains("relaying 1 worker(s) to dynamo.backend.generate"),
         "{text}"
+    );
+    // Its status server: /live, and /metrics saying NATS does not take messages yet.
+    assert!(
+        text.contains(&format!("/live and /metrics on http://127.0.0.1:{status}")),
+        "{text}"
+    );
+    let live = get(status, "/live");
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+    let metrics = get(status, "/metrics");
+    assert!(
+        metrics.contains("\nkvrouter_relay_publishing 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE kvrouter_relay_dropped_events_total counter"),
+        "{metrics}"
     );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let end = Instant::now() + Duration::from_secs(10);
