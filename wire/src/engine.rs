@@ -113,7 +113,8 @@ pub enum ExtraKey {
     Other,
 }
 
-/// Things the decoder skipped instead of failing on.
+/// What the decoder counted: things it skipped instead of failing on, and the wire format of
+/// each batch it decoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DecodeStats {
     /// Events with a tag other than the three known ones.
@@ -122,6 +123,8 @@ pub struct DecodeStats {
     pub unknown_fields: u64,
     /// Events whose fields had the wrong types (skipped, rest of the batch kept).
     pub malformed_events: u64,
+    /// Decoded batches by the wire format their events showed.
+    pub formats: FormatCounts,
 }
 
 impl DecodeStats {
@@ -130,17 +133,121 @@ impl DecodeStats {
         self.unknown_events += o.unknown_events;
         self.unknown_fields += o.unknown_fields;
         self.malformed_events += o.malformed_events;
+        self.formats.add(&o.formats);
+    }
+
+    /// Events or fields skipped (everything but the format counts).
+    pub fn skipped(&self) -> u64 {
+        self.unknown_events + self.unknown_fields + self.malformed_events
+    }
+}
+
+/// Which engine's encoding a batch's events show (`kv-event-wire.md` §2.2 and §2.5). All are
+/// decoded alike; the format is told apart for operators and tests, from evidence in the
+/// `BlockStored` events:
+///
+/// * [`VllmArray`](Self::VllmArray): positional events (vLLM ≤ 0.23);
+/// * [`VllmMap`](Self::VllmMap): map events with a nil `lora_name` (vLLM ≥ 0.24 always
+///   writes it: it has no default) or a vLLM-only field (`extra_keys`, `group_idx`,
+///   `kv_cache_spec_*`, `locality`, `ownership`, `lookahead_token_ids`), or a map batch;
+/// * [`Sglang`](Self::Sglang): map events with `lora_id` but no `lora_name` (SGLang omits a
+///   nil `lora_name`), or an SGLang-only field (`cache_salt`, `session_id`);
+/// * [`Unknown`](Self::Unknown): no evidence (only removals or clears, or another shape,
+///   e.g. Dynamo's relays).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum WireFormat {
+    /// No evidence either way.
+    #[default]
+    Unknown,
+    /// vLLM ≤ 0.23 positional events.
+    VllmArray,
+    /// vLLM ≥ 0.24 map events.
+    VllmMap,
+    /// SGLang map events.
+    Sglang,
+}
+
+impl WireFormat {
+    /// Every format, in [`FormatCounts`] order.
+    pub const ALL: [WireFormat; 4] = [
+        WireFormat::VllmArray,
+        WireFormat::VllmMap,
+        WireFormat::Sglang,
+        WireFormat::Unknown,
+    ];
+
+    /// `"vllm_array"`, `"vllm_map"`, `"sglang"` or `"unknown"` (metric label values).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VllmArray => "vllm_array",
+            Self::VllmMap => "vllm_map",
+            Self::Sglang => "sglang",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for WireFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Batches counted per [`WireFormat`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FormatCounts {
+    /// vLLM ≤ 0.23 positional batches.
+    pub vllm_array: u64,
+    /// vLLM ≥ 0.24 map batches.
+    pub vllm_map: u64,
+    /// SGLang batches.
+    pub sglang: u64,
+    /// Batches without evidence.
+    pub unknown: u64,
+}
+
+impl FormatCounts {
+    /// The count of `f`.
+    pub fn get(&self, f: WireFormat) -> u64 {
+        match f {
+            WireFormat::VllmArray => self.vllm_array,
+            WireFormat::VllmMap => self.vllm_map,
+            WireFormat::Sglang => self.sglang,
+            WireFormat::Unknown => self.unknown,
+        }
+    }
+
+    /// Counts one batch of format `f`.
+    pub fn count(&mut self, f: WireFormat) {
+        match f {
+            WireFormat::VllmArray => self.vllm_array += 1,
+            WireFormat::VllmMap => self.vllm_map += 1,
+            WireFormat::Sglang => self.sglang += 1,
+            WireFormat::Unknown => self.unknown += 1,
+        }
+    }
+
+    /// Adds another set of counts.
+    pub fn add(&mut self, o: &FormatCounts) {
+        self.vllm_array += o.vllm_array;
+        self.vllm_map += o.vllm_map;
+        self.sglang += o.sglang;
+        self.unknown += o.unknown;
     }
 }
 
 /// Event encoding for [`encode_batch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Encoding {
-    /// vLLM ≥ 0.24 / SGLang: each event a map with `"type"` first.
+    /// vLLM ≥ 0.24: each event a map with `"type"` first.
     #[default]
     Map,
     /// vLLM ≤ 0.23: each event a positional array with the tag first.
     Array,
+    /// SGLang 0.5.23 (`sglang/srt/disaggregation/kv_events.py`): map events whose hashes are
+    /// signed int64, `lora_id` always present, `medium`, `cache_salt` and `lora_name` only
+    /// when set, none of vLLM's other fields; the batch's third element is `attn_dp_rank`.
+    Sglang,
 }
 
 /// Decodes one msgpack `KVEventBatch` payload (frame 2 of a message).
@@ -150,8 +257,11 @@ pub enum Encoding {
 pub fn decode_batch(payload: &[u8], stats: &mut DecodeStats) -> Result<EngineBatch, MsgpackError> {
     let mut r = Reader::new(payload);
     let mut batch = EngineBatch::default();
+    let mut format = None;
     match r.peek_kind()? {
         Kind::Map => {
+            // Only vLLM's main branch ever wrote a map batch.
+            format = Some(WireFormat::VllmMap);
             let n = r.read_map_len()?;
             let mut saw_events = false;
             for _ in 0..n {
@@ -159,7 +269,7 @@ pub fn decode_batch(payload: &[u8], stats: &mut DecodeStats) -> Result<EngineBat
                 match key {
                     "ts" => batch.ts = r.read_f64()?,
                     "events" => {
-                        batch.events = decode_events(&mut r, stats)?;
+                        batch.events = decode_events(&mut r, stats, &mut format)?;
                         saw_events = true;
                     }
                     "data_parallel_rank" | "dp_rank" | "attn_dp_rank" => {
@@ -189,7 +299,7 @@ pub fn decode_batch(payload: &[u8], stats: &mut DecodeStats) -> Result<EngineBat
                 });
             }
             batch.ts = r.read_f64()?;
-            batch.events = decode_events(&mut r, stats)?;
+            batch.events = decode_events(&mut r, stats, &mut format)?;
             if n >= 3 {
                 batch.dp_rank = opt_u32(&mut r)?;
             }
@@ -199,18 +309,21 @@ pub fn decode_batch(payload: &[u8], stats: &mut DecodeStats) -> Result<EngineBat
             }
         }
     }
+    stats.formats.count(format.unwrap_or_default());
     Ok(batch)
 }
 
+/// `format` is set by the first event that shows one (see [`WireFormat`]).
 fn decode_events(
     r: &mut Reader<'_>,
     stats: &mut DecodeStats,
+    format: &mut Option<WireFormat>,
 ) -> Result<Vec<EngineEvent>, MsgpackError> {
     let n = r.read_array_len()?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let start = r.position();
-        match decode_event(r, stats) {
+        match decode_event(r, stats, format) {
             Ok(Some(ev)) => out.push(ev),
             Ok(None) => stats.unknown_events += 1,
             Err(_) => {
@@ -455,10 +568,52 @@ const REMOVED_POSITIONAL: &[&str] = &[
     "kv_cache_spec_sliding_window",
 ];
 
+/// What one map event's keys say about its wire format ([`WireFormat`]).
+#[derive(Default)]
+struct MapEvidence {
+    lora_id: bool,
+    /// `lora_name` present: whether its value was nil.
+    lora_name_nil: Option<bool>,
+    vllm_only: bool,
+    sglang_only: bool,
+}
+
+impl MapEvidence {
+    /// Notes `key`, whose value is next in `r`.
+    fn key(&mut self, key: &[u8], r: &Reader<'_>) -> Result<(), MsgpackError> {
+        match key {
+            b"lora_id" => self.lora_id = true,
+            b"lora_name" => self.lora_name_nil = Some(r.peek_kind()? == Kind::Nil),
+            b"extra_keys"
+            | b"group_idx"
+            | b"kv_cache_spec_kind"
+            | b"kv_cache_spec_sliding_window"
+            | b"locality"
+            | b"ownership"
+            | b"lookahead_token_ids" => self.vllm_only = true,
+            b"cache_salt" | b"session_id" => self.sglang_only = true,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn format(&self) -> Option<WireFormat> {
+        if self.vllm_only || self.lora_name_nil == Some(true) {
+            Some(WireFormat::VllmMap)
+        } else if self.sglang_only || (self.lora_id && self.lora_name_nil.is_none()) {
+            Some(WireFormat::Sglang)
+        } else {
+            None
+        }
+    }
+}
+
 /// `Ok(None)` = unknown tag (skipped). Errors leave the reader mid-event (caller re-skips).
+/// A `BlockStored` sets `format` when it is still unknown and the event shows one.
 fn decode_event(
     r: &mut Reader<'_>,
     stats: &mut DecodeStats,
+    format: &mut Option<WireFormat>,
 ) -> Result<Option<EngineEvent>, MsgpackError> {
     let mut f = BlockStored::default();
     match r.peek_kind()? {
@@ -479,6 +634,7 @@ fn decode_event(
                     return Ok(None);
                 }
             };
+            format.get_or_insert(WireFormat::VllmArray);
             let mut dynamo_tail = false;
             for i in 1..n {
                 // Index 9 holding an array: Dynamo's `block_mm_infos` extension, not vLLM's group_idx.
@@ -506,15 +662,26 @@ fn decode_event(
             let n = r.read_map_len()?;
             let mut tag: Option<&str> = None;
             let mut unknown = 0;
+            let mut evidence = format.is_none().then(MapEvidence::default);
             for _ in 0..n {
                 let key = r.read_str_bytes()?;
                 if key == b"type" {
                     tag = Some(r.read_str()?);
-                } else if !named_field(r, key, &mut f)? {
+                    continue;
+                }
+                if let Some(e) = &mut evidence {
+                    e.key(key, r)?;
+                }
+                if !named_field(r, key, &mut f)? {
                     unknown += 1;
                 }
             }
             stats.unknown_fields += unknown;
+            if tag == Some("BlockStored") {
+                if let Some(fmt) = evidence.and_then(|e| e.format()) {
+                    *format = Some(fmt);
+                }
+            }
             Ok(tag.and_then(|t| finish(t, f)))
         }
         _ => Err(MsgpackError::Type {
@@ -529,7 +696,8 @@ fn decode_event(
 ///
 /// Map encoding follows vLLM 0.33 (`lora_id`, `medium`, `lora_name` always present, other
 /// optional fields only when set); array encoding follows vLLM 0.20 (positional, trailing
-/// `None`s omitted).
+/// `None`s omitted); SGLang encoding follows SGLang 0.5.23 (see [`Encoding::Sglang`]; the
+/// fields it has no slot for are dropped).
 pub fn encode_batch(batch: &EngineBatch, encoding: Encoding) -> Vec<u8> {
     let blocks: usize = batch
         .events
@@ -548,6 +716,7 @@ pub fn encode_batch(batch: &EngineBatch, encoding: Encoding) -> Vec<u8> {
         match encoding {
             Encoding::Map => encode_event_map(&mut w, ev),
             Encoding::Array => encode_event_array(&mut w, ev),
+            Encoding::Sglang => encode_event_sglang(&mut w, ev),
         }
     }
     match batch.dp_rank {
@@ -731,6 +900,77 @@ fn encode_event_map(w: &mut Writer, ev: &EngineEvent) {
             if let Some(l) = &rm.locality {
                 w.str("locality");
                 w.str(l);
+            }
+        }
+        EngineEvent::AllBlocksCleared => {
+            w.map_len(1);
+            w.str("type");
+            w.str("AllBlocksCleared");
+        }
+    }
+}
+
+/// SGLang's hashes: the engine's 64 bits as a signed int64 (msgspec writes the
+/// non-negative ones as unsigned).
+fn w_signed_hashes(w: &mut Writer, h: &[u64]) {
+    w.array_len(h.len());
+    for &x in h {
+        w.int(x as i64);
+    }
+}
+
+/// SGLang 0.5.23's map events: `KVCacheEvent(tag=True, omit_defaults=True)` with the fields
+/// in declaration order. `lora_id` has no default, so it is always written; `medium`,
+/// `cache_salt` and `lora_name` (session ids are not modelled) only when set.
+fn encode_event_sglang(w: &mut Writer, ev: &EngineEvent) {
+    match ev {
+        EngineEvent::BlockStored(s) => {
+            let opt = [
+                s.medium.is_some(),
+                s.cache_salt.is_some(),
+                s.lora_name.is_some(),
+            ];
+            w.map_len(6 + opt.iter().filter(|&&b| b).count());
+            w.str("type");
+            w.str("BlockStored");
+            w.str("block_hashes");
+            w_signed_hashes(w, &s.block_hashes);
+            w.str("parent_block_hash");
+            match s.parent_block_hash {
+                Some(h) => w.int(h as i64),
+                None => w.nil(),
+            }
+            w.str("token_ids");
+            w_tokens(w, &s.token_ids);
+            w.str("block_size");
+            w.uint(s.block_size as u64);
+            w.str("lora_id");
+            match s.lora_id {
+                Some(v) => w.int(v),
+                None => w.nil(),
+            }
+            if let Some(m) = &s.medium {
+                w.str("medium");
+                w.str(m);
+            }
+            if let Some(c) = &s.cache_salt {
+                w.str("cache_salt");
+                w.str(c);
+            }
+            if let Some(l) = &s.lora_name {
+                w.str("lora_name");
+                w.str(l);
+            }
+        }
+        EngineEvent::BlockRemoved(rm) => {
+            w.map_len(2 + usize::from(rm.medium.is_some()));
+            w.str("type");
+            w.str("BlockRemoved");
+            w.str("block_hashes");
+            w_signed_hashes(w, &rm.block_hashes);
+            if let Some(m) = &rm.medium {
+                w.str("medium");
+                w.str(m);
             }
         }
         EngineEvent::AllBlocksCleared => {
@@ -976,6 +1216,95 @@ mod tests {
             decode_batch(&encode_batch(&b, Encoding::Map), &mut st).unwrap(),
             b
         );
-        assert_eq!(st, DecodeStats::default());
+        assert_eq!(st.skipped(), 0);
+        assert_eq!(st.formats.vllm_map, 1);
+    }
+
+    fn stored(hashes: Vec<u64>, parent: Option<u64>) -> EngineEvent {
+        EngineEvent::BlockStored(BlockStored {
+            token_ids: (0..hashes.len() as u32 * 2).collect(),
+            block_hashes: hashes,
+            parent_block_hash: parent,
+            block_size: 2,
+            medium: Some("GPU".into()),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn sglang_encoding_writes_signed_hashes_and_only_its_fields() {
+        let b = EngineBatch {
+            ts: 1.5,
+            events: vec![
+                stored(vec![(1 << 63) | 5, 7], Some(1 << 63)),
+                EngineEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![u64::MAX - (1 << 40)],
+                    medium: Some("GPU".into()),
+                    ..Default::default()
+                }),
+                EngineEvent::AllBlocksCleared,
+            ],
+            dp_rank: Some(2),
+        };
+        let p = encode_batch(&b, Encoding::Sglang);
+        // Hashes at or above 2^63 are negative int64 (0xd3), the others unsigned.
+        let neg = |h: u64| {
+            let mut v = vec![0xd3];
+            v.extend_from_slice(&(h as i64).to_be_bytes());
+            v
+        };
+        for h in [(1 << 63) | 5, 1 << 63, u64::MAX - (1 << 40)] {
+            assert!(p.windows(9).any(|w| w == neg(h).as_slice()), "{h:#x}");
+        }
+        for absent in [&b"lora_name"[..], b"extra_keys", b"group_idx", b"cache_salt"] {
+            assert!(!p.windows(absent.len()).any(|w| w == absent));
+        }
+        let mut st = DecodeStats::default();
+        assert_eq!(decode_batch(&p, &mut st).unwrap(), b);
+        assert_eq!(st.skipped(), 0);
+        assert_eq!(st.formats.sglang, 1, "{st:?}");
+    }
+
+    #[test]
+    fn formats_are_told_apart_by_their_fields() {
+        let format = |b: &EngineBatch, enc| {
+            let mut st = DecodeStats::default();
+            decode_batch(&encode_batch(b, enc), &mut st).unwrap();
+            let f = WireFormat::ALL
+                .into_iter()
+                .filter(|&f| st.formats.get(f) == 1)
+                .collect::<Vec<_>>();
+            assert_eq!(f.len(), 1, "{st:?}");
+            f[0]
+        };
+        let store = EngineBatch {
+            events: vec![stored(vec![1], None)],
+            ..Default::default()
+        };
+        assert_eq!(format(&store, Encoding::Map), WireFormat::VllmMap);
+        assert_eq!(format(&store, Encoding::Array), WireFormat::VllmArray);
+        assert_eq!(format(&store, Encoding::Sglang), WireFormat::Sglang);
+        // An SGLang LoRA store (lora_name set) shows SGLang by its cache_salt.
+        let mut salted = store.clone();
+        if let EngineEvent::BlockStored(s) = &mut salted.events[0] {
+            s.lora_name = Some("a".into());
+            s.cache_salt = Some("t".into());
+        }
+        assert_eq!(format(&salted, Encoding::Sglang), WireFormat::Sglang);
+        // Removals and clears carry no evidence, in any encoding.
+        let removals = EngineBatch {
+            events: vec![
+                EngineEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: vec![3],
+                    medium: Some("GPU".into()),
+                    ..Default::default()
+                }),
+                EngineEvent::AllBlocksCleared,
+            ],
+            ..Default::default()
+        };
+        assert_eq!(format(&removals, Encoding::Map), WireFormat::Unknown);
+        assert_eq!(format(&removals, Encoding::Sglang), WireFormat::Unknown);
+        assert_eq!(format(&removals, Encoding::Array), WireFormat::VllmArray);
     }
 }

@@ -26,7 +26,7 @@ pub mod subscriber;
 pub use convert::{ConvertStats, Converter};
 pub use engine::{
     decode_batch, encode_batch, BlockRemoved, BlockStored, DecodeStats, Encoding, EngineBatch,
-    EngineEvent,
+    EngineEvent, FormatCounts, WireFormat,
 };
 pub use frame::FrameError;
 pub use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};

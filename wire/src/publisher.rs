@@ -30,7 +30,8 @@ pub struct PublisherConfig {
     pub topic: String,
     /// Batches kept for replay (0 = replay socket answers with the end marker only).
     pub buffer_steps: usize,
-    /// Event encoding: [`Encoding::Map`] (vLLM ≥ 0.24, default) or [`Encoding::Array`].
+    /// Event encoding: [`Encoding::Map`] (vLLM ≥ 0.24, default), [`Encoding::Array`] (vLLM ≤
+    /// 0.23) or [`Encoding::Sglang`].
     pub encoding: Encoding,
 }
 

@@ -70,7 +70,7 @@ use std::time::{Duration, Instant};
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
 
 use crate::convert::Converter;
-use crate::engine::{decode_batch, DecodeStats};
+use crate::engine::{decode_batch, DecodeStats, FormatCounts, WireFormat};
 use crate::frame::{split_message, split_replay_reply, ReplayReply, END_SEQ};
 use crate::WireError;
 
@@ -299,6 +299,9 @@ pub struct SubscriberStats {
     pub skipped_events: u64,
     /// Unknown fields skipped.
     pub unknown_fields: u64,
+    /// Decoded batches by the wire format their events showed (vLLM positional, vLLM map,
+    /// SGLang, or no evidence; see [`crate::WireFormat`]).
+    pub formats: FormatCounts,
     /// Engine events dropped by the converter's filters (group, locality, block size,
     /// self-reference, empty) plus whole batches for another rank.
     pub filtered: u64,
@@ -330,6 +333,8 @@ struct Counters {
     decode_errors: AtomicU64,
     skipped_events: AtomicU64,
     unknown_fields: AtomicU64,
+    /// Per [`FormatCounts`] field, in [`WireFormat::ALL`] order.
+    formats: [AtomicU64; 4],
     filtered: AtomicU64,
     events_out: AtomicU64,
     backpressure: AtomicU64,
@@ -468,6 +473,12 @@ impl KvEventSubscriber {
             decode_errors: g(&c.decode_errors),
             skipped_events: g(&c.skipped_events),
             unknown_fields: g(&c.unknown_fields),
+            formats: FormatCounts {
+                vllm_array: g(&c.formats[0]),
+                vllm_map: g(&c.formats[1]),
+                sglang: g(&c.formats[2]),
+                unknown: g(&c.formats[3]),
+            },
             filtered: g(&c.filtered),
             events_out: g(&c.events_out),
             backpressure: g(&c.backpressure),
@@ -1237,6 +1248,12 @@ impl Sub {
         self.counters
             .unknown_fields
             .fetch_add(ds.unknown_fields, Ordering::Relaxed);
+        for (c, f) in self.counters.formats.iter().zip(WireFormat::ALL) {
+            let n = ds.formats.get(f);
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Starts recovering `[from, live)` from the replay socket. When it is over,

@@ -179,7 +179,12 @@ fn unknown_tags_fields_and_malformed_events_are_counted_and_skipped() {
         DecodeStats {
             unknown_events: 2,
             unknown_fields: 1,
-            malformed_events: 1
+            malformed_events: 1,
+            // No store decoded, no positional event of a known tag: no evidence.
+            formats: kvrouter_wire::FormatCounts {
+                unknown: 1,
+                ..Default::default()
+            },
         }
     );
 }

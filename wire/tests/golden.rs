@@ -12,7 +12,9 @@ use common::{all_files, load, oracle_hash, Recorded};
 use kvrouter_core::event::{KvCacheEventData, RouterEvent, WorkerWithDpRank};
 use kvrouter_core::hash::{compute_block_hashes, HashOptions, LocalBlockHash};
 use kvrouter_core::index::KvIndex;
-use kvrouter_wire::engine::{decode_batch, DecodeStats, EngineBatch, EngineEvent};
+use kvrouter_wire::engine::{
+    decode_batch, encode_batch, DecodeStats, Encoding, EngineBatch, EngineEvent, WireFormat,
+};
 use kvrouter_wire::frame::split_message;
 use kvrouter_wire::Converter;
 use serde_json::Value;
@@ -30,13 +32,64 @@ fn decode(r: &Recorded) -> EngineBatch {
     let b = decode_batch(msg.payload, &mut st)
         .unwrap_or_else(|e| panic!("{} seq {}: {e}", r.file, r.seq));
     assert_eq!(
-        st,
-        DecodeStats::default(),
-        "{} seq {}: something skipped",
+        st.skipped(),
+        0,
+        "{} seq {}: something skipped: {st:?}",
         r.file,
         r.seq
     );
     b
+}
+
+/// The wire format `decode_batch` tells for one recorded payload.
+fn format_of(r: &Recorded) -> WireFormat {
+    let mut st = DecodeStats::default();
+    decode_batch(&r.payload, &mut st).unwrap();
+    let seen: Vec<WireFormat> = WireFormat::ALL
+        .into_iter()
+        .filter(|&f| st.formats.get(f) > 0)
+        .collect();
+    assert_eq!(seen.len(), 1, "{} seq {}: {st:?}", r.file, r.seq);
+    seen[0]
+}
+
+#[test]
+fn each_engine_version_is_told_by_its_wire_format() {
+    for file in all_files() {
+        let want = match file.split('/').next().unwrap() {
+            "sglang-0.5.23" => WireFormat::Sglang,
+            "vllm-0.33.0" => WireFormat::VllmMap,
+            "vllm-0.20.0" | "vllm-0.11.0" => WireFormat::VllmArray,
+            other => panic!("no expected format for {other}"),
+        };
+        let formats: Vec<WireFormat> = load(&file).iter().map(format_of).collect();
+        // Every batch with a store shows its engine; removal-only map batches show nothing.
+        assert!(formats.contains(&want), "{file}: {formats:?}");
+        assert!(
+            formats
+                .iter()
+                .all(|&f| f == want || f == WireFormat::Unknown),
+            "{file}: {formats:?}"
+        );
+    }
+}
+
+#[test]
+fn sglang_encoding_reproduces_sglang_frames_byte_for_byte() {
+    let mut n = 0;
+    for file in ["sglang-0.5.23/basic.jsonl", "sglang-0.5.23/shared-prefix.jsonl"] {
+        for r in load(file) {
+            let b = decode(&r);
+            assert_eq!(
+                encode_batch(&b, Encoding::Sglang),
+                r.payload,
+                "{file} seq {}",
+                r.seq
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 40, "{n} frames");
 }
 
 /// Field `name` of an oracle event, whichever encoding it used (positional = vLLM ≤ 0.23 order).

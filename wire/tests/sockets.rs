@@ -539,8 +539,36 @@ fn our_publisher_to_pyzmq(encoding: Encoding) {
                 assert_eq!(evs[1], serde_json::json!(["BlockRemoved", [7], "GPU"]));
                 assert_eq!(evs[2], serde_json::json!(["AllBlocksCleared"]));
             }
+            Encoding::Sglang => {
+                // SGLang 0.5.23's keys: no lora_name, group_idx or kv_cache_spec_kind.
+                assert_eq!(
+                    r["event_keys"][0],
+                    serde_json::json!([
+                        "type",
+                        "block_hashes",
+                        "parent_block_hash",
+                        "token_ids",
+                        "block_size",
+                        "lora_id",
+                        "medium"
+                    ])
+                );
+                // A hash at or above 2^63 is a negative int64, as SGLang sends it.
+                let h = evs[0]["block_hashes"][0].as_i64().unwrap();
+                assert!(h < 0 && h as u64 == s.block_hashes[0], "{h}");
+                assert_eq!(
+                    evs[1],
+                    serde_json::json!({"type": "BlockRemoved", "block_hashes": [7], "medium": "GPU"})
+                );
+                assert_eq!(evs[2], serde_json::json!({"type": "AllBlocksCleared"}));
+            }
         }
     }
+}
+
+#[test]
+fn our_sglang_publisher_to_pyzmq_subscriber() {
+    our_publisher_to_pyzmq(Encoding::Sglang);
 }
 
 #[test]
