@@ -9,12 +9,52 @@ use crate::disagg::{
 };
 use crate::{spawn_workers, MockerConfig, ToolCalls};
 
+/// Which inference engine the mock stands in for (`--engine`; Dynamo's `--engine-type`): its
+/// HTTP API shapes, its KV event format and how a request names its data-parallel rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// vLLM: vLLM ≥ 0.24 map events, usage always with `prompt_tokens_details`, rank by the
+    /// `X-data-parallel-rank` header.
+    #[default]
+    Vllm,
+    /// SGLang: SGLang 0.5.23 events (signed hashes, one `BlockStored` per page,
+    /// `attn_dp_rank`), its usage shape (`prompt_tokens_details` only with
+    /// `--enable-cache-report` and a hit), `matched_stop`, rank by the `routed_dp_rank` /
+    /// `data_parallel_rank` body field or the `X-Data-Parallel-Rank` header.
+    Sglang,
+}
+
+impl Engine {
+    /// `"vllm"` or `"sglang"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Vllm => "vllm",
+            Engine::Sglang => "sglang",
+        }
+    }
+}
+
 /// Flags of `kvrouter mocker`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MockerArgs {
     /// Independent engines to start (ports: base + i).
     #[arg(long, default_value_t = 1)]
     pub num_workers: usize,
+    /// The engine to mimic: vllm, or sglang (its API shapes, KV event format and rank field).
+    #[arg(long, alias = "engine-type", value_enum, default_value_t = Engine::Vllm)]
+    pub engine: Engine,
+    /// Data-parallel ranks per worker behind its one HTTP server, each with its own KV pool,
+    /// scheduler and event publisher (rank r on the event and replay ports + r, as vLLM and
+    /// SGLang do). Requests name their rank (vLLM: `X-data-parallel-rank` header; SGLang:
+    /// `routed_dp_rank` / `data_parallel_rank` field or the header), else the mock picks one
+    /// (vLLM: least loaded; SGLang: round robin).
+    #[arg(long, alias = "dp-size", default_value_t = 1)]
+    pub data_parallel_size: usize,
+    /// SGLang: report `usage.prompt_tokens_details.cached_tokens` (as SGLang does only with
+    /// this flag, and only when some tokens were cached). vLLM workers always report it.
+    #[arg(long)]
+    pub enable_cache_report: bool,
     /// Print an explicit worker `id` in each JSON line, this plus the worker's index: the ids
     /// relays and router replicas must agree on (`--event-plane nats`). Default: no `id`
     /// (routers number workers in registration order).
@@ -30,8 +70,8 @@ pub struct MockerArgs {
     /// KV blocks per engine.
     #[arg(long, default_value_t = 16384)]
     pub num_gpu_blocks_override: usize,
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens per KV block (SGLang: `--page-size`).
+    #[arg(long, alias = "page-size", default_value_t = 64)]
     pub block_size: usize,
     /// Maximum running sequences per engine.
     #[arg(long, default_value_t = 256)]
@@ -126,6 +166,9 @@ impl MockerArgs {
     /// The equivalent [`MockerConfig`].
     pub fn to_config(&self) -> MockerConfig {
         MockerConfig {
+            engine: self.engine,
+            data_parallel_size: self.data_parallel_size,
+            enable_cache_report: self.enable_cache_report,
             model_path: self.model_path.clone(),
             model_name: self.model_name.clone(),
             num_gpu_blocks: self.num_gpu_blocks_override,
@@ -280,5 +323,37 @@ mod tests {
         assert_eq!(config(&[]).endpoint(), "dynamo.backend.generate");
         let c = config(&["--endpoint", "dyn://ns.prefill.generate"]);
         assert_eq!(c.endpoint(), "ns.prefill.generate");
+    }
+
+    #[test]
+    fn engine_and_data_parallel_flags() {
+        let c = config(&[]);
+        assert_eq!(
+            (c.engine, c.data_parallel_size, c.enable_cache_report),
+            (Engine::Vllm, 1, false)
+        );
+        let c = config(&[
+            "--engine",
+            "sglang",
+            "--data-parallel-size",
+            "4",
+            "--enable-cache-report",
+            "--page-size",
+            "16",
+        ]);
+        assert_eq!(
+            (
+                c.engine,
+                c.data_parallel_size,
+                c.enable_cache_report,
+                c.block_size
+            ),
+            (Engine::Sglang, 4, true, 16)
+        );
+        // Dynamo's and SGLang's spellings.
+        let c = config(&["--engine-type", "sglang", "--dp-size", "2"]);
+        assert_eq!((c.engine, c.data_parallel_size), (Engine::Sglang, 2));
+        assert!(Cli::try_parse_from(["mocker", "--engine", "tgi"]).is_err());
+        assert_eq!(serde_json::to_value(Engine::Sglang).unwrap(), "sglang");
     }
 }

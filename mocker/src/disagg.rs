@@ -575,7 +575,7 @@ async fn serve_pull(s: &HttpState, body: &[u8]) -> Result<PullResponse, ApiError
         }
     };
     let (tx, rx) = oneshot::channel();
-    if !s.worker.send(Command::Pull { key, reply: tx }) {
+    if !s.worker().send(Command::Pull { key, reply: tx }) {
         return Err(crate::http::engine_gone());
     }
     match rx.await {
@@ -627,7 +627,7 @@ pub(crate) async fn receive(
     ask: &TransferAsk,
 ) -> Result<(), ApiError> {
     let pulled = pull_from_prefill(s, prompt, ask).await;
-    if let Ok(mut m) = s.worker.metrics().lock() {
+    if let Ok(mut m) = s.worker().metrics().lock() {
         match &pulled {
             Ok(blocks) => {
                 m.kv_transfers_received += 1;
@@ -746,7 +746,7 @@ async fn pull_from_prefill(
         ));
     }
     let hit = s
-        .worker
+        .worker()
         .prefix_hit_blocks(prompt.to_vec())
         .await
         .unwrap_or(0);

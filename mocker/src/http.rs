@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -39,7 +39,11 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::choice::{self, ChoiceSpec, ChoiceState, Delta, Finish, Logprobs};
+use crate::cli::Engine;
 use crate::disagg::{self, DisaggFields, DisaggState, KvTransferParams, TransferAsk};
+use crate::dp::{self, RankFields, RankLease, Ranks};
+use crate::metrics::Metrics;
+use crate::sglang::SglangUsage;
 use crate::engine::{EngineConfig, OutputSource, StopReason, TokenOutput};
 use crate::params::{self, RawSampling, Sampling, Structured};
 use crate::sampling::{self, AfterForced, OutputPlan, Rng};
@@ -50,8 +54,12 @@ use crate::ToolCalls;
 
 /// What the HTTP layer of one worker needs.
 pub struct HttpState {
-    /// The engine task.
-    pub worker: WorkerHandle,
+    /// The engine task of each data-parallel rank ([`crate::dp`]).
+    pub ranks: Ranks,
+    /// The engine whose API, rank fields and usage shapes it mimics (`--engine`).
+    pub engine_type: Engine,
+    /// SGLang's `--enable-cache-report`: its usage reports cached tokens.
+    pub enable_cache_report: bool,
     /// The engine's configuration (validation limits).
     pub engine: EngineConfig,
     /// Served model name.
@@ -71,6 +79,13 @@ pub struct HttpState {
     pub tool_call_token: Option<u32>,
     /// Its role in disaggregated serving and the KV-transfer settings.
     pub disagg: DisaggState,
+}
+
+impl HttpState {
+    /// Rank 0's engine: the worker's only one in disaggregated serving (which runs one rank).
+    pub fn worker(&self) -> &WorkerHandle {
+        self.ranks.first()
+    }
 }
 
 /// The worker's router.
@@ -147,10 +162,14 @@ async fn health() -> StatusCode {
 }
 
 async fn metrics(State(s): State<Arc<HttpState>>) -> Response {
-    let text = match s.worker.metrics().lock() {
-        Ok(m) => m.render(&s.model_name, &s.cache_info),
-        Err(_) => String::new(),
-    };
+    // One snapshot per rank, each labelled `engine="<rank>"` as vLLM labels its DP engines.
+    let ranks: Vec<Metrics> = s
+        .ranks
+        .all()
+        .iter()
+        .map(|w| w.metrics().lock().map(|m| m.clone()).unwrap_or_default())
+        .collect();
+    let text = Metrics::render_ranks(&ranks, &s.model_name, &s.cache_info);
     (
         [(
             header::CONTENT_TYPE,
@@ -174,7 +193,10 @@ async fn models(State(s): State<Arc<HttpState>>) -> Response {
             "id": s.model_name,
             "object": "model",
             "created": unix_secs(),
-            "owned_by": "kvrouter-mocker",
+            "owned_by": match s.engine_type {
+                Engine::Vllm => "kvrouter-mocker",
+                Engine::Sglang => "sglang",
+            },
             "root": s.model_name,
             "parent": null,
             "max_model_len": max_len,
@@ -184,7 +206,15 @@ async fn models(State(s): State<Arc<HttpState>>) -> Response {
 }
 
 async fn reset_prefix_cache(State(s): State<Arc<HttpState>>) -> Response {
-    match s.worker.reset_prefix_cache().await {
+    // Every rank, as vLLM resets every engine of a data-parallel server.
+    let mut all = Some(true);
+    for w in s.ranks.all() {
+        match w.reset_prefix_cache().await {
+            Some(ok) => all = all.map(|a| a && ok),
+            None => all = None,
+        }
+    }
+    match all {
         Some(true) => StatusCode::OK.into_response(),
         Some(false) => ApiError {
             status: StatusCode::CONFLICT,
@@ -346,6 +376,8 @@ struct CompletionRequest {
     sampling: SamplingFields,
     #[serde(flatten)]
     disagg: DisaggFields,
+    #[serde(flatten)]
+    rank: RankFields,
 }
 
 /// The output-shaping fields both APIs share (see [`crate::params`]); values are read there.
@@ -438,6 +470,8 @@ struct ChatRequest {
     sampling: SamplingFields,
     #[serde(flatten)]
     disagg: DisaggFields,
+    #[serde(flatten)]
+    rank: RankFields,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -489,6 +523,8 @@ struct ChoicePlan {
 
 struct Job {
     kind: Kind,
+    /// The data-parallel rank the request asked for.
+    dp_rank: Option<u32>,
     prompt: Vec<u32>,
     max_tokens: usize,
     stream: bool,
@@ -512,16 +548,21 @@ struct OutputAsk {
     reasoning: bool,
 }
 
-async fn completions(State(s): State<Arc<HttpState>>, body: Bytes) -> Response {
-    match prepare_completion(&s, &body) {
+async fn completions(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match prepare_completion(&s, &headers, &body) {
         Ok(job) => run_job(s, job).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn prepare_completion(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
+fn prepare_completion(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<Job, ApiError> {
     let req: CompletionRequest = parse(body)?;
     check_model(s, req.model.as_deref())?;
+    let dp_rank = dp::requested_rank(s.engine_type, headers, &req.rank)?;
     let sampling = req.sampling.parse(false)?;
     let mut text_prompt = None;
     let prompt = match req.prompt {
@@ -552,6 +593,7 @@ fn prepare_completion(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
     let ask = completion_ask(s, sampling, &prompt, text_prompt.as_deref())?;
     Ok(Job {
         transfer,
+        dp_rank,
         kind: Kind::Completion,
         spec: choice_spec(s, &ask, false, stream),
         choices: plan_choices(s, &ask, &prompt)?,
@@ -631,14 +673,18 @@ fn structured_answer(s: &HttpState, sampling: &Sampling) -> Result<Option<Answer
     Ok(Some(Answer::Structured(st.clone(), param)))
 }
 
-async fn chat_completions(State(s): State<Arc<HttpState>>, body: Bytes) -> Response {
-    match prepare_chat(&s, &body) {
+async fn chat_completions(
+    State(s): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match prepare_chat(&s, &headers, &body) {
         Ok(job) => run_job(s, job).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn prepare_chat(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
+fn prepare_chat(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<Job, ApiError> {
     let Some(p) = s.preprocessor.as_ref().filter(|p| p.has_chat_template()) else {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -648,6 +694,7 @@ fn prepare_chat(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
     };
     let req: ChatRequest = parse(body)?;
     check_model(s, req.model.as_deref())?;
+    let dp_rank = dp::requested_rank(s.engine_type, headers, &req.rank)?;
     let sampling = req.sampling.parse(true)?;
     let Some(messages) = req.messages.as_array().filter(|m| !m.is_empty()) else {
         return Err(
@@ -690,6 +737,7 @@ fn prepare_chat(s: &HttpState, body: &[u8]) -> Result<Job, ApiError> {
     };
     Ok(Job {
         transfer,
+        dp_rank,
         kind: Kind::Chat,
         spec: choice_spec(s, &ask, true, stream),
         choices: plan_choices(s, &ask, &prompt)?,
@@ -821,11 +869,13 @@ fn validate(s: &HttpState, prompt: &[u32], max_tokens: usize) -> Result<(), ApiE
         })
 }
 
-/// Aborts the request's engine sequences if the response is dropped before it finished.
+/// Aborts the request's engine sequences if the response is dropped before it finished;
+/// holds the request's place on its rank until then.
 struct AbortGuard {
     worker: WorkerHandle,
     ids: Vec<SeqId>,
     done: bool,
+    _rank: RankLease,
 }
 
 impl Drop for AbortGuard {
@@ -869,12 +919,28 @@ impl Ctx {
         }
     }
 
+    /// A response or chunk; `usage` is `(prompt, completion, cached)` tokens, written in
+    /// the engine's usage shape.
     fn envelope<C: Serialize>(
         &self,
         chunk: bool,
         choices: Vec<C>,
-        usage: Option<Usage>,
+        usage: Option<(usize, usize, usize)>,
     ) -> Envelope<'_, C> {
+        let usage = match (self.state.engine_type, usage) {
+            (Engine::Vllm, None) => UsageOut::Absent,
+            (Engine::Vllm, Some((p, c, cached))) => UsageOut::Vllm(vllm_usage(p, c, cached)),
+            // SGLang writes `"usage": null` in every chunk but the usage chunk.
+            (Engine::Sglang, None) if chunk => UsageOut::Null,
+            (Engine::Sglang, None) => UsageOut::Absent,
+            (Engine::Sglang, Some((p, c, cached))) => UsageOut::Sglang(SglangUsage::new(
+                p,
+                c,
+                cached,
+                self.state.enable_cache_report,
+                chunk,
+            )),
+        };
         Envelope {
             id: &self.id,
             object: self.object(chunk),
@@ -896,10 +962,55 @@ struct Envelope<'a, C> {
     created: u64,
     model: &'a str,
     choices: Vec<C>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Usage>,
+    #[serde(skip_serializing_if = "UsageOut::is_absent")]
+    usage: UsageOut,
     #[serde(skip_serializing_if = "Option::is_none")]
     kv_transfer_params: Option<KvTransferParams>,
+}
+
+/// The `usage` member of a response or chunk, in the engine's shape.
+enum UsageOut {
+    /// Not written.
+    Absent,
+    /// `null` (SGLang's content chunks).
+    Null,
+    Vllm(Usage),
+    Sglang(SglangUsage),
+}
+
+impl UsageOut {
+    fn is_absent(&self) -> bool {
+        matches!(self, UsageOut::Absent)
+    }
+}
+
+impl Serialize for UsageOut {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UsageOut::Absent | UsageOut::Null => s.serialize_none(),
+            UsageOut::Vllm(u) => u.serialize(s),
+            UsageOut::Sglang(u) => u.serialize(s),
+        }
+    }
+}
+
+/// How a choice says which stop condition ended it: vLLM's `stop_reason`, SGLang's
+/// `matched_stop` (the stop string or token id, null at a length limit).
+#[derive(Serialize)]
+enum StopField {
+    #[serde(rename = "stop_reason")]
+    StopReason(Value),
+    #[serde(rename = "matched_stop")]
+    MatchedStop(Value),
+}
+
+impl StopField {
+    fn new(engine: Engine, v: Value) -> Self {
+        match engine {
+            Engine::Vllm => StopField::StopReason(v),
+            Engine::Sglang => StopField::MatchedStop(v),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -910,12 +1021,12 @@ struct Usage {
     prompt_tokens_details: CachedTokens,
 }
 
-#[derive(Serialize)]
-struct CachedTokens {
-    cached_tokens: usize,
+#[derive(Serialize, Debug, PartialEq)]
+pub(crate) struct CachedTokens {
+    pub(crate) cached_tokens: usize,
 }
 
-fn usage(prompt: usize, completion: usize, cached: usize) -> Usage {
+fn vllm_usage(prompt: usize, completion: usize, cached: usize) -> Usage {
     Usage {
         prompt_tokens: prompt,
         completion_tokens: completion,
@@ -932,7 +1043,8 @@ struct CompletionChoice<'a> {
     text: &'a str,
     logprobs: Option<Logprobs>,
     finish_reason: Option<&'static str>,
-    stop_reason: Value,
+    #[serde(flatten)]
+    stop: StopField,
     #[serde(skip_serializing_if = "Option::is_none")]
     token_ids: Option<&'a [u32]>,
 }
@@ -950,7 +1062,8 @@ struct ChatChoice<'a> {
     message: ChatMessage<'a>,
     logprobs: Option<Logprobs>,
     finish_reason: Option<&'static str>,
-    stop_reason: Value,
+    #[serde(flatten)]
+    stop: StopField,
     #[serde(skip_serializing_if = "Option::is_none")]
     token_ids: Option<&'a [u32]>,
 }
@@ -968,7 +1081,8 @@ struct ChatChunkChoice<'a> {
     delta: ChatDelta<'a>,
     logprobs: Option<Logprobs>,
     finish_reason: Option<&'static str>,
-    stop_reason: Value,
+    #[serde(flatten)]
+    stop: StopField,
     #[serde(skip_serializing_if = "Option::is_none")]
     token_ids: Option<&'a [u32]>,
 }
@@ -978,13 +1092,17 @@ fn to_json<T: Serialize>(v: &T) -> String {
 }
 
 async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
+    let lease = match s.ranks.choose(job.dp_rank) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
     if job.transfer.is_receive() {
         // Decode worker: the prompt's KV comes from the prefill worker first.
         if let Err(e) = disagg::receive(&s, &job.prompt, &job.transfer).await {
             return e.into_response();
         }
     }
-    let worker = s.worker.clone();
+    let worker = lease.handle().clone();
     let ids: Vec<SeqId> = job.choices.iter().map(|_| worker.next_id()).collect();
     let first = ids[0];
     let ctx = Ctx {
@@ -1004,6 +1122,7 @@ async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
         worker: worker.clone(),
         ids: ids.clone(),
         done: false,
+        _rank: lease,
     };
     let n = job.choices.len();
     let seeds: Vec<u64> = job.choices.iter().map(|c| c.seed).collect();
@@ -1107,7 +1226,8 @@ fn final_response(ctx: &Ctx, outs: Vec<FinalOutput>, seeds: &[u64]) -> Response 
         .map(|(o, &seed)| final_choice(ctx, seed, o))
         .collect();
     let completion: usize = outs.iter().map(|o| o.tokens.len()).sum();
-    let u = usage(outs[0].prompt_tokens, completion, outs[0].cached_tokens);
+    let u = (outs[0].prompt_tokens, completion, outs[0].cached_tokens);
+    let engine = ctx.state.engine_type;
     let with_ids = ctx.with_ids();
     let params = outs[0]
         .kv_blocks
@@ -1125,7 +1245,7 @@ fn final_response(ctx: &Ctx, outs: Vec<FinalOutput>, seeds: &[u64]) -> Response 
                     text,
                     logprobs: logprobs.clone(),
                     finish_reason: Some(f.reason),
-                    stop_reason: f.stop_reason.clone(),
+                    stop: StopField::new(engine, f.stop_reason.clone()),
                     token_ids: with_ids.then_some(o.tokens.as_slice()),
                 })
                 .collect();
@@ -1147,7 +1267,7 @@ fn final_response(ctx: &Ctx, outs: Vec<FinalOutput>, seeds: &[u64]) -> Response 
                     },
                     logprobs: logprobs.clone(),
                     finish_reason: Some(f.reason),
-                    stop_reason: f.stop_reason.clone(),
+                    stop: StopField::new(engine, f.stop_reason.clone()),
                     token_ids: with_ids.then_some(o.tokens.as_slice()),
                 })
                 .collect();
@@ -1205,7 +1325,7 @@ impl StreamState {
                     text: &delta.text,
                     logprobs: delta.logprobs.clone(),
                     finish_reason,
-                    stop_reason,
+                    stop: StopField::new(self.ctx.state.engine_type, stop_reason),
                     token_ids,
                 }],
                 None,
@@ -1220,7 +1340,7 @@ impl StreamState {
                     },
                     logprobs: delta.logprobs.clone(),
                     finish_reason,
-                    stop_reason,
+                    stop: StopField::new(self.ctx.state.engine_type, stop_reason),
                     token_ids,
                 }],
                 None,
@@ -1265,7 +1385,7 @@ impl StreamState {
             let body = to_json(&self.ctx.envelope::<CompletionChoice>(
                 true,
                 Vec::new(),
-                Some(usage(prompt, completion, cached)),
+                Some((prompt, completion, cached)),
             ));
             self.queue.push_back(sse_str(body));
         }

@@ -1,7 +1,9 @@
-//! A CPU-only mock inference engine with vLLM's HTTP API, KV events and metrics.
+//! A CPU-only mock inference engine with vLLM's (or SGLang's) HTTP API, KV events and metrics.
 //!
-//! It stands in for a vLLM worker at every interface the router sees (HTTP, ZMQ KV events,
-//! Prometheus metrics) with a credible engine model underneath (`dynamo-router-spec.md` §15):
+//! It stands in for a vLLM worker — or, with `--engine sglang`, an SGLang one ([`sglang`]) —
+//! at every interface the router sees (HTTP, ZMQ KV events, Prometheus metrics), with one or
+//! more data-parallel ranks ([`dp`]), and a credible engine model underneath
+//! (`dynamo-router-spec.md` §15):
 //!
 //! * [`kv_pool`] — paged KV pool, prefix caching by per-process-seeded chained hash, leaf-first
 //!   LRU eviction;
@@ -43,6 +45,7 @@ use tokio::sync::oneshot;
 pub mod choice;
 pub mod cli;
 pub mod disagg;
+pub mod dp;
 pub mod engine;
 pub mod events;
 pub mod http;
@@ -51,6 +54,7 @@ pub mod metrics;
 pub mod params;
 pub mod sampling;
 pub mod scheduler;
+pub mod sglang;
 pub mod structured;
 pub mod timing;
 pub mod tools;
@@ -69,6 +73,13 @@ pub use disagg::{DisaggregationMode, Role};
 /// Every `kvrouter mocker` flag (Dynamo mocker names, §15.3), for in-process use too.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MockerConfig {
+    /// The engine it mimics (`--engine`, vllm): API shapes, event format, rank fields.
+    pub engine: cli::Engine,
+    /// Data-parallel ranks per worker (`--data-parallel-size`, 1), each its own engine and
+    /// event publisher, behind one HTTP server (see [`dp`]).
+    pub data_parallel_size: usize,
+    /// SGLang's `--enable-cache-report` (off): usage reports cached tokens.
+    pub enable_cache_report: bool,
     /// HF-style model directory: tokenizer (text prompts, output text) and chat template.
     pub model_path: Option<PathBuf>,
     /// Served model name; default: the model directory's name, else `"mock-model"`.
@@ -148,6 +159,9 @@ pub enum ToolCalls {
 impl Default for MockerConfig {
     fn default() -> Self {
         Self {
+            engine: cli::Engine::Vllm,
+            data_parallel_size: 1,
+            enable_cache_report: false,
             model_path: None,
             model_name: None,
             num_gpu_blocks: 16384,
@@ -180,6 +194,9 @@ impl Default for MockerConfig {
         }
     }
 }
+
+/// Most data-parallel ranks per worker (the router's bound on a registration's `dp_size`).
+pub const MAX_DATA_PARALLEL_SIZE: usize = 256;
 
 /// Why workers could not start.
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +271,16 @@ impl MockerConfig {
         if self.kv_transfer_max_held == 0 {
             return bad("the held KV transfers' cap must be at least 1");
         }
+        if !(1..=MAX_DATA_PARALLEL_SIZE).contains(&self.data_parallel_size) {
+            return Err(MockerError::Config(format!(
+                "--data-parallel-size must be 1..={MAX_DATA_PARALLEL_SIZE}"
+            )));
+        }
+        if self.data_parallel_size > 1 && self.disaggregation_mode != DisaggregationMode::Agg {
+            return bad(
+                "--data-parallel-size above 1 is for aggregated workers only (--disaggregation-mode agg)",
+            );
+        }
         Ok(())
     }
 
@@ -309,15 +336,18 @@ pub struct WorkerInfo {
     pub url: String,
     /// Served model name.
     pub model: String,
-    /// ZMQ PUB endpoint of its KV events (None when events are off).
+    /// The engine it mimics: `vllm` or `sglang`.
+    pub engine: cli::Engine,
+    /// ZMQ PUB endpoint of rank 0's KV events (None when events are off); rank r publishes
+    /// on its port + r.
     pub kv_events_endpoint: Option<String>,
-    /// ZMQ replay ROUTER endpoint (None when events are off).
+    /// ZMQ replay ROUTER endpoint of rank 0 (None when events are off); rank r: port + r.
     pub replay_endpoint: Option<String>,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Data-parallel ranks (always 1).
+    /// Data-parallel ranks behind its URL.
     pub dp_size: u32,
-    /// KV blocks in the pool.
+    /// KV blocks in each rank's pool.
     pub total_kv_blocks: usize,
     /// Running sequences at most.
     pub max_num_seqs: usize,
@@ -334,17 +364,19 @@ pub struct WorkerInfo {
     pub bootstrap_port: Option<u16>,
 }
 
-/// One started worker: its addresses, a handle to its engine, and its tasks.
+/// One started worker: its addresses, handles to its engines, and its tasks.
 pub struct RunningWorker {
     /// Where to reach it.
     pub info: WorkerInfo,
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
-    /// Commands to its engine (snapshots, resets).
+    /// Commands to rank 0's engine (snapshots, resets).
     pub handle: WorkerHandle,
+    /// Every rank's engine, by rank (`ranks[0]` is `handle`).
+    pub ranks: Vec<WorkerHandle>,
     stop_http: Option<oneshot::Sender<()>>,
     stop_side: Option<oneshot::Sender<()>>,
-    stop_engine: Option<oneshot::Sender<()>>,
+    stop_engines: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -364,7 +396,7 @@ impl RunningWorker {
         if let Some(tx) = self.stop_side.take() {
             let _ = tx.send(());
         }
-        if let Some(tx) = self.stop_engine.take() {
+        for tx in self.stop_engines.drain(..) {
             let _ = tx.send(());
         }
     }
@@ -376,29 +408,59 @@ impl Drop for RunningWorker {
     }
 }
 
-/// Publishes a worker's events with `kvrouter-wire`'s ZMQ publisher (vLLM ≥ 0.24 map
-/// encoding, dp rank 0, medium "GPU"). Publish errors are logged and the engine keeps going.
+/// Publishes one rank's events with `kvrouter-wire`'s ZMQ publisher, in its engine's format:
+/// vLLM ≥ 0.24 map encoding, or SGLang's ([`sglang`]); the batch carries the rank, medium
+/// "GPU". Publish errors are logged and the engine keeps going.
 pub struct WireSink {
     publisher: kvrouter_wire::KvEventPublisher,
+    engine: cli::Engine,
+    dp_rank: u32,
 }
 
 impl WireSink {
     /// Binds the PUB socket on `endpoint` and the replay ROUTER on `replay_endpoint`, keeping
-    /// `buffer_steps` batches for replay.
+    /// `buffer_steps` batches for replay; vLLM's format, rank 0.
     pub fn bind(
         endpoint: String,
         replay_endpoint: Option<String>,
         topic: String,
         buffer_steps: usize,
     ) -> Result<Self, MockerError> {
+        Self::bind_rank(
+            endpoint,
+            replay_endpoint,
+            topic,
+            buffer_steps,
+            cli::Engine::Vllm,
+            0,
+        )
+    }
+
+    /// [`bind`](Self::bind) for rank `dp_rank` of an `engine` worker.
+    pub fn bind_rank(
+        endpoint: String,
+        replay_endpoint: Option<String>,
+        topic: String,
+        buffer_steps: usize,
+        engine: cli::Engine,
+        dp_rank: u32,
+    ) -> Result<Self, MockerError> {
+        let encoding = match engine {
+            cli::Engine::Vllm => kvrouter_wire::Encoding::Map,
+            cli::Engine::Sglang => kvrouter_wire::Encoding::Sglang,
+        };
         let publisher = kvrouter_wire::KvEventPublisher::bind(kvrouter_wire::PublisherConfig {
             endpoint,
             replay_endpoint,
             topic,
             buffer_steps,
-            ..Default::default()
+            encoding,
         })?;
-        Ok(Self { publisher })
+        Ok(Self {
+            publisher,
+            engine,
+            dp_rank,
+        })
     }
 
     /// The bound PUB address.
@@ -412,7 +474,8 @@ impl WireSink {
     }
 }
 
-/// Converts engine events to the wire crate's model.
+/// Converts engine events to the wire crate's model (vLLM's shape: one `BlockStored` per
+/// step and request).
 pub fn to_engine_events(events: &[KvEvent]) -> Vec<kvrouter_wire::EngineEvent> {
     use kvrouter_wire::{BlockRemoved, BlockStored, EngineEvent};
     events
@@ -445,8 +508,11 @@ impl EventSink for WireSink {
     fn publish(&mut self, ts: f64, events: &[KvEvent]) {
         let batch = kvrouter_wire::EngineBatch {
             ts,
-            events: to_engine_events(events),
-            dp_rank: Some(0),
+            events: match self.engine {
+                cli::Engine::Vllm => to_engine_events(events),
+                cli::Engine::Sglang => sglang::sglang_events(events),
+            },
+            dp_rank: Some(self.dp_rank),
         };
         if let Err(e) = self.publisher.publish(&batch) {
             tracing::warn!("publishing KV events failed: {e}");
@@ -462,31 +528,100 @@ fn port_plus(base: u16, i: usize) -> Result<u16, MockerError> {
         .map_err(|_| MockerError::Config(format!("port {base} + {i} is above 65535")))
 }
 
-/// Starts `n` independent workers on the current tokio runtime, each with its own engine,
-/// HTTP port and (when events are on) ZMQ PUB and replay ports: base + i, or free ports when
-/// the base is 0. Events go through [`WireSink`].
+/// Starts `n` independent workers on the current tokio runtime, each with its own HTTP port
+/// and `--data-parallel-size` ranks, each rank with its own engine and (when events are on)
+/// ZMQ PUB and replay ports (see [`bind_rank_sinks`]). Events go through [`WireSink`].
 pub async fn spawn_workers(
     config: &MockerConfig,
     n: usize,
 ) -> Result<Vec<RunningWorker>, MockerError> {
     let events = config.kv_events && config.enable_prefix_caching;
-    let host = config.host.clone();
     spawn_workers_with_sinks(config, n, |i| {
         if !events {
-            return Ok((Box::new(NullSink) as Box<dyn EventSink>, None, None));
+            let sinks = (0..config.data_parallel_size)
+                .map(|_| Box::new(NullSink) as Box<dyn EventSink>)
+                .collect();
+            return Ok((sinks, None, None));
         }
-        let ep = format!("tcp://{host}:{}", port_plus(config.zmq_kv_events_port, i)?);
-        let rep = format!("tcp://{host}:{}", port_plus(config.zmq_replay_port, i)?);
-        let sink = WireSink::bind(
-            ep,
-            Some(rep),
-            config.kv_events_topic.clone(),
-            config.kv_events_buffer_steps,
-        )?;
-        let (e, r) = (sink.endpoint(), sink.replay_endpoint());
-        Ok((Box::new(sink) as Box<dyn EventSink>, Some(e), r))
+        bind_rank_sinks(config, i)
     })
     .await
+}
+
+/// Free-port attempts at a run of consecutive ports for a worker's ranks.
+const RANK_PORT_ATTEMPTS: usize = 32;
+
+/// The event sinks of worker `i`'s ranks, rank r publishing on rank 0's PUB and replay ports
+/// + r (vLLM's and SGLang's `offset_endpoint_port` rule, which routers apply to the one
+/// endpoint a worker advertises). With fixed bases, worker i's rank r takes base +
+/// i·`data_parallel_size` + r; with free ports (base 0), rank 0 takes free ones and the
+/// others the ports after them, tried again elsewhere when one of those is taken. Errors: a
+/// bind failure (after [`RANK_PORT_ATTEMPTS`] tries with free ports).
+pub fn bind_rank_sinks(config: &MockerConfig, i: usize) -> Result<SinkParts, MockerError> {
+    let host = &config.host;
+    let dp = config.data_parallel_size;
+    let bind = |r: usize, ep: u16, rep: u16| {
+        WireSink::bind_rank(
+            format!("tcp://{host}:{ep}"),
+            Some(format!("tcp://{host}:{rep}")),
+            config.kv_events_topic.clone(),
+            config.kv_events_buffer_steps,
+            config.engine,
+            r as u32,
+        )
+    };
+    let parts = |sinks: Vec<WireSink>| -> SinkParts {
+        let (e, r) = (sinks[0].endpoint(), sinks[0].replay_endpoint());
+        let boxed = sinks
+            .into_iter()
+            .map(|s| Box::new(s) as Box<dyn EventSink>)
+            .collect();
+        (boxed, Some(e), r)
+    };
+    let free = config.zmq_kv_events_port == 0 || config.zmq_replay_port == 0;
+    if !free || dp == 1 {
+        let mut sinks = Vec::with_capacity(dp);
+        for r in 0..dp {
+            let ep = port_plus(config.zmq_kv_events_port, i * dp + r)?;
+            let rep = port_plus(config.zmq_replay_port, i * dp + r)?;
+            sinks.push(bind(r, ep, rep)?);
+        }
+        return Ok(parts(sinks));
+    }
+    let port_of = |endpoint: &str| -> Option<u16> { endpoint.rsplit_once(':')?.1.parse().ok() };
+    let mut last = None;
+    for _ in 0..RANK_PORT_ATTEMPTS {
+        let first = bind(0, 0, 0)?;
+        let (Some(ep), Some(rep)) = (
+            port_of(&first.endpoint()),
+            first.replay_endpoint().as_deref().and_then(port_of),
+        ) else {
+            return Err(MockerError::Config(format!(
+                "cannot read the bound port of {}",
+                first.endpoint()
+            )));
+        };
+        let mut sinks = vec![first];
+        for r in 1..dp {
+            match (port_plus(ep, r), port_plus(rep, r)) {
+                (Ok(e), Ok(p)) => match bind(r, e, p) {
+                    Ok(s) => sinks.push(s),
+                    Err(e) => {
+                        last = Some(e);
+                        break;
+                    }
+                },
+                (Err(e), _) | (_, Err(e)) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+        if sinks.len() == dp {
+            return Ok(parts(sinks));
+        }
+    }
+    Err(last.unwrap_or_else(|| MockerError::Config("no free ports for the ranks".into())))
 }
 
 /// The tokenizer of `dir`, loaded once per process: every worker and every group of workers
@@ -506,15 +641,16 @@ fn shared_preprocessor(dir: &std::path::Path) -> Result<Arc<Preprocessor>, Mocke
     Ok(p)
 }
 
-/// A worker's event sink and the endpoints to advertise for it.
-pub type SinkParts = (Box<dyn EventSink>, Option<String>, Option<String>);
+/// A worker's event sinks, one per data-parallel rank, and the (event, replay) endpoints of
+/// rank 0 to advertise.
+pub type SinkParts = (Vec<Box<dyn EventSink>>, Option<String>, Option<String>);
 
-/// [`spawn_workers`] with caller-made event sinks: `make_sink(i)` returns worker i's sink and
-/// the (event, replay) endpoints to advertise.
+/// [`spawn_workers`] with caller-made event sinks: `make_sinks(i)` returns worker i's sinks
+/// (one per rank) and the endpoints to advertise.
 pub async fn spawn_workers_with_sinks(
     config: &MockerConfig,
     n: usize,
-    mut make_sink: impl FnMut(usize) -> Result<SinkParts, MockerError>,
+    mut make_sinks: impl FnMut(usize) -> Result<SinkParts, MockerError>,
 ) -> Result<Vec<RunningWorker>, MockerError> {
     config.validate()?;
     let pre = match &config.model_path {
@@ -579,16 +715,38 @@ pub async fn spawn_workers_with_sinks(
             }
             _ => None,
         };
-        let (sink, kv_ep, replay_ep) = make_sink(i)?;
-        let (stop_engine, stop_engine_rx) = oneshot::channel();
-        let transfers = transfer::HeldTransfers::new(config.kv_transfer_max_held, transfer_timeout);
-        let (handle, engine_task) =
-            worker::spawn_engine_with(Engine::new(ecfg.clone()), sink, stop_engine_rx, transfers);
-        if let Ok(mut m) = handle.metrics().lock() {
-            m.role = mode.role().as_str();
+        let (sinks, kv_ep, replay_ep) = make_sinks(i)?;
+        if sinks.len() != config.data_parallel_size {
+            return Err(MockerError::Config(format!(
+                "{} event sinks for {} ranks",
+                sinks.len(),
+                config.data_parallel_size
+            )));
+        }
+        let mut tasks = Vec::new();
+        let mut stop_engines = Vec::new();
+        let mut ranks = Vec::new();
+        for sink in sinks {
+            let (stop_engine, stop_engine_rx) = oneshot::channel();
+            let transfers =
+                transfer::HeldTransfers::new(config.kv_transfer_max_held, transfer_timeout);
+            let (handle, engine_task) = worker::spawn_engine_with(
+                Engine::new(ecfg.clone()),
+                sink,
+                stop_engine_rx,
+                transfers,
+            );
+            if let Ok(mut m) = handle.metrics().lock() {
+                m.role = mode.role().as_str();
+            }
+            tasks.push(engine_task);
+            stop_engines.push(stop_engine);
+            ranks.push(handle);
         }
         let state = Arc::new(http::HttpState {
-            worker: handle.clone(),
+            ranks: dp::Ranks::new(ranks.clone(), config.engine),
+            engine_type: config.engine,
+            enable_cache_report: config.enable_cache_report,
             engine: ecfg.clone(),
             model_name: model_name.clone(),
             preprocessor: pre.clone(),
@@ -616,7 +774,6 @@ pub async fn spawn_workers_with_sinks(
                 client: client.clone(),
             },
         });
-        let mut tasks = vec![engine_task];
         let bootstrap_port = side.as_ref().map(|(_, p)| *p);
         let stop_side = side.map(|(listener, _)| {
             let (tx, rx) = oneshot::channel::<()>();
@@ -639,10 +796,11 @@ pub async fn spawn_workers_with_sinks(
                 index: i,
                 url,
                 model: model_name.clone(),
+                engine: config.engine,
                 kv_events_endpoint: kv_ep,
                 replay_endpoint: replay_ep,
                 block_size: config.block_size,
-                dp_size: 1,
+                dp_size: config.data_parallel_size as u32,
                 total_kv_blocks: config.num_gpu_blocks,
                 max_num_seqs: config.max_num_seqs,
                 max_num_batched_tokens: config.max_num_batched_tokens,
@@ -651,10 +809,11 @@ pub async fn spawn_workers_with_sinks(
                 bootstrap_port,
             },
             http_addr,
-            handle,
+            handle: ranks[0].clone(),
+            ranks,
             stop_http: Some(stop_http),
             stop_side,
-            stop_engine: Some(stop_engine),
+            stop_engines,
             tasks,
         });
     }

@@ -56,8 +56,8 @@ impl Histogram {
         self.count
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    /// Its samples (`_bucket`, `_sum`, `_count`) under `labels`, without HELP and TYPE.
+    fn render_samples(&self, out: &mut String, name: &str, labels: &str) {
         let mut cum = 0;
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             cum += c;
@@ -169,137 +169,159 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition (format 0.0.4). `model` goes in the `model_name` label;
-    /// `info` are the `vllm:cache_config_info` labels.
+    /// Prometheus text exposition (format 0.0.4) of one engine (`engine="0"`).
     pub fn render(&self, model: &str, info: &[(&str, String)]) -> String {
+        Self::render_ranks(std::slice::from_ref(self), model, info)
+    }
+
+    /// Prometheus text exposition (format 0.0.4) of a worker's data-parallel ranks:
+    /// `ranks[r]`'s samples carry `engine="r"`, as vLLM labels the engines of a
+    /// data-parallel server. `model` goes in the `model_name` label; `info` are the
+    /// `vllm:cache_config_info` labels.
+    pub fn render_ranks(ranks: &[Metrics], model: &str, info: &[(&str, String)]) -> String {
         let model = model.replace('\\', "\\\\").replace('"', "\\\"");
-        let labels = format!("engine=\"0\",model_name=\"{model}\"");
-        let mut o = String::with_capacity(4096);
-        let gauge = |o: &mut String, name: &str, help: &str, v: f64| {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} {v:?}"
-            );
+        let labels: Vec<String> = (0..ranks.len())
+            .map(|r| format!("engine=\"{r}\",model_name=\"{model}\""))
+            .collect();
+        let mut o = String::with_capacity(4096 * ranks.len().max(1));
+        let family = |o: &mut String, kind: &str, name: &str, help: &str, v: &dyn Fn(&Metrics) -> String| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (m, l) in ranks.iter().zip(&labels) {
+                let _ = writeln!(o, "{name}{{{l}}} {}", v(m));
+            }
         };
-        let counter = |o: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{labels}}} {v}"
-            );
+        let gauge = |o: &mut String, name: &str, help: &str, v: &dyn Fn(&Metrics) -> f64| {
+            family(o, "gauge", name, help, &|m| format!("{:?}", v(m)))
+        };
+        let counter = |o: &mut String, name: &str, help: &str, v: &dyn Fn(&Metrics) -> u64| {
+            family(o, "counter", name, help, &|m| v(m).to_string())
         };
         gauge(
             &mut o,
             "vllm:num_requests_running",
             "Number of requests in model execution batches.",
-            self.num_running as f64,
+            &|m| m.num_running as f64,
         );
         gauge(
             &mut o,
             "vllm:num_requests_waiting",
             "Number of requests waiting to be processed.",
-            self.num_waiting as f64,
+            &|m| m.num_waiting as f64,
         );
         gauge(
             &mut o,
             "vllm:kv_cache_usage_perc",
             "KV-cache usage. 1 means 100 percent usage.",
-            self.kv_usage,
+            &|m| m.kv_usage,
         );
         counter(
             &mut o,
             "vllm:prefix_cache_queries_total",
             "Prefix cache queries, in terms of number of queried tokens.",
-            self.prefix_queries,
+            &|m| m.prefix_queries,
         );
         counter(
             &mut o,
             "vllm:prefix_cache_hits_total",
             "Prefix cache hits, in terms of number of cached tokens.",
-            self.prefix_hits,
+            &|m| m.prefix_hits,
         );
         counter(
             &mut o,
             "vllm:prompt_tokens_total",
             "Number of prefill tokens processed.",
-            self.prompt_tokens,
+            &|m| m.prompt_tokens,
         );
         counter(
             &mut o,
             "vllm:generation_tokens_total",
             "Number of generation tokens processed.",
-            self.generation_tokens,
+            &|m| m.generation_tokens,
         );
         counter(
             &mut o,
             "vllm:num_preemptions_total",
             "Cumulative number of preemption from the engine.",
-            self.preemptions,
+            &|m| m.preemptions,
         );
         let _ = writeln!(
             o,
             "# HELP vllm:request_success_total Count of successfully processed requests.\n\
-             # TYPE vllm:request_success_total counter\n\
-             vllm:request_success_total{{{labels},finished_reason=\"length\"}} {}",
-            self.requests_finished
+             # TYPE vllm:request_success_total counter"
         );
-        self.ttft.render(
-            &mut o,
-            "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            &labels,
-        );
-        self.itl.render(
-            &mut o,
-            "vllm:inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds.",
-            &labels,
-        );
+        for (m, l) in ranks.iter().zip(&labels) {
+            let _ = writeln!(
+                o,
+                "vllm:request_success_total{{{l},finished_reason=\"length\"}} {}",
+                m.requests_finished
+            );
+        }
+        for (name, help, h) in [
+            (
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                (|m: &Metrics| &m.ttft) as fn(&Metrics) -> &Histogram,
+            ),
+            (
+                "vllm:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                |m: &Metrics| &m.itl,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for (m, l) in ranks.iter().zip(&labels) {
+                h(m).render_samples(&mut o, name, l);
+            }
+        }
         counter(
             &mut o,
             "kvrouter_mocker_computed_prefill_tokens_total",
             "Prompt tokens computed: neither prefix-cache hits nor received by KV transfer.",
-            self.computed_prefill_tokens,
+            &|m| m.computed_prefill_tokens,
         );
         let _ = writeln!(
             o,
             "# HELP kvrouter_mocker_info The worker's role in disaggregated serving.\n\
-             # TYPE kvrouter_mocker_info gauge\n\
-             kvrouter_mocker_info{{{labels},role=\"{}\"}} 1.0",
-            self.role
+             # TYPE kvrouter_mocker_info gauge"
         );
+        for (m, l) in ranks.iter().zip(&labels) {
+            let _ = writeln!(o, "kvrouter_mocker_info{{{l},role=\"{}\"}} 1.0", m.role);
+        }
         gauge(
             &mut o,
             "kvrouter_mocker_kv_transfer_held_requests",
             "KV transfers a prefill worker holds for decode workers.",
-            self.kv_transfer_held as f64,
+            &|m| m.kv_transfer_held as f64,
         );
         gauge(
             &mut o,
             "kvrouter_mocker_kv_transfer_held_blocks",
             "KV blocks held for decode workers, summed over transfers.",
-            self.kv_transfer_held_blocks as f64,
+            &|m| m.kv_transfer_held_blocks as f64,
         );
         let _ = writeln!(
             o,
             "# HELP kvrouter_mocker_kv_transfers_total KV transfers by side and outcome.\n\
              # TYPE kvrouter_mocker_kv_transfers_total counter"
         );
-        for (side, outcome, v) in [
-            ("prefill", "pulled", self.kv_transfers_pulled),
-            ("prefill", "expired", self.kv_transfers_expired),
-            ("decode", "received", self.kv_transfers_received),
-            ("decode", "failed", self.kv_transfers_failed),
-        ] {
-            let _ = writeln!(
-                o,
-                "kvrouter_mocker_kv_transfers_total{{{labels},side=\"{side}\",outcome=\"{outcome}\"}} {v}"
-            );
+        for (m, l) in ranks.iter().zip(&labels) {
+            for (side, outcome, v) in [
+                ("prefill", "pulled", m.kv_transfers_pulled),
+                ("prefill", "expired", m.kv_transfers_expired),
+                ("decode", "received", m.kv_transfers_received),
+                ("decode", "failed", m.kv_transfers_failed),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "kvrouter_mocker_kv_transfers_total{{{l},side=\"{side}\",outcome=\"{outcome}\"}} {v}"
+                );
+            }
         }
         counter(
             &mut o,
             "kvrouter_mocker_kv_transfer_blocks_total",
             "KV blocks a decode worker pulled from prefill workers.",
-            self.kv_transfer_blocks_received,
+            &|m| m.kv_transfer_blocks_received,
         );
         let info: Vec<String> = info.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         let _ = writeln!(
@@ -318,6 +340,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_rank_is_an_engine_label_under_one_family_header() {
+        let mut a = Metrics::default();
+        a.num_running = 2;
+        a.prefix_hits = 64;
+        let b = Metrics::default();
+        let text = Metrics::render_ranks(&[a, b], "m", &[("block_size", "64".into())]);
+        assert_eq!(
+            text.matches("# TYPE vllm:num_requests_running gauge").count(),
+            1
+        );
+        assert!(text.contains("vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 2.0\n"));
+        assert!(text.contains("vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 0.0\n"));
+        assert!(text.contains("vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"m\"} 64\n"));
+        assert!(text.contains(
+            "vllm:time_to_first_token_seconds_count{engine=\"1\",model_name=\"m\"} 0\n"
+        ));
+        assert_eq!(text.matches("vllm:cache_config_info{").count(), 1);
+    }
+
+    #[test]
     fn histogram_buckets_are_cumulative() {
         let mut h = Histogram::new(&[0.1, 1.0]);
         h.observe(0.05);
@@ -325,7 +367,7 @@ mod tests {
         h.observe(0.5);
         h.observe(7.0);
         let mut s = String::new();
-        h.render(&mut s, "x", "help", "a=\"b\"");
+        h.render_samples(&mut s, "x", "a=\"b\"");
         assert!(s.contains("x_bucket{a=\"b\",le=\"0.1\"} 2\n"), "{s}");
         assert!(s.contains("x_bucket{a=\"b\",le=\"1.0\"} 3\n"), "{s}");
         assert!(s.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"), "{s}");

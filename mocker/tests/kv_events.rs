@@ -13,7 +13,9 @@ use kvrouter_mocker::engine::{Engine, EngineConfig, StepOutput};
 use kvrouter_mocker::kv_pool::engine_block_hashes;
 use kvrouter_mocker::scheduler::SchedulerConfig;
 use kvrouter_mocker::timing::TimingModel;
+use kvrouter_mocker::cli;
 use kvrouter_mocker::{spawn_workers, to_engine_events, MockerConfig};
+use kvrouter_wire::subscriber::dp_endpoint;
 use kvrouter_wire::{Converter, EngineBatch, KvEventSubscriber, SubscriberConfig};
 use serde_json::{json, Value};
 
@@ -212,15 +214,24 @@ fn record(
     }
 }
 
+/// A completion's output tokens; `rank`: the data-parallel rank to run on, named as
+/// `engine` takes it (vLLM: header; SGLang: body field).
 async fn complete(
     client: &reqwest::Client,
     url: &str,
     prompt: &[u32],
     max_tokens: usize,
+    engine: cli::Engine,
+    rank: u32,
 ) -> Vec<u32> {
-    let v: Value = client
-        .post(url)
-        .json(&json!({"prompt": prompt, "max_tokens": max_tokens}))
+    let mut body = json!({"prompt": prompt, "max_tokens": max_tokens});
+    let mut req = client.post(url);
+    match engine {
+        cli::Engine::Vllm => req = req.header("X-data-parallel-rank", rank),
+        cli::Engine::Sglang => body["data_parallel_rank"] = json!(rank),
+    }
+    let v: Value = req
+        .json(&body)
         .send()
         .await
         .unwrap()
@@ -237,8 +248,23 @@ async fn complete(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zmq_events_through_our_subscriber_match_the_engine_at_quiescent_points() {
+    events_match_the_engine(cli::Engine::Vllm, 1, 0).await;
+}
+
+/// The same on rank 1 of a 2-rank SGLang worker: its events, in SGLang's format on rank 0's
+/// port + 1 and stamped with rank 1, give the index exactly rank 1's cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sglang_events_of_one_rank_match_that_ranks_engine() {
+    events_match_the_engine(cli::Engine::Sglang, 2, 1).await;
+}
+
+/// Drives rank `rank` of a `dp`-rank `engine` worker and checks, at quiescent points, that the
+/// index fed by our subscriber of that rank's endpoint holds exactly that rank's cache.
+async fn events_match_the_engine(engine: cli::Engine, dp: usize, rank: u32) {
     let bs = 8;
     let cfg = MockerConfig {
+        engine,
+        data_parallel_size: dp,
         num_gpu_blocks: 48,
         block_size: bs,
         max_num_seqs: 8,
@@ -249,18 +275,21 @@ async fn zmq_events_through_our_subscriber_match_the_engine_at_quiescent_points(
     };
     let w = spawn_workers(&cfg, 1).await.unwrap().pop().unwrap();
     let (tx, rx) = mpsc::sync_channel::<RouterEvent>(100_000);
+    let me = WorkerWithDpRank::new(7, rank);
+    let ep = |e: &Option<String>| dp_endpoint(e.as_deref().unwrap(), rank);
     let sub = KvEventSubscriber::start(
         SubscriberConfig {
-            worker: W,
-            endpoint: w.info.kv_events_endpoint.clone().unwrap(),
-            replay_endpoint: w.info.replay_endpoint.clone(),
+            worker: me,
+            endpoint: ep(&w.info.kv_events_endpoint),
+            replay_endpoint: Some(ep(&w.info.replay_endpoint)),
             block_size: bs as u32,
             ..Default::default()
         },
         tx,
     )
     .unwrap();
-    let seed = w.handle.snapshot().await.unwrap().hash_seed;
+    let engine_of_rank = &w.ranks[rank as usize];
+    let seed = engine_of_rank.snapshot().await.unwrap().hash_seed;
     let client = reqwest::Client::new();
     let url = format!("{}/v1/completions", w.info.url);
     let mut rng = Rng(0xfeed_beef);
@@ -275,7 +304,7 @@ async fn zmq_events_through_our_subscriber_match_the_engine_at_quiescent_points(
             let (p, max_tokens) = workload(&mut rng, &pre, 100);
             let (client, url) = (client.clone(), url.clone());
             jobs.push(tokio::spawn(async move {
-                let out = complete(&client, &url, &p, max_tokens).await;
+                let out = complete(&client, &url, &p, max_tokens, engine, rank).await;
                 (p, out)
             }));
         }
@@ -286,7 +315,7 @@ async fn zmq_events_through_our_subscriber_match_the_engine_at_quiescent_points(
             map.learn(seed, &p, bs);
         }
         // Quiescent: all responses are in; the engine is idle.
-        let snap = w.handle.snapshot().await.unwrap();
+        let snap = engine_of_rank.snapshot().await.unwrap();
         assert_eq!((snap.num_running, snap.num_waiting), (0, 0));
         let deadline = Instant::now() + Duration::from_secs(20);
         while sub.stats().applied < snap.batches_published {
@@ -309,7 +338,21 @@ async fn zmq_events_through_our_subscriber_match_the_engine_at_quiescent_points(
         }
         let want = map.router_view(&snap.cached_block_hashes);
         assert!(!want.is_empty());
-        assert_eq!(index.worker_sequence_hashes(W), want, "wave {wave}");
+        assert_eq!(index.worker_sequence_hashes(me), want, "wave {wave}");
+    }
+    // Every batch was this rank's (none filtered as another rank's) and in the engine's
+    // format; the other ranks never ran anything.
+    let st = sub.stats();
+    assert_eq!(st.filtered, 0, "{st:?}");
+    let (mine, other) = match engine {
+        cli::Engine::Vllm => (st.formats.vllm_map, st.formats.sglang),
+        cli::Engine::Sglang => (st.formats.sglang, st.formats.vllm_map),
+    };
+    assert!(mine > 0 && other == 0 && st.formats.vllm_array == 0, "{st:?}");
+    for (r, h) in w.ranks.iter().enumerate() {
+        if r != rank as usize {
+            assert!(h.snapshot().await.unwrap().cached_block_hashes.is_empty());
+        }
     }
     assert!(evictions_seen, "the pool is small enough to evict");
     // Reset: AllBlocksCleared empties the index.
@@ -323,7 +366,7 @@ async fn zmq_events_through_our_subscriber_match_the_engine_at_quiescent_points(
         .recv_timeout(Duration::from_secs(10))
         .expect("cleared event");
     index.apply(&ev).unwrap();
-    assert!(index.worker_sequence_hashes(W).is_empty());
+    assert!(index.worker_sequence_hashes(me).is_empty());
     sub.stop();
     w.stop().await;
 }
