@@ -371,6 +371,12 @@ impl Loop {
             Command::Abort(id) => {
                 self.pending.remove(&id);
                 self.engine.abort(id);
+                // No step may follow (the engine may now be idle): the gauges say it now.
+                if let Ok(mut m) = self.metrics.lock() {
+                    m.num_running = self.engine.num_running();
+                    m.num_waiting = self.engine.num_waiting();
+                    m.kv_usage = self.engine.pool().usage();
+                }
             }
             Command::Reset(tx) => {
                 let ok = self.engine.reset_prefix_cache();

@@ -351,6 +351,20 @@ async fn client_disconnect_frees_the_request() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert!(idle, "the aborted request must release its blocks");
+    // The gauges say so too, though no step ran after the abort.
+    let m = reqwest::get(format!("{}/metrics", w.info.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for gauge in ["vllm:num_requests_running", "vllm:kv_cache_usage_perc"] {
+        let line = m
+            .lines()
+            .find(|l| l.starts_with(&format!("{gauge}{{")))
+            .unwrap();
+        assert!(line.ends_with(" 0.0"), "{line}");
+    }
     w.stop().await;
 }
 

@@ -72,3 +72,30 @@ async fn sub_millisecond_steps_are_not_stretched_to_the_timer_tick() {
         "{steps} steps took {wall:.3} s, the model {now:.3} s"
     );
 }
+
+/// An abort that leaves the engine idle updates the load gauges at once: no step follows to
+/// do it (the client is still connected, so the step loop never sees it leave).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_that_idles_the_engine_updates_its_gauges() {
+    let (_stop, shutdown) = tokio::sync::oneshot::channel();
+    let (handle, _task) = spawn_engine(Engine::new(cfg(1.0)), Box::new(NullSink), shutdown);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = handle.next_id();
+    assert!(handle.send(Command::Add {
+        id,
+        prompt: (0..64).collect(),
+        max_tokens: 10_000,
+        output: None,
+        reply: Reply::Stream(tx),
+        kv: Default::default(),
+    }));
+    rx.recv().await.expect("a first token");
+    let running = || handle.metrics().lock().unwrap().num_running;
+    assert_eq!(running(), 1);
+    assert!(handle.send(Command::Abort(id)));
+    // The engine is idle once its snapshot (answered between steps) says so.
+    let snap = handle.snapshot().await.unwrap();
+    assert_eq!((snap.num_running, snap.active_blocks), (0, 0));
+    let m = handle.metrics().lock().unwrap().clone();
+    assert_eq!((m.num_running, m.num_waiting, m.kv_usage), (0, 0, 0.0));
+}
