@@ -23,7 +23,7 @@ use axum::routing::{delete, get};
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::frontend::probes::event_counters;
+use crate::frontend::probes::{event_counters, format_counters};
 use crate::workers::fleet::Fleet;
 use crate::workers::spec::WorkerSpec;
 
@@ -114,6 +114,12 @@ async fn list(State(a): State<Arc<Admin>>) -> Response {
                             .map(|(k, v)| ((*k).to_string(), json!(v)))
                             .collect();
                         o.insert("state".into(), json!(st.state.as_str()));
+                        let formats: serde_json::Map<String, serde_json::Value> =
+                            format_counters(st)
+                                .iter()
+                                .map(|(k, v)| ((*k).to_string(), json!(v)))
+                                .collect();
+                        o.insert("formats".into(), json!(formats));
                         o.insert("next_seq".into(), json!(st.next_seq));
                         o
                     });

@@ -67,6 +67,13 @@ struct EventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FormatLabels {
+    worker_id: String,
+    dp_rank: String,
+    format: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorKindLabels {
     worker_id: String,
     dp_rank: String,
@@ -101,6 +108,9 @@ pub struct RankSnapshot {
     pub active_requests: u64,
     /// `(outcome, count)` from the rank's event subscriber.
     pub events: Vec<(&'static str, u64)>,
+    /// `(wire format, batches)` from the rank's event subscriber: whose encoding its events
+    /// came in (`vllm_array`, `vllm_map`, `sglang`, `unknown`).
+    pub formats: Vec<(&'static str, u64)>,
     /// The subscriber's state (`joining` | `live` | `replaying` | `stopped`), if it has one.
     pub subscriber_state: Option<&'static str>,
 }
@@ -402,6 +412,22 @@ impl Collector for ScrapeCollector {
                     worker_id: r.worker_id.to_string(),
                     dp_rank: r.dp_rank.to_string(),
                     outcome,
+                };
+                ConstCounter::new(*v).encode(f.encode_family(&l)?)?;
+            }
+        }
+        let mut f = enc.encode_descriptor(
+            "kv_event_batches_by_format",
+            "KV event batches per rank by the wire format their events showed: vllm_array (vLLM <= 0.23), vllm_map (vLLM >= 0.24), sglang, unknown (no BlockStored to tell)",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &snap.ranks {
+            for (format, v) in &r.formats {
+                let l = FormatLabels {
+                    worker_id: r.worker_id.to_string(),
+                    dp_rank: r.dp_rank.to_string(),
+                    format,
                 };
                 ConstCounter::new(*v).encode(f.encode_family(&l)?)?;
             }

@@ -161,6 +161,10 @@ pub fn worker_spec(w: &RunningWorker) -> WorkerSpec {
         replay_endpoint: i.replay_endpoint.clone(),
         kv_events_topic: None,
         block_size: Some(i.block_size),
+        engine: match i.engine {
+            kvrouter_mocker::cli::Engine::Vllm => crate::workers::spec::Engine::Vllm,
+            kvrouter_mocker::cli::Engine::Sglang => crate::workers::spec::Engine::Sglang,
+        },
         dp_size: i.dp_size,
         device: Default::default(),
         total_kv_blocks: Some(i.total_kv_blocks as u64),

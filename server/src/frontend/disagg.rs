@@ -280,7 +280,7 @@ async fn vllm(
     );
     let mut resp = match s
         .client
-        .complete(&spec.url, p_rank.dp_rank, prefill_body)
+        .complete(&spec.url, spec.rank_pin(p_rank.dp_rank), prefill_body)
         .await
     {
         Ok(r) => r,
@@ -347,10 +347,11 @@ async fn sglang(
         },
     );
     let (client, url, rid) = (s.client.clone(), spec.url.clone(), request_id.to_string());
+    let pin = spec.rank_pin(p_rank.dp_rank);
     // Both at once (the decode worker waits for the room); the prefill's answer is discarded,
     // its booking ends with it.
     let prefill_call = tokio::spawn(async move {
-        let r = client.complete(&url, p_rank.dp_rank, prefill_body).await;
+        let r = client.complete(&url, pin, prefill_body).await;
         prefill.first_token();
         drop(prefill);
         r.map(|_| ())
@@ -403,7 +404,7 @@ async fn decode(
             .client
             .generate(
                 &w.spec.url,
-                rank.dp_rank,
+                w.spec.rank_pin(rank.dp_rank),
                 req.phase_body(
                     model,
                     PhaseBody {

@@ -263,7 +263,11 @@ pub async fn dispatch(
         let model = spec.model.as_deref().unwrap_or(&s.model_name);
         match s
             .client
-            .generate(&spec.url, best.dp_rank, req.worker_body(model))
+            .generate(
+                &spec.url,
+                spec.rank_pin(best.dp_rank),
+                req.worker_body(model),
+            )
             .await
         {
             Ok(stream) => {

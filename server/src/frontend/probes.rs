@@ -134,6 +134,12 @@ pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 19] {
     ]
 }
 
+/// Batches of a rank's KV events by wire format as `(format, count)`, for `/metrics` and the
+/// admin API.
+pub fn format_counters(st: &SubscriberStats) -> [(&'static str, u64); 4] {
+    kvrouter_wire::WireFormat::ALL.map(|f| (f.as_str(), st.formats.get(f)))
+}
+
 /// Per-rank state for the scrape: health, booked load, subscriber counters and state.
 pub fn snapshot(fleet: &Fleet) -> Snapshot {
     let mut snap = Snapshot {
@@ -158,6 +164,9 @@ pub fn snapshot(fleet: &Fleet) -> Snapshot {
                 active_requests: load.active_requests as u64,
                 events: sub
                     .map(|st| event_counters(st).to_vec())
+                    .unwrap_or_default(),
+                formats: sub
+                    .map(|st| format_counters(st).to_vec())
                     .unwrap_or_default(),
                 subscriber_state: sub.map(|st| st.state.as_str()),
             });

@@ -20,8 +20,41 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::http1::{BodyDecoder, Conn, Framing, Pool, ResponseHead};
+use super::spec::RankPin;
 use crate::error::error_chain;
 use crate::sse::SseDecoder;
+
+/// Names the rank on a worker request as `pin` says: vLLM's header line appended to
+/// `headers`, or SGLang's `"data_parallel_rank"` put first in `body`, a JSON object (the
+/// frontend's own serialisation, which never carries that field itself: the request contract
+/// refuses unknown fields). A body that is not an object is left as it is.
+fn pin_rank(pin: RankPin, headers: &mut String, body: Vec<u8>) -> Vec<u8> {
+    match pin {
+        RankPin::None => body,
+        RankPin::Header(r) => {
+            headers.push_str(&format!("X-data-parallel-rank: {r}\r\n"));
+            body
+        }
+        RankPin::BodyField(r) => {
+            let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
+                return body;
+            };
+            if body[open] != b'{' {
+                return body;
+            }
+            let empty = body[open + 1..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|&b| b == b'}');
+            let field = format!("\"data_parallel_rank\":{r}{}", if empty { "" } else { "," });
+            let mut out = Vec::with_capacity(body.len() + field.len());
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(field.as_bytes());
+            out.extend_from_slice(&body[open + 1..]);
+            out
+        }
+    }
+}
 
 /// Largest event a worker may send, bytes.
 const MAX_EVENT_BYTES: usize = 16 << 20;
@@ -325,19 +358,18 @@ impl WorkerClient {
         })
     }
 
-    /// Start a streamed completion on `url` for rank `dp_rank`. `body` is the serialised
+    /// Start a streamed completion on `url`, on the rank `pin` names
+    /// ([`WorkerSpec::rank_pin`](super::spec::WorkerSpec::rank_pin)). `body` is the serialised
     /// worker request (model, prompt token ids, sampling fields, `stream: true` with usage).
     pub async fn generate(
         &self,
         url: &str,
-        dp_rank: u32,
+        pin: RankPin,
         body: Vec<u8>,
     ) -> Result<WorkerStream, WorkerError> {
         let mut headers =
             String::from("Content-Type: application/json\r\nAccept: text/event-stream\r\n");
-        if dp_rank > 0 {
-            headers.push_str(&format!("X-data-parallel-rank: {dp_rank}\r\n"));
-        }
+        let body = pin_rank(pin, &mut headers, body);
         let (mut conn, head) = self
             .exchange(url, "POST", "/v1/completions", &headers, &body)
             .await?;
@@ -357,17 +389,19 @@ impl WorkerClient {
         })
     }
 
-    /// A non-streamed completion on `url` for rank `dp_rank` (a disaggregated prefill): the
-    /// worker's JSON response, at most [`MAX_COMPLETION_BODY`] bytes, read within the response
-    /// timeout. Errors: as [`generate`](Self::generate), or a body too large or not JSON.
+    /// A non-streamed completion on `url`, on the rank `pin` names (a disaggregated
+    /// prefill): the worker's JSON response, at most [`MAX_COMPLETION_BODY`] bytes, read within
+    /// the response timeout. Errors: as [`generate`](Self::generate), or a body too large or
+    /// not JSON.
     pub async fn complete(
         &self,
         url: &str,
-        dp_rank: u32,
+        pin: RankPin,
         body: Vec<u8>,
     ) -> Result<serde_json::Value, WorkerError> {
-        let rank = (dp_rank > 0).then(|| format!("X-data-parallel-rank: {dp_rank}\r\n"));
-        self.post_json(url, "/v1/completions", rank.as_deref().unwrap_or(""), &body)
+        let mut headers = String::new();
+        let body = pin_rank(pin, &mut headers, body);
+        self.post_json(url, "/v1/completions", &headers, &body)
             .await
     }
 
@@ -631,9 +665,33 @@ mod tests {
     async fn events(parts: Vec<Vec<u8>>) -> Vec<Result<Bytes, WorkerError>> {
         let url = worker(parts).await;
         let c = WorkerClient::new(Duration::from_secs(5));
-        match c.generate(&url, 0, b"{}".to_vec()).await {
+        match c.generate(&url, RankPin::None, b"{}".to_vec()).await {
             Ok(s) => s.collect().await,
             Err(e) => vec![Err(e)],
+        }
+    }
+
+    #[test]
+    fn the_rank_goes_in_a_header_or_first_in_the_body() {
+        let body = br#"{"model":"m","prompt":[1]}"#.to_vec();
+        let mut h = String::new();
+        assert_eq!(pin_rank(RankPin::None, &mut h, body.clone()), body);
+        assert_eq!(pin_rank(RankPin::Header(0), &mut h, body.clone()), body);
+        assert_eq!(h, "X-data-parallel-rank: 0\r\n");
+        let mut h = String::new();
+        let pinned = pin_rank(RankPin::BodyField(3), &mut h, body);
+        assert!(h.is_empty());
+        let v: serde_json::Value = serde_json::from_slice(&pinned).unwrap();
+        assert_eq!(v["data_parallel_rank"], 3);
+        assert_eq!((&v["model"], &v["prompt"][0]), (&serde_json::json!("m"), &serde_json::json!(1)));
+        for (body, want) in [
+            (" { } ", r#" {"data_parallel_rank":1 } "#),
+            ("{}", r#"{"data_parallel_rank":1}"#),
+            ("[1]", "[1]"),
+            ("", ""),
+        ] {
+            let got = pin_rank(RankPin::BodyField(1), &mut h, body.as_bytes().to_vec());
+            assert_eq!(String::from_utf8(got).unwrap(), want);
         }
     }
 
@@ -776,7 +834,7 @@ mod tests {
         });
         let c = WorkerClient::new(Duration::from_secs(5));
         for _ in 0..5 {
-            let s = c.generate(&url, 0, b"{}".to_vec()).await.unwrap();
+            let s = c.generate(&url, RankPin::None, b"{}".to_vec()).await.unwrap();
             let out: Vec<_> = s.collect().await;
             assert_eq!(out.len(), 1);
             assert!(out[0].is_ok());

@@ -43,7 +43,7 @@ pub async fn dispatch(
         let sent = client
             .generate(
                 &worker.spec.url,
-                rank.dp_rank,
+                worker.spec.rank_pin(rank.dp_rank),
                 body(worker.spec.model.as_deref()),
             )
             .await;

@@ -41,7 +41,13 @@ pub struct WorkerSpec {
     /// Tokens per KV block; must agree across the fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
-    /// Data-parallel ranks behind this URL (requests carry `X-data-parallel-rank`).
+    /// The inference engine it runs: `vllm` (default), `sglang` or `trtllm`. It decides how a
+    /// request names its data-parallel rank ([`WorkerSpec::rank_pin`]); KV events of every
+    /// engine are decoded alike (their format is told apart per batch and shown per rank).
+    #[serde(default)]
+    pub engine: Engine,
+    /// Data-parallel ranks behind this URL, each indexed, loaded and pinned separately
+    /// (requests carry the rank: see [`WorkerSpec::rank_pin`]).
     #[serde(default = "one")]
     pub dp_size: u32,
     /// `cpu` or `gpu` (device-aware-weighted mode).
@@ -82,6 +88,44 @@ pub enum DisaggProtocol {
     /// The same request to both at once with `bootstrap_host`, `bootstrap_port` and
     /// `bootstrap_room`.
     Sglang,
+}
+
+/// The inference engine a worker runs (`engine` of its registration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// vLLM (and engines serving its API, e.g. `kvrouter mocker`).
+    #[default]
+    Vllm,
+    /// SGLang.
+    Sglang,
+    /// TensorRT-LLM (`trtllm-serve`).
+    Trtllm,
+}
+
+impl Engine {
+    /// `"vllm"`, `"sglang"` or `"trtllm"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Vllm => "vllm",
+            Engine::Sglang => "sglang",
+            Engine::Trtllm => "trtllm",
+        }
+    }
+}
+
+/// How a worker request names the data-parallel rank it must run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RankPin {
+    /// Nothing to name: the worker has one rank.
+    None,
+    /// vLLM's `X-data-parallel-rank: r` header (its API server reads it into
+    /// `data_parallel_rank`).
+    Header(u32),
+    /// SGLang's `"data_parallel_rank": r` body field: every SGLang release with DP routing
+    /// reads it (recent ones also as `routed_dp_rank`, or from the header; the header only
+    /// exists in recent ones).
+    BodyField(u32),
 }
 
 fn one() -> u32 {
@@ -173,6 +217,19 @@ impl WorkerSpec {
     pub fn ranks(&self) -> impl Iterator<Item = WorkerWithDpRank> + '_ {
         let id = self.id.unwrap_or(0);
         (0..self.dp_size).map(move |r| WorkerWithDpRank::new(id, r))
+    }
+
+    /// How a request to rank `dp_rank` names it: nothing for a one-rank worker; else, for
+    /// every rank including 0 (an unnamed request is the engine's to place, and its choice
+    /// need not be ours), SGLang's body field or the header the others read.
+    pub fn rank_pin(&self, dp_rank: u32) -> RankPin {
+        if self.dp_size <= 1 && dp_rank == 0 {
+            return RankPin::None;
+        }
+        match self.engine {
+            Engine::Sglang => RankPin::BodyField(dp_rank),
+            Engine::Vllm | Engine::Trtllm => RankPin::Header(dp_rank),
+        }
     }
 
     /// The KV event endpoint of one rank.
@@ -338,5 +395,36 @@ mod tests {
             assert!(e.contains("namespace.component.endpoint"), "{bad}: {e}");
         }
         assert!(validate_endpoint_name("my-ns.prefill_2.generate").is_ok());
+    }
+
+    #[test]
+    fn the_engine_decides_how_a_rank_is_named() {
+        let spec: WorkerSpec = serde_json::from_str(r#"{"url": "http://127.0.0.1:1"}"#).unwrap();
+        assert_eq!((spec.engine, spec.rank_pin(0)), (Engine::Vllm, RankPin::None));
+        let spec: WorkerSpec =
+            serde_json::from_str(r#"{"url": "http://127.0.0.1:1", "dp_size": 2}"#).unwrap();
+        // Rank 0 too: unnamed, the engine would place it by its own rule.
+        assert_eq!(spec.rank_pin(0), RankPin::Header(0));
+        assert_eq!(spec.rank_pin(1), RankPin::Header(1));
+        let spec: WorkerSpec = serde_json::from_str(
+            r#"{"url": "http://127.0.0.1:1", "dp_size": 2, "engine": "sglang"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.rank_pin(1), RankPin::BodyField(1));
+        assert_eq!(
+            serde_json::to_value(&spec).unwrap()["engine"],
+            serde_json::json!("sglang")
+        );
+        for e in ["trtllm", "vllm"] {
+            let spec: WorkerSpec = serde_json::from_str(&format!(
+                r#"{{"url": "http://127.0.0.1:1", "dp_size": 4, "engine": "{e}"}}"#
+            ))
+            .unwrap();
+            assert_eq!(spec.rank_pin(3), RankPin::Header(3), "{e}");
+        }
+        assert!(serde_json::from_str::<WorkerSpec>(
+            r#"{"url": "http://127.0.0.1:1", "engine": "SGLang"}"#
+        )
+        .is_err());
     }
 }

@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod disagg;
 mod discovery;
+mod engines;
 mod errors;
 #[cfg(feature = "etcd")]
 mod etcd_discovery;
