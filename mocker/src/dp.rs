@@ -69,10 +69,8 @@ pub(crate) fn requested_rank(
                     .as_u64()
                     .and_then(|r| u32::try_from(r).ok())
                     .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "`{name}` must be a non-negative integer."
-                        ))
-                        .with_param(name)
+                        ApiError::bad_request(format!("`{name}` must be a non-negative integer."))
+                            .with_param(name)
                     })?;
                 return Ok(Some(rank));
             }

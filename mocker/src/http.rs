@@ -42,12 +42,12 @@ use crate::choice::{self, ChoiceSpec, ChoiceState, Delta, Finish, Logprobs};
 use crate::cli::Engine;
 use crate::disagg::{self, DisaggFields, DisaggState, KvTransferParams, TransferAsk};
 use crate::dp::{self, RankFields, RankLease, Ranks};
-use crate::metrics::Metrics;
-use crate::sglang::SglangUsage;
 use crate::engine::{EngineConfig, OutputSource, StopReason, TokenOutput};
+use crate::metrics::Metrics;
 use crate::params::{self, RawSampling, Sampling, Structured};
 use crate::sampling::{self, AfterForced, OutputPlan, Rng};
 use crate::scheduler::SeqId;
+use crate::sglang::SglangUsage;
 use crate::tools::{self, Tool};
 use crate::worker::{Command, FinalOutput, Reply, WorkerHandle};
 use crate::ToolCalls;
@@ -548,11 +548,7 @@ struct OutputAsk {
     reasoning: bool,
 }
 
-async fn completions(
-    State(s): State<Arc<HttpState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn completions(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
     match prepare_completion(&s, &headers, &body) {
         Ok(job) => run_job(s, job).await,
         Err(e) => e.into_response(),

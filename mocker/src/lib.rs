@@ -552,9 +552,9 @@ pub async fn spawn_workers(
 const RANK_PORT_ATTEMPTS: usize = 32;
 
 /// The event sinks of worker `i`'s ranks, rank r publishing on rank 0's PUB and replay ports
-/// + r (vLLM's and SGLang's `offset_endpoint_port` rule, which routers apply to the one
-/// endpoint a worker advertises). With fixed bases, worker i's rank r takes base +
-/// i·`data_parallel_size` + r; with free ports (base 0), rank 0 takes free ones and the
+/// plus r (vLLM's and SGLang's `offset_endpoint_port` rule, which routers apply to the one
+/// endpoint a worker advertises). With fixed bases, worker i's rank r takes the base plus
+/// i·`data_parallel_size` plus r; with free ports (base 0), rank 0 takes free ones and the
 /// others the ports after them, tried again elsewhere when one of those is taken. Errors: a
 /// bind failure (after [`RANK_PORT_ATTEMPTS`] tries with free ports).
 pub fn bind_rank_sinks(config: &MockerConfig, i: usize) -> Result<SinkParts, MockerError> {

@@ -184,12 +184,13 @@ impl Metrics {
             .map(|r| format!("engine=\"{r}\",model_name=\"{model}\""))
             .collect();
         let mut o = String::with_capacity(4096 * ranks.len().max(1));
-        let family = |o: &mut String, kind: &str, name: &str, help: &str, v: &dyn Fn(&Metrics) -> String| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (m, l) in ranks.iter().zip(&labels) {
-                let _ = writeln!(o, "{name}{{{l}}} {}", v(m));
-            }
-        };
+        let family =
+            |o: &mut String, kind: &str, name: &str, help: &str, v: &dyn Fn(&Metrics) -> String| {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (m, l) in ranks.iter().zip(&labels) {
+                    let _ = writeln!(o, "{name}{{{l}}} {}", v(m));
+                }
+            };
         let gauge = |o: &mut String, name: &str, help: &str, v: &dyn Fn(&Metrics) -> f64| {
             family(o, "gauge", name, help, &|m| format!("{:?}", v(m)))
         };
@@ -341,21 +342,23 @@ mod tests {
 
     #[test]
     fn each_rank_is_an_engine_label_under_one_family_header() {
-        let mut a = Metrics::default();
-        a.num_running = 2;
-        a.prefix_hits = 64;
+        let a = Metrics {
+            num_running: 2,
+            prefix_hits: 64,
+            ..Default::default()
+        };
         let b = Metrics::default();
         let text = Metrics::render_ranks(&[a, b], "m", &[("block_size", "64".into())]);
         assert_eq!(
-            text.matches("# TYPE vllm:num_requests_running gauge").count(),
+            text.matches("# TYPE vllm:num_requests_running gauge")
+                .count(),
             1
         );
         assert!(text.contains("vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 2.0\n"));
         assert!(text.contains("vllm:num_requests_running{engine=\"1\",model_name=\"m\"} 0.0\n"));
         assert!(text.contains("vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"m\"} 64\n"));
-        assert!(text.contains(
-            "vllm:time_to_first_token_seconds_count{engine=\"1\",model_name=\"m\"} 0\n"
-        ));
+        assert!(text
+            .contains("vllm:time_to_first_token_seconds_count{engine=\"1\",model_name=\"m\"} 0\n"));
         assert_eq!(text.matches("vllm:cache_config_info{").count(), 1);
     }
 

@@ -45,13 +45,11 @@ pub fn sglang_events(events: &[KvEvent]) -> Vec<EngineEvent> {
                     parent = Some(h);
                 }
             }
-            KvEvent::Removed { block_hash } => {
-                out.push(EngineEvent::BlockRemoved(BlockRemoved {
-                    block_hashes: vec![*block_hash],
-                    medium: Some("GPU".into()),
-                    ..Default::default()
-                }))
-            }
+            KvEvent::Removed { block_hash } => out.push(EngineEvent::BlockRemoved(BlockRemoved {
+                block_hashes: vec![*block_hash],
+                medium: Some("GPU".into()),
+                ..Default::default()
+            })),
             KvEvent::AllCleared => out.push(EngineEvent::AllBlocksCleared),
         }
     }
@@ -151,8 +149,9 @@ mod tests {
         for (cached, report) in [(8, false), (0, true)] {
             assert!(j(SglangUsage::new(10, 2, cached, report, false))
                 .contains(r#""prompt_tokens_details":null"#));
-            assert!(!j(SglangUsage::new(10, 2, cached, report, true))
-                .contains("prompt_tokens_details"));
+            assert!(
+                !j(SglangUsage::new(10, 2, cached, report, true)).contains("prompt_tokens_details")
+            );
         }
         assert!(j(SglangUsage::new(10, 2, 8, true, true)).contains(r#"{"cached_tokens":8}"#));
     }

@@ -85,10 +85,16 @@ async fn sglang_usage_and_chunks_have_sglangs_shape() {
     );
     let a: Value = serde_json::from_str(&raw).unwrap();
     let c = &a["choices"][0];
-    assert!(c.get("matched_stop").is_some() && c.get("stop_reason").is_none(), "{c}");
+    assert!(
+        c.get("matched_stop").is_some() && c.get("stop_reason").is_none(),
+        "{c}"
+    );
     // A hit: 6 full blocks of 16.
     let (_, b) = answer(post(&w, &body)).await;
-    assert_eq!(b["usage"]["prompt_tokens_details"], json!({"cached_tokens": 96}));
+    assert_eq!(
+        b["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 96})
+    );
     // Streamed: `"usage": null` in content chunks; the usage chunk has no null fields.
     let mut sb = body.clone();
     sb["stream"] = json!(true);
@@ -128,12 +134,19 @@ async fn sglang_usage_and_chunks_have_sglangs_shape() {
 async fn each_rank_has_its_own_pool_and_metrics() {
     let w = one(&cfg(Engine::Vllm, 2)).await;
     let info = serde_json::to_value(&w.info).unwrap();
-    assert_eq!((&info["dp_size"], &info["engine"]), (&json!(2), &json!("vllm")));
+    assert_eq!(
+        (&info["dp_size"], &info["engine"]),
+        (&json!(2), &json!("vllm"))
+    );
     let body = json!({"prompt": tokens(100, 2), "max_tokens": 2});
     let on = |rank: &str| post(&w, &body).header("X-data-parallel-rank", rank);
     assert_eq!(cached(&answer(on("1")).await.1), 0);
     assert_eq!(cached(&answer(on("1")).await.1), 96, "rank 1 hits");
-    assert_eq!(cached(&answer(on("0")).await.1), 0, "rank 0 has its own pool");
+    assert_eq!(
+        cached(&answer(on("0")).await.1),
+        0,
+        "rank 0 has its own pool"
+    );
     assert_eq!(w.ranks.len(), 2);
     let m = metrics(&w).await;
     let hits = |r: &str| {
@@ -151,7 +164,13 @@ async fn each_rank_has_its_own_pool_and_metrics() {
     // A rank out of range, or not a number, is refused as vLLM refuses it.
     let (s, e) = answer(on("2")).await;
     assert_eq!(s, 400, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("out of range"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("out of range"),
+        "{e}"
+    );
     assert_eq!(answer(on("x")).await.0, 400);
     // Reset clears every rank.
     let r = reqwest::Client::new()
@@ -196,7 +215,10 @@ async fn sglang_ranks_are_named_in_the_body_or_the_header() {
     let (s, e) = answer(post(&w, &with(json!({"data_parallel_rank": 3})))).await;
     assert_eq!(s, 400, "{e}");
     let (s, e) = answer(post(&w, &with(json!({"routed_dp_rank": -1})))).await;
-    assert_eq!((s, e["error"]["param"].as_str()), (400, Some("routed_dp_rank")));
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (400, Some("routed_dp_rank"))
+    );
     let snap = |r: usize| w.ranks[r].snapshot();
     assert!(snap(0).await.unwrap().cached_block_hashes.is_empty());
     assert!(snap(1).await.unwrap().cached_block_hashes.is_empty());
@@ -242,9 +264,18 @@ async fn rank_event_ports_follow_rank_zeros() {
     let ws = spawn_workers(&cfg(Engine::Sglang, 3), 2).await.unwrap();
     for w in &ws {
         let port = |e: &Option<String>| -> u16 {
-            e.as_deref().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
+            e.as_deref()
+                .unwrap()
+                .rsplit_once(':')
+                .unwrap()
+                .1
+                .parse()
+                .unwrap()
         };
-        let (ep, rep) = (port(&w.info.kv_events_endpoint), port(&w.info.replay_endpoint));
+        let (ep, rep) = (
+            port(&w.info.kv_events_endpoint),
+            port(&w.info.replay_endpoint),
+        );
         // Ranks 1 and 2 hold the next two ports of each kind: binding them again fails.
         for p in [ep + 1, ep + 2, rep + 1, rep + 2] {
             assert!(

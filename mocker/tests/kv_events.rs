@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use kvrouter_core::event::{RouterEvent, WorkerWithDpRank};
 use kvrouter_core::hash::{compute_block_hashes, compute_sequence_hashes, SequenceHash};
 use kvrouter_core::index::KvIndex;
+use kvrouter_mocker::cli;
 use kvrouter_mocker::engine::{Engine, EngineConfig, StepOutput};
 use kvrouter_mocker::kv_pool::engine_block_hashes;
 use kvrouter_mocker::scheduler::SchedulerConfig;
 use kvrouter_mocker::timing::TimingModel;
-use kvrouter_mocker::cli;
 use kvrouter_mocker::{spawn_workers, to_engine_events, MockerConfig};
 use kvrouter_wire::subscriber::dp_endpoint;
 use kvrouter_wire::{Converter, EngineBatch, KvEventSubscriber, SubscriberConfig};
@@ -230,14 +230,7 @@ async fn complete(
         cli::Engine::Vllm => req = req.header("X-data-parallel-rank", rank),
         cli::Engine::Sglang => body["data_parallel_rank"] = json!(rank),
     }
-    let v: Value = req
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = req.json(&body).send().await.unwrap().json().await.unwrap();
     v["choices"][0]["token_ids"]
         .as_array()
         .unwrap_or_else(|| panic!("{v}"))
@@ -348,7 +341,10 @@ async fn events_match_the_engine(engine: cli::Engine, dp: usize, rank: u32) {
         cli::Engine::Vllm => (st.formats.vllm_map, st.formats.sglang),
         cli::Engine::Sglang => (st.formats.sglang, st.formats.vllm_map),
     };
-    assert!(mine > 0 && other == 0 && st.formats.vllm_array == 0, "{st:?}");
+    assert!(
+        mine > 0 && other == 0 && st.formats.vllm_array == 0,
+        "{st:?}"
+    );
     for (r, h) in w.ranks.iter().enumerate() {
         if r != rank as usize {
             assert!(h.snapshot().await.unwrap().cached_block_hashes.is_empty());

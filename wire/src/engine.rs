@@ -1256,7 +1256,12 @@ mod tests {
         for h in [(1 << 63) | 5, 1 << 63, u64::MAX - (1 << 40)] {
             assert!(p.windows(9).any(|w| w == neg(h).as_slice()), "{h:#x}");
         }
-        for absent in [&b"lora_name"[..], b"extra_keys", b"group_idx", b"cache_salt"] {
+        for absent in [
+            &b"lora_name"[..],
+            b"extra_keys",
+            b"group_idx",
+            b"cache_salt",
+        ] {
             assert!(!p.windows(absent.len()).any(|w| w == absent));
         }
         let mut st = DecodeStats::default();

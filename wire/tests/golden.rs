@@ -77,7 +77,10 @@ fn each_engine_version_is_told_by_its_wire_format() {
 #[test]
 fn sglang_encoding_reproduces_sglang_frames_byte_for_byte() {
     let mut n = 0;
-    for file in ["sglang-0.5.23/basic.jsonl", "sglang-0.5.23/shared-prefix.jsonl"] {
+    for file in [
+        "sglang-0.5.23/basic.jsonl",
+        "sglang-0.5.23/shared-prefix.jsonl",
+    ] {
         for r in load(file) {
             let b = decode(&r);
             assert_eq!(

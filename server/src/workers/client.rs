@@ -683,7 +683,10 @@ mod tests {
         assert!(h.is_empty());
         let v: serde_json::Value = serde_json::from_slice(&pinned).unwrap();
         assert_eq!(v["data_parallel_rank"], 3);
-        assert_eq!((&v["model"], &v["prompt"][0]), (&serde_json::json!("m"), &serde_json::json!(1)));
+        assert_eq!(
+            (&v["model"], &v["prompt"][0]),
+            (&serde_json::json!("m"), &serde_json::json!(1))
+        );
         for (body, want) in [
             (" { } ", r#" {"data_parallel_rank":1 } "#),
             ("{}", r#"{"data_parallel_rank":1}"#),
@@ -834,7 +837,10 @@ mod tests {
         });
         let c = WorkerClient::new(Duration::from_secs(5));
         for _ in 0..5 {
-            let s = c.generate(&url, RankPin::None, b"{}".to_vec()).await.unwrap();
+            let s = c
+                .generate(&url, RankPin::None, b"{}".to_vec())
+                .await
+                .unwrap();
             let out: Vec<_> = s.collect().await;
             assert_eq!(out.len(), 1);
             assert!(out[0].is_ok());

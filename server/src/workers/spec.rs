@@ -400,7 +400,10 @@ mod tests {
     #[test]
     fn the_engine_decides_how_a_rank_is_named() {
         let spec: WorkerSpec = serde_json::from_str(r#"{"url": "http://127.0.0.1:1"}"#).unwrap();
-        assert_eq!((spec.engine, spec.rank_pin(0)), (Engine::Vllm, RankPin::None));
+        assert_eq!(
+            (spec.engine, spec.rank_pin(0)),
+            (Engine::Vllm, RankPin::None)
+        );
         let spec: WorkerSpec =
             serde_json::from_str(r#"{"url": "http://127.0.0.1:1", "dp_size": 2}"#).unwrap();
         // Rank 0 too: unnamed, the engine would place it by its own rule.

@@ -67,8 +67,10 @@ async fn send(
 async fn indexed(s: &EmbeddedStack, tokens: &[u32]) {
     let router = &s.frontend.fleet.router;
     assert!(
-        eventually(10.0, || router.best_cached_tokens(tokens, RolePool::Any, None) as u64
-            >= HIT)
+        eventually(
+            10.0,
+            || router.best_cached_tokens(tokens, RolePool::Any, None) as u64 >= HIT
+        )
         .await,
         "the KV events of the first send never reached the index"
     );
@@ -90,7 +92,13 @@ async fn admin_ranks(c: &reqwest::Client, s: &EmbeddedStack, id: u64) -> Vec<Val
 }
 
 /// A mock worker's own per-rank counter `name{engine="rank"}` from its `/metrics`.
-async fn engine_metric(c: &reqwest::Client, s: &EmbeddedStack, id: u64, rank: u32, name: &str) -> f64 {
+async fn engine_metric(
+    c: &reqwest::Client,
+    s: &EmbeddedStack,
+    id: u64,
+    rank: u32,
+    name: &str,
+) -> f64 {
     let url = s.frontend.fleet.registry.get(id).unwrap().spec.url.clone();
     let text = c
         .get(format!("{url}/metrics"))
@@ -144,7 +152,11 @@ async fn sglang_workers_route_repeats_to_their_cache_from_sglang_events() {
         let ranks = admin_ranks(&c, &s, id).await;
         let f = &ranks[0]["kv_events"]["formats"];
         assert!(f["sglang"].as_u64().unwrap() > 0, "{f}");
-        assert_eq!((&f["vllm_map"], &f["vllm_array"]), (&json!(0), &json!(0)), "{f}");
+        assert_eq!(
+            (&f["vllm_map"], &f["vllm_array"]),
+            (&json!(0), &json!(0)),
+            "{f}"
+        );
     }
     let m = metrics_text(&c, &url).await;
     let by_format = |format: &str| {
@@ -260,7 +272,11 @@ async fn data_parallel_ranks(engine: Engine) {
     for w in s.frontend.fleet.registry.all() {
         for r in admin_ranks(&c, &s, w.id()).await {
             assert_eq!(
-                (&r["active_requests"], &r["active_decode_blocks"], &r["active_prefill_tokens"]),
+                (
+                    &r["active_requests"],
+                    &r["active_decode_blocks"],
+                    &r["active_prefill_tokens"]
+                ),
                 (&json!(0), &json!(0), &json!(0)),
                 "{r}"
             );
