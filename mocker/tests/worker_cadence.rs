@@ -90,6 +90,9 @@ async fn an_abort_that_idles_the_engine_updates_its_gauges() {
         kv: Default::default(),
     }));
     rx.recv().await.expect("a first token");
+    // A step delivers its tokens before it records its gauges: the second token comes after
+    // the first step's gauges are written.
+    rx.recv().await.expect("a second token");
     let running = || handle.metrics().lock().unwrap().num_running;
     assert_eq!(running(), 1);
     assert!(handle.send(Command::Abort(id)));
