@@ -32,7 +32,7 @@ TARGETS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
 # Custom resources kubernetes-validate has no schema for; checked by check_servicemonitor.
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 # Annotations a worker pod carries (README "Deploy on Kubernetes").
-ANNOTATIONS = {"http-port", "kv-events-port", "kv-replay-port", "block-size", "role", "model"}
+ANNOTATIONS = {"http-port", "kv-events-port", "kv-replay-port", "block-size", "role", "engine", "model"}
 ENV_PREFIXES = ("DYN_", "KVROUTER_", "NATS_", "ETCD_")
 
 
@@ -529,6 +529,8 @@ def engine_settings(c: dict) -> dict:
     events = json.loads(opts["--kv-events-config"])
     port = lambda e: int(e.rsplit(":", 1)[1])  # noqa: E731
     return {
+        # Which engine the command line starts: it decides how the router pins a rank.
+        "engine": "sglang" if "sglang" in " ".join(c.get("command", [])) else "vllm",
         "model": opts.get("model") or opts.get("--model-path"),
         "block_size": int(opts.get("--block-size") or opts["--page-size"]),
         "http_port": int(opts["--port"]),
@@ -573,6 +575,7 @@ def test_workers_files_agree_with_the_worker_pods(target):
                     "replay_endpoint": f"tcp://{host}:{ann.get('kv-replay-port', 0)}",
                     "block_size": int(ann.get("block-size", 0)),
                     "model": ann.get("model"), "role": ann.get("role", "both"),
+                    "engine": ann.get("engine", "vllm"),
                 })
             assert lines, f"{w['metadata']['name']}: its selector selects no worker pod"
         else:
@@ -609,6 +612,7 @@ def test_workers_files_agree_with_the_worker_pods(target):
                 "block size": (e["block_size"], int(ann["block-size"]), eng["block_size"], router_block),
                 "model": (e["model"], ann["model"], eng["model"]),
                 "role": (e.get("role", "both"), ann["role"]),
+                "engine": (e.get("engine", "vllm"), ann["engine"], eng["engine"]),
                 "kv events host": (ev.hostname, rp.hostname, u.hostname),
             }
             for what, values in checks.items():

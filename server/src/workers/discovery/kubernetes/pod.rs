@@ -8,6 +8,7 @@
 //! | `kvrouter.dev/kv-replay-port` | `replay_endpoint` = `tcp://<podIP>:<port>` | 1–65535, with a KV events port |
 //! | `kvrouter.dev/block-size` | `block_size` | tokens per KV block, 1–4096 |
 //! | `kvrouter.dev/role` | `role` | `both` (default), `prefill`, `decode` |
+//! | `kvrouter.dev/engine` | `engine` | `vllm` (default), `sglang`, `trtllm` |
 //! | `kvrouter.dev/model` | `model` | the model name the engine serves |
 //! | `kvrouter.dev/dp-size` | `dp_size` | data-parallel ranks, 1–256 |
 //! | `kvrouter.dev/endpoint` | `endpoint` | `namespace.component.endpoint` |
@@ -32,12 +33,13 @@ use crate::workers::spec::WorkerSpec;
 pub const PREFIX: &str = "kvrouter.dev/";
 
 /// Every annotation read, without [`PREFIX`].
-pub const ANNOTATIONS: [&str; 10] = [
+pub const ANNOTATIONS: [&str; 11] = [
     "http-port",
     "kv-events-port",
     "kv-replay-port",
     "block-size",
     "role",
+    "engine",
     "model",
     "dp-size",
     "endpoint",
@@ -140,6 +142,11 @@ pub fn spec_of(
         Some(v) => serde_json::from_value(serde_json::Value::String(v.to_string()))
             .map_err(|_| format!("{PREFIX}role: not both, prefill or decode: {v:?}"))?,
     };
+    let engine = match a.get("engine") {
+        None => Default::default(),
+        Some(v) => serde_json::from_value(serde_json::Value::String(v.to_string()))
+            .map_err(|_| format!("{PREFIX}engine: not vllm, sglang or trtllm: {v:?}"))?,
+    };
     let text = |name: &str| a.get(name).map(|v| v.to_string()).filter(|v| !v.is_empty());
     let spec = WorkerSpec {
         id: Some(xxhash_rust::xxh3::xxh3_64(uid.as_bytes()) & ((1 << 53) - 1)),
@@ -152,6 +159,7 @@ pub fn spec_of(
         total_kv_blocks: number(&a, "total-kv-blocks")?,
         max_num_batched_tokens: number(&a, "max-num-batched-tokens")?,
         role,
+        engine,
         endpoint: text("endpoint"),
         ..Default::default()
     };
@@ -185,6 +193,7 @@ mod tests {
             ("kv-replay-port", " 5558 "),
             ("block-size", "16"),
             ("role", "decode"),
+            ("engine", "sglang"),
             ("model", "Qwen/Qwen3-0.6B"),
             ("dp-size", "2"),
             ("endpoint", "dynamo.decode.generate"),
@@ -202,6 +211,7 @@ mod tests {
         assert_eq!(s.replay_endpoint.as_deref(), Some("tcp://10.244.1.17:5558"));
         assert_eq!(s.block_size, Some(16));
         assert_eq!(s.role, kvrouter_core::WorkerRole::Decode);
+        assert_eq!(s.engine, crate::workers::spec::Engine::Sglang);
         assert_eq!(s.model.as_deref(), Some("Qwen/Qwen3-0.6B"));
         assert_eq!(s.dp_size, 2);
         assert_eq!(s.endpoint(), "dynamo.decode.generate");
@@ -274,6 +284,10 @@ mod tests {
             (
                 &[("role", "Decode")],
                 "kvrouter.dev/role: not both, prefill or decode",
+            ),
+            (
+                &[("engine", "tgi")],
+                "kvrouter.dev/engine: not vllm, sglang or trtllm",
             ),
             (&[("dp-size", "100000")], "dp_size must be 1..=256"),
             (&[("dp-size", "0")], "dp_size must be 1..=256"),
