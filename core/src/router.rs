@@ -58,6 +58,7 @@ impl RouteRequest<'_> {
             dp_rank: self.dp_rank,
             overrides: self.overrides.as_ref(),
             pool: RolePool::Any,
+            workers: None,
         }
     }
 }
@@ -75,6 +76,38 @@ pub struct ScheduleRequest<'a> {
     pub overrides: Option<&'a RouterConfigOverride>,
     /// Which ranks may take it (disaggregation); every rank by default.
     pub pool: RolePool,
+    /// Only ranks of these workers may take it (e.g. those serving the request's LoRA
+    /// adapter); every worker when `None`.
+    pub workers: Option<&'a [WorkerId]>,
+}
+
+/// Which registered ranks a request may take: those of its pool, of its workers when it
+/// names some.
+#[derive(Clone, Copy)]
+struct Admit<'a> {
+    pool: RolePool,
+    workers: Option<&'a [WorkerId]>,
+}
+
+impl<'a> Admit<'a> {
+    fn of(req: &ScheduleRequest<'a>) -> Self {
+        Self {
+            pool: req.pool,
+            workers: req.workers,
+        }
+    }
+
+    /// Whether every rank is admitted (no filtering needed).
+    fn is_all(&self) -> bool {
+        self.pool == RolePool::Any && self.workers.is_none()
+    }
+
+    fn admits(&self, info: &WorkerInfo) -> bool {
+        self.pool.admits(info.role)
+            && self
+                .workers
+                .is_none_or(|w| w.contains(&info.worker.worker_id))
+    }
 }
 
 /// Why a request could not be routed or booked.
@@ -285,7 +318,7 @@ impl Scheduler {
             overlaps,
             &hashes.sequence,
             req.isl,
-            req.pool,
+            Admit::of(req),
             now,
         );
         let sel = self
@@ -395,7 +428,7 @@ impl Scheduler {
             overlaps,
             &hashes.sequence,
             req.isl,
-            req.pool,
+            Admit::of(req),
             now,
         );
         self.selector
@@ -580,16 +613,16 @@ impl Scheduler {
             });
     }
 
-    /// Every registered rank in `pool` with its overlap and its load with the request added,
-    /// in registration order. Idle ranks are written in one pass; only the ranks that carry a
-    /// booking or hold part of the prompt are looked up (a few, even among a thousand).
+    /// Every registered rank `admit` lets in with its overlap and its load with the request
+    /// added, in registration order. Idle ranks are written in one pass; only the ranks that
+    /// carry a booking or hold part of the prompt are looked up (a few, even among a thousand).
     fn candidates(
         &self,
         out: &mut Vec<Candidate>,
         overlaps: Vec<(WorkerWithDpRank, TierOverlap)>,
         sequence: &[SequenceHash],
         isl: usize,
-        pool: RolePool,
+        admit: Admit<'_>,
         now: Duration,
     ) {
         let idle = self.idle_load(WorkerWithDpRank::default(), isl);
@@ -599,8 +632,8 @@ impl Scheduler {
         out.clear();
         out.reserve(self.workers.len());
         for info in &self.workers {
-            let admitted = pool.admits(info.role);
-            if pool != RolePool::Any {
+            let admitted = admit.admits(info);
+            if !admit.is_all() {
                 slot.push(if admitted { out.len() as u32 } else { NONE });
             }
             if !admitted {

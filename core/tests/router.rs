@@ -685,3 +685,71 @@ fn a_role_pool_sees_each_ranks_own_overlap_and_load() {
     let sel = s.schedule(&req, &h, exact, T0, &mut rng).unwrap();
     assert_eq!((sel.worker, sel.overlap_blocks), (rank(1), 8));
 }
+
+/// A request naming its workers (those serving its LoRA adapter) is routed among their ranks
+/// only, however much another worker holds; with none of them registered there is no worker.
+#[test]
+fn a_worker_filter_keeps_the_choice_among_its_workers() {
+    use kvrouter_core::index::TierOverlap;
+    use kvrouter_core::selection::SelectError;
+    use kvrouter_core::{RouteError, ScheduleRequest, Scheduler};
+
+    let mut s = Scheduler::new(
+        RouterConfig {
+            mode: RouterMode::Kv,
+            ..Default::default()
+        },
+        BS,
+    );
+    for (id, rank) in [(1, 0), (1, 1), (2, 0), (3, 0), (3, 1)] {
+        s.add_worker(WorkerInfo {
+            worker: WorkerWithDpRank::new(id, rank),
+            ..Default::default()
+        });
+    }
+    let p = prompt(9, 128);
+    let h = RequestHashes::compute(&p, BS, &HashOptions::default());
+    let mut rng = StdRng::seed_from_u64(3);
+    let full = TierOverlap {
+        device: 8,
+        ..Default::default()
+    };
+    let some = TierOverlap {
+        device: 2,
+        ..Default::default()
+    };
+    // Worker 2 holds the whole prompt, rank 1 of worker 3 a quarter of it.
+    let exact = vec![
+        (WorkerWithDpRank::new(2, 0), full),
+        (WorkerWithDpRank::new(3, 1), some),
+    ];
+    let serving = [1, 3];
+    let req = ScheduleRequest {
+        isl: p.len(),
+        workers: Some(&serving),
+        ..Default::default()
+    };
+    for _ in 0..20 {
+        let sel = s.schedule(&req, &h, exact.clone(), T0, &mut rng).unwrap();
+        assert_eq!(
+            (sel.worker, sel.overlap_blocks),
+            (WorkerWithDpRank::new(3, 1), 2)
+        );
+    }
+    let unfiltered = ScheduleRequest {
+        workers: None,
+        ..req
+    };
+    let sel = s
+        .schedule(&unfiltered, &h, exact.clone(), T0, &mut rng)
+        .unwrap();
+    assert_eq!(sel.worker, WorkerWithDpRank::new(2, 0));
+    let nobody = ScheduleRequest {
+        workers: Some(&[7]),
+        ..req
+    };
+    assert_eq!(
+        s.schedule(&nobody, &h, exact, T0, &mut rng).unwrap_err(),
+        RouteError::Select(SelectError::NoWorkers)
+    );
+}

@@ -67,6 +67,15 @@ pub struct MockerArgs {
     /// Served model name (default: the model directory's name, else "mock-model").
     #[arg(long)]
     pub model_name: Option<String>,
+    /// Serve LoRA adapters (vLLM's flag; needed by --lora-modules).
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// LoRA adapters to serve, vLLM's forms: `name=path` or
+    /// `{"name": ..., "path": ..., "base_model_name": ...}`. A request whose `model` is an
+    /// adapter's name runs with it: its blocks are cached apart and its KV events carry
+    /// `lora_name` and `lora_id` (position in this list + 1).
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH")]
+    pub lora_modules: Vec<crate::lora::LoraModule>,
     /// KV blocks per engine.
     #[arg(long, default_value_t = 16384)]
     pub num_gpu_blocks_override: usize,
@@ -171,6 +180,8 @@ impl MockerArgs {
             enable_cache_report: self.enable_cache_report,
             model_path: self.model_path.clone(),
             model_name: self.model_name.clone(),
+            enable_lora: self.enable_lora,
+            lora_modules: self.lora_modules.clone(),
             num_gpu_blocks: self.num_gpu_blocks_override,
             block_size: self.block_size,
             max_num_seqs: self.max_num_seqs,
@@ -355,5 +366,37 @@ mod tests {
         assert_eq!((c.engine, c.data_parallel_size), (Engine::Sglang, 2));
         assert!(Cli::try_parse_from(["mocker", "--engine", "tgi"]).is_err());
         assert_eq!(serde_json::to_value(Engine::Sglang).unwrap(), "sglang");
+    }
+
+    #[test]
+    fn lora_flags() {
+        let c = config(&[
+            "--enable-lora",
+            "--lora-modules",
+            "sql=/a/sql",
+            r#"{"name": "chat", "path": "/a/chat"}"#,
+            "--num-workers",
+            "1",
+        ]);
+        assert!(c.enable_lora);
+        let names: Vec<&str> = c.lora_modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["sql", "chat"]);
+        assert!(c.validate().is_ok());
+        // As in vLLM: adapters need --enable-lora; each named once, not like the model.
+        let c = config(&["--lora-modules", "sql=/a"]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--enable-lora"));
+        let c = config(&["--enable-lora", "--lora-modules", "a=/a", "a=/b"]);
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        let c = config(&["--enable-lora", "--lora-modules", "mock-model=/a"]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("served model"));
+        assert!(Cli::try_parse_from(["mocker", "--lora-modules", "no-path"]).is_err());
     }
 }

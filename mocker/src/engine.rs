@@ -15,9 +15,11 @@
 //! request whose prompt KV it received without computing the prompt.
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::events::KvEvent;
 use crate::kv_pool::{BlockId, KvPool};
+use crate::lora::CacheKeys;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, SeqId, Sequence};
 use crate::timing::TimingModel;
 
@@ -329,11 +331,28 @@ impl Engine {
         output: Option<Box<dyn OutputSource>>,
         kv: KvTransfer,
     ) -> Result<(), RequestError> {
+        self.add_request_keyed(id, prompt, max_tokens, now, output, kv, None)
+    }
+
+    /// [`Engine::add_request_kv`] for a request with a LoRA adapter or a cache salt: its blocks
+    /// are cached under `keys` (see [`crate::lora`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_request_keyed(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        now: f64,
+        output: Option<Box<dyn OutputSource>>,
+        kv: KvTransfer,
+        keys: Option<Arc<CacheKeys>>,
+    ) -> Result<(), RequestError> {
         self.cfg
             .validate(prompt.len(), prompt.iter().copied().max(), max_tokens)?;
         let seed = output_seed(&prompt);
         let mut seq = Sequence::new(id, prompt, max_tokens, now, seed);
         seq.output = output;
+        seq.keys = keys.filter(|k| !k.is_empty());
         seq.hold_on_finish = kv == KvTransfer::Send;
         seq.kv_received = kv == KvTransfer::Receive;
         self.sched.add(seq, &mut self.pool);

@@ -5,7 +5,9 @@
 //! an [`EventSink`] as one batch, as vLLM publishes one `KVEventBatch` per scheduler step
 //! (`kv-event-wire.md` §2.1). Hashes are the engine's own (see [`crate::kv_pool`]), never the
 //! router's.
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
+
+use crate::lora::CacheKeys;
 
 /// One KV cache event, in vLLM's vocabulary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,6 +24,8 @@ pub enum KvEvent {
         token_ids: Vec<u32>,
         /// Tokens per block.
         block_size: u32,
+        /// The request's adapter and cache salt, when it had either (see [`crate::lora`]).
+        keys: Option<Arc<CacheKeys>>,
     },
     /// One evicted block.
     Removed {

@@ -5,7 +5,9 @@
 //! * `POST /v1/chat/completions` — when the tokenizer has a chat template;
 //! * `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /reset_prefix_cache`.
 //!
-//! Request fields honoured: `model` (must match when given), `max_tokens`
+//! Request fields honoured: `model` (the served model or a `--lora-modules` adapter, when
+//! given), `cache_salt` (with the adapter, keys the request's cached blocks: [`crate::lora`]),
+//! `max_tokens`
 //! (`max_completion_tokens` for chat; default `default_max_tokens`), `ignore_eos` (accepted),
 //! `stream`, `stream_options.include_usage`, `return_token_ids`, and, on both endpoints,
 //! streamed or not, the output-shaping fields of [`crate::params`]: `n` (1..=16 choices),
@@ -43,6 +45,7 @@ use crate::cli::Engine;
 use crate::disagg::{self, DisaggFields, DisaggState, KvTransferParams, TransferAsk};
 use crate::dp::{self, RankFields, RankLease, Ranks};
 use crate::engine::{EngineConfig, OutputSource, StopReason, TokenOutput};
+use crate::lora::{self, CacheKeys, LoraModule};
 use crate::metrics::Metrics;
 use crate::params::{self, RawSampling, Sampling, Structured};
 use crate::sampling::{self, AfterForced, OutputPlan, Rng};
@@ -64,6 +67,8 @@ pub struct HttpState {
     pub engine: EngineConfig,
     /// Served model name.
     pub model_name: String,
+    /// LoRA adapters served (`--lora-modules`): a request's `model` may name one.
+    pub lora_modules: Vec<LoraModule>,
     /// Tokenizer and chat template, when `--model-path` was given.
     pub preprocessor: Option<Arc<Preprocessor>>,
     /// `max_tokens` when a request gives none.
@@ -187,22 +192,37 @@ async fn models(State(s): State<Arc<HttpState>>) -> Response {
         .and_then(|p| p.context_length())
         .unwrap_or(usize::MAX)
         .min(s.engine.capacity_tokens());
-    axum::Json(json!({
+    let owned_by = match s.engine_type {
+        Engine::Vllm => "kvrouter-mocker",
+        Engine::Sglang => "sglang",
+    };
+    let mut body = json!({
         "object": "list",
         "data": [{
             "id": s.model_name,
             "object": "model",
             "created": unix_secs(),
-            "owned_by": match s.engine_type {
-                Engine::Vllm => "kvrouter-mocker",
-                Engine::Sglang => "sglang",
-            },
+            "owned_by": owned_by,
             "root": s.model_name,
             "parent": null,
             "max_model_len": max_len,
         }]
-    }))
-    .into_response()
+    });
+    // vLLM lists each adapter after the base model, its path as `root`.
+    if let Some(data) = body["data"].as_array_mut() {
+        for m in &s.lora_modules {
+            data.push(json!({
+                "id": m.name,
+                "object": "model",
+                "created": unix_secs(),
+                "owned_by": owned_by,
+                "root": m.path,
+                "parent": s.model_name,
+                "max_model_len": max_len,
+            }));
+        }
+    }
+    axum::Json(body).into_response()
 }
 
 async fn reset_prefix_cache(State(s): State<Arc<HttpState>>) -> Response {
@@ -372,6 +392,8 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     return_token_ids: Option<bool>,
+    #[serde(default)]
+    cache_salt: Option<Value>,
     #[serde(flatten)]
     sampling: SamplingFields,
     #[serde(flatten)]
@@ -466,6 +488,8 @@ struct ChatRequest {
     add_generation_prompt: Option<bool>,
     #[serde(default)]
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    cache_salt: Option<Value>,
     #[serde(flatten)]
     sampling: SamplingFields,
     #[serde(flatten)]
@@ -485,15 +509,27 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn check_model(s: &HttpState, model: Option<&str>) -> Result<(), ApiError> {
-    match model {
-        Some(m) if !m.is_empty() && m != s.model_name => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("The model `{m}` does not exist."),
-            param: Some("model"),
-        }),
-        _ => Ok(()),
-    }
+/// The request's cache keys: the adapter its `model` names (the served model or none: no
+/// adapter) and its `cache_salt`. Errors: 404 for another model, 400 for a bad salt.
+fn cache_keys(
+    s: &HttpState,
+    model: Option<&str>,
+    cache_salt: Option<&Value>,
+) -> Result<Option<Arc<CacheKeys>>, ApiError> {
+    let lora = match model {
+        Some(m) if !m.is_empty() && m != s.model_name => Some(
+            lora::find_adapter(&s.lora_modules, m).ok_or_else(|| ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!("The model `{m}` does not exist."),
+                param: Some("model"),
+            })?,
+        ),
+        _ => None,
+    };
+    let cache_salt = lora::parse_cache_salt(cache_salt)
+        .map_err(|e| ApiError::bad_request(e).with_param("cache_salt"))?;
+    let keys = CacheKeys { lora, cache_salt };
+    Ok((!keys.is_empty()).then(|| Arc::new(keys)))
 }
 
 fn max_tokens(s: &HttpState, v: Option<i64>) -> Result<usize, ApiError> {
@@ -533,6 +569,8 @@ struct Job {
     spec: Arc<ChoiceSpec>,
     choices: Vec<ChoicePlan>,
     transfer: TransferAsk,
+    /// Its adapter and cache salt.
+    keys: Option<Arc<CacheKeys>>,
 }
 
 /// What the answer must be, beyond random tokens.
@@ -557,7 +595,7 @@ async fn completions(State(s): State<Arc<HttpState>>, headers: HeaderMap, body: 
 
 fn prepare_completion(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<Job, ApiError> {
     let req: CompletionRequest = parse(body)?;
-    check_model(s, req.model.as_deref())?;
+    let keys = cache_keys(s, req.model.as_deref(), req.cache_salt.as_ref())?;
     let dp_rank = dp::requested_rank(s.engine_type, headers, &req.rank)?;
     let sampling = req.sampling.parse(false)?;
     let mut text_prompt = None;
@@ -588,6 +626,7 @@ fn prepare_completion(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result
     validate(s, &prompt, max_tokens)?;
     let ask = completion_ask(s, sampling, &prompt, text_prompt.as_deref())?;
     Ok(Job {
+        keys,
         transfer,
         dp_rank,
         kind: Kind::Completion,
@@ -689,7 +728,7 @@ fn prepare_chat(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<Job, 
         });
     };
     let req: ChatRequest = parse(body)?;
-    check_model(s, req.model.as_deref())?;
+    let keys = cache_keys(s, req.model.as_deref(), req.cache_salt.as_ref())?;
     let dp_rank = dp::requested_rank(s.engine_type, headers, &req.rank)?;
     let sampling = req.sampling.parse(true)?;
     let Some(messages) = req.messages.as_array().filter(|m| !m.is_empty()) else {
@@ -732,6 +771,7 @@ fn prepare_chat(s: &HttpState, headers: &HeaderMap, body: &[u8]) -> Result<Job, 
         reasoning: s.reasoning && !tools::ends_with_empty_think(&text),
     };
     Ok(Job {
+        keys,
         transfer,
         dp_rank,
         kind: Kind::Chat,
@@ -893,6 +933,9 @@ struct Ctx {
     spec: Arc<ChoiceSpec>,
     /// The final response carries `kv_transfer_params` (vLLM prefill).
     answers_params: bool,
+    /// The LoRA adapter it ran with: the `model` of its answer, as in vLLM (else the served
+    /// model's name).
+    model: Option<String>,
 }
 
 impl Ctx {
@@ -941,7 +984,7 @@ impl Ctx {
             id: &self.id,
             object: self.object(chunk),
             created: self.created,
-            model: &self.state.model_name,
+            model: self.model.as_deref().unwrap_or(&self.state.model_name),
             choices,
             usage,
             kv_transfer_params: None,
@@ -1111,6 +1154,10 @@ async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
         return_token_ids: job.return_token_ids,
         spec: job.spec,
         answers_params: job.transfer.answers_params(),
+        model: job
+            .keys
+            .as_ref()
+            .and_then(|k| Some(k.lora.as_ref()?.name.clone())),
         state: s,
     };
     let kv = job.transfer.kv_mode(&ctx.id);
@@ -1140,6 +1187,7 @@ async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
                 output: c.output,
                 reply: Reply::Stream(tx.clone()),
                 kv: kv.clone(),
+                keys: job.keys.clone(),
             }) {
                 return engine_gone().into_response();
             }
@@ -1157,6 +1205,7 @@ async fn run_job(s: Arc<HttpState>, job: Job) -> Response {
                 output: c.output,
                 reply: Reply::Final(tx),
                 kv: kv.clone(),
+                keys: job.keys.clone(),
             }) {
                 return engine_gone().into_response();
             }

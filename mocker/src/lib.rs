@@ -50,6 +50,7 @@ pub mod engine;
 pub mod events;
 pub mod http;
 pub mod kv_pool;
+pub mod lora;
 pub mod metrics;
 pub mod params;
 pub mod sampling;
@@ -144,6 +145,10 @@ pub struct MockerConfig {
     /// KV transfers a prefill worker holds at most; beyond, the oldest is released
     /// (also the bound on pulls waiting for a room).
     pub kv_transfer_max_held: usize,
+    /// Serve LoRA adapters (`--enable-lora`, off): needed by `lora_modules`.
+    pub enable_lora: bool,
+    /// The adapters served (`--lora-modules`), in order: adapter i has `lora_id` i + 1.
+    pub lora_modules: Vec<lora::LoraModule>,
 }
 
 /// Whether the mock answers tool-offering prompts with a tool call (`--tool-calls`).
@@ -191,6 +196,8 @@ impl Default for MockerConfig {
             kv_transfer_bandwidth: disagg::DEFAULT_KV_TRANSFER_BANDWIDTH_GBPS,
             kv_bytes_per_token: disagg::DEFAULT_KV_BYTES_PER_TOKEN,
             kv_transfer_max_held: transfer::DEFAULT_MAX_HELD,
+            enable_lora: false,
+            lora_modules: Vec::new(),
         }
     }
 }
@@ -276,10 +283,43 @@ impl MockerConfig {
                 "--data-parallel-size must be 1..={MAX_DATA_PARALLEL_SIZE}"
             )));
         }
+        self.validate_lora()?;
         if self.data_parallel_size > 1 && self.disaggregation_mode != DisaggregationMode::Agg {
             return bad(
                 "--data-parallel-size above 1 is for aggregated workers only (--disaggregation-mode agg)",
             );
+        }
+        Ok(())
+    }
+
+    /// `--lora-modules` needs `--enable-lora` (as in vLLM), at most
+    /// [`lora::MAX_LORA_MODULES`] adapters, each named once and not like the served model.
+    fn validate_lora(&self) -> Result<(), MockerError> {
+        let m = &self.lora_modules;
+        if m.is_empty() {
+            return Ok(());
+        }
+        let bad = |msg: String| Err(MockerError::Config(msg));
+        if !self.enable_lora {
+            return bad("--lora-modules needs --enable-lora".into());
+        }
+        if m.len() > lora::MAX_LORA_MODULES {
+            return bad(format!(
+                "--lora-modules: at most {} adapters",
+                lora::MAX_LORA_MODULES
+            ));
+        }
+        let base = self.served_name();
+        for (i, a) in m.iter().enumerate() {
+            if a.name == base {
+                return bad(format!(
+                    "--lora-modules: adapter {:?} is named like the served model",
+                    a.name
+                ));
+            }
+            if m[..i].iter().any(|b| b.name == a.name) {
+                return bad(format!("--lora-modules names {:?} twice", a.name));
+            }
         }
         Ok(())
     }
@@ -362,6 +402,9 @@ pub struct WorkerInfo {
     /// `remote_port`); absent for other roles.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_port: Option<u16>,
+    /// The LoRA adapters it serves, in `--lora-modules` order (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lora_adapters: Vec<String>,
 }
 
 /// One started worker: its addresses, handles to its engines, and its tasks.
@@ -475,7 +518,8 @@ impl WireSink {
 }
 
 /// Converts engine events to the wire crate's model (vLLM's shape: one `BlockStored` per
-/// step and request).
+/// step and request; a keyed request's with `lora_id`, `lora_name` and vLLM's `extra_keys`,
+/// see [`lora`]).
 pub fn to_engine_events(events: &[KvEvent]) -> Vec<kvrouter_wire::EngineEvent> {
     use kvrouter_wire::{BlockRemoved, BlockStored, EngineEvent};
     events
@@ -486,14 +530,24 @@ pub fn to_engine_events(events: &[KvEvent]) -> Vec<kvrouter_wire::EngineEvent> {
                 parent_block_hash,
                 token_ids,
                 block_size,
-            } => EngineEvent::BlockStored(BlockStored {
-                block_hashes: block_hashes.clone(),
-                parent_block_hash: *parent_block_hash,
-                token_ids: token_ids.clone(),
-                block_size: *block_size,
-                medium: Some("GPU".into()),
-                ..Default::default()
-            }),
+                keys,
+            } => {
+                let keys = keys.as_deref();
+                let lora = keys.and_then(|k| k.lora.as_ref());
+                EngineEvent::BlockStored(BlockStored {
+                    block_hashes: block_hashes.clone(),
+                    parent_block_hash: *parent_block_hash,
+                    token_ids: token_ids.clone(),
+                    block_size: *block_size,
+                    medium: Some("GPU".into()),
+                    lora_id: lora.map(|l| l.id),
+                    lora_name: lora.map(|l| l.name.clone()),
+                    extra_keys: keys.and_then(|k| {
+                        k.extra_keys(block_hashes.len(), parent_block_hash.is_none())
+                    }),
+                    ..Default::default()
+                })
+            }
             KvEvent::Removed { block_hash } => EngineEvent::BlockRemoved(BlockRemoved {
                 block_hashes: vec![*block_hash],
                 medium: Some("GPU".into()),
@@ -749,6 +803,7 @@ pub async fn spawn_workers_with_sinks(
             enable_cache_report: config.enable_cache_report,
             engine: ecfg.clone(),
             model_name: model_name.clone(),
+            lora_modules: config.lora_modules.clone(),
             preprocessor: pre.clone(),
             default_max_tokens: config.default_max_tokens,
             cache_info: vec![
@@ -807,6 +862,7 @@ pub async fn spawn_workers_with_sinks(
                 role: mode.role(),
                 endpoint: config.endpoint(),
                 bootstrap_port,
+                lora_adapters: config.lora_modules.iter().map(|m| m.name.clone()).collect(),
             },
             http_addr,
             handle: ranks[0].clone(),

@@ -19,9 +19,11 @@
 //! After the step ran, [`Scheduler::commit`] advances each scheduled sequence and caches the
 //! blocks it filled, emitting one `Stored` event per sequence (a contiguous chain).
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use crate::events::KvEvent;
 use crate::kv_pool::{BlockId, KvPool, Registered};
+use crate::lora::CacheKeys;
 
 /// Identifier of a request inside one engine.
 pub type SeqId = u64;
@@ -74,6 +76,9 @@ pub struct Sequence {
     /// Decode worker: the prompt's KV arrived from a prefill worker, so admission computes only
     /// the last prompt token. Cleared by preemption (the KV is gone; it is recomputed).
     pub kv_received: bool,
+    /// Its adapter and cache salt: its blocks are cached apart from other keys' (see
+    /// [`crate::lora`]). None: neither.
+    pub keys: Option<Arc<CacheKeys>>,
 }
 
 impl Sequence {
@@ -103,6 +108,7 @@ impl Sequence {
             output: None,
             hold_on_finish: false,
             kv_received: false,
+            keys: None,
         }
     }
 
@@ -404,15 +410,23 @@ fn emit_stored(pool: &mut KvPool, seq: &Sequence, from: usize, to: usize) {
         parent_block_hash: from.checked_sub(1).map(|p| seq.hashes[p]),
         token_ids: seq.tokens[from * bs..to * bs].to_vec(),
         block_size: bs as u32,
+        keys: seq.keys.clone(),
     });
 }
 
 /// Extends `seq.hashes` to cover its first `n` full blocks.
 fn ensure_hashes(seq: &mut Sequence, pool: &mut KvPool, n: usize) {
     let bs = pool.block_size();
+    // A keyed sequence's chain starts from its keys' seed: its blocks never match another
+    // key's, nor unkeyed ones.
+    let start = seq
+        .keys
+        .as_ref()
+        .map(|k| k.chain_seed())
+        .filter(|s| *s != 0);
     while seq.hashes.len() < n {
         let k = seq.hashes.len();
-        let parent = seq.hashes.last().copied();
+        let parent = seq.hashes.last().copied().or(start);
         let h = pool.hash_block(parent, &seq.tokens[k * bs..(k + 1) * bs]);
         seq.hashes.push(h);
     }

@@ -2,8 +2,9 @@
 //!
 //! **Events** (SGLang 0.5.23, `sglang/srt/mem_cache/events.py` and
 //! `sglang/srt/disaggregation/kv_events.py`; `kv-event-wire.md` §2.2): one `BlockStored` per
-//! page (block), each linked to the previous page by `parent_block_hash`, with `lora_id` nil
-//! and `medium` `"GPU"`; one `BlockRemoved` per evicted block; hashes on the wire as signed
+//! page (block), each linked to the previous page by `parent_block_hash`, with `lora_id` nil,
+//! `medium` `"GPU"`, and a keyed request's `lora_name` (its `format: dynamo`) and
+//! `cache_salt` on every page; one `BlockRemoved` per evicted block; hashes on the wire as signed
 //! int64 and the batch's third element the rank (`attn_dp_rank`), all written by the wire
 //! crate's [`Encoding::Sglang`](kvrouter_wire::Encoding::Sglang).
 //!
@@ -29,8 +30,10 @@ pub fn sglang_events(events: &[KvEvent]) -> Vec<EngineEvent> {
                 parent_block_hash,
                 token_ids,
                 block_size,
+                keys,
             } => {
                 let bs = *block_size as usize;
+                let keys = keys.as_deref();
                 let mut parent = *parent_block_hash;
                 for (i, &h) in block_hashes.iter().enumerate() {
                     let tokens = token_ids.get(i * bs..(i + 1) * bs).unwrap_or_default();
@@ -40,6 +43,8 @@ pub fn sglang_events(events: &[KvEvent]) -> Vec<EngineEvent> {
                         token_ids: tokens.to_vec(),
                         block_size: *block_size,
                         medium: Some("GPU".into()),
+                        lora_name: keys.and_then(|k| Some(k.lora.as_ref()?.name.clone())),
+                        cache_salt: keys.and_then(|k| k.cache_salt.clone()),
                         ..Default::default()
                     }));
                     parent = Some(h);
@@ -106,6 +111,7 @@ mod tests {
                 parent_block_hash: Some(9),
                 token_ids: (0..6).collect(),
                 block_size: 2,
+                keys: None,
             },
             KvEvent::Removed { block_hash: 10 },
             KvEvent::AllCleared,

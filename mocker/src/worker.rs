@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::engine::{Engine, KvTransfer, OutputSource, StepOutput, StopReason, TokenOutput};
 use crate::events::{EventSink, KvEvent};
 use crate::kv_pool::BlockId;
+use crate::lora::CacheKeys;
 use crate::metrics::Metrics;
 use crate::scheduler::SeqId;
 use crate::transfer::{HeldTransfers, HoldSpec, Outcomes, PullGrant, PullKey, PullReply, Released};
@@ -99,6 +100,8 @@ pub enum Command {
         reply: Reply,
         /// Its part in a KV transfer.
         kv: KvMode,
+        /// Its LoRA adapter and cache salt (see [`crate::lora`]); None: neither.
+        keys: Option<Arc<CacheKeys>>,
     },
     /// A decode worker pulls a held transfer (prefill worker); answered with the grant (its
     /// blocks are released) or why not. A pull by room may wait for the room's prefill.
@@ -343,6 +346,7 @@ impl Loop {
                 output,
                 reply,
                 kv,
+                keys,
             } => {
                 let now = self.start.elapsed().as_secs_f64();
                 let (engine_kv, hold) = match kv {
@@ -352,7 +356,7 @@ impl Loop {
                 };
                 match self
                     .engine
-                    .add_request_kv(id, prompt, max_tokens, now, output, engine_kv)
+                    .add_request_keyed(id, prompt, max_tokens, now, output, engine_kv, keys)
                 {
                     Ok(()) => {
                         self.pending.insert(

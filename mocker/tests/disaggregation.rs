@@ -110,6 +110,7 @@ fn received_kv_is_stored_and_decoded_without_a_prefill() {
             parent_block_hash: None,
             token_ids: p[..96].to_vec(),
             block_size: 16,
+            keys: None,
         }]
     );
     run_to_idle(&mut e, out.duration);

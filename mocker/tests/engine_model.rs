@@ -126,7 +126,8 @@ fn prefix_hit_reuses_full_blocks_but_recomputes_the_last_token() {
             block_hashes: h.clone(),
             parent_block_hash: None,
             token_ids: p.clone(),
-            block_size: 16
+            block_size: 16,
+            keys: None,
         }]
     );
     e.add_request(2, p.clone(), 2, t).unwrap();
@@ -162,7 +163,8 @@ fn decode_blocks_are_cached_and_chained_to_the_prompt() {
             block_hashes: h[..2].to_vec(),
             parent_block_hash: None,
             token_ids: all[..32].to_vec(),
-            block_size: 16
+            block_size: 16,
+            keys: None,
         }
     );
     assert_eq!(
@@ -171,7 +173,8 @@ fn decode_blocks_are_cached_and_chained_to_the_prompt() {
             block_hashes: vec![h[2]],
             parent_block_hash: Some(h[1]),
             token_ids: all[32..48].to_vec(),
-            block_size: 16
+            block_size: 16,
+            keys: None,
         }
     );
     assert_eq!(
@@ -180,7 +183,8 @@ fn decode_blocks_are_cached_and_chained_to_the_prompt() {
             block_hashes: vec![h[3]],
             parent_block_hash: Some(h[2]),
             token_ids: all[48..64].to_vec(),
-            block_size: 16
+            block_size: 16,
+            keys: None,
         }
     );
     assert_eq!(e.cached_block_hashes(), {

@@ -58,6 +58,7 @@ async fn sub_millisecond_steps_are_not_stretched_to_the_timer_tick() {
         output: None,
         reply: Reply::Final(tx),
         kv: Default::default(),
+        keys: None,
     }));
     let done = tokio::time::timeout(Duration::from_secs(10), rx)
         .await
@@ -88,6 +89,7 @@ async fn an_abort_that_idles_the_engine_updates_its_gauges() {
         output: None,
         reply: Reply::Stream(tx),
         kv: Default::default(),
+        keys: None,
     }));
     rx.recv().await.expect("a first token");
     // A step delivers its tokens before it records its gauges: the second token comes after

@@ -402,7 +402,7 @@ impl Collector for ScrapeCollector {
         }
         let mut f = enc.encode_descriptor(
             "kv_events",
-            "KV event subscriber counters per rank: received (live messages), applied (router events to the index), batches, dropped (queue full), filtered, gaps, recovered, replayed, replay_failures, duplicates, cleared, restarts, bad_frames, oversize, decode_errors, skipped_events, unknown_fields, backpressure (waits on a full index queue), events_out",
+            "KV event subscriber counters per rank: received (live messages), applied (router events to the index), batches, dropped (queue full), filtered, gaps, recovered, replayed, replay_failures, duplicates, cleared, restarts, bad_frames, oversize, decode_errors, skipped_events, unknown_fields, backpressure (waits on a full index queue), events_out, lora_unmapped (LoRA stores with a lora_id the worker's lora_adapters do not name: indexed without the adapter)",
             None,
             MetricType::Counter,
         )?;

@@ -66,6 +66,9 @@ pub struct RouteInput<'a> {
     pub strict_priority: i32,
     /// Which ranks may take it: every rank, or one pool of a disaggregated fleet.
     pub pool: RolePool,
+    /// Only ranks of these workers may take it (those serving its LoRA adapter); `None`:
+    /// any worker.
+    pub workers: Option<Arc<[WorkerId]>>,
 }
 
 /// A request waiting in the router queue: what scheduling it needs, not its prompt.
@@ -77,6 +80,7 @@ struct Waiter {
     dp_rank: Option<u32>,
     overrides: Option<RouterConfigOverride>,
     pool: RolePool,
+    workers: Option<Arc<[WorkerId]>>,
     since: Instant,
     tx: oneshot::Sender<Result<Booking, RouteError>>,
 }
@@ -452,15 +456,26 @@ impl RouterState {
         pool: RolePool,
         cache_salt: Option<&str>,
     ) -> usize {
-        let block_size = self.block_size();
-        if !self.config.uses_exact_index() || block_size == 0 {
-            return 0;
-        }
         let opts = HashOptions {
             cache_salt,
             ..Default::default()
         };
-        let hashes = RequestHashes::compute(tokens, block_size, &opts);
+        self.best_cached_tokens_with(tokens, pool, &opts)
+    }
+
+    /// [`best_cached_tokens`](Self::best_cached_tokens) of a prompt hashed with `opts` (LoRA
+    /// adapter, cache salt).
+    pub fn best_cached_tokens_with(
+        &self,
+        tokens: &[u32],
+        pool: RolePool,
+        opts: &HashOptions<'_>,
+    ) -> usize {
+        let block_size = self.block_size();
+        if !self.config.uses_exact_index() || block_size == 0 {
+            return 0;
+        }
+        let hashes = RequestHashes::compute(tokens, block_size, opts);
         let overlaps = self.index.find_tier_matches(&hashes.local);
         let s = self.sched();
         let best = overlaps
@@ -545,6 +560,7 @@ impl RouterState {
                         dp_rank: input.dp_rank,
                         overrides: input.overrides.clone(),
                         pool: input.pool,
+                        workers: input.workers.clone(),
                         since: Instant::now(),
                         tx,
                     };
@@ -900,6 +916,7 @@ impl RouterState {
                     dp_rank: w.dp_rank,
                     overrides: w.overrides.as_ref(),
                     pool: w.pool,
+                    workers: w.workers.as_deref(),
                 };
                 let exact = std::mem::take(&mut w.exact);
                 let result = s.schedule_booking(&req, &w.hashes, exact, now, &mut rand::rng());
@@ -952,6 +969,7 @@ fn schedule_request<'a>(input: &'a RouteInput<'_>, id: Option<&'a str>) -> Sched
         dp_rank: input.dp_rank,
         overrides: input.overrides.as_ref(),
         pool: input.pool,
+        workers: input.workers.as_deref(),
     }
 }
 

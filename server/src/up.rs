@@ -157,6 +157,7 @@ pub fn worker_spec(w: &RunningWorker) -> WorkerSpec {
         id: None,
         url: i.url.clone(),
         model: Some(i.model.clone()),
+        lora_adapters: i.lora_adapters.clone(),
         kv_events_endpoint: i.kv_events_endpoint.clone(),
         replay_endpoint: i.replay_endpoint.clone(),
         kv_events_topic: None,

@@ -20,6 +20,7 @@
 //! hashes belong to salted chains (only those; the map is empty without salts).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use kvrouter_core::event::{
     BlockMmInfo, KvCacheEvent, KvCacheEventData, MmObject, RemovedData, RouterEvent, StorageTier,
@@ -65,8 +66,12 @@ pub struct ConvertStats {
     /// Extra keys that are neither a LoRA name, a cache salt nor a multimodal object (e.g.
     /// prompt-embedding digests): the router cannot reproduce them, the block is hashed without.
     pub unsupported_extra_keys: u64,
-    /// Stores with a `lora_id` but no `lora_name` (vLLM ≤ 0.11): hashed without the LoRA.
+    /// Stores with a `lora_id` but no `lora_name` (vLLM ≤ 0.19) that the worker's adapter
+    /// list could not name: hashed without the LoRA (their blocks never match a request
+    /// for the adapter).
     pub lora_without_name: u64,
+    /// Stores with a `lora_id` but no `lora_name` named from the worker's adapter list.
+    pub lora_named_by_id: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -96,6 +101,7 @@ pub struct Converter {
     stats: ConvertStats,
     warned: u32,
     salted: HashMap<u64, Box<str>>,
+    lora_adapters: Arc<[String]>,
 }
 
 impl Converter {
@@ -108,7 +114,16 @@ impl Converter {
             stats: ConvertStats::default(),
             warned: 0,
             salted: HashMap::new(),
+            lora_adapters: Arc::from([]),
         }
+    }
+
+    /// Names a store's `lora_id` when it carries no `lora_name` (vLLM before `lora_name` was
+    /// published): `adapters[id - 1]`, as vLLM's API server numbers the adapters of
+    /// `--lora-modules` from 1 in the order given (`OpenAIServingModels.lora_id_counter`).
+    pub fn with_lora_adapters(mut self, adapters: Arc<[String]>) -> Self {
+        self.lora_adapters = adapters;
+        self
     }
 
     /// The worker rank events are addressed to.
@@ -275,12 +290,27 @@ impl Converter {
             self.stats.empty += 1;
             return;
         }
-        if s.lora_id.is_some() && s.lora_name.as_deref().is_none_or(str::is_empty) {
-            self.stats.lora_without_name += 1;
-            self.warn_once(
-                Warn::LoraName,
-                format_args!("store with lora_id but no lora_name hashed without the LoRA"),
-            );
+        let adapters;
+        let mut lora_name = s.lora_name.as_deref().filter(|n| !n.is_empty());
+        if let (Some(id), None) = (s.lora_id, lora_name) {
+            adapters = self.lora_adapters.clone();
+            let named = usize::try_from(id)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| adapters.get(i));
+            match named {
+                Some(name) => {
+                    self.stats.lora_named_by_id += 1;
+                    lora_name = Some(name.as_str());
+                }
+                None => {
+                    self.stats.lora_without_name += 1;
+                    self.warn_once(
+                        Warn::LoraName,
+                        format_args!("store with lora_id {id} but no lora_name, and no adapter of the worker's lora_adapters by that id: hashed without the LoRA"),
+                    );
+                }
+            }
         }
 
         // Salt: explicit field, else a non-LoRA string among the extra keys, else inherited.
@@ -289,7 +319,7 @@ impl Converter {
         if let Some(ek) = &s.extra_keys {
             for key in ek.iter().take(n).flatten().flatten() {
                 match key {
-                    ExtraKey::Str(v) if Some(v.as_str()) == s.lora_name.as_deref() => {}
+                    ExtraKey::Str(v) if Some(v.as_str()) == lora_name => {}
                     ExtraKey::Str(v) if salt.is_none() && !v.is_empty() => salt = Some(v.as_str()),
                     ExtraKey::Str(_) | ExtraKey::Mm { .. } => {}
                     _ => unsupported += 1,
@@ -310,7 +340,7 @@ impl Converter {
                 .and_then(|p| self.salted.get(&p).cloned());
             salt = inherited.as_deref();
         }
-        let seed = salt_seed(s.lora_name.as_deref(), salt);
+        let seed = salt_seed(lora_name, salt);
         let window = if eagle { bs + 1 } else { bs };
 
         let mut blocks = Vec::with_capacity(n);
@@ -591,5 +621,61 @@ mod tests {
         ]);
         c.convert_event(&EngineEvent::BlockStored(mm), &mut out);
         assert_eq!(locals(&out[2]), [14529151895984176542, 2287610619914608821]);
+    }
+
+    /// vLLM ≤ 0.19 publishes a LoRA store's `lora_id` only: with the worker's adapters known
+    /// (in `--lora-modules` order, ids from 1) it is hashed as the named adapter; an id
+    /// beyond the list, or any id without a list, is counted and hashed without the LoRA.
+    #[test]
+    fn a_lora_id_without_a_name_is_named_from_the_workers_adapters() {
+        let tokens: Vec<u32> = (1..=32).collect();
+        let hashes = |lora: Option<&str>| -> Vec<u64> {
+            let opts = HashOptions {
+                lora_name: lora,
+                ..Default::default()
+            };
+            compute_block_hashes(&tokens, 16, &opts, None)
+                .iter()
+                .map(|h| h.0)
+                .collect()
+        };
+        let adapters: Arc<[String]> = vec!["sql".to_string(), "chat".to_string()].into();
+        let mut c = Converter::new(w(), 16).with_lora_adapters(adapters);
+        let mut out = Vec::new();
+        for (id, want) in [
+            (Some(2), Some("chat")),
+            (Some(1), Some("sql")),
+            (None, None),
+        ] {
+            let mut s = store(&[1, 2], None, 1);
+            s.lora_id = id;
+            c.convert_event(&EngineEvent::BlockStored(s), &mut out);
+            assert_eq!(locals(out.last().unwrap()), hashes(want), "lora_id {id:?}");
+        }
+        assert_eq!(
+            (c.stats().lora_named_by_id, c.stats().lora_without_name),
+            (2, 0)
+        );
+        // A name on the event wins over the id.
+        let mut s = store(&[1, 2], None, 1);
+        s.lora_id = Some(1);
+        s.lora_name = Some("chat".into());
+        c.convert_event(&EngineEvent::BlockStored(s), &mut out);
+        assert_eq!(locals(out.last().unwrap()), hashes(Some("chat")));
+
+        for (conv, id) in [(&mut c, 3), (&mut Converter::new(w(), 16), 1)] {
+            let mut s = store(&[1, 2], None, 1);
+            s.lora_id = Some(id);
+            conv.convert_event(&EngineEvent::BlockStored(s), &mut out);
+            assert_eq!(locals(out.last().unwrap()), hashes(None), "lora_id {id}");
+            assert_eq!(conv.stats().lora_without_name, 1);
+        }
+        for bad in [0, -1, i64::MAX] {
+            let mut s = store(&[1, 2], None, 1);
+            s.lora_id = Some(bad);
+            c.convert_event(&EngineEvent::BlockStored(s), &mut out);
+            assert_eq!(locals(out.last().unwrap()), hashes(None), "lora_id {bad}");
+        }
+        assert_eq!(c.stats().lora_without_name, 4);
     }
 }

@@ -139,6 +139,9 @@ pub struct SubscriberConfig {
     pub max_frame_bytes: usize,
     /// Bounds on every replay.
     pub replay: ReplayLimits,
+    /// The LoRA adapters the engine serves, in its `--lora-modules` order: names the
+    /// `lora_id` of stores that carry no `lora_name` ([`Converter::with_lora_adapters`]).
+    pub lora_adapters: Arc<[String]>,
 }
 
 impl Default for SubscriberConfig {
@@ -153,6 +156,7 @@ impl Default for SubscriberConfig {
             queue_capacity: 10_000,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             replay: ReplayLimits::default(),
+            lora_adapters: Arc::from([]),
         }
     }
 }
@@ -305,6 +309,9 @@ pub struct SubscriberStats {
     /// Engine events dropped by the converter's filters (group, locality, block size,
     /// self-reference, empty) plus whole batches for another rank.
     pub filtered: u64,
+    /// LoRA stores with a `lora_id` but neither a `lora_name` nor an adapter of the worker's
+    /// list by that id: indexed without the adapter.
+    pub lora_unmapped: u64,
     /// Router events sent to the sink.
     pub events_out: u64,
     /// Times an event had to wait because the sink was full.
@@ -336,6 +343,7 @@ struct Counters {
     /// Per [`FormatCounts`] field, in [`WireFormat::ALL`] order.
     formats: [AtomicU64; 4],
     filtered: AtomicU64,
+    lora_unmapped: AtomicU64,
     events_out: AtomicU64,
     backpressure: AtomicU64,
     /// `next` of the subscriber, valid when `has_next`.
@@ -413,7 +421,8 @@ impl KvEventSubscriber {
             id,
             sock: sub,
             counters: counters.clone(),
-            converter: Converter::new(config.worker, config.block_size),
+            converter: Converter::new(config.worker, config.block_size)
+                .with_lora_adapters(config.lora_adapters.clone()),
             topic: config.topic.into_bytes(),
             replay_endpoint: config.replay_endpoint,
             sink,
@@ -480,6 +489,7 @@ impl KvEventSubscriber {
                 unknown: g(&c.formats[3]),
             },
             filtered: g(&c.filtered),
+            lora_unmapped: g(&c.lora_unmapped),
             events_out: g(&c.events_out),
             backpressure: g(&c.backpressure),
             next_seq: c.has_next.load(Ordering::Relaxed).then(|| g(&c.next_seq)),
@@ -1234,6 +1244,10 @@ impl Sub {
                 self.counters
                     .filtered
                     .fetch_add(filtered(&after) - filtered(&before), Ordering::Relaxed);
+                self.counters.lora_unmapped.fetch_add(
+                    after.lora_without_name - before.lora_without_name,
+                    Ordering::Relaxed,
+                );
                 self.out.extend(self.scratch.drain(..));
                 self.unapplied += 1;
             }

@@ -9,11 +9,11 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kvrouter_core::RolePool;
+use kvrouter_core::{RolePool, WorkerId};
 
 use super::disagg::{self, Plan};
 use super::lease::Started;
-use super::request::{parse_request, Endpoint, ParsedRequest};
+use super::request::{parse_request_for, Endpoint, ParsedRequest, ServedModels};
 use super::response::Shape;
 use super::stream::{Flow, Tracker};
 use super::{
@@ -123,10 +123,10 @@ async fn parse(
     let p = &s.preprocessing;
     if bytes.len() <= p.inline_bytes {
         let t = std::time::Instant::now();
-        let r = parse_request(
+        let r = parse_request_for(
             endpoint,
             &bytes,
-            &s.model_name,
+            served_models(s, &|name| s.fleet.registry.lora_workers(name)),
             &p.pre,
             p.cache.as_deref(),
             s.limits,
@@ -139,10 +139,10 @@ async fn parse(
     let job = tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
         let p = &s2.preprocessing;
-        let r = parse_request(
+        let r = parse_request_for(
             endpoint,
             &bytes,
-            &s2.model_name,
+            served_models(&s2, &|name| s2.fleet.registry.lora_workers(name)),
             &p.pre,
             p.cache.as_deref(),
             s2.limits,
@@ -157,6 +157,18 @@ async fn parse(
             format!("preprocessing failed: {e}"),
         ))
     })
+}
+
+/// The model names this frontend serves: its model and its workers' LoRA adapters, looked up
+/// by `lora_workers` (only for a `model` that is not the served one).
+fn served_models<'a>(
+    s: &'a AppState,
+    lora_workers: &'a dyn Fn(&str) -> Option<Arc<[WorkerId]>>,
+) -> ServedModels<'a> {
+    ServedModels {
+        base: &s.model_name,
+        lora_workers,
+    }
 }
 
 /// Route the request and start it on the chosen worker ([`crate::workers::dispatch`]) — or,
@@ -182,13 +194,14 @@ async fn dispatch(
         pinned_worker: req.backend_instance_id,
         dp_rank: req.dp_rank,
         overrides: req.overrides.clone(),
-        lora_name: None,
+        lora_name: req.lora_name.as_deref(),
         cache_salt: req.cache_salt.as_deref(),
         priority: req.priority,
         strict_priority: req.strict_priority,
         pool,
+        workers: req.lora_workers.clone(),
     };
-    let body = |model: Option<&str>| req.worker_body(model.unwrap_or(&s.model_name));
+    let body = |model: Option<&str>| req.worker_body(req.worker_model(model, &s.model_name));
     let fleet = &s.fleet;
     let (booking, stream) =
         crate::workers::dispatch::dispatch(fleet, &s.client, &input, body, route_error, request_id)

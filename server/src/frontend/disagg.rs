@@ -24,6 +24,7 @@
 
 use std::sync::Arc;
 
+use kvrouter_core::hash::HashOptions;
 use kvrouter_core::{RolePool, RouterConfigOverride, WorkerRole};
 use serde_json::{json, Map, Value};
 
@@ -73,11 +74,13 @@ pub fn plan(s: &AppState, req: &ParsedRequest) -> Plan {
         return Plan::Whole(RolePool::Aggregated);
     }
     if s.disagg.conditional {
-        let cached = router.best_cached_tokens(
-            &req.tokens,
-            RolePool::Only(WorkerRole::Prefill),
-            req.cache_salt.as_deref(),
-        );
+        let opts = HashOptions {
+            lora_name: req.lora_name.as_deref(),
+            cache_salt: req.cache_salt.as_deref(),
+            ..Default::default()
+        };
+        let cached =
+            router.best_cached_tokens_with(&req.tokens, RolePool::Only(WorkerRole::Prefill), &opts);
         if req.tokens.len().saturating_sub(cached) < s.disagg.isl_threshold {
             return Plan::Whole(RolePool::Aggregated);
         }
@@ -107,11 +110,12 @@ fn route_input(req: &ParsedRequest, role: WorkerRole, pool: RolePool) -> RouteIn
         pinned_worker: None,
         dp_rank: req.dp_rank,
         overrides: Some(overrides(&req.overrides, role)),
-        lora_name: None,
+        lora_name: req.lora_name.as_deref(),
         cache_salt: req.cache_salt.as_deref(),
         priority: req.priority,
         strict_priority: req.strict_priority,
         pool,
+        workers: req.lora_workers.clone(),
     }
 }
 
@@ -262,7 +266,7 @@ async fn vllm(
     spec: &WorkerSpec,
 ) -> Result<Started, Failure> {
     let p_rank = prefill.worker();
-    let model = spec.model.as_deref().unwrap_or(&s.model_name);
+    let model = req.worker_model(spec.model.as_deref(), &s.model_name);
     let mut ask = Map::new();
     ask.insert(
         "kv_transfer_params".into(),
@@ -325,7 +329,7 @@ async fn sglang(
     spec: &WorkerSpec,
 ) -> Result<Started, Failure> {
     let p_rank = prefill.worker();
-    let model = spec.model.as_deref().unwrap_or(&s.model_name);
+    let model = req.worker_model(spec.model.as_deref(), &s.model_name);
     let host = crate::workers::client::authority(&spec.url);
     let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
     let mut fields = Map::new();
@@ -399,7 +403,7 @@ async fn decode(
         let Some(w) = s.fleet.registry.get(rank.worker_id) else {
             continue;
         };
-        let model = w.spec.model.as_deref().unwrap_or(&s.model_name);
+        let model = req.worker_model(w.spec.model.as_deref(), &s.model_name);
         match s
             .client
             .generate(

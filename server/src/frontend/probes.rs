@@ -16,10 +16,18 @@ use crate::error::ApiError;
 use crate::metrics::{Format, Metrics, RankSnapshot, Snapshot};
 use crate::workers::fleet::Fleet;
 
-/// The served model as an OpenAI model object, with vLLM's `max_model_len`.
+/// The served model as an OpenAI model object, with vLLM's `root`, `parent` and
+/// `max_model_len`.
 fn model_card(s: &AppState) -> Value {
     json!({"id": s.model_name, "object": "model", "created": 0, "owned_by": "kvrouter",
-           "max_model_len": s.limits.context_length})
+           "root": s.model_name, "parent": null, "max_model_len": s.limits.context_length})
+}
+
+/// A LoRA adapter the workers serve, as vLLM lists one: its `parent` is the served model
+/// (`root`, the adapter's path in vLLM, is not known to the router: its name stands in).
+fn adapter_card(s: &AppState, name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "kvrouter",
+           "root": name, "parent": s.model_name, "max_model_len": s.limits.context_length})
 }
 
 /// The 404 for a model this server does not serve (the completion endpoints' wording).
@@ -30,20 +38,27 @@ pub(super) fn unknown_model(served: &str, model: &str) -> ApiError {
     .param("model")
 }
 
-/// `GET /v1/models`: the list of the one served model.
+/// `GET /v1/models`: the served model, then each LoRA adapter its workers serve.
 pub async fn models(State(s): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({"object": "list", "data": [model_card(&s)]})).into_response()
+    let mut data = vec![model_card(&s)];
+    for name in s.fleet.registry.lora_adapters() {
+        data.push(adapter_card(&s, &name));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// `GET /v1/models/{id}` (OpenAI's retrieve): the served model's object, as in the list, or
-/// 404 `NotFoundError` for another id. The id may contain `/` (`Qwen/Qwen3-0.6B`), sent as is
-/// or percent-encoded.
+/// `GET /v1/models/{id}` (OpenAI's retrieve): the served model's or a LoRA adapter's object,
+/// as in the list, or 404 `NotFoundError` for another id. The id may contain `/`
+/// (`Qwen/Qwen3-0.6B`), sent as is or percent-encoded.
 pub async fn model(
     State(s): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Response {
     match id {
         Ok(Path(id)) if id == s.model_name => axum::Json(model_card(&s)).into_response(),
+        Ok(Path(id)) if s.fleet.registry.lora_workers(&id).is_some() => {
+            axum::Json(adapter_card(&s, &id)).into_response()
+        }
         Ok(Path(id)) => unknown_model(&s.model_name, &id).into_response(),
         Err(e) => ApiError::not_found(format!("not a model id: {e}"))
             .param("model")
@@ -110,7 +125,7 @@ pub async fn ready(State(s): State<Arc<AppState>>) -> StatusCode {
 
 /// Every counter of a rank's KV event subscriber as `(outcome, count)`, in one order for
 /// `/metrics` and the admin API.
-pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 19] {
+pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 20] {
     [
         ("received", st.received),
         ("applied", st.events_out),
@@ -131,6 +146,7 @@ pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 19] {
         ("unknown_fields", st.unknown_fields),
         ("backpressure", st.backpressure),
         ("events_out", st.events_out),
+        ("lora_unmapped", st.lora_unmapped),
     ]
 }
 

@@ -2,8 +2,10 @@
 //! routing hints and the fields forwarded to the worker ([`ParsedRequest`]), checked against
 //! the server's [`Limits`]. Errors are 400s that name the field, or 404 for an unknown model.
 
+use std::sync::Arc;
+
 use axum::http::StatusCode;
-use kvrouter_core::RouterConfigOverride;
+use kvrouter_core::{RouterConfigOverride, WorkerId};
 use kvrouter_preprocess::{ChatTemplateArgs, Preprocessor, PromptCache};
 use serde_json::{Map, Value};
 
@@ -52,6 +54,11 @@ pub struct ParsedRequest {
     /// `nvext.agent_hints.strict_priority` (0 when absent): router queue tier.
     pub strict_priority: i32,
     pub cache_salt: Option<String>,
+    /// The LoRA adapter the request's `model` names (None: the served base model): its
+    /// blocks are hashed with it and it runs on a worker serving it.
+    pub lora_name: Option<String>,
+    /// The workers serving [`lora_name`](Self::lora_name) when the request was parsed.
+    pub lora_workers: Option<Arc<[WorkerId]>>,
     /// How the output is parsed and shaped: reasoning, tool calls, logprobs, usage per chunk.
     pub output: OutputOptions,
     /// Fields sent to the worker besides the prompt (the contract's forwarded ones, `n`,
@@ -142,6 +149,12 @@ pub struct PhaseBody<'a> {
 }
 
 impl ParsedRequest {
+    /// The `model` to send a worker registered with `registered` (None: it named none; the
+    /// frontend's `served` then): the request's LoRA adapter, else the worker's model name.
+    pub fn worker_model<'a>(&'a self, registered: Option<&'a str>, served: &'a str) -> &'a str {
+        self.lora_name.as_deref().or(registered).unwrap_or(served)
+    }
+
     /// The body sent to the worker's `/v1/completions`: token ids, streamed with usage, and
     /// the forwarded sampling fields.
     pub fn worker_body(&self, worker_model: &str) -> Vec<u8> {
@@ -188,8 +201,18 @@ pub struct Limits {
 /// The largest `n` (choices per request).
 pub const MAX_N: u64 = 16;
 
-/// Parse and preprocess a request body. Errors: 400 (bad JSON or fields, prompt too long),
-/// 404 (unknown model).
+/// The model names a request may carry: the served model, and the LoRA adapters its workers
+/// serve.
+#[derive(Clone, Copy)]
+pub struct ServedModels<'a> {
+    /// The served (base) model.
+    pub base: &'a str,
+    /// The workers serving LoRA adapter `name` (None: no worker does).
+    pub lora_workers: &'a dyn Fn(&str) -> Option<Arc<[WorkerId]>>,
+}
+
+/// Parse and preprocess a request body for `served_model` alone (no LoRA adapters): see
+/// [`parse_request_for`].
 pub fn parse_request(
     endpoint: Endpoint,
     body: &[u8],
@@ -198,6 +221,24 @@ pub fn parse_request(
     cache: Option<&PromptCache>,
     limits: Limits,
 ) -> Result<ParsedRequest, ApiError> {
+    let models = ServedModels {
+        base: served_model,
+        lora_workers: &|_| None,
+    };
+    parse_request_for(endpoint, body, models, pre, cache, limits)
+}
+
+/// Parse and preprocess a request body whose `model` is the served model or a LoRA adapter
+/// of `models`. Errors: 400 (bad JSON or fields, prompt too long), 404 (unknown model).
+pub fn parse_request_for(
+    endpoint: Endpoint,
+    body: &[u8],
+    models: ServedModels<'_>,
+    pre: &Preprocessor,
+    cache: Option<&PromptCache>,
+    limits: Limits,
+) -> Result<ParsedRequest, ApiError> {
+    let served_model = models.base;
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let Value::Object(obj) = v else {
@@ -211,14 +252,21 @@ pub fn parse_request(
         }
         Some(_) => return Err(ApiError::bad_request("`model` must be a string").param("model")),
     };
-    if model != served_model {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NotFoundError",
-            format!("The model `{model}` does not exist. Served: `{served_model}`."),
-        )
-        .param("model"));
-    }
+    let lora_workers = if model == served_model {
+        None
+    } else {
+        match (models.lora_workers)(&model) {
+            Some(w) => Some(w),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "NotFoundError",
+                    format!("The model `{model}` does not exist. Served: `{served_model}`."),
+                )
+                .param("model"))
+            }
+        }
+    };
     let stream = get_bool(&obj, "stream")?.unwrap_or(false);
     let (include_usage, continuous_usage) = match obj.get("stream_options") {
         None | Some(Value::Null) => (false, false),
@@ -361,8 +409,14 @@ pub fn parse_request(
     }
     let cache_salt = match obj.get("cache_salt") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(ApiError::bad_request("`cache_salt` must be a string")),
+        // vLLM refuses an empty salt; one that changed nothing would only mislead.
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("`cache_salt` must be a non-empty string")
+                    .param("cache_salt"),
+            )
+        }
     };
     let mut sampling = contract::forwarded(endpoint, &obj);
     // The engine salts its own prefix cache with it, as the router salts its hashes.
@@ -415,7 +469,6 @@ pub fn parse_request(
     };
     Ok(ParsedRequest {
         endpoint,
-        model,
         tokens,
         stream,
         max_tokens,
@@ -425,6 +478,9 @@ pub fn parse_request(
         priority,
         strict_priority,
         cache_salt,
+        lora_name: lora_workers.is_some().then(|| model.clone()),
+        lora_workers,
+        model,
         output,
         sampling,
     })
@@ -814,6 +870,8 @@ mod tests {
         let r = chat(serde_json::json!({"cache_salt": "tenant-a"})).unwrap();
         assert_eq!(r.cache_salt.as_deref(), Some("tenant-a"));
         assert_eq!(r.sampling["cache_salt"], "tenant-a");
+        let e = chat(serde_json::json!({"cache_salt": ""})).unwrap_err();
+        assert_eq!(e.param, Some("cache_salt"));
         // stream_options needs stream; unknown keys in it are named.
         assert!(chat(serde_json::json!({"stream_options": {"include_usage": true}})).is_err());
         let e =
@@ -854,5 +912,41 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    /// A `model` naming a LoRA adapter some workers serve is accepted: the request keeps the
+    /// adapter (for hashing) and its workers, and sends the adapter's name to the worker.
+    #[test]
+    fn a_lora_adapter_is_a_served_model() {
+        let serving: Arc<[WorkerId]> = vec![3, 5].into();
+        let lookup = |name: &str| (name == "sql").then(|| serving.clone());
+        let models = ServedModels {
+            base: "m",
+            lora_workers: &lookup,
+        };
+        let parse = |model: &str| {
+            let body = serde_json::json!({"model": model, "prompt": "x"}).to_string();
+            parse_request_for(
+                Endpoint::Completions,
+                body.as_bytes(),
+                models,
+                &pre(),
+                None,
+                limits(),
+            )
+        };
+        let r = parse("sql").unwrap();
+        assert_eq!(r.lora_name.as_deref(), Some("sql"));
+        assert_eq!(r.lora_workers.as_deref(), Some(&[3, 5][..]));
+        assert_eq!(r.worker_model(Some("base-on-worker"), "m"), "sql");
+        let r = parse("m").unwrap();
+        assert_eq!((r.lora_name, r.lora_workers), (None, None));
+        assert_eq!(
+            r.worker_model(Some("base-on-worker"), "m"),
+            "base-on-worker"
+        );
+        assert_eq!(r.worker_model(None, "m"), "m");
+        let e = parse("chat").unwrap_err();
+        assert_eq!((e.status, e.param), (StatusCode::NOT_FOUND, Some("model")));
     }
 }

@@ -172,6 +172,9 @@ impl Worker {
 pub struct Registry {
     workers: RwLock<BTreeMap<WorkerId, Arc<Worker>>>,
     next_id: Mutex<WorkerId>,
+    /// LoRA adapter name → the workers serving it (rebuilt with every change of `workers`,
+    /// under its write lock).
+    adapters: RwLock<BTreeMap<String, Arc<[WorkerId]>>>,
 }
 
 impl Registry {
@@ -212,15 +215,51 @@ impl Registry {
             accuracy: Mutex::default(),
         });
         map.insert(id, w.clone());
+        self.index_adapters(&map);
         Ok(w)
     }
 
     /// Remove a worker; returns it.
     pub fn remove(&self, id: WorkerId) -> Option<Arc<Worker>> {
-        self.workers
-            .write()
+        let mut map = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        let w = map.remove(&id);
+        if w.as_ref().is_some_and(|w| !w.spec.lora_adapters.is_empty()) {
+            self.index_adapters(&map);
+        }
+        w
+    }
+
+    /// Rebuild the adapter index from `map` (called with the workers' write lock held).
+    fn index_adapters(&self, map: &BTreeMap<WorkerId, Arc<Worker>>) {
+        let mut by_name: BTreeMap<String, Vec<WorkerId>> = BTreeMap::new();
+        for (id, w) in map {
+            for name in &w.spec.lora_adapters {
+                by_name.entry(name.clone()).or_default().push(*id);
+            }
+        }
+        *self.adapters.write().unwrap_or_else(|e| e.into_inner()) = by_name
+            .into_iter()
+            .map(|(name, ids)| (name, ids.into()))
+            .collect();
+    }
+
+    /// The registered workers serving LoRA adapter `name`, by id (None: no worker serves it).
+    pub fn lora_workers(&self, name: &str) -> Option<Arc<[WorkerId]>> {
+        self.adapters
+            .read()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
+            .get(name)
+            .cloned()
+    }
+
+    /// The LoRA adapters the registered workers serve, sorted by name.
+    pub fn lora_adapters(&self) -> Vec<String> {
+        self.adapters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, id: WorkerId) -> Option<Arc<Worker>> {

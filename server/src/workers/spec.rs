@@ -14,6 +14,8 @@ pub const MAX_DP_SIZE: u32 = 256;
 pub const MAX_BLOCK_SIZE: usize = 4096;
 /// Longest model name or event topic accepted, bytes.
 pub const MAX_NAME_LEN: usize = 256;
+/// Most LoRA adapters one registration may list.
+pub const MAX_LORA_ADAPTERS: usize = 1024;
 /// The endpoint a worker registered without one serves (Dynamo's default component).
 pub const DEFAULT_ENDPOINT: &str = "dynamo.backend.generate";
 
@@ -29,6 +31,11 @@ pub struct WorkerSpec {
     /// Model name the worker serves (sent in the `model` field); default: ours.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// LoRA adapters it serves (vLLM `--lora-modules` names, in that order): a request whose
+    /// `model` is one of them goes to a worker serving it, hashed with the adapter; the order
+    /// names the numeric `lora_id` of vLLM events without `lora_name` (id = position + 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_adapters: Vec<String>,
     /// ZMQ PUB endpoint of its KV events (rank 0; rank r per vLLM's `port + r` rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_events_endpoint: Option<String>,
@@ -205,6 +212,7 @@ impl WorkerSpec {
                 return Err(format!("{k} is longer than {MAX_NAME_LEN} bytes"));
             }
         }
+        validate_lora_adapters(&self.lora_adapters)?;
         Ok(())
     }
 
@@ -259,11 +267,36 @@ impl WorkerSpec {
                     topic: self.kv_events_topic.clone().unwrap_or_default(),
                     block_size,
                     max_frame_bytes,
+                    lora_adapters: self.lora_adapters.clone().into(),
                     ..Default::default()
                 })
             })
             .collect()
     }
+}
+
+/// At most [`MAX_LORA_ADAPTERS`] adapters, each named once, by a non-empty name of at most
+/// [`MAX_NAME_LEN`] bytes. Errors: a message naming the rule and the adapter.
+fn validate_lora_adapters(names: &[String]) -> Result<(), String> {
+    if names.len() > MAX_LORA_ADAPTERS {
+        return Err(format!(
+            "lora_adapters lists {} adapters, at most {MAX_LORA_ADAPTERS}",
+            names.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
+    for n in names {
+        if n.is_empty() || n.len() > MAX_NAME_LEN {
+            return Err(format!(
+                "lora_adapters: a name must be 1..={MAX_NAME_LEN} bytes, got {} bytes",
+                n.len()
+            ));
+        }
+        if !seen.insert(n.as_str()) {
+            return Err(format!("lora_adapters names {n:?} twice"));
+        }
+    }
+    Ok(())
 }
 
 /// An endpoint name is `namespace.component.endpoint`: three non-empty parts of ASCII
@@ -429,5 +462,43 @@ mod tests {
             r#"{"url": "http://127.0.0.1:1", "engine": "SGLang"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn lora_adapters_are_optional_bounded_and_reach_the_subscribers() {
+        let spec: WorkerSpec = serde_json::from_str(
+            r#"{"url": "http://127.0.0.1:1", "kv_events_endpoint": "tcp://127.0.0.1:5557",
+                "dp_size": 2, "lora_adapters": ["sql", "chat"]}"#,
+        )
+        .unwrap();
+        assert!(spec.validate().is_ok());
+        let subs = spec.subscriber_configs(16, 1 << 20);
+        assert_eq!(subs.len(), 2);
+        for s in &subs {
+            assert_eq!(&*s.lora_adapters, ["sql".to_string(), "chat".to_string()]);
+        }
+        let plain = WorkerSpec::from_url("http://127.0.0.1:1");
+        assert!(plain.lora_adapters.is_empty());
+        // Left out of the JSON when empty.
+        assert!(serde_json::to_value(&plain)
+            .unwrap()
+            .get("lora_adapters")
+            .is_none());
+        for (bad, why) in [
+            (vec!["a".to_string(), "a".to_string()], "twice"),
+            (vec![String::new()], "1..="),
+            (vec!["x".repeat(MAX_NAME_LEN + 1)], "1..="),
+            (
+                (0..=MAX_LORA_ADAPTERS).map(|i| i.to_string()).collect(),
+                "at most",
+            ),
+        ] {
+            let spec = WorkerSpec {
+                lora_adapters: bad,
+                ..plain.clone()
+            };
+            let e = spec.validate().unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
     }
 }

@@ -17,6 +17,7 @@ mod fidelity;
 mod kubernetes_discovery;
 mod lifecycle;
 mod limits;
+mod lora;
 #[cfg(feature = "nats")]
 mod nats_server;
 mod probes;
