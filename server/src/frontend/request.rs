@@ -940,7 +940,7 @@ mod tests {
         assert_eq!(r.lora_workers.as_deref(), Some(&[3, 5][..]));
         assert_eq!(r.worker_model(Some("base-on-worker"), "m"), "sql");
         let r = parse("m").unwrap();
-        assert_eq!((r.lora_name, r.lora_workers), (None, None));
+        assert_eq!((&r.lora_name, &r.lora_workers), (&None, &None));
         assert_eq!(
             r.worker_model(Some("base-on-worker"), "m"),
             "base-on-worker"
