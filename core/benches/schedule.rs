@@ -46,6 +46,7 @@ fn scheduler(n: u64) -> Scheduler {
             dp_rank: None,
             overrides: None,
             pool: Default::default(),
+            workers: None,
         };
         s.schedule(
             &req,
@@ -85,6 +86,7 @@ fn bench(c: &mut Criterion) {
                     dp_rank: None,
                     overrides: None,
                     pool: Default::default(),
+                    workers: None,
                 };
                 let sel = s
                     .schedule(&req, &hashes, exact.clone(), Duration::ZERO, &mut rng)
@@ -128,6 +130,7 @@ fn bench(c: &mut Criterion) {
                         dp_rank: None,
                         overrides: None,
                         pool: Default::default(),
+                        workers: None,
                     };
                     let sel = s
                         .schedule(&req, &hashes, exact, Duration::ZERO, &mut rng)

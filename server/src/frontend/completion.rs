@@ -45,11 +45,8 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
         }
     };
     let mut tracker = Tracker::new(s.metrics.clone(), &s.model_name, endpoint);
-    let shape = Shape::new(
-        endpoint,
-        &s.model_name,
-        s.next_id.fetch_add(1, Ordering::Relaxed),
-    );
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let shape = Shape::new(endpoint, &s.model_name, n);
     let request_id = HeaderValue::from_str(&shape.id).ok();
     let parsed = parse(&s, endpoint, bytes).await;
     let mut resp = match parsed {
@@ -63,6 +60,11 @@ async fn serve(s: Arc<AppState>, endpoint: Endpoint, body: Body) -> Response {
                 e.into_response()
             }
             Ok(started) => {
+                // Answered as the adapter it ran with, as vLLM answers.
+                let shape = match &req.lora_name {
+                    Some(name) => Shape::new(endpoint, name, n),
+                    None => shape,
+                };
                 let rank = started.lease.worker();
                 let predicted = started.lease.predicted_cached_tokens();
                 let flow = Flow::new(

@@ -72,6 +72,7 @@ async fn send_with(
     let rank = header(&r, DP_RANK_HEADER).expect("rank header") as u32;
     let predicted = header(&r, PREDICTED_CACHED_HEADER).expect("predicted header");
     let v: Value = r.json().await.unwrap();
+    assert_eq!(v["model"], model, "answered as the model asked for");
     let reported = v["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .unwrap_or_else(|| panic!("{v}"));
