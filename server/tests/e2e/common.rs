@@ -109,6 +109,8 @@ pub async fn mock_workers(n: usize, mode: DisaggregationMode) -> Vec<RunningWork
         num_gpu_blocks: 1024,
         block_size: 64,
         disaggregation_mode: mode,
+        // Any free side-channel port: tests start prefill workers in parallel.
+        disaggregation_bootstrap_port: 0,
         kv_transfer_bandwidth: 0.0,
         ..MockerConfig::default()
     };
