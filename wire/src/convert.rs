@@ -171,6 +171,12 @@ impl Converter {
         });
     }
 
+    /// A store whose blocks are already hashed (a block TensorRT-LLM moved between tiers,
+    /// whose tokens the move does not repeat), appended to `out` with the next event id.
+    pub fn emit_stored(&mut self, tier: StorageTier, data: StoredData, out: &mut Vec<RouterEvent>) {
+        self.emit(tier, KvCacheEventData::Stored(data), out);
+    }
+
     /// A `Cleared` event for this worker (used when its stream cannot be recovered).
     pub fn cleared(&mut self, out: &mut Vec<RouterEvent>) {
         self.salted.clear();

@@ -152,6 +152,8 @@ impl DecodeStats {
 ///   `kv_cache_spec_*`, `locality`, `ownership`, `lookahead_token_ids`), or a map batch;
 /// * [`Sglang`](Self::Sglang): map events with `lora_id` but no `lora_name` (SGLang omits a
 ///   nil `lora_name`), or an SGLang-only field (`cache_salt`, `session_id`);
+/// * [`Trtllm`](Self::Trtllm): TensorRT-LLM's JSON events polled over HTTP
+///   ([`crate::trtllm`]; never on ZMQ: its ZMQ publisher writes vLLM's map events);
 /// * [`Unknown`](Self::Unknown): no evidence (only removals or clears, or another shape,
 ///   e.g. Dynamo's relays).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -165,23 +167,28 @@ pub enum WireFormat {
     VllmMap,
     /// SGLang map events.
     Sglang,
+    /// TensorRT-LLM JSON events (`POST /kv_cache_events`).
+    Trtllm,
 }
 
 impl WireFormat {
     /// Every format, in [`FormatCounts`] order.
-    pub const ALL: [WireFormat; 4] = [
+    pub const ALL: [WireFormat; 5] = [
         WireFormat::VllmArray,
         WireFormat::VllmMap,
         WireFormat::Sglang,
+        WireFormat::Trtllm,
         WireFormat::Unknown,
     ];
 
-    /// `"vllm_array"`, `"vllm_map"`, `"sglang"` or `"unknown"` (metric label values).
+    /// `"vllm_array"`, `"vllm_map"`, `"sglang"`, `"trtllm"` or `"unknown"` (metric label
+    /// values).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::VllmArray => "vllm_array",
             Self::VllmMap => "vllm_map",
             Self::Sglang => "sglang",
+            Self::Trtllm => "trtllm",
             Self::Unknown => "unknown",
         }
     }
@@ -202,6 +209,8 @@ pub struct FormatCounts {
     pub vllm_map: u64,
     /// SGLang batches.
     pub sglang: u64,
+    /// TensorRT-LLM polls that returned events.
+    pub trtllm: u64,
     /// Batches without evidence.
     pub unknown: u64,
 }
@@ -213,6 +222,7 @@ impl FormatCounts {
             WireFormat::VllmArray => self.vllm_array,
             WireFormat::VllmMap => self.vllm_map,
             WireFormat::Sglang => self.sglang,
+            WireFormat::Trtllm => self.trtllm,
             WireFormat::Unknown => self.unknown,
         }
     }
@@ -223,6 +233,7 @@ impl FormatCounts {
             WireFormat::VllmArray => self.vllm_array += 1,
             WireFormat::VllmMap => self.vllm_map += 1,
             WireFormat::Sglang => self.sglang += 1,
+            WireFormat::Trtllm => self.trtllm += 1,
             WireFormat::Unknown => self.unknown += 1,
         }
     }
@@ -232,6 +243,7 @@ impl FormatCounts {
         self.vllm_array += o.vllm_array;
         self.vllm_map += o.vllm_map;
         self.sglang += o.sglang;
+        self.trtllm += o.trtllm;
         self.unknown += o.unknown;
     }
 }

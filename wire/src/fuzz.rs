@@ -65,3 +65,23 @@ pub fn fuzz_payload(payload: &[u8]) -> usize {
     }
     out.len()
 }
+
+/// TensorRT-LLM's JSON answer path: decode (at most 1,000 events), convert for a worker of two
+/// ranks at block size 16, then re-encode what decoded and check it decodes to the same
+/// events. Must never panic; returns the number of router events produced.
+pub fn fuzz_trtllm(data: &[u8]) -> usize {
+    use crate::trtllm::{decode_events, encode_events, TrtData, TrtDecodeStats, TrtWorker};
+    let mut worker = TrtWorker::new(1, 2, 16, 1_000);
+    let mut out = Vec::new();
+    let _ = worker.apply_body(data, &mut out);
+    let mut st = TrtDecodeStats::default();
+    if let Ok(events) = decode_events(data, 1_000, &mut st) {
+        let known: Vec<_> = events
+            .into_iter()
+            .filter(|e| !matches!(e.data, TrtData::Unknown | TrtData::Malformed))
+            .collect();
+        let again = decode_events(&encode_events(&known), 1_000, &mut st);
+        assert_eq!(again.ok().as_ref(), Some(&known), "re-encoding changed events");
+    }
+    out.len()
+}

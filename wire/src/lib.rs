@@ -11,6 +11,7 @@
 //! * [`subscriber`] — ZMQ SUB per worker rank with gap detection and bounded replay.
 //! * [`publisher`] — ZMQ PUB + replay ROUTER with a ring buffer.
 //! * [`relay`] — an engine's events normalised and republished on a [`KvEventPublisher`].
+//! * [`trtllm`] — TensorRT-LLM's JSON events (`POST /kv_cache_events`) and their conversion.
 
 pub mod convert;
 pub mod engine;
@@ -22,6 +23,7 @@ pub mod msgpack;
 pub mod publisher;
 pub mod relay;
 pub mod subscriber;
+pub mod trtllm;
 
 pub use convert::{ConvertStats, Converter};
 pub use engine::{

@@ -341,7 +341,7 @@ struct Counters {
     skipped_events: AtomicU64,
     unknown_fields: AtomicU64,
     /// Per [`FormatCounts`] field, in [`WireFormat::ALL`] order.
-    formats: [AtomicU64; 4],
+    formats: [AtomicU64; 5],
     filtered: AtomicU64,
     lora_unmapped: AtomicU64,
     events_out: AtomicU64,
@@ -486,7 +486,8 @@ impl KvEventSubscriber {
                 vllm_array: g(&c.formats[0]),
                 vllm_map: g(&c.formats[1]),
                 sglang: g(&c.formats[2]),
-                unknown: g(&c.formats[3]),
+                trtllm: g(&c.formats[3]),
+                unknown: g(&c.formats[4]),
             },
             filtered: g(&c.filtered),
             lora_unmapped: g(&c.lora_unmapped),

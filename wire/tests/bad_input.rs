@@ -12,7 +12,7 @@ use kvrouter_wire::engine::{
     decode_batch, BlockStored, DecodeStats, Encoding, EngineBatch, EngineEvent,
 };
 use kvrouter_wire::frame::{split_message, FrameError};
-use kvrouter_wire::fuzz::fuzz_frames;
+use kvrouter_wire::fuzz::{fuzz_frames, fuzz_trtllm};
 use kvrouter_wire::msgpack::{MsgpackError, Writer};
 use kvrouter_wire::{encode_batch, Converter};
 
@@ -247,10 +247,15 @@ fn fuzz_regressions() {
         if f.extension().is_some_and(|e| e == "md") {
             continue;
         }
-        fuzz_frames(&std::fs::read(&f).unwrap());
+        let bytes = std::fs::read(&f).unwrap();
+        fuzz_frames(&bytes);
+        // TensorRT-LLM answers (`cargo fuzz run trtllm`) are `trtllm-*.json`.
+        if f.extension().is_some_and(|e| e == "json") {
+            fuzz_trtllm(&bytes);
+        }
         n += 1;
     }
-    assert!(n >= 7, "regression inputs missing from {}", dir.display());
+    assert!(n >= 10, "regression inputs missing from {}", dir.display());
 }
 
 /// Long randomized run of the decoder (stand-in where `cargo fuzz` is unavailable):

@@ -152,7 +152,7 @@ pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 20] {
 
 /// Batches of a rank's KV events by wire format as `(format, count)`, for `/metrics` and the
 /// admin API.
-pub fn format_counters(st: &SubscriberStats) -> [(&'static str, u64); 4] {
+pub fn format_counters(st: &SubscriberStats) -> [(&'static str, u64); 5] {
     kvrouter_wire::WireFormat::ALL.map(|f| (f.as_str(), st.formats.get(f)))
 }
 
