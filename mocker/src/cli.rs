@@ -23,14 +23,20 @@ pub enum Engine {
     /// `--enable-cache-report` and a hit), `matched_stop`, rank by the `routed_dp_rank` /
     /// `data_parallel_rank` body field or the `X-Data-Parallel-Rank` header.
     Sglang,
+    /// TensorRT-LLM (`trtllm-serve`): KV events as JSON on `POST /kv_cache_events`, drained
+    /// per call from a buffer of `--event-buffer-max-size` events (or, with
+    /// `--trtllm-zmq-events`, vLLM's ZMQ format as newer releases can publish), usage with
+    /// `prompt_tokens_details`, rank by the `X-data-parallel-rank` header.
+    Trtllm,
 }
 
 impl Engine {
-    /// `"vllm"` or `"sglang"`.
+    /// `"vllm"`, `"sglang"` or `"trtllm"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Engine::Vllm => "vllm",
             Engine::Sglang => "sglang",
+            Engine::Trtllm => "trtllm",
         }
     }
 }
@@ -41,7 +47,8 @@ pub struct MockerArgs {
     /// Independent engines to start (ports: base + i).
     #[arg(long, default_value_t = 1)]
     pub num_workers: usize,
-    /// The engine to mimic: vllm, or sglang (its API shapes, KV event format and rank field).
+    /// The engine to mimic: vllm, sglang or trtllm (its API shapes, KV event format and
+    /// transport, and rank field).
     #[arg(long, alias = "engine-type", value_enum, default_value_t = Engine::Vllm)]
     pub engine: Engine,
     /// Data-parallel ranks per worker behind its one HTTP server, each with its own KV pool,
@@ -127,6 +134,14 @@ pub struct MockerArgs {
     /// KV event batches kept per worker for replay.
     #[arg(long, default_value_t = 1000)]
     pub kv_events_buffer_steps: usize,
+    /// TensorRT-LLM: KV events buffered per rank between two `POST /kv_cache_events` calls
+    /// (its `kv_cache_config.event_buffer_max_size`); the oldest is dropped when full.
+    #[arg(long, default_value_t = crate::trtllm::DEFAULT_EVENT_BUFFER_MAX_SIZE)]
+    pub event_buffer_max_size: usize,
+    /// TensorRT-LLM: publish KV events on ZMQ in vLLM's format (newer releases' publisher)
+    /// instead of serving them on `POST /kv_cache_events`.
+    #[arg(long)]
+    pub trtllm_zmq_events: bool,
     /// Valid prompt token ids are below this when no tokenizer is given.
     #[arg(long, default_value_t = 151_936)]
     pub vocab_size: u32,
@@ -197,6 +212,8 @@ impl MockerArgs {
             zmq_replay_port: self.zmq_replay_ports,
             kv_events_topic: self.kv_events_topic.clone(),
             kv_events_buffer_steps: self.kv_events_buffer_steps,
+            event_buffer_max_size: self.event_buffer_max_size,
+            trtllm_zmq_events: self.trtllm_zmq_events,
             vocab_size: self.vocab_size,
             default_max_tokens: self.default_max_tokens,
             hash_seed: None,
@@ -366,6 +383,12 @@ mod tests {
         assert_eq!((c.engine, c.data_parallel_size), (Engine::Sglang, 2));
         assert!(Cli::try_parse_from(["mocker", "--engine", "tgi"]).is_err());
         assert_eq!(serde_json::to_value(Engine::Sglang).unwrap(), "sglang");
+        let c = config(&["--engine", "trtllm", "--event-buffer-max-size", "8"]);
+        assert_eq!(
+            (c.engine, c.event_buffer_max_size, c.trtllm_zmq_events),
+            (Engine::Trtllm, 8, false)
+        );
+        assert!(config(&["--engine-type", "trtllm", "--trtllm-zmq-events"]).trtllm_zmq_events);
     }
 
     #[test]

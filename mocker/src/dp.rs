@@ -134,7 +134,7 @@ impl Ranks {
             }
             None if n == 1 => 0,
             None => match self.engine {
-                Engine::Vllm => (0..n)
+                Engine::Vllm | Engine::Trtllm => (0..n)
                     .min_by_key(|&r| self.in_flight[r].load(Ordering::Relaxed))
                     .unwrap_or(0),
                 Engine::Sglang => self.next.fetch_add(1, Ordering::Relaxed) % n,

@@ -61,6 +61,9 @@ pub struct HttpState {
     pub ranks: Ranks,
     /// The engine whose API, rank fields and usage shapes it mimics (`--engine`).
     pub engine_type: Engine,
+    /// TensorRT-LLM's KV event buffers, drained by `POST /kv_cache_events` (None: events go
+    /// to ZMQ, or are off).
+    pub trtllm_events: Option<crate::trtllm::TrtEventBuffers>,
     /// SGLang's `--enable-cache-report`: its usage reports cached tokens.
     pub enable_cache_report: bool,
     /// The engine's configuration (validation limits).
@@ -102,6 +105,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/kv_cache_events", post(kv_cache_events))
         .route(disagg::PULL_PATH, post(disagg::pull))
         .route("/server_info", get(disagg::server_info))
         .route("/get_server_info", get(disagg::server_info))
@@ -195,6 +199,7 @@ async fn models(State(s): State<Arc<HttpState>>) -> Response {
     let owned_by = match s.engine_type {
         Engine::Vllm => "kvrouter-mocker",
         Engine::Sglang => "sglang",
+        Engine::Trtllm => "tensorrt_llm",
     };
     let mut body = json!({
         "object": "list",
@@ -223,6 +228,22 @@ async fn models(State(s): State<Arc<HttpState>>) -> Response {
         }
     }
     axum::Json(body).into_response()
+}
+
+/// `POST /kv_cache_events` (TensorRT-LLM): every rank's buffered events as one JSON array,
+/// the buffers drained ([`crate::trtllm`]); `[]` from a TensorRT-LLM worker whose events are
+/// off or on ZMQ; 404 from the other engines, which have no such route.
+async fn kv_cache_events(State(s): State<Arc<HttpState>>) -> Response {
+    let body = match (&s.trtllm_events, s.engine_type) {
+        (Some(b), _) => b.drain(),
+        (None, Engine::Trtllm) => b"[]".to_vec(),
+        (None, _) => return not_found().await.into_response(),
+    };
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn reset_prefix_cache(State(s): State<Arc<HttpState>>) -> Response {
@@ -967,8 +988,10 @@ impl Ctx {
         usage: Option<(usize, usize, usize)>,
     ) -> Envelope<'_, C> {
         let usage = match (self.state.engine_type, usage) {
-            (Engine::Vllm, None) => UsageOut::Absent,
-            (Engine::Vllm, Some((p, c, cached))) => UsageOut::Vllm(vllm_usage(p, c, cached)),
+            (Engine::Vllm | Engine::Trtllm, None) => UsageOut::Absent,
+            (Engine::Vllm | Engine::Trtllm, Some((p, c, cached))) => {
+                UsageOut::Vllm(vllm_usage(p, c, cached))
+            }
             // SGLang writes `"usage": null` in every chunk but the usage chunk.
             (Engine::Sglang, None) if chunk => UsageOut::Null,
             (Engine::Sglang, None) => UsageOut::Absent,
@@ -1046,7 +1069,7 @@ enum StopField {
 impl StopField {
     fn new(engine: Engine, v: Value) -> Self {
         match engine {
-            Engine::Vllm => StopField::StopReason(v),
+            Engine::Vllm | Engine::Trtllm => StopField::StopReason(v),
             Engine::Sglang => StopField::MatchedStop(v),
         }
     }

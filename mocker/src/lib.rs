@@ -60,6 +60,7 @@ pub mod structured;
 pub mod timing;
 pub mod tools;
 pub mod transfer;
+pub mod trtllm;
 pub mod worker;
 
 use engine::{Engine, EngineConfig};
@@ -116,6 +117,11 @@ pub struct MockerConfig {
     /// Event batches kept for replay per worker (vLLM: 10000; smaller by default because one
     /// mock process hosts many workers and a batch of 4k-token prompts is tens of KB).
     pub kv_events_buffer_steps: usize,
+    /// TensorRT-LLM: events buffered per rank between polls (`--event-buffer-max-size`, 1024).
+    pub event_buffer_max_size: usize,
+    /// TensorRT-LLM: publish vLLM's ZMQ format instead of serving `POST /kv_cache_events`
+    /// (`--trtllm-zmq-events`, off).
+    pub trtllm_zmq_events: bool,
     /// Valid prompt ids are below this when no tokenizer is given (Qwen3's 151936).
     pub vocab_size: u32,
     /// `max_tokens` of requests that give none (OpenAI completions default: 16).
@@ -184,6 +190,8 @@ impl Default for MockerConfig {
             zmq_replay_port: 0,
             kv_events_topic: String::new(),
             kv_events_buffer_steps: 1000,
+            event_buffer_max_size: trtllm::DEFAULT_EVENT_BUFFER_MAX_SIZE,
+            trtllm_zmq_events: false,
             vocab_size: 151_936,
             default_max_tokens: 16,
             hash_seed: None,
@@ -242,6 +250,15 @@ impl MockerConfig {
         }
     }
 
+    /// Whether workers serve their KV events on `POST /kv_cache_events` (TensorRT-LLM without
+    /// `--trtllm-zmq-events`, events and prefix caching on) rather than on ZMQ.
+    pub fn trtllm_http_events(&self) -> bool {
+        self.engine == cli::Engine::Trtllm
+            && !self.trtllm_zmq_events
+            && self.kv_events
+            && self.enable_prefix_caching
+    }
+
     /// Checks the values; see [`MockerError::Config`].
     pub fn validate(&self) -> Result<(), MockerError> {
         let bad = |m: &str| Err(MockerError::Config(m.into()));
@@ -271,6 +288,9 @@ impl MockerConfig {
         }
         if !(self.kv_transfer_bandwidth >= 0.0 && self.kv_transfer_bandwidth.is_finite()) {
             return bad("--kv-transfer-bandwidth must be a finite number >= 0");
+        }
+        if self.event_buffer_max_size == 0 {
+            return bad("--event-buffer-max-size must be at least 1");
         }
         if self.kv_bytes_per_token == 0 {
             return bad("--kv-bytes-per-token must be at least 1");
@@ -376,7 +396,7 @@ pub struct WorkerInfo {
     pub url: String,
     /// Served model name.
     pub model: String,
-    /// The engine it mimics: `vllm` or `sglang`.
+    /// The engine it mimics: `vllm`, `sglang` or `trtllm`.
     pub engine: cli::Engine,
     /// ZMQ PUB endpoint of rank 0's KV events (None when events are off); rank r publishes
     /// on its port + r.
@@ -489,7 +509,7 @@ impl WireSink {
         dp_rank: u32,
     ) -> Result<Self, MockerError> {
         let encoding = match engine {
-            cli::Engine::Vllm => kvrouter_wire::Encoding::Map,
+            cli::Engine::Vllm | cli::Engine::Trtllm => kvrouter_wire::Encoding::Map,
             cli::Engine::Sglang => kvrouter_wire::Encoding::Sglang,
         };
         let publisher = kvrouter_wire::KvEventPublisher::bind(kvrouter_wire::PublisherConfig {
@@ -563,7 +583,7 @@ impl EventSink for WireSink {
         let batch = kvrouter_wire::EngineBatch {
             ts,
             events: match self.engine {
-                cli::Engine::Vllm => to_engine_events(events),
+                cli::Engine::Vllm | cli::Engine::Trtllm => to_engine_events(events),
                 cli::Engine::Sglang => sglang::sglang_events(events),
             },
             dp_rank: Some(self.dp_rank),
@@ -700,7 +720,9 @@ fn shared_preprocessor(dir: &std::path::Path) -> Result<Arc<Preprocessor>, Mocke
 pub type SinkParts = (Vec<Box<dyn EventSink>>, Option<String>, Option<String>);
 
 /// [`spawn_workers`] with caller-made event sinks: `make_sinks(i)` returns worker i's sinks
-/// (one per rank) and the endpoints to advertise.
+/// (one per rank) and the endpoints to advertise. Not called for TensorRT-LLM workers that
+/// serve their events over HTTP ([`MockerConfig::trtllm_http_events`]): their sinks are their
+/// event buffers ([`trtllm`]).
 pub async fn spawn_workers_with_sinks(
     config: &MockerConfig,
     n: usize,
@@ -769,7 +791,24 @@ pub async fn spawn_workers_with_sinks(
             }
             _ => None,
         };
-        let (sinks, kv_ep, replay_ep) = make_sinks(i)?;
+        // A TensorRT-LLM worker serving its events over HTTP buffers them instead.
+        let trt_events = config.trtllm_http_events().then(|| {
+            trtllm::TrtEventBuffers::new(
+                config.data_parallel_size,
+                config.event_buffer_max_size,
+                config.num_gpu_blocks,
+            )
+        });
+        let (sinks, kv_ep, replay_ep) = match &trt_events {
+            Some(b) => (
+                (0..config.data_parallel_size)
+                    .map(|r| Box::new(b.sink(r)) as Box<dyn EventSink>)
+                    .collect(),
+                None,
+                None,
+            ),
+            None => make_sinks(i)?,
+        };
         if sinks.len() != config.data_parallel_size {
             return Err(MockerError::Config(format!(
                 "{} event sinks for {} ranks",
@@ -800,6 +839,7 @@ pub async fn spawn_workers_with_sinks(
         let state = Arc::new(http::HttpState {
             ranks: dp::Ranks::new(ranks.clone(), config.engine),
             engine_type: config.engine,
+            trtllm_events: trt_events,
             enable_cache_report: config.enable_cache_report,
             engine: ecfg.clone(),
             model_name: model_name.clone(),
