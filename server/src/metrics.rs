@@ -109,7 +109,7 @@ pub struct RankSnapshot {
     /// `(outcome, count)` from the rank's event subscriber.
     pub events: Vec<(&'static str, u64)>,
     /// `(wire format, batches)` from the rank's event subscriber: whose encoding its events
-    /// came in (`vllm_array`, `vllm_map`, `sglang`, `unknown`).
+    /// came in (`vllm_array`, `vllm_map`, `sglang`, `trtllm`, `unknown`).
     pub formats: Vec<(&'static str, u64)>,
     /// The subscriber's state (`joining` | `live` | `replaying` | `stopped`), if it has one.
     pub subscriber_state: Option<&'static str>,
@@ -402,7 +402,7 @@ impl Collector for ScrapeCollector {
         }
         let mut f = enc.encode_descriptor(
             "kv_events",
-            "KV event subscriber counters per rank: received (live messages), applied (router events to the index), batches, dropped (queue full), filtered, gaps, recovered, replayed, replay_failures, duplicates, cleared, restarts, bad_frames, oversize, decode_errors, skipped_events, unknown_fields, backpressure (waits on a full index queue), events_out, lora_unmapped (LoRA stores with a lora_id the worker's lora_adapters do not name: indexed without the adapter)",
+            "KV event subscriber counters per rank: received (live messages), applied (router events to the index), batches, dropped (queue full), filtered, gaps, recovered, replayed, replay_failures, duplicates, cleared, restarts, bad_frames, oversize, decode_errors, skipped_events, unknown_fields, backpressure (waits on a full index queue), events_out, lora_unmapped (LoRA stores with a lora_id the worker's lora_adapters do not name: indexed without the adapter), polls and poll_errors (TensorRT-LLM's POST /kv_cache_events, per worker), window_ignored (sliding-window pool events)",
             None,
             MetricType::Counter,
         )?;
@@ -418,7 +418,7 @@ impl Collector for ScrapeCollector {
         }
         let mut f = enc.encode_descriptor(
             "kv_event_batches_by_format",
-            "KV event batches per rank by the wire format their events showed: vllm_array (vLLM <= 0.23), vllm_map (vLLM >= 0.24), sglang, unknown (no BlockStored to tell)",
+            "KV event batches per rank by the wire format their events showed: vllm_array (vLLM <= 0.23), vllm_map (vLLM >= 0.24), sglang, trtllm (polled TensorRT-LLM answers with events), unknown (no BlockStored to tell)",
             None,
             MetricType::Counter,
         )?;

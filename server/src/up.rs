@@ -165,7 +165,9 @@ pub fn worker_spec(w: &RunningWorker) -> WorkerSpec {
         engine: match i.engine {
             kvrouter_mocker::cli::Engine::Vllm => crate::workers::spec::Engine::Vllm,
             kvrouter_mocker::cli::Engine::Sglang => crate::workers::spec::Engine::Sglang,
+            kvrouter_mocker::cli::Engine::Trtllm => crate::workers::spec::Engine::Trtllm,
         },
+        kv_events_poll_interval_ms: None,
         dp_size: i.dp_size,
         device: Default::default(),
         total_kv_blocks: Some(i.total_kv_blocks as u64),

@@ -316,6 +316,13 @@ pub struct SubscriberStats {
     pub events_out: u64,
     /// Times an event had to wait because the sink was full.
     pub backpressure: u64,
+    /// HTTP polls of the worker's events (TensorRT-LLM's `POST /kv_cache_events`, shared by
+    /// its ranks); 0 for a ZMQ subscriber.
+    pub polls: u64,
+    /// Polls that failed (connection, status, timeout, oversize or undecodable answer).
+    pub poll_errors: u64,
+    /// Events of a sliding-window KV pool ignored (TensorRT-LLM's `window_size`).
+    pub window_ignored: u64,
     /// The next publisher sequence number expected; `None` before the first batch applied
     /// (and right after a publisher restart).
     pub next_seq: Option<u64>,
@@ -493,6 +500,9 @@ impl KvEventSubscriber {
             lora_unmapped: g(&c.lora_unmapped),
             events_out: g(&c.events_out),
             backpressure: g(&c.backpressure),
+            polls: 0,
+            poll_errors: 0,
+            window_ignored: 0,
             next_seq: c.has_next.load(Ordering::Relaxed).then(|| g(&c.next_seq)),
             state: SubscriberState::from_u8(c.state.load(Ordering::Relaxed)),
         }

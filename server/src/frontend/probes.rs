@@ -125,7 +125,7 @@ pub async fn ready(State(s): State<Arc<AppState>>) -> StatusCode {
 
 /// Every counter of a rank's KV event subscriber as `(outcome, count)`, in one order for
 /// `/metrics` and the admin API.
-pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 20] {
+pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 23] {
     [
         ("received", st.received),
         ("applied", st.events_out),
@@ -147,6 +147,9 @@ pub fn event_counters(st: &SubscriberStats) -> [(&'static str, u64); 20] {
         ("backpressure", st.backpressure),
         ("events_out", st.events_out),
         ("lora_unmapped", st.lora_unmapped),
+        ("polls", st.polls),
+        ("poll_errors", st.poll_errors),
+        ("window_ignored", st.window_ignored),
     ]
 }
 

@@ -418,25 +418,52 @@ impl WorkerClient {
         body: &[u8],
     ) -> Result<serde_json::Value, WorkerError> {
         let headers = format!("Content-Type: application/json\r\n{headers}");
-        let (mut conn, head) = self.exchange(url, "POST", path, &headers, body).await?;
-        if !(200..300).contains(&head.status) {
-            return Err(self.status_error(url, &mut conn, &head).await);
-        }
-        let protocol = |message: String| WorkerError::Protocol {
+        let bytes = self
+            .post_bytes(url, path, &headers, body, MAX_COMPLETION_BODY, self.timeout)
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| WorkerError::Protocol {
             url: url.into(),
-            message,
+            message: format!("response is not JSON: {e}"),
+        })
+    }
+
+    /// `POST {url}{path}` with `body` (and `headers`, each line ending in `\r\n`): the
+    /// response body, at most `max_bytes`, the whole exchange within `timeout` (and the head
+    /// within the response timeout). Used by [`post_json`](Self::post_json) and TensorRT-LLM's
+    /// event poller. Errors: as [`generate`](Self::generate), or a body too large.
+    pub async fn post_bytes(
+        &self,
+        url: &str,
+        path: &str,
+        headers: &str,
+        body: &[u8],
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, WorkerError> {
+        let timed_out = || WorkerError::Timeout {
+            url: url.into(),
+            secs: timeout.as_secs_f64(),
         };
-        let bytes = tokio::time::timeout(self.timeout, conn.read_body(&head, MAX_COMPLETION_BODY))
+        let exchange = async {
+            let (mut conn, head) = self.exchange(url, "POST", path, headers, body).await?;
+            if !(200..300).contains(&head.status) {
+                return Err(self.status_error(url, &mut conn, &head).await);
+            }
+            let bytes = conn
+                .read_body(&head, max_bytes)
+                .await
+                .map_err(|e| WorkerError::Protocol {
+                    url: url.into(),
+                    message: e.to_string(),
+                })?;
+            if head.keep_alive && conn.buffer().is_empty() {
+                self.pool.put(&with_port(authority(url)), conn);
+            }
+            Ok(bytes)
+        };
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| WorkerError::Timeout {
-                url: url.into(),
-                secs: self.timeout.as_secs_f64(),
-            })?
-            .map_err(|e| protocol(e.to_string()))?;
-        if head.keep_alive && conn.buffer().is_empty() {
-            self.pool.put(&with_port(authority(url)), conn);
-        }
-        serde_json::from_slice(&bytes).map_err(|e| protocol(format!("response is not JSON: {e}")))
+            .map_err(|_| timed_out())?
     }
 
     /// The error of a non-2xx response: the worker's OpenAI-style `error.message` when it

@@ -12,6 +12,7 @@ use kvrouter_wire::subscriber::KvEventSubscriber;
 use super::client::WorkerClient;
 use super::registry::{Health, Registry, Worker};
 use super::spec::WorkerSpec;
+use super::trtllm_poller::TrtPoller;
 use crate::routing::RouterState;
 
 /// When health checks run and how many failures remove a worker.
@@ -48,6 +49,29 @@ pub struct EventSettings {
     /// Subscribe to each worker's ZMQ publisher (`--event-plane zmq`); with `nats` the
     /// events come from the stream instead ([`crate::replicas::event_plane`]).
     pub zmq: bool,
+    /// How TensorRT-LLM workers without a ZMQ endpoint are polled (with `zmq` only).
+    pub poll: PollSettings,
+}
+
+/// How TensorRT-LLM's `POST /kv_cache_events` is polled ([`super::trtllm_poller`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PollSettings {
+    /// Between two polls, unless the registration names its own.
+    pub interval: Duration,
+    /// Largest answer read, bytes.
+    pub max_bytes: usize,
+    /// Longest one poll may take.
+    pub timeout: Duration,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(10),
+            max_bytes: 16 << 20,
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 impl EventSettings {
@@ -56,6 +80,11 @@ impl EventSettings {
         Self {
             enabled,
             max_frame_bytes: args.kv_event_max_frame_bytes,
+            poll: PollSettings {
+                interval: Duration::from_millis(args.kv_events_poll_interval_ms.max(1)),
+                max_bytes: args.kv_events_poll_max_bytes,
+                timeout: Duration::from_millis(args.kv_events_poll_timeout_ms.max(1)),
+            },
             zmq: args.replicas.event_plane == crate::replicas::EventPlane::Zmq,
         }
     }
@@ -157,7 +186,22 @@ impl Fleet {
             .registry
             .insert(spec, source)
             .map_err(RegistrationError)?;
-        if self.events.enabled && self.events.zmq {
+        if self.events.enabled && self.events.zmq && worker.spec.polls_kv_events() {
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                self.registry.remove(worker.id());
+                return Err(RegistrationError(
+                    "polling TensorRT-LLM KV events needs the async runtime".into(),
+                ));
+            };
+            worker.set_poller(TrtPoller::start(
+                &rt,
+                &worker.spec,
+                block_size as u32,
+                self.client.clone(),
+                self.events.poll,
+                self.router.event_sink(),
+            ));
+        } else if self.events.enabled && self.events.zmq {
             if let Err(e) = self.subscribe(&worker, block_size) {
                 self.registry.remove(worker.id());
                 return Err(e);

@@ -21,6 +21,7 @@ use kvrouter_wire::subscriber::{KvEventSubscriber, SubscriberStats};
 
 use super::accuracy::{Accuracy, Cause, EventFlow, Report, Sample, Verdict};
 use super::spec::WorkerSpec;
+use super::trtllm_poller::TrtPoller;
 
 /// Where a worker stands (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +61,8 @@ pub struct Worker {
     pub source: String,
     health: Mutex<HealthState>,
     subscribers: Mutex<Vec<KvEventSubscriber>>,
+    /// The poller of a TensorRT-LLM worker's HTTP events (instead of subscribers).
+    poller: Mutex<Option<TrtPoller>>,
     /// Predicted against reported cached tokens ([`super::accuracy`]).
     accuracy: Mutex<Accuracy>,
 }
@@ -95,8 +98,16 @@ impl Worker {
         *self.subscribers.lock().unwrap_or_else(|e| e.into_inner()) = subs;
     }
 
-    /// Per rank: the subscriber's counters and state (empty without KV events).
+    /// Attach the running poller of its TensorRT-LLM events.
+    pub fn set_poller(&self, poller: TrtPoller) {
+        *self.poller.lock().unwrap_or_else(|e| e.into_inner()) = Some(poller);
+    }
+
+    /// Per rank: the subscriber's (or poller's) counters and state (empty without KV events).
     pub fn event_stats(&self) -> Vec<(WorkerWithDpRank, SubscriberStats)> {
+        if let Some(p) = &*self.poller.lock().unwrap_or_else(|e| e.into_inner()) {
+            return self.spec.ranks().zip(p.stats()).collect();
+        }
         let subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         self.spec
             .ranks()
@@ -158,8 +169,11 @@ impl Worker {
             .report(self.spec.block_size.unwrap_or(0), flow)
     }
 
-    /// Stop its subscribers (joins their threads; call off the async runtime).
+    /// Stop its subscribers or poller (joins their threads; call off the async runtime).
     pub fn stop_subscribers(&self) {
+        if let Some(p) = self.poller.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            p.stop();
+        }
         let subs = std::mem::take(&mut *self.subscribers.lock().unwrap_or_else(|e| e.into_inner()));
         for s in subs {
             s.stop();
@@ -212,6 +226,7 @@ impl Registry {
                 since: Instant::now(),
             }),
             subscribers: Mutex::new(Vec::new()),
+            poller: Mutex::new(None),
             accuracy: Mutex::default(),
         });
         map.insert(id, w.clone());

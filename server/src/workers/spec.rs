@@ -16,6 +16,8 @@ pub const MAX_BLOCK_SIZE: usize = 4096;
 pub const MAX_NAME_LEN: usize = 256;
 /// Most LoRA adapters one registration may list.
 pub const MAX_LORA_ADAPTERS: usize = 1024;
+/// Longest poll interval a registration may ask for, ms.
+pub const MAX_POLL_INTERVAL_MS: u64 = 60_000;
 /// The endpoint a worker registered without one serves (Dynamo's default component).
 pub const DEFAULT_ENDPOINT: &str = "dynamo.backend.generate";
 
@@ -49,10 +51,16 @@ pub struct WorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
     /// The inference engine it runs: `vllm` (default), `sglang` or `trtllm`. It decides how a
-    /// request names its data-parallel rank ([`WorkerSpec::rank_pin`]); KV events of every
-    /// engine are decoded alike (their format is told apart per batch and shown per rank).
+    /// request names its data-parallel rank ([`WorkerSpec::rank_pin`]); KV events on ZMQ are
+    /// decoded alike for every engine (their format is told apart per batch and shown per
+    /// rank), and a `trtllm` worker without a `kv_events_endpoint` is polled on
+    /// `POST /kv_cache_events` instead ([`WorkerSpec::polls_kv_events`]).
     #[serde(default)]
     pub engine: Engine,
+    /// `trtllm` workers polled for their events: milliseconds between two polls (default:
+    /// `--kv-events-poll-interval-ms`, 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_events_poll_interval_ms: Option<u64>,
     /// Data-parallel ranks behind this URL, each indexed, loaded and pinned separately
     /// (requests carry the rank: see [`WorkerSpec::rank_pin`]).
     #[serde(default = "one")]
@@ -201,6 +209,13 @@ impl WorkerSpec {
         if let Some(e) = &self.endpoint {
             validate_endpoint_name(e)?;
         }
+        if let Some(ms) = self.kv_events_poll_interval_ms {
+            if !(1..=MAX_POLL_INTERVAL_MS).contains(&ms) {
+                return Err(format!(
+                    "kv_events_poll_interval_ms must be 1..={MAX_POLL_INTERVAL_MS}, got {ms}"
+                ));
+            }
+        }
         if self.replay_endpoint.is_some() && self.kv_events_endpoint.is_none() {
             return Err("replay_endpoint needs a kv_events_endpoint".into());
         }
@@ -238,6 +253,13 @@ impl WorkerSpec {
             Engine::Sglang => RankPin::BodyField(dp_rank),
             Engine::Vllm | Engine::Trtllm => RankPin::Header(dp_rank),
         }
+    }
+
+    /// Whether its KV events are polled from TensorRT-LLM's `POST /kv_cache_events` (a
+    /// `trtllm` worker without a ZMQ `kv_events_endpoint`; with one, its publisher of vLLM's
+    /// format is subscribed to like any other).
+    pub fn polls_kv_events(&self) -> bool {
+        self.engine == Engine::Trtllm && self.kv_events_endpoint.is_none()
     }
 
     /// The KV event endpoint of one rank.
