@@ -28,3 +28,4 @@ mod replica_sync;
 mod router_service;
 mod routing;
 mod stall;
+mod trtllm;
