@@ -47,8 +47,8 @@ enum Command {
     Hash(cmd::hash::Args),
     /// Print a worker's KV event stream (vLLM/SGLang ZMQ) as canonical JSON lines.
     Events(cmd::events::Args),
-    /// Run CPU-only mock inference engines (vLLM's or, with --engine sglang, SGLang's HTTP API
-    /// and KV events; --data-parallel-size ranks each).
+    /// Run CPU-only mock inference engines (vLLM's or, with --engine sglang / trtllm, SGLang's
+    /// or TensorRT-LLM's HTTP API and KV events; --data-parallel-size ranks each).
     Mocker(cmd::mocker::Args),
     /// Check a running deployment's KV routing per worker: probe each worker with a repeated
     /// prompt, compare the router's predicted cache hits with the engine's, check block sizes

@@ -227,7 +227,7 @@ async fn complete(
     let mut body = json!({"prompt": prompt, "max_tokens": max_tokens});
     let mut req = client.post(url);
     match engine {
-        cli::Engine::Vllm => req = req.header("X-data-parallel-rank", rank),
+        cli::Engine::Vllm | cli::Engine::Trtllm => req = req.header("X-data-parallel-rank", rank),
         cli::Engine::Sglang => body["data_parallel_rank"] = json!(rank),
     }
     let v: Value = req.json(&body).send().await.unwrap().json().await.unwrap();
@@ -338,7 +338,8 @@ async fn events_match_the_engine(engine: cli::Engine, dp: usize, rank: u32) {
     let st = sub.stats();
     assert_eq!(st.filtered, 0, "{st:?}");
     let (mine, other) = match engine {
-        cli::Engine::Vllm => (st.formats.vllm_map, st.formats.sglang),
+        // TensorRT-LLM on ZMQ publishes vLLM's format.
+        cli::Engine::Vllm | cli::Engine::Trtllm => (st.formats.vllm_map, st.formats.sglang),
         cli::Engine::Sglang => (st.formats.sglang, st.formats.vllm_map),
     };
     assert!(

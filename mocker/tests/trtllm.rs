@@ -50,7 +50,10 @@ async fn events_are_served_in_trtllms_shapes_and_drained_per_call() {
     let w = one(&cfg(1)).await;
     let line = serde_json::to_value(&w.info).unwrap();
     assert_eq!(line["engine"], "trtllm");
-    assert!(line["kv_events_endpoint"].is_null(), "no ZMQ endpoint: {line}");
+    assert!(
+        line["kv_events_endpoint"].is_null(),
+        "no ZMQ endpoint: {line}"
+    );
     let prompt: Vec<u32> = (0..100).collect();
     let first = complete(&w, &prompt, None).await;
     assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
@@ -100,11 +103,8 @@ async fn a_full_buffer_drops_the_oldest_events_and_ranks_are_named() {
         complete(&w, &p, Some(1)).await;
     }
     let ev = drain(&w).await;
-    let rank = |r: u64| -> Vec<&Value> {
-        ev.iter()
-            .filter(|e| e["attention_dp_rank"] == r)
-            .collect()
-    };
+    let rank =
+        |r: u64| -> Vec<&Value> { ev.iter().filter(|e| e["attention_dp_rank"] == r).collect() };
     assert_eq!(rank(0).len(), 1, "rank 0 holds only its created event");
     let r1 = rank(1);
     assert_eq!(r1.len(), 2, "the buffer keeps two events");

@@ -81,7 +81,11 @@ pub fn fuzz_trtllm(data: &[u8]) -> usize {
             .filter(|e| !matches!(e.data, TrtData::Unknown | TrtData::Malformed))
             .collect();
         let again = decode_events(&encode_events(&known), 1_000, &mut st);
-        assert_eq!(again.ok().as_ref(), Some(&known), "re-encoding changed events");
+        assert_eq!(
+            again.ok().as_ref(),
+            Some(&known),
+            "re-encoding changed events"
+        );
     }
     out.len()
 }

@@ -76,7 +76,9 @@ pub struct TrtEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrtData {
     /// The cache was built: blocks per cache level (0 = device, 1 = host).
-    Created { num_blocks_per_cache_level: Vec<u64> },
+    Created {
+        num_blocks_per_cache_level: Vec<u64>,
+    },
     /// A chain of newly stored blocks hanging from `parent_hash` (`None`: sequence start).
     Stored {
         parent_hash: Option<u64>,
@@ -529,9 +531,7 @@ impl TrtRank {
         match &ev.data {
             TrtData::Created {
                 num_blocks_per_cache_level,
-            } => {
-                self.stats.capacity = num_blocks_per_cache_level.iter().take(8).copied().collect()
-            }
+            } => self.stats.capacity = num_blocks_per_cache_level.iter().take(8).copied().collect(),
             TrtData::Stored {
                 parent_hash,
                 blocks,
@@ -598,7 +598,7 @@ impl TrtRank {
             while i < blocks.len() && blocks[i].cache_level == level as i64 {
                 let b = &blocks[i];
                 let n = b.tokens.len() / bs;
-                if n == 0 || b.tokens.len() % bs != 0 {
+                if n == 0 || !b.tokens.len().is_multiple_of(bs) {
                     self.stats.partial_blocks += 1;
                     end = true;
                     break;
@@ -861,7 +861,9 @@ mod tests {
         let ev = decode_events(body, 100, &mut st).unwrap();
         assert_eq!(st.malformed, 1);
         assert_eq!(ev.len(), 6);
-        assert!(matches!(&ev[1].data, TrtData::Stored { blocks, .. } if blocks[0].block_hash == u64::MAX && blocks[0].tokens == [(5, 0)]));
+        assert!(
+            matches!(&ev[1].data, TrtData::Stored { blocks, .. } if blocks[0].block_hash == u64::MAX && blocks[0].tokens == [(5, 0)])
+        );
         assert_eq!(ev[1].attention_dp_rank, Some(1));
         assert_eq!(
             ev[2].data,
@@ -877,7 +879,10 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!((&ev[4].data, &ev[5].data), (&TrtData::Unknown, &TrtData::Malformed));
+        assert_eq!(
+            (&ev[4].data, &ev[5].data),
+            (&TrtData::Unknown, &TrtData::Malformed)
+        );
         let again = decode_events(&encode_events(&ev[..4]), 100, &mut st).unwrap();
         assert_eq!(again, ev[..4]);
         // Limits and non-arrays.
@@ -900,7 +905,10 @@ mod tests {
         let mut out = Vec::new();
         // Two 32-token engine blocks, then a third continuing the chain, then a partial one.
         r.apply(&stored(0, None, &[(100, 0..32), (101, 32..64)]), &mut out);
-        r.apply(&stored(1, Some(101), &[(102, 64..96), (103, 96..100)]), &mut out);
+        r.apply(
+            &stored(1, Some(101), &[(102, 64..96), (103, 96..100)]),
+            &mut out,
+        );
         assert_eq!(out.len(), 2);
         assert_eq!(locals(&out[0]), want[..4]);
         assert_eq!(locals(&out[1]), want[4..]);

@@ -449,13 +449,13 @@ impl WorkerClient {
             if !(200..300).contains(&head.status) {
                 return Err(self.status_error(url, &mut conn, &head).await);
             }
-            let bytes = conn
-                .read_body(&head, max_bytes)
-                .await
-                .map_err(|e| WorkerError::Protocol {
-                    url: url.into(),
-                    message: e.to_string(),
-                })?;
+            let bytes =
+                conn.read_body(&head, max_bytes)
+                    .await
+                    .map_err(|e| WorkerError::Protocol {
+                        url: url.into(),
+                        message: e.to_string(),
+                    })?;
             if head.keep_alive && conn.buffer().is_empty() {
                 self.pool.put(&with_port(authority(url)), conn);
             }

@@ -112,7 +112,11 @@ impl TrtPoller {
     /// send in progress (call off the async runtime, as for the ZMQ subscribers).
     pub fn stop(self) {
         {
-            let _wait = self.shared.sending.lock().unwrap_or_else(|e| e.into_inner());
+            let _wait = self
+                .shared
+                .sending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             self.shared.stopped.store(true, Ordering::Release);
         }
         self.task.abort();
@@ -192,7 +196,11 @@ impl Run {
         let mut waits = 0u64;
         let sent = loop {
             {
-                let _g = self.shared.sending.lock().unwrap_or_else(|e| e.into_inner());
+                let _g = self
+                    .shared
+                    .sending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 if self.stopped() {
                     break false;
                 }

@@ -120,14 +120,21 @@ async fn trtllm_workers_route_repeats_to_their_cache_from_polled_events() {
     let c = client();
     for w in s.frontend.fleet.registry.all() {
         assert_eq!(w.spec.engine.as_str(), "trtllm");
-        assert!(w.spec.kv_events_endpoint.is_none(), "polled, not subscribed");
+        assert!(
+            w.spec.kv_events_endpoint.is_none(),
+            "polled, not subscribed"
+        );
     }
     let seen = repeats_hit(&c, &s.frontend, PROMPT_TOKENS as u64).await;
     for id in seen {
         let ev = rank_events(&c, &s.frontend, id).await;
         let f = &ev["formats"];
         assert!(f["trtllm"].as_u64().unwrap() > 0, "{ev}");
-        assert_eq!((&f["vllm_map"], &f["sglang"]), (&json!(0), &json!(0)), "{f}");
+        assert_eq!(
+            (&f["vllm_map"], &f["sglang"]),
+            (&json!(0), &json!(0)),
+            "{f}"
+        );
         assert!(ev["polls"].as_u64().unwrap() > 0, "{ev}");
         assert_eq!(
             (&ev["poll_errors"], &ev["gaps"], &ev["state"]),
@@ -211,8 +218,14 @@ async fn events_lost_from_a_full_engine_buffer_clear_the_worker_and_traffic_rebu
         }
     }
     let ev = rank_events(&c, &f, id).await;
-    assert!(gaps(&ev) >= 1, "a burst past the buffer shows as a gap: {ev}");
-    assert!(ev["cleared"].as_u64().unwrap() >= 1, "the gap cleared the worker: {ev}");
+    assert!(
+        gaps(&ev) >= 1,
+        "a burst past the buffer shows as a gap: {ev}"
+    );
+    assert!(
+        ev["cleared"].as_u64().unwrap() >= 1,
+        "the gap cleared the worker: {ev}"
+    );
     // Cleared: the prompt stored before the gap is no longer credited (its blocks are still
     // in the engine, which will not announce them again).
     assert_eq!(
@@ -224,7 +237,10 @@ async fn events_lost_from_a_full_engine_buffer_clear_the_worker_and_traffic_rebu
     // Rebuilt by what the engine stores next.
     let after = prompt(999, PROMPT_TOKENS);
     send(&c, &url, &after).await;
-    assert!(indexed(&f, &after, PROMPT_TOKENS as u64).await, "rebuilt after the clear");
+    assert!(
+        indexed(&f, &after, PROMPT_TOKENS as u64).await,
+        "rebuilt after the clear"
+    );
     let (_, predicted, reported) = send(&c, &url, &after).await;
     assert_eq!((predicted, reported), (PROMPT_TOKENS as u64, HIT));
     let m = metrics_text(&c, &url).await;
@@ -315,7 +331,10 @@ async fn trtllms_zmq_publisher_of_vllms_format_goes_through_the_subscribers() {
     for id in seen {
         let ev = rank_events(&c, &s.frontend, id).await;
         assert!(ev["formats"]["vllm_map"].as_u64().unwrap() > 0, "{ev}");
-        assert_eq!((&ev["formats"]["trtllm"], &ev["polls"]), (&json!(0), &json!(0)));
+        assert_eq!(
+            (&ev["formats"]["trtllm"], &ev["polls"]),
+            (&json!(0), &json!(0))
+        );
     }
     s.stop().await;
 }
