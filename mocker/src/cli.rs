@@ -421,5 +421,21 @@ mod tests {
             .to_string()
             .contains("served model"));
         assert!(Cli::try_parse_from(["mocker", "--lora-modules", "no-path"]).is_err());
+        // TensorRT-LLM's JSON events name no adapter; its vLLM-format ZMQ events do.
+        let lora = [
+            "--enable-lora",
+            "--lora-modules",
+            "sql=/a",
+            "--engine",
+            "trtllm",
+        ];
+        let c = config(&lora);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--trtllm-zmq-events"));
+        let c = config(&[&lora[..], &["--trtllm-zmq-events"]].concat());
+        assert!(c.validate().is_ok());
     }
 }

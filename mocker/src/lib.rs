@@ -312,7 +312,8 @@ impl MockerConfig {
         Ok(())
     }
 
-    /// `--lora-modules` needs `--enable-lora` (as in vLLM), at most
+    /// `--lora-modules` needs `--enable-lora` (as in vLLM) and, with `--engine trtllm`, its ZMQ
+    /// events (the JSON ones name no adapter); at most
     /// [`lora::MAX_LORA_MODULES`] adapters, each named once and not like the served model.
     fn validate_lora(&self) -> Result<(), MockerError> {
         let m = &self.lora_modules;
@@ -322,6 +323,11 @@ impl MockerConfig {
         let bad = |msg: String| Err(MockerError::Config(msg));
         if !self.enable_lora {
             return bad("--lora-modules needs --enable-lora".into());
+        }
+        if self.trtllm_http_events() {
+            // Its JSON events name no adapter: the router would credit adapter blocks to the
+            // base model.
+            return bad("--lora-modules with --engine trtllm needs --trtllm-zmq-events: TensorRT-LLM's JSON KV events carry no adapter".into());
         }
         if m.len() > lora::MAX_LORA_MODULES {
             return bad(format!(

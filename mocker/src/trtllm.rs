@@ -145,6 +145,9 @@ impl EventSink for TrtSink {
                     parent_block_hash,
                     token_ids,
                     block_size,
+                    // TensorRT-LLM's JSON names no adapter or salt: LoRA is refused without
+                    // --trtllm-zmq-events; a salted request's blocks are published unsalted.
+                    keys: _,
                 } => {
                     flush(&mut removed, &self.buffers, self.rank);
                     let bs = *block_size as usize;
