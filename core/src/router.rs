@@ -490,16 +490,14 @@ impl Scheduler {
     /// busy (spec §7.1) and has at most `T × max_num_batched_tokens` active prefill tokens
     /// ([`DEFAULT_MAX_NUM_BATCHED_TOKENS`] for a rank that did not advertise its budget).
     /// With no ranks at all the request is not queued (it fails: no workers). Only ranks in
-    /// `pool` count.
-    pub fn admits(&self, pool: RolePool, now: Duration) -> bool {
+    /// `pool`, and of `workers` when given (those serving the request's LoRA adapter), count:
+    /// a free rank the request may not take does not admit it.
+    pub fn admits(&self, pool: RolePool, workers: Option<&[WorkerId]>, now: Duration) -> bool {
         let Some(t) = self.config().kv.router_queue_threshold else {
             return true;
         };
-        let mut ranks = self
-            .workers
-            .iter()
-            .filter(|w| pool.admits(w.role))
-            .peekable();
+        let admit = Admit { pool, workers };
+        let mut ranks = self.workers.iter().filter(|w| admit.admits(w)).peekable();
         if ranks.peek().is_none() {
             return true;
         }
@@ -819,7 +817,13 @@ impl Router {
 
     /// Whether a new request may be routed now rather than queued ([`Scheduler::admits`]).
     pub fn admits(&self, now: Duration) -> bool {
-        self.sched.admits(RolePool::Any, now)
+        self.sched.admits(RolePool::Any, None, now)
+    }
+
+    /// Whether a request that only `workers` may take (e.g. those serving its LoRA adapter)
+    /// may be routed now rather than queued ([`Scheduler::admits`]).
+    pub fn admits_among(&self, workers: &[WorkerId], now: Duration) -> bool {
+        self.sched.admits(RolePool::Any, Some(workers), now)
     }
 
     /// The `aic` model's coefficients in use ([`Scheduler::prefill_coefficients`]).

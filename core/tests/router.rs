@@ -352,6 +352,34 @@ fn admits_is_false_only_while_every_worker_is_past_the_queue_threshold() {
 }
 
 #[test]
+fn a_request_only_some_workers_may_take_waits_for_room_on_them() {
+    let mut r = router(
+        KvRouterConfig {
+            router_queue_threshold: Some(0.5),
+            ..Default::default()
+        },
+        2,
+    );
+    for id in 0..2 {
+        r.add_worker(WorkerInfo {
+            worker: WorkerWithDpRank::new(id, 0),
+            max_num_batched_tokens: Some(1000),
+            ..Default::default()
+        });
+    }
+    let busy = route(&mut r, "a", &prompt(1, 800), T0);
+    let idle = 1 - busy.worker_id;
+    assert!(r.admits(T0), "the other worker is idle");
+    assert!(r.admits_among(&[idle], T0), "its own worker is idle");
+    assert!(
+        !r.admits_among(&[busy.worker_id], T0),
+        "an idle worker it may not take (another adapter's) does not admit it"
+    );
+    r.mark_prefill_complete("a", T0).unwrap();
+    assert!(r.admits_among(&[busy.worker_id], T0));
+}
+
+#[test]
 fn without_coefficients_the_aic_model_learns_from_first_tokens() {
     use kvrouter_core::prefill_time::{PrefillLoadModel, MIN_SAMPLES};
     let mut r = router(

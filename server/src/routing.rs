@@ -544,7 +544,7 @@ impl RouterState {
             } else if may_wait && self.queue_enabled() && input.pinned_worker.is_none() {
                 let mut q = self.queue();
                 // Behind a backlog even when a worker has room: no overtaking.
-                if !q.is_empty() || !s.admits(input.pool, now) {
+                if !q.is_empty() || !s.admits(input.pool, input.workers.as_deref(), now) {
                     let meta = QueueMeta {
                         tier: input.strict_priority,
                         priority: input.priority,
@@ -892,7 +892,10 @@ impl RouterState {
                 let mut q = self.queue();
                 let now = self.now();
                 // The head waits for room in its own pool; nothing overtakes it.
-                if !q.peek().is_some_and(|(_, w)| s.admits(w.pool, now)) {
+                if !q
+                    .peek()
+                    .is_some_and(|(_, w)| s.admits(w.pool, w.workers.as_deref(), now))
+                {
                     self.metrics.queue_pending.set(q.len() as i64);
                     return;
                 }

@@ -337,7 +337,7 @@ impl<'a> Replay<'a> {
             self.last_expiry = t;
         }
         if self.router.config().kv.router_queue_threshold.is_some()
-            && (!self.queue.is_empty() || !self.router.admits(RolePool::Any, now))
+            && (!self.queue.is_empty() || !self.router.admits(RolePool::Any, None, now))
         {
             let prompt = self.w.prompt(i);
             let (_, exact) = self.lookup(&prompt);
@@ -412,7 +412,7 @@ impl<'a> Replay<'a> {
     /// Route waiting requests, in queue order, while a worker has room.
     fn dispatch_queued(&mut self, t: f64) {
         let now = Duration::from_secs_f64(t);
-        while !self.queue.is_empty() && self.router.admits(RolePool::Any, now) {
+        while !self.queue.is_empty() && self.router.admits(RolePool::Any, None, now) {
             if let Some((_, i)) = self.queue.pop() {
                 self.dispatch(i, t);
             }
