@@ -10,6 +10,7 @@
 //! | `kvrouter.dev/role` | `role` | `both` (default), `prefill`, `decode` |
 //! | `kvrouter.dev/engine` | `engine` | `vllm` (default), `sglang`, `trtllm` |
 //! | `kvrouter.dev/model` | `model` | the model name the engine serves |
+//! | `kvrouter.dev/lora-adapters` | `lora_adapters` | adapter names, comma-separated, in `--lora-modules` order |
 //! | `kvrouter.dev/dp-size` | `dp_size` | data-parallel ranks, 1–256 |
 //! | `kvrouter.dev/endpoint` | `endpoint` | `namespace.component.endpoint` |
 //! | `kvrouter.dev/total-kv-blocks` | `total_kv_blocks` | KV blocks per rank, > 0 |
@@ -33,7 +34,7 @@ use crate::workers::spec::WorkerSpec;
 pub const PREFIX: &str = "kvrouter.dev/";
 
 /// Every annotation read, without [`PREFIX`].
-pub const ANNOTATIONS: [&str; 11] = [
+pub const ANNOTATIONS: [&str; 12] = [
     "http-port",
     "kv-events-port",
     "kv-replay-port",
@@ -41,6 +42,7 @@ pub const ANNOTATIONS: [&str; 11] = [
     "role",
     "engine",
     "model",
+    "lora-adapters",
     "dp-size",
     "endpoint",
     "total-kv-blocks",
@@ -152,6 +154,11 @@ pub fn spec_of(
         id: Some(xxhash_rust::xxh3::xxh3_64(uid.as_bytes()) & ((1 << 53) - 1)),
         url: format!("http://{host}:{http}"),
         model: text("model"),
+        // Names, not their paths: `sql,chat` for `--lora-modules sql=... chat=...`.
+        lora_adapters: a
+            .get("lora-adapters")
+            .map(|v| v.split(',').map(|n| n.trim().to_string()).collect())
+            .unwrap_or_default(),
         kv_events_endpoint: events.map(|p| format!("tcp://{host}:{p}")),
         replay_endpoint: replay.map(|p| format!("tcp://{host}:{p}")),
         block_size: number(&a, "block-size")?,
@@ -195,6 +202,7 @@ mod tests {
             ("role", "decode"),
             ("engine", "sglang"),
             ("model", "Qwen/Qwen3-0.6B"),
+            ("lora-adapters", "sql, chat"),
             ("dp-size", "2"),
             ("endpoint", "dynamo.decode.generate"),
             ("total-kv-blocks", "4096"),
@@ -213,6 +221,7 @@ mod tests {
         assert_eq!(s.role, kvrouter_core::WorkerRole::Decode);
         assert_eq!(s.engine, crate::workers::spec::Engine::Sglang);
         assert_eq!(s.model.as_deref(), Some("Qwen/Qwen3-0.6B"));
+        assert_eq!(s.lora_adapters, ["sql", "chat"]);
         assert_eq!(s.dp_size, 2);
         assert_eq!(s.endpoint(), "dynamo.decode.generate");
         assert_eq!(s.total_kv_blocks, Some(4096));
@@ -288,6 +297,14 @@ mod tests {
             (
                 &[("engine", "tgi")],
                 "kvrouter.dev/engine: not vllm, sglang or trtllm",
+            ),
+            (
+                &[("lora-adapters", "sql,,chat")],
+                "lora_adapters: a name must be",
+            ),
+            (
+                &[("lora-adapters", "sql,sql")],
+                "lora_adapters names \"sql\" twice",
             ),
             (&[("dp-size", "100000")], "dp_size must be 1..=256"),
             (&[("dp-size", "0")], "dp_size must be 1..=256"),
