@@ -19,13 +19,6 @@ use crate::common::*;
 const PROMPT_TOKENS: usize = 1024;
 const HIT: u64 = 960;
 
-fn header(r: &reqwest::Response, name: &str) -> Option<u64> {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 /// One completion: (worker, dp_rank, predicted cached tokens, engine-reported cached tokens),
 /// streamed or not; the usage is the engine's, passed through.
 async fn send(
@@ -47,8 +40,8 @@ async fn send(
         .unwrap();
     assert_eq!(r.status(), 200);
     let worker = worker_of(&r).expect("worker header");
-    let rank = header(&r, DP_RANK_HEADER).expect("rank header") as u32;
-    let predicted = header(&r, PREDICTED_CACHED_HEADER).expect("predicted header");
+    let rank = header_u64(&r, DP_RANK_HEADER).expect("rank header") as u32;
+    let predicted = header_u64(&r, PREDICTED_CACHED_HEADER).expect("predicted header");
     let usage = if stream {
         let text = r.text().await.unwrap();
         let events = sse_events(&text);
@@ -253,7 +246,7 @@ async fn data_parallel_ranks(engine: Engine) {
     assert_eq!(r.status(), 200);
     let (w, rank) = (
         worker_of(&r).unwrap(),
-        header(&r, DP_RANK_HEADER).unwrap() as u32,
+        header_u64(&r, DP_RANK_HEADER).unwrap() as u32,
     );
     let mut body = r.bytes_stream();
     body.next().await.expect("a first chunk").unwrap();

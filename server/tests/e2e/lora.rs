@@ -20,13 +20,6 @@ use crate::common::*;
 const PROMPT_TOKENS: usize = 1024;
 const HIT: u64 = 960;
 
-fn header(r: &reqwest::Response, name: &str) -> Option<u64> {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 /// What one completion got: the rank that served it, the prompt tokens the router predicted
 /// cached there, and those the engine reported cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +62,8 @@ async fn send_with(
         .unwrap();
     assert_eq!(r.status(), 200, "{model} {salt:?}");
     let worker = worker_of(&r).expect("worker header");
-    let rank = header(&r, DP_RANK_HEADER).expect("rank header") as u32;
-    let predicted = header(&r, PREDICTED_CACHED_HEADER).expect("predicted header");
+    let rank = header_u64(&r, DP_RANK_HEADER).expect("rank header") as u32;
+    let predicted = header_u64(&r, PREDICTED_CACHED_HEADER).expect("predicted header");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["model"], model, "answered as the model asked for");
     let reported = v["usage"]["prompt_tokens_details"]["cached_tokens"]
