@@ -1,5 +1,6 @@
-//! `kvrouter relay`: a worker-side sidecar that publishes its workers' ZMQ KV events to the
-//! endpoint's NATS JetStream stream, for routers started with `--event-plane nats`
+//! `kvrouter relay`: a worker-side sidecar that publishes its workers' KV events (from their
+//! ZMQ publishers, or polled from TensorRT-LLM's `POST /kv_cache_events`) to the endpoint's
+//! NATS JetStream stream, for routers started with `--event-plane nats`
 //! (`kvrouter_server::replicas::relay`). Runs until Ctrl-C or SIGTERM, then publishes what
 //! it buffered. `kvrouter register --relay` runs the same relaying ([`RelayArgs::run_until`]).
 use super::worker_args::WorkerArgs;
@@ -31,6 +32,10 @@ pub struct RelayArgs {
     /// Address of the status server (`--system-port`).
     #[arg(long, env = "DYN_SYSTEM_HOST", default_value = "0.0.0.0")]
     pub system_host: String,
+    /// TensorRT-LLM workers without a ZMQ endpoint: polled by the relay, as the frontend
+    /// polls them with `--event-plane zmq`.
+    #[command(flatten)]
+    pub poll: kvrouter_server::config::PollArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -53,8 +58,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 impl RelayArgs {
     /// Relays the events of `specs` to `endpoint`'s stream until `stop` completes. Errors:
-    /// a build without `--features nats`, a worker that cannot be relayed (no `id` or
-    /// `kv_events_endpoint`), an endpoint that cannot be opened.
+    /// a build without `--features nats`, a worker that cannot be relayed (no `id`, neither a
+    /// `kv_events_endpoint` nor `engine: trtllm`), an endpoint that cannot be opened.
     pub async fn run_until(
         &self,
         endpoint: &str,
@@ -80,6 +85,7 @@ impl RelayArgs {
                     nats_server: self.nats_server.clone(),
                     endpoint: endpoint.to_string(),
                     buffer_events: self.relay_buffer_events,
+                    poll: self.poll.settings(),
                     ..Default::default()
                 },
                 specs,

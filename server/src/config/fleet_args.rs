@@ -66,18 +66,9 @@ pub struct FleetArgs {
     /// then recovered by replay or the worker's index cleared).
     #[arg(long, env = "KVROUTER_KV_EVENT_MAX_FRAME_BYTES", default_value_t = 4 << 20)]
     pub kv_event_max_frame_bytes: usize,
-    /// TensorRT-LLM workers (`engine: trtllm` without a `kv_events_endpoint`): milliseconds
-    /// between two polls of their `POST /kv_cache_events` (a registration's
-    /// `kv_events_poll_interval_ms` overrides it). Errors back off, doubling up to 5 s.
-    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_INTERVAL_MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
-    pub kv_events_poll_interval_ms: u64,
-    /// Largest `POST /kv_cache_events` answer read, bytes; a larger one is a poll error (its
-    /// events are lost: the next answer's `event_id` gap clears the worker's index entries).
-    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_MAX_BYTES", default_value_t = 16 << 20)]
-    pub kv_events_poll_max_bytes: usize,
-    /// Milliseconds one poll may take, connect to last byte.
-    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub kv_events_poll_timeout_ms: u64,
+    /// How TensorRT-LLM workers' KV events are polled.
+    #[command(flatten)]
+    pub kv_events_poll: PollArgs,
     /// Seconds to wait for a worker to answer a request's headers.
     #[arg(long, env = "KVROUTER_WORKER_TIMEOUT_SECS", default_value_t = 600.0)]
     pub worker_timeout_secs: f64,
@@ -99,6 +90,35 @@ pub struct FleetArgs {
     /// Router replicas: the NATS event plane, snapshots, replica sync.
     #[command(flatten)]
     pub replicas: crate::replicas::ReplicaArgs,
+}
+
+/// How TensorRT-LLM workers' KV events are polled (`POST /kv_cache_events`), shared by the
+/// frontend, the router and `kvrouter relay` (whichever of them consumes the events).
+#[derive(Args, Clone, Debug)]
+pub struct PollArgs {
+    /// TensorRT-LLM workers (`engine: trtllm` without a `kv_events_endpoint`): milliseconds
+    /// between two polls of their `POST /kv_cache_events` (a registration's
+    /// `kv_events_poll_interval_ms` overrides it). Errors back off, doubling up to 5 s.
+    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_INTERVAL_MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub kv_events_poll_interval_ms: u64,
+    /// Largest `POST /kv_cache_events` answer read, bytes; a larger one is a poll error (its
+    /// events are lost: the next answer's `event_id` gap clears the worker's index entries).
+    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_MAX_BYTES", default_value_t = 16 << 20)]
+    pub kv_events_poll_max_bytes: usize,
+    /// Milliseconds one poll may take, connect to last byte.
+    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_events_poll_timeout_ms: u64,
+}
+
+impl PollArgs {
+    /// The poller's settings.
+    pub fn settings(&self) -> crate::workers::fleet::PollSettings {
+        crate::workers::fleet::PollSettings {
+            interval: Duration::from_millis(self.kv_events_poll_interval_ms.max(1)),
+            max_bytes: self.kv_events_poll_max_bytes,
+            timeout: Duration::from_millis(self.kv_events_poll_timeout_ms.max(1)),
+        }
+    }
 }
 
 /// Dynamic discovery backends (the reference's `--discovery-backend`).

@@ -17,7 +17,7 @@ use kvrouter_core::{RouterConfig, RouterMode, WorkerRole};
 use crate::workers::spec::WorkerSpec;
 
 pub use fleet_args::bracket;
-pub use fleet_args::{DiscoveryArgs, DiscoveryBackend, FleetArgs, ListenerArgs};
+pub use fleet_args::{DiscoveryArgs, DiscoveryBackend, FleetArgs, ListenerArgs, PollArgs};
 pub use router_args::RouterArgs;
 
 /// Everything `kvrouter frontend` accepts. `Default` gives the reference defaults with an

@@ -1,6 +1,9 @@
 //! The relay (`kvrouter relay`, `kvrouter register --relay`): a sidecar that subscribes to
-//! its workers' ZMQ KV events and publishes them to the endpoint's JetStream stream, for
-//! routers started with `--event-plane nats` ([`super::event_plane`]).
+//! its workers' ZMQ KV events, or polls those of TensorRT-LLM workers without a ZMQ endpoint
+//! (`POST /kv_cache_events`, [`crate::workers::trtllm_poller`]), and publishes them to the
+//! endpoint's JetStream stream, for routers started with `--event-plane nats`
+//! ([`super::event_plane`]). Such an endpoint is drained by each call, so with the NATS
+//! event plane the relay is its one consumer: the routers do not poll it.
 //!
 //! **Messages**: one message is a JSON array ([`kvrouter_wire::json::to_json_array`]) of at
 //! most [`MAX_EVENTS_PER_MESSAGE`] consecutive `RouterEvent`s of one worker rank, on
@@ -19,8 +22,12 @@
 //! router seeing the id gap and then the clear knows the rank is whole again. A router that
 //! detects a gap itself asks for the same recovery on [`Names::redump_subject`].
 //!
-//! Threads: the ZMQ subscribers live in the wire crate's pollers; one bridge thread moves
-//! their events to the async task that does everything else.
+//! A polled worker's event-id gap (events lost in the engine: it has no replay) clears the
+//! rank: the poller's `Cleared` event is published like any other.
+//!
+//! Threads: the ZMQ subscribers live in the wire crate's pollers, the TensorRT-LLM pollers
+//! are tasks on the runtime; one bridge thread moves their events to the async task that
+//! does everything else.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -39,7 +46,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::stream::{self, MAX_EVENTS_PER_MESSAGE};
 use super::Names;
+use crate::workers::client::WorkerClient;
+use crate::workers::fleet::PollSettings;
 use crate::workers::spec::WorkerSpec;
+use crate::workers::trtllm_poller::TrtPoller;
 
 /// Relay settings.
 #[derive(Clone, Debug)]
@@ -55,6 +65,8 @@ pub struct RelayOptions {
     pub max_in_flight: usize,
     /// Largest ZMQ message accepted from an engine, bytes. Default 4 MiB.
     pub max_frame_bytes: usize,
+    /// How TensorRT-LLM workers without a ZMQ endpoint are polled (`--kv-events-poll-*`).
+    pub poll: PollSettings,
 }
 
 impl Default for RelayOptions {
@@ -65,6 +77,7 @@ impl Default for RelayOptions {
             buffer_events: 200_000,
             max_in_flight: 256,
             max_frame_bytes: kvrouter_wire::subscriber::DEFAULT_MAX_FRAME_BYTES,
+            poll: PollSettings::default(),
         }
     }
 }
@@ -96,6 +109,10 @@ pub struct RelayStats {
     pub recoveries: u64,
     /// Re-dump requests from routers that started a recovery.
     pub redump_requests: u64,
+    /// `POST /kv_cache_events` calls to TensorRT-LLM workers (all answered or not).
+    pub polls: u64,
+    /// Of those, the ones that failed (connection, status, timeout, not a JSON array).
+    pub poll_errors: u64,
 }
 
 /// The relay's counters and gauges as Prometheus metrics, shared with its status server
@@ -109,6 +126,9 @@ pub struct RelayMetrics {
     dropped_events: Counter,
     recoveries: Counter,
     redump_requests: Counter,
+    /// Polls of TensorRT-LLM workers, copied from their pollers.
+    polls: Counter,
+    poll_errors: Counter,
     /// Events waiting to be published (the buffer's fill).
     buffered_events: Gauge,
     /// 1 while NATS is connected and the stream takes messages, else 0.
@@ -120,7 +140,7 @@ impl RelayMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "relay_events_received",
-            "KV events received from the engines' ZMQ publishers",
+            "KV events received from the engines (ZMQ publishers and polled TensorRT-LLM workers)",
             self.events_in.clone(),
         );
         r.register(
@@ -154,6 +174,16 @@ impl RelayMetrics {
             self.redump_requests.clone(),
         );
         r.register(
+            "relay_kv_event_polls",
+            "POST /kv_cache_events calls to TensorRT-LLM workers",
+            self.polls.clone(),
+        );
+        r.register(
+            "relay_kv_event_poll_errors",
+            "POST /kv_cache_events calls that failed (connection, status, timeout, not a JSON array)",
+            self.poll_errors.clone(),
+        );
+        r.register(
             "relay_buffered_events",
             "Events waiting to be published",
             self.buffered_events.clone(),
@@ -181,14 +211,18 @@ impl Relay {
     /// Subscribes to every rank of `workers` and starts publishing (NATS may come up later).
     /// Must be called inside a Tokio runtime.
     ///
+    /// Workers with a `kv_events_endpoint` are subscribed to; TensorRT-LLM workers without
+    /// one are polled ([`WorkerSpec::polls_kv_events`]).
+    ///
     /// Errors: no workers, a worker without `id` (routers must know its events by the same
-    /// id) or without `kv_events_endpoint`, a ZMQ endpoint that cannot be opened, a malformed
-    /// NATS URL.
+    /// id), a worker with neither a `kv_events_endpoint` nor `engine: trtllm`, a ZMQ endpoint
+    /// that cannot be opened, a malformed NATS URL.
     pub async fn start(opts: RelayOptions, workers: Vec<WorkerSpec>) -> anyhow::Result<Self> {
         if workers.is_empty() {
             anyhow::bail!("no workers to relay");
         }
         let mut configs = Vec::new();
+        let mut polled = Vec::new();
         for w in &workers {
             w.validate()
                 .map_err(|e| anyhow::anyhow!("worker {}: {e}", w.url))?;
@@ -198,10 +232,17 @@ impl Relay {
                     w.url
                 );
             }
-            if w.kv_events_endpoint.is_none() {
-                anyhow::bail!("worker {}: no kv_events_endpoint to relay", w.url);
-            }
             let block_size = w.block_size.unwrap_or(16) as u32;
+            if w.polls_kv_events() {
+                polled.push((w.clone(), block_size));
+                continue;
+            }
+            if w.kv_events_endpoint.is_none() {
+                anyhow::bail!(
+                    "worker {}: no kv_events_endpoint to relay (nor engine trtllm to poll)",
+                    w.url
+                );
+            }
             configs.extend(w.subscriber_configs(block_size, opts.max_frame_bytes));
         }
         let names = Names::for_endpoint(&opts.endpoint);
@@ -211,6 +252,7 @@ impl Relay {
             .await
             .context("subscribing to re-dump requests")?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<RouterEvent>(65_536);
+        let poll_tx = tx.clone();
         let subs = tokio::task::spawn_blocking(move || {
             let mut subs = Vec::new();
             for cfg in configs {
@@ -228,6 +270,23 @@ impl Relay {
             Ok(subs)
         })
         .await??;
+        // Started once nothing can fail any more; one client (kept-alive connections) for all.
+        let rt = tokio::runtime::Handle::current();
+        let http = WorkerClient::new(opts.poll.timeout);
+        let pollers: Vec<TrtPoller> = polled
+            .iter()
+            .map(|(w, block_size)| {
+                TrtPoller::start(
+                    &rt,
+                    w,
+                    *block_size,
+                    http.clone(),
+                    opts.poll,
+                    poll_tx.clone(),
+                )
+            })
+            .collect();
+        drop(poll_tx);
         let (chunk_tx, chunk_rx) = mpsc::channel(64);
         std::thread::Builder::new()
             .name("relay-bridge".into())
@@ -248,7 +307,8 @@ impl Relay {
             buffer_events: opts.buffer_events.max(1),
             stream_ok: false,
         };
-        let task = tokio::spawn(state.run(chunk_rx, redump, subs, stop_rx));
+        let sources = Sources { subs, pollers };
+        let task = tokio::spawn(state.run(chunk_rx, redump, sources, stop_rx));
         Ok(Self {
             stop: Some(stop_tx),
             task: Some(task),
@@ -268,6 +328,8 @@ impl Relay {
             dropped_events: g(&c.dropped_events),
             recoveries: g(&c.recoveries),
             redump_requests: g(&c.redump_requests),
+            polls: g(&c.polls),
+            poll_errors: g(&c.poll_errors),
         }
     }
 
@@ -321,6 +383,33 @@ fn bridge(rx: std::sync::mpsc::Receiver<RouterEvent>, tx: mpsc::Sender<Vec<Route
     }
 }
 
+/// Where the events come from: stopped (all of their events sent) before the relay drains.
+struct Sources {
+    subs: Vec<KvEventSubscriber>,
+    pollers: Vec<TrtPoller>,
+}
+
+impl Sources {
+    /// Blocks for at most one send in progress per source.
+    fn stop(self) {
+        self.subs.into_iter().for_each(drop);
+        self.pollers.into_iter().for_each(TrtPoller::stop);
+    }
+
+    /// Polls and failed polls of all pollers.
+    fn polls(&self) -> (u64, u64) {
+        self.pollers
+            .iter()
+            .map(TrtPoller::polls)
+            .fold((0, 0), |(a, b), (p, e)| (a + p, b + e))
+    }
+}
+
+/// Raises monotonic `c` to `total` (copied from a source's own count).
+fn raise(c: &Counter, total: u64) {
+    c.inc_by(total.saturating_sub(c.get()));
+}
+
 /// One rank as the relay knows it.
 #[derive(Default)]
 struct Rank {
@@ -365,14 +454,19 @@ impl Pump {
         mut self,
         mut chunks: mpsc::Receiver<Vec<RouterEvent>>,
         mut redump: async_nats::Subscriber,
-        subs: Vec<KvEventSubscriber>,
+        sources: Sources,
         mut stop: oneshot::Receiver<()>,
     ) {
-        let mut subs = Some(subs);
+        let mut sources = Some(sources);
         loop {
             self.recover_dirty();
             self.publish().await;
             let c = &self.counters;
+            if let Some(s) = &sources {
+                let (polls, errors) = s.polls();
+                raise(&c.polls, polls);
+                raise(&c.poll_errors, errors);
+            }
             c.buffered_events.set(self.queued_events as i64);
             c.publishing
                 .set(i64::from(self.stream_ok && self.connected()));
@@ -388,8 +482,8 @@ impl Pump {
             }
         }
         // Drain: no more events, then what is buffered, for a bounded time.
-        if let Some(subs) = subs.take() {
-            let _ = tokio::task::spawn_blocking(move || subs.into_iter().for_each(drop)).await;
+        if let Some(s) = sources.take() {
+            let _ = tokio::task::spawn_blocking(move || s.stop()).await;
         }
         while let Ok(c) = chunks.try_recv() {
             self.ingest(c);

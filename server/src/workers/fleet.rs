@@ -80,11 +80,7 @@ impl EventSettings {
         Self {
             enabled,
             max_frame_bytes: args.kv_event_max_frame_bytes,
-            poll: PollSettings {
-                interval: Duration::from_millis(args.kv_events_poll_interval_ms.max(1)),
-                max_bytes: args.kv_events_poll_max_bytes,
-                timeout: Duration::from_millis(args.kv_events_poll_timeout_ms.max(1)),
-            },
+            poll: args.kv_events_poll.settings(),
             zmq: args.replicas.event_plane == crate::replicas::EventPlane::Zmq,
         }
     }

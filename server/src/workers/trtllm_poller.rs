@@ -1,10 +1,13 @@
 //! The KV events of a TensorRT-LLM worker, polled: `POST {url}/kv_cache_events` every
 //! interval (`kv-event-wire.md` §3), each answer converted by the wire crate's
-//! [`TrtWorker`] and sent to the index queue the ZMQ subscribers feed.
+//! [`TrtWorker`] and sent to a sink: the index queue the ZMQ subscribers feed (a frontend or
+//! router on `--event-plane zmq`), or the relay's channel to NATS
+//! ([`crate::replicas::relay`]).
 //!
 //! * **One task per worker** on the async runtime (no thread), on the worker client's
 //!   kept-alive connections. Each call drains the engine's buffer, so exactly one poller may
-//!   run per worker: registration guarantees one per URL.
+//!   run per worker: registration guarantees one per URL in a router, and routers on
+//!   `--event-plane nats` poll none (the relay does).
 //! * **Errors** (connection, status, timeout, an answer over the size limit or not a JSON
 //!   array) are counted (`poll_errors`) and back off: the wait doubles from the interval up
 //!   to [`MAX_BACKOFF`], and returns to the interval after a good answer. Events lost with a
@@ -108,7 +111,17 @@ impl TrtPoller {
         v
     }
 
-    /// Stops it; once this returns no event of it reaches the index. Blocks for at most one
+    /// Its worker's polls and failed polls so far.
+    pub fn polls(&self) -> (u64, u64) {
+        let c = self
+            .shared
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.ranks.first().map_or((0, 0), |r| (r.polls, r.poll_errors))
+    }
+
+    /// Stops it; once this returns no event of it reaches the sink. Blocks for at most one
     /// send in progress (call off the async runtime, as for the ZMQ subscribers).
     pub fn stop(self) {
         {
@@ -119,6 +132,13 @@ impl TrtPoller {
                 .unwrap_or_else(|e| e.into_inner());
             self.shared.stopped.store(true, Ordering::Release);
         }
+        self.task.abort();
+    }
+}
+
+impl Drop for TrtPoller {
+    /// Dropped without [`stop`](Self::stop) (its owner gone): no more polls.
+    fn drop(&mut self) {
         self.task.abort();
     }
 }

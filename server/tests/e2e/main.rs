@@ -29,3 +29,5 @@ mod router_service;
 mod routing;
 mod stall;
 mod trtllm;
+#[cfg(feature = "nats")]
+mod trtllm_relay;

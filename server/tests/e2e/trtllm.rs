@@ -23,8 +23,8 @@ use crate::common::*;
 
 /// 1024 tokens in TensorRT-LLM's 32-token blocks: a repeat hits 31 blocks (the engine
 /// computes the last token), the router predicts all 32.
-const PROMPT_TOKENS: usize = 1024;
-const HIT: u64 = 992;
+pub(crate) const PROMPT_TOKENS: usize = 1024;
+pub(crate) const HIT: u64 = 992;
 
 fn trtllm(c: &mut UpConfig) {
     c.mocker.engine = Engine::Trtllm;
@@ -32,7 +32,7 @@ fn trtllm(c: &mut UpConfig) {
 }
 
 /// One completion: (worker, predicted cached tokens, engine-reported cached tokens).
-async fn send(c: &reqwest::Client, url: &str, tokens: &[u32]) -> (u64, u64, u64) {
+pub(crate) async fn send(c: &reqwest::Client, url: &str, tokens: &[u32]) -> (u64, u64, u64) {
     let r = c
         .post(format!("{url}/v1/completions"))
         .json(&completion_body(tokens, 2))
@@ -62,7 +62,7 @@ async fn indexed(f: &Frontend, tokens: &[u32], at_least: u64) -> bool {
 }
 
 /// The admin API's `kv_events` of rank 0 of worker `id`.
-async fn rank_events(c: &reqwest::Client, f: &Frontend, id: u64) -> Value {
+pub(crate) async fn rank_events(c: &reqwest::Client, f: &Frontend, id: u64) -> Value {
     let admin = f.admin_url().expect("admin API");
     let v = get_json(c, &format!("{admin}/v1/workers")).await;
     v["workers"]
@@ -87,7 +87,7 @@ fn by_format(metrics: &str, format: &str) -> f64 {
 
 /// Repeats of distinct prompts: each goes back to its first worker with the full predicted
 /// and engine-reported hit. Returns the workers that served.
-async fn repeats_hit(c: &reqwest::Client, f: &Frontend, predicted_hit: u64) -> Vec<u64> {
+pub(crate) async fn repeats_hit(c: &reqwest::Client, f: &Frontend, predicted_hit: u64) -> Vec<u64> {
     let url = f.url();
     let mut seen = Vec::new();
     for seed in 0..4 {
@@ -150,7 +150,10 @@ async fn trtllm_workers_route_repeats_to_their_cache_from_polled_events() {
     s.stop().await;
 }
 
-async fn trtllm_mocks(n: usize, tweak: impl FnOnce(&mut MockerConfig)) -> Vec<RunningWorker> {
+pub(crate) async fn trtllm_mocks(
+    n: usize,
+    tweak: impl FnOnce(&mut MockerConfig),
+) -> Vec<RunningWorker> {
     let mut m = UpConfig::default().mocker;
     m.engine = Engine::Trtllm;
     m.block_size = 32;
