@@ -1,7 +1,8 @@
 //! `kvrouter relay` end to end: the real binary starts relaying a worker's KV events (NATS
 //! may come up later: it keeps reconnecting), serves `/live` and `/metrics` on its
 //! `--system-port`, stops cleanly on SIGTERM, and refuses a worker
-//! the routers could not recognise (no `id`). A build without `--features nats` refuses to
+//! the routers could not recognise (no `id`); it polls a TensorRT-LLM worker without a ZMQ
+//! endpoint (`--kv-events-poll-interval-ms`). A build without `--features nats` refuses to
 //! relay with a clear message.
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -108,4 +109,119 @@ fn relays_until_sigterm_and_refuses_workers_without_id() {
         .output()
         .unwrap();
     assert!(!none.status.success(), "no workers is an error");
+}
+
+/// A fake TensorRT-LLM worker on a free port answering every `POST /kv_cache_events` with an
+/// empty array, on kept-alive connections: its URL and the number of polls so far.
+fn fake_trtllm() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let polls = std::sync::Arc::new(AtomicU64::new(0));
+    let seen = polls.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut w = conn;
+                loop {
+                    let mut head = String::new();
+                    let mut len = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if head.starts_with("POST /kv_cache_events ") {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n[]";
+                    if w.write_all(ok.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, polls)
+}
+
+#[test]
+fn relays_trtllm_workers_by_polling_them() {
+    if !cfg!(feature = "nats") {
+        return; // refused as above
+    }
+    use std::sync::atomic::Ordering;
+    let nats = format!("nats://127.0.0.1:{}", free_port());
+    let (url, polls) = fake_trtllm();
+    let worker = format!(r#"{{"id": 3, "url": "{url}", "engine": "trtllm", "block_size": 32}}"#);
+    let status = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvrouter"))
+        .args(["relay", "--nats-server", &nats, "--worker-json", &worker])
+        .args(["--kv-events-poll-interval-ms", "20"])
+        .args([
+            "--system-port",
+            &status.to_string(),
+            "--system-host",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Polled (NATS is not even up: the events wait in the buffer), and counted.
+    let end = Instant::now() + Duration::from_secs(30);
+    let polled = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("kvrouter_relay_kv_event_polls_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|v| v >= 3.0)
+    };
+    let mut metrics = String::new();
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(("127.0.0.1", status)).is_ok() {
+            metrics = get(status, "/metrics");
+            if polls.load(Ordering::SeqCst) >= 3 && polled(&metrics) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = child.wait().unwrap();
+    assert!(
+        polls.load(Ordering::SeqCst) >= 3,
+        "the relay polls the worker"
+    );
+    assert!(polled(&metrics), "{metrics}");
+    assert!(
+        metrics.contains("\nkvrouter_relay_kv_event_poll_errors_total 0\n"),
+        "{metrics}"
+    );
+    assert!(code.success(), "stopped on SIGTERM");
+
+    // Neither a ZMQ endpoint nor an engine to poll: nothing to relay.
+    let vllm = Command::new(env!("CARGO_BIN_EXE_kvrouter"))
+        .args(["relay", "--nats-server", &nats, "--worker-json"])
+        .arg(r#"{"id": 4, "url": "http://127.0.0.1:9"}"#)
+        .output()
+        .unwrap();
+    assert!(!vllm.status.success());
+    let err = String::from_utf8_lossy(&vllm.stderr);
+    assert!(err.contains("no kv_events_endpoint to relay"), "{err}");
 }
