@@ -77,7 +77,7 @@ pub struct ScheduleRequest<'a> {
     /// Which ranks may take it (disaggregation); every rank by default.
     pub pool: RolePool,
     /// Only ranks of these workers may take it (e.g. those serving the request's LoRA
-    /// adapter); every worker when `None`.
+    /// adapter), sorted by id; every worker when `None`.
     pub workers: Option<&'a [WorkerId]>,
 }
 
@@ -106,7 +106,7 @@ impl<'a> Admit<'a> {
         self.pool.admits(info.role)
             && self
                 .workers
-                .is_none_or(|w| w.contains(&info.worker.worker_id))
+                .is_none_or(|w| w.binary_search(&info.worker.worker_id).is_ok())
     }
 }
 
@@ -490,7 +490,7 @@ impl Scheduler {
     /// busy (spec §7.1) and has at most `T × max_num_batched_tokens` active prefill tokens
     /// ([`DEFAULT_MAX_NUM_BATCHED_TOKENS`] for a rank that did not advertise its budget).
     /// With no ranks at all the request is not queued (it fails: no workers). Only ranks in
-    /// `pool`, and of `workers` when given (those serving the request's LoRA adapter), count:
+    /// `pool`, and of `workers` (sorted) when given (those serving the request's LoRA adapter), count:
     /// a free rank the request may not take does not admit it.
     pub fn admits(&self, pool: RolePool, workers: Option<&[WorkerId]>, now: Duration) -> bool {
         let Some(t) = self.config().kv.router_queue_threshold else {
@@ -820,7 +820,7 @@ impl Router {
         self.sched.admits(RolePool::Any, None, now)
     }
 
-    /// Whether a request that only `workers` may take (e.g. those serving its LoRA adapter)
+    /// Whether a request that only `workers` (sorted) may take (e.g. those serving its LoRA adapter)
     /// may be routed now rather than queued ([`Scheduler::admits`]).
     pub fn admits_among(&self, workers: &[WorkerId], now: Duration) -> bool {
         self.sched.admits(RolePool::Any, Some(workers), now)

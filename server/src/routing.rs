@@ -449,23 +449,9 @@ impl RouterState {
         self.roles.store(bits, Ordering::Release);
     }
 
-    /// Prompt tokens of `tokens` the best rank of `pool` holds (0 outside KV mode with events).
+    /// Prompt tokens of `tokens`, hashed with `opts` (LoRA adapter, cache salt), the best rank
+    /// of `pool` holds (0 outside KV mode with events).
     pub fn best_cached_tokens(
-        &self,
-        tokens: &[u32],
-        pool: RolePool,
-        cache_salt: Option<&str>,
-    ) -> usize {
-        let opts = HashOptions {
-            cache_salt,
-            ..Default::default()
-        };
-        self.best_cached_tokens_with(tokens, pool, &opts)
-    }
-
-    /// [`best_cached_tokens`](Self::best_cached_tokens) of a prompt hashed with `opts` (LoRA
-    /// adapter, cache salt).
-    pub fn best_cached_tokens_with(
         &self,
         tokens: &[u32],
         pool: RolePool,

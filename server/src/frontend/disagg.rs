@@ -80,7 +80,7 @@ pub fn plan(s: &AppState, req: &ParsedRequest) -> Plan {
             ..Default::default()
         };
         let cached =
-            router.best_cached_tokens_with(&req.tokens, RolePool::Only(WorkerRole::Prefill), &opts);
+            router.best_cached_tokens(&req.tokens, RolePool::Only(WorkerRole::Prefill), &opts);
         if req.tokens.len().saturating_sub(cached) < s.disagg.isl_threshold {
             return Plan::Whole(RolePool::Aggregated);
         }

@@ -247,6 +247,7 @@ impl Registry {
     /// Rebuild the adapter index from `map` (called with the workers' write lock held).
     fn index_adapters(&self, map: &BTreeMap<WorkerId, Arc<Worker>>) {
         let mut by_name: BTreeMap<String, Vec<WorkerId>> = BTreeMap::new();
+        // By id order (a BTreeMap): each list comes out sorted.
         for (id, w) in map {
             for name in &w.spec.lora_adapters {
                 by_name.entry(name.clone()).or_default().push(*id);
@@ -258,7 +259,8 @@ impl Registry {
             .collect();
     }
 
-    /// The registered workers serving LoRA adapter `name`, by id (None: no worker serves it).
+    /// The registered workers serving LoRA adapter `name`, sorted by id (as the scheduler's
+    /// filter wants them; None: no worker serves it).
     pub fn lora_workers(&self, name: &str) -> Option<Arc<[WorkerId]>> {
         self.adapters
             .read()

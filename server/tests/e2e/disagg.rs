@@ -83,7 +83,7 @@ async fn vllm_protocol_prefills_by_overlap_then_decodes_from_the_transfer() {
         eventually(5.0, || router.best_cached_tokens(
             &p,
             RolePool::Only(WorkerRole::Decode),
-            None
+            &Default::default()
         ) >= 1984)
         .await,
         "the decode worker's KV events show the transferred blocks"
@@ -94,7 +94,7 @@ async fn vllm_protocol_prefills_by_overlap_then_decodes_from_the_transfer() {
         eventually(5.0, || router.best_cached_tokens(
             &p,
             RolePool::Only(WorkerRole::Prefill),
-            None
+            &Default::default()
         ) >= 1984)
         .await,
         "the prefill worker's KV events show the prompt"

@@ -62,7 +62,7 @@ async fn indexed(s: &EmbeddedStack, tokens: &[u32]) {
     assert!(
         eventually(
             10.0,
-            || router.best_cached_tokens(tokens, RolePool::Any, None) as u64 >= HIT
+            || router.best_cached_tokens(tokens, RolePool::Any, &Default::default()) as u64 >= HIT
         )
         .await,
         "the KV events of the first send never reached the index"

@@ -112,7 +112,7 @@ async fn indexed(f: &Frontend, tokens: &[u32], opts: HashOptions<'_>) {
     assert!(
         eventually(
             10.0,
-            || router.best_cached_tokens_with(tokens, RolePool::Any, &opts) as u64 >= HIT
+            || router.best_cached_tokens(tokens, RolePool::Any, &opts) as u64 >= HIT
         )
         .await,
         "the KV events of {opts:?} never reached the index"

@@ -56,7 +56,7 @@ pub(crate) async fn send(c: &reqwest::Client, url: &str, tokens: &[u32]) -> (u64
 async fn indexed(f: &Frontend, tokens: &[u32], at_least: u64) -> bool {
     let router = &f.fleet.router;
     eventually(10.0, || {
-        router.best_cached_tokens(tokens, RolePool::Any, None) as u64 >= at_least
+        router.best_cached_tokens(tokens, RolePool::Any, &Default::default()) as u64 >= at_least
     })
     .await
 }
@@ -234,7 +234,7 @@ async fn events_lost_from_a_full_engine_buffer_clear_the_worker_and_traffic_rebu
     assert_eq!(
         f.fleet
             .router
-            .best_cached_tokens(&before, RolePool::Any, None),
+            .best_cached_tokens(&before, RolePool::Any, &Default::default()),
         0
     );
     // Rebuilt by what the engine stores next.

@@ -128,7 +128,8 @@ async fn an_engine_side_gap_the_relay_sees_clears_the_worker_in_a_nats_router() 
     let f = frontend(&nats, &specs).await;
     let (c, url) = (client(), f.url());
     let router = &f.fleet.router;
-    let cached = |t: &[u32]| router.best_cached_tokens(t, RolePool::Any, None) as u64;
+    let cached =
+        |t: &[u32]| router.best_cached_tokens(t, RolePool::Any, &Default::default()) as u64;
 
     let before = prompt(100, PROMPT_TOKENS);
     send(&c, &url, &before).await;
