@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::listener::{default_max_connections, ListenerLimits};
-use crate::workers::fleet::HealthPolicy;
+use crate::workers::fleet::{HealthPolicy, PollSettings};
 use crate::workers::spec::WorkerSpec;
 
 /// Workers: static sources, the admin API, health checks, KV event and request limits.
@@ -99,21 +99,21 @@ pub struct PollArgs {
     /// TensorRT-LLM workers (`engine: trtllm` without a `kv_events_endpoint`): milliseconds
     /// between two polls of their `POST /kv_cache_events` (a registration's
     /// `kv_events_poll_interval_ms` overrides it). Errors back off, doubling up to 5 s.
-    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_INTERVAL_MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_INTERVAL_MS", default_value_t = PollSettings::INTERVAL_MS, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub kv_events_poll_interval_ms: u64,
     /// Largest `POST /kv_cache_events` answer read, bytes; a larger one is a poll error (its
     /// events are lost: the next answer's `event_id` gap clears the worker's index entries).
-    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_MAX_BYTES", default_value_t = 16 << 20)]
+    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_MAX_BYTES", default_value_t = PollSettings::MAX_BYTES)]
     pub kv_events_poll_max_bytes: usize,
     /// Milliseconds one poll may take, connect to last byte.
-    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_TIMEOUT_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "KVROUTER_KV_EVENTS_POLL_TIMEOUT_MS", default_value_t = PollSettings::TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub kv_events_poll_timeout_ms: u64,
 }
 
 impl PollArgs {
     /// The poller's settings.
-    pub fn settings(&self) -> crate::workers::fleet::PollSettings {
-        crate::workers::fleet::PollSettings {
+    pub fn settings(&self) -> PollSettings {
+        PollSettings {
             interval: Duration::from_millis(self.kv_events_poll_interval_ms.max(1)),
             max_bytes: self.kv_events_poll_max_bytes,
             timeout: Duration::from_millis(self.kv_events_poll_timeout_ms.max(1)),

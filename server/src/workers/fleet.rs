@@ -64,12 +64,21 @@ pub struct PollSettings {
     pub timeout: Duration,
 }
 
+impl PollSettings {
+    /// Default interval, ms (`--kv-events-poll-interval-ms`).
+    pub const INTERVAL_MS: u64 = 10;
+    /// Default largest answer, bytes (`--kv-events-poll-max-bytes`).
+    pub const MAX_BYTES: usize = 16 << 20;
+    /// Default longest poll, ms (`--kv-events-poll-timeout-ms`).
+    pub const TIMEOUT_MS: u64 = 2_000;
+}
+
 impl Default for PollSettings {
     fn default() -> Self {
         Self {
-            interval: Duration::from_millis(10),
-            max_bytes: 16 << 20,
-            timeout: Duration::from_secs(2),
+            interval: Duration::from_millis(Self::INTERVAL_MS),
+            max_bytes: Self::MAX_BYTES,
+            timeout: Duration::from_millis(Self::TIMEOUT_MS),
         }
     }
 }
